@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): unit/vector/integration tests, lints, then the
+# conformance and interop checks against real initiators.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace 2>&1 | tee ci/out-cargo-test.log

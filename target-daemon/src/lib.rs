@@ -1,0 +1,7 @@
+//! The ftss iSCSI target daemon as a library, so integration tests can start it in-process.
+//!
+//! Seams (see ARCHITECTURE.md): [`iscsi`] owns connections and sessions, [`scsi`] executes
+//! commands without knowing the transport, [`media`] stores blocks.
+
+pub mod media;
+pub mod scsi;

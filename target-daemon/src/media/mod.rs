@@ -1,0 +1,98 @@
+//! Storage media under the LUNs: the [`BlockStore`] trait and its implementations.
+//!
+//! The SCSI layer sees a LUN's storage only through [`BlockStore`], so a plain file, the
+//! nonvolatile write cache over a mirror set, or a test double can stand behind it.
+
+use std::io;
+
+/// How a store acknowledges writes; reported to initiators in the Caching mode page
+/// (WCE) and the Extended INQUIRY Data VPD page (V_SUP / NV_SUP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Writes are durable when acknowledged; no write cache is visible (WCE = 0).
+    WriteThrough,
+    /// Writes are acknowledged on reaching a volatile cache; SYNCHRONIZE CACHE or FUA make
+    /// them durable (WCE = 1, V_SUP = 1).
+    Volatile,
+    /// Writes are acknowledged once committed to a nonvolatile cache (WCE = 1, NV_SUP = 1):
+    /// they survive power loss without SYNCHRONIZE CACHE.
+    Nonvolatile,
+}
+
+/// Errors a store reports; the SCSI layer maps each to sense data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MediaError {
+    /// The request reaches past the end of the store.
+    #[error("lba {lba} + {blocks} blocks is beyond the end of the store")]
+    OutOfRange {
+        /// First block asked for.
+        lba: u64,
+        /// Number of blocks asked for.
+        blocks: u64,
+    },
+    /// An I/O error that no healthy copy could mask (MEDIUM ERROR to the initiator).
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// Data read back failed its checksum on every copy (MEDIUM ERROR, unrecovered read).
+    #[error("checksum mismatch at lba {lba} on every copy")]
+    Corrupt {
+        /// The block that failed.
+        lba: u64,
+    },
+    /// The store has no healthy backing left (HARDWARE ERROR; TEST UNIT READY fails).
+    #[error("no healthy backing store: {0}")]
+    Failed(String),
+    /// The store cannot take the write now, but may later (BUSY / TASK SET FULL).
+    #[error("store is full, try again")]
+    Full,
+}
+
+/// A fixed-size array of logical blocks: the storage behind one LUN.
+///
+/// Implementations are shared between connection tasks and called from blocking
+/// threads; every method may block on I/O.
+pub trait BlockStore: Send + Sync + 'static {
+    /// Bytes per logical block (512 or 4096).
+    fn block_size(&self) -> u32;
+
+    /// Number of logical blocks.
+    fn num_blocks(&self) -> u64;
+
+    /// Reads `buf.len() / block_size()` whole blocks starting at `lba` into `buf`.
+    fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError>;
+
+    /// Writes whole blocks starting at `lba`. Returns once the data is as durable as
+    /// [`cache_mode`](Self::cache_mode) promises, or fully durable when `fua` is set.
+    fn write_blocks(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), MediaError>;
+
+    /// Makes every write completed before this call durable (SYNCHRONIZE CACHE).
+    fn flush(&self) -> Result<(), MediaError>;
+
+    /// Deallocates `blocks` blocks from `lba`; they read back as zeros afterwards.
+    /// Stores without thin provisioning write zeros instead.
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), MediaError> {
+        let bs = self.block_size() as usize;
+        let chunk_blocks = (1 << 20) / bs as u64;
+        let zeros = vec![0u8; chunk_blocks as usize * bs];
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(chunk_blocks);
+            self.write_blocks(lba + done, &zeros[..n as usize * bs], false)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether the store deallocates on [`unmap`](Self::unmap) (thin provisioning).
+    fn thin_provisioned(&self) -> bool {
+        false
+    }
+
+    /// Write acknowledgement semantics.
+    fn cache_mode(&self) -> CacheMode;
+
+    /// `Ok` while the store can serve I/O. A failed backing store makes TEST UNIT READY
+    /// fail, which multipath checkers rely on.
+    fn health(&self) -> Result<(), MediaError>;
+}
