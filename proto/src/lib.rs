@@ -11,4 +11,5 @@
 #![forbid(unsafe_code)]
 
 pub mod digest;
+pub mod pdu;
 pub mod serial;
