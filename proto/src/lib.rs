@@ -10,6 +10,7 @@
 //! error value and never allocates more than the input it was handed.
 #![forbid(unsafe_code)]
 
+pub mod cmdsn;
 pub mod digest;
 pub mod pdu;
 pub mod serial;

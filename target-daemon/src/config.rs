@@ -1,0 +1,386 @@
+//! Daemon configuration: TOML with portals, targets by IQN, LUNs, CHAP and initiator ACLs.
+//!
+//! Parsing rejects unknown keys; [`Config::validate`] checks the values and names the
+//! offending key in every error, e.g. `target[1].lun[0].size: ...`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration a bare `ftss-target` starts with.
+pub const DEFAULT_CONFIG: &str = r#"# ftss-target embedded default configuration
+[server]
+portals = ["127.0.0.1:3260"]
+data_dir = "./ftss-data"
+
+[[target]]
+iqn = "iqn.2026-11.org.ftss:target0"
+alias = "ftss target0"
+
+[[target.lun]]
+lun = 0
+path = "lun0.img"
+size = "1GiB"
+block_size = 512
+"#;
+
+/// A configuration error that names the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type (the message names it).
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value that parses but is not acceptable.
+    #[error("{key}: {msg}")]
+    Invalid {
+        /// Dotted key path, e.g. `target[0].lun[1].block_size`.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Server-wide settings.
+    pub server: ServerConfig,
+    /// Targets, by IQN.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen addresses; every one is advertised in SendTargets answers.
+    pub portals: Vec<String>,
+    /// Directory for LUN files and state; relative LUN paths resolve against it.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// CHAP for discovery sessions.
+    #[serde(default)]
+    pub discovery_chap: Option<ChapConfig>,
+    /// Most sessions at once, over all targets.
+    #[serde(default = "default_sessions_max")]
+    pub sessions_max: u32,
+    /// Commands one session may have queued (the CmdSN window).
+    #[serde(default = "default_cmd_window")]
+    pub cmd_window: u32,
+    /// Seconds of silence on a connection before the target sends a NOP-In ping.
+    #[serde(default = "default_nop_interval")]
+    pub nop_interval_s: u32,
+    /// Seconds to wait for the answer to a NOP-In ping before dropping the connection.
+    #[serde(default = "default_nop_timeout")]
+    pub nop_timeout_s: u32,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./ftss-data")
+}
+fn default_sessions_max() -> u32 {
+    64
+}
+fn default_cmd_window() -> u32 {
+    64
+}
+fn default_nop_interval() -> u32 {
+    10
+}
+fn default_nop_timeout() -> u32 {
+    30
+}
+
+/// CHAP credentials: the initiator's name and secret, and for mutual CHAP the target's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapConfig {
+    /// Name the initiator must present (CHAP_N).
+    pub username: String,
+    /// Secret the initiator proves knowledge of.
+    pub secret: String,
+    /// Name the target presents in mutual CHAP.
+    #[serde(default)]
+    pub mutual_username: Option<String>,
+    /// Secret the target proves knowledge of in mutual CHAP.
+    #[serde(default)]
+    pub mutual_secret: Option<String>,
+}
+
+/// `[[target]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// iSCSI qualified name.
+    pub iqn: String,
+    /// TargetAlias.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Initiator names allowed to log in; absent means any.
+    #[serde(default)]
+    pub initiators: Option<Vec<String>>,
+    /// CHAP required for this target.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+    /// Logical units.
+    #[serde(default, rename = "lun")]
+    pub luns: Vec<LunConfig>,
+}
+
+/// `[[target.lun]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunConfig {
+    /// LUN number (0..16383).
+    pub lun: u16,
+    /// Backing file; relative to `server.data_dir`. Created sparse when missing.
+    pub path: PathBuf,
+    /// Size with a unit: "1GiB", "256MiB", "4096" (bytes).
+    pub size: String,
+    /// Logical block size: 512 or 4096.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Write-protected LUN.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Removable medium (START STOP UNIT may eject it).
+    #[serde(default)]
+    pub removable: bool,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+
+/// Parses "1GiB", "256 MiB", "4k", "1048576" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size such as \"1GiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB, TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} overflows"))
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn default_config() -> Self {
+        Self::parse(DEFAULT_CONFIG).expect("the embedded default configuration is valid")
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let c: Config = toml::from_str(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Checks every value, naming the key of the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.portals.is_empty() {
+            return Err(invalid("server.portals", "at least one portal is required"));
+        }
+        for (i, p) in s.portals.iter().enumerate() {
+            p.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("server.portals[{i}]"), format!("{p:?}: {e} (want host:port)"))
+            })?;
+        }
+        if !(1..=4096).contains(&s.cmd_window) {
+            return Err(invalid("server.cmd_window", "must be 1..=4096"));
+        }
+        if s.sessions_max == 0 {
+            return Err(invalid("server.sessions_max", "must be at least 1"));
+        }
+        if s.nop_interval_s == 0 || s.nop_timeout_s == 0 {
+            return Err(invalid("server.nop_interval_s", "NOP interval and timeout must be > 0"));
+        }
+        if let Some(c) = &s.discovery_chap {
+            c.validate("server.discovery_chap")?;
+        }
+        if self.targets.is_empty() {
+            return Err(invalid("target", "at least one [[target]] is required"));
+        }
+        let mut iqns = HashSet::new();
+        for (ti, t) in self.targets.iter().enumerate() {
+            let key = format!("target[{ti}]");
+            validate_name(&t.iqn).map_err(|m| invalid(format!("{key}.iqn"), m))?;
+            if !iqns.insert(t.iqn.to_ascii_lowercase()) {
+                return Err(invalid(format!("{key}.iqn"), format!("{} is configured twice", t.iqn)));
+            }
+            if let Some(list) = &t.initiators {
+                for (i, n) in list.iter().enumerate() {
+                    validate_name(n).map_err(|m| invalid(format!("{key}.initiators[{i}]"), m))?;
+                }
+            }
+            if let Some(c) = &t.chap {
+                c.validate(&format!("{key}.chap"))?;
+            }
+            let mut luns = HashSet::new();
+            for (li, l) in t.luns.iter().enumerate() {
+                let lk = format!("{key}.lun[{li}]");
+                if l.lun > 16383 {
+                    return Err(invalid(format!("{lk}.lun"), "must be 0..=16383"));
+                }
+                if !luns.insert(l.lun) {
+                    return Err(invalid(format!("{lk}.lun"), format!("LUN {} is configured twice", l.lun)));
+                }
+                if l.block_size != 512 && l.block_size != 4096 {
+                    return Err(invalid(format!("{lk}.block_size"), "must be 512 or 4096"));
+                }
+                let size = parse_size(&l.size).map_err(|m| invalid(format!("{lk}.size"), m))?;
+                if size < u64::from(l.block_size) * 16 {
+                    return Err(invalid(format!("{lk}.size"), "must hold at least 16 blocks"));
+                }
+                if size % u64::from(l.block_size) != 0 {
+                    return Err(invalid(
+                        format!("{lk}.size"),
+                        format!("{size} bytes is not a multiple of block_size {}", l.block_size),
+                    ));
+                }
+                if l.path.as_os_str().is_empty() {
+                    return Err(invalid(format!("{lk}.path"), "must not be empty"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Listen addresses, parsed (validated already).
+    pub fn portal_addrs(&self) -> Vec<SocketAddr> {
+        self.server
+            .portals
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl ChapConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.username.is_empty() {
+            return Err(invalid(format!("{key}.username"), "must not be empty"));
+        }
+        // RFC 7143 section 12.1.3 asks for secrets of at least 96 bits (12 bytes).
+        if self.secret.len() < 12 {
+            return Err(invalid(format!("{key}.secret"), "must be at least 12 characters (RFC 7143 12.1.3)"));
+        }
+        match (&self.mutual_username, &self.mutual_secret) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(invalid(format!("{key}.mutual_secret"), "required with mutual_username")),
+            (None, Some(_)) => Err(invalid(format!("{key}.mutual_username"), "required with mutual_secret")),
+            (Some(u), Some(s)) => {
+                if u.is_empty() {
+                    return Err(invalid(format!("{key}.mutual_username"), "must not be empty"));
+                }
+                if s.len() < 12 {
+                    return Err(invalid(format!("{key}.mutual_secret"), "must be at least 12 characters"));
+                }
+                if s == &self.secret {
+                    // RFC 7143 12.1.3: the secrets for the two directions must differ.
+                    return Err(invalid(format!("{key}.mutual_secret"), "must differ from secret"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Checks an iSCSI name (iqn., eui. or naa. format; RFC 7143 section 4.2.7).
+fn validate_name(n: &str) -> Result<(), String> {
+    if n.is_empty() || n.len() > 223 {
+        return Err(format!("{n:?}: an iSCSI name is 1..=223 bytes"));
+    }
+    let lower = n.to_ascii_lowercase();
+    if !(lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa.")) {
+        return Err(format!("{n:?}: an iSCSI name starts with iqn., eui. or naa."));
+    }
+    if let Some(c) = n.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '-' | ':'))) {
+        return Err(format!("{n:?}: character {c:?} is not allowed in an iSCSI name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).expect_err("config must be refused").to_string()
+    }
+
+    #[test]
+    fn default_is_valid() {
+        let c = Config::default_config();
+        assert_eq!(c.portal_addrs().len(), 1);
+        assert_eq!(c.targets[0].luns[0].size, "1GiB");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("256 MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "[server]\nportals=[\"127.0.0.1:3260\"]\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n";
+        assert!(err("[server]\nportals=[\"nope\"]\n").contains("server.portals[0]"));
+        assert!(err(&format!("{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nblock_size=1000\n"))
+            .contains("target[0].lun[0].block_size"));
+        assert!(err(&format!("{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1 furlong\"\n"))
+            .contains("target[0].lun[0].size"));
+        assert!(err(&format!("{base}[target.chap]\nusername=\"u\"\nsecret=\"short\"\n"))
+            .contains("target[0].chap.secret"));
+        assert!(err(&format!("{base}colour=\"blue\"\n")).contains("colour"));
+        assert!(err("[server]\nportals=[\"127.0.0.1:1\"]\n[[target]]\niqn=\"bogus name\"\n")
+            .contains("target[0].iqn"));
+        assert!(err(&format!(
+            "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1MiB\"\n[[target.lun]]\nlun=0\npath=\"b\"\nsize=\"1MiB\"\n"
+        ))
+        .contains("target[0].lun[1].lun"));
+    }
+}
