@@ -53,7 +53,7 @@ impl Algorithm {
 
     /// Digest length in bytes.
     #[must_use]
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Algorithm::Md5 => 16,
             Algorithm::Sha1 => 20,

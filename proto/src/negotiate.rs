@@ -638,7 +638,8 @@ impl Negotiator {
                     "MaxOutstandingR2T" => {
                         p.max_outstanding_r2t = n.clamp(1, l.max_outstanding_r2t)
                     }
-                    "ErrorRecoveryLevel" => p.error_recovery_level = n.min(0),
+                    // We support level 0 only, whatever the answer says.
+                    "ErrorRecoveryLevel" => p.error_recovery_level = 0,
                     _ => {}
                 }
             }

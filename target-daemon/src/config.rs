@@ -177,7 +177,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size such as \"1GiB\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as \"1GiB\""))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -188,9 +190,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} overflows"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} overflows"))
 }
 
 impl Config {
@@ -223,7 +230,10 @@ impl Config {
         }
         for (i, p) in s.portals.iter().enumerate() {
             p.parse::<SocketAddr>().map_err(|e| {
-                invalid(format!("server.portals[{i}]"), format!("{p:?}: {e} (want host:port)"))
+                invalid(
+                    format!("server.portals[{i}]"),
+                    format!("{p:?}: {e} (want host:port)"),
+                )
             })?;
         }
         if !(1..=4096).contains(&s.cmd_window) {
@@ -233,7 +243,10 @@ impl Config {
             return Err(invalid("server.sessions_max", "must be at least 1"));
         }
         if s.nop_interval_s == 0 || s.nop_timeout_s == 0 {
-            return Err(invalid("server.nop_interval_s", "NOP interval and timeout must be > 0"));
+            return Err(invalid(
+                "server.nop_interval_s",
+                "NOP interval and timeout must be > 0",
+            ));
         }
         if let Some(c) = &s.discovery_chap {
             c.validate("server.discovery_chap")?;
@@ -246,7 +259,10 @@ impl Config {
             let key = format!("target[{ti}]");
             validate_name(&t.iqn).map_err(|m| invalid(format!("{key}.iqn"), m))?;
             if !iqns.insert(t.iqn.to_ascii_lowercase()) {
-                return Err(invalid(format!("{key}.iqn"), format!("{} is configured twice", t.iqn)));
+                return Err(invalid(
+                    format!("{key}.iqn"),
+                    format!("{} is configured twice", t.iqn),
+                ));
             }
             if let Some(list) = &t.initiators {
                 for (i, n) in list.iter().enumerate() {
@@ -263,19 +279,28 @@ impl Config {
                     return Err(invalid(format!("{lk}.lun"), "must be 0..=16383"));
                 }
                 if !luns.insert(l.lun) {
-                    return Err(invalid(format!("{lk}.lun"), format!("LUN {} is configured twice", l.lun)));
+                    return Err(invalid(
+                        format!("{lk}.lun"),
+                        format!("LUN {} is configured twice", l.lun),
+                    ));
                 }
                 if l.block_size != 512 && l.block_size != 4096 {
                     return Err(invalid(format!("{lk}.block_size"), "must be 512 or 4096"));
                 }
                 let size = parse_size(&l.size).map_err(|m| invalid(format!("{lk}.size"), m))?;
                 if size < u64::from(l.block_size) * 16 {
-                    return Err(invalid(format!("{lk}.size"), "must hold at least 16 blocks"));
+                    return Err(invalid(
+                        format!("{lk}.size"),
+                        "must hold at least 16 blocks",
+                    ));
                 }
                 if size % u64::from(l.block_size) != 0 {
                     return Err(invalid(
                         format!("{lk}.size"),
-                        format!("{size} bytes is not a multiple of block_size {}", l.block_size),
+                        format!(
+                            "{size} bytes is not a multiple of block_size {}",
+                            l.block_size
+                        ),
                     ));
                 }
                 if l.path.as_os_str().is_empty() {
@@ -303,22 +328,40 @@ impl ChapConfig {
         }
         // RFC 7143 section 12.1.3 asks for secrets of at least 96 bits (12 bytes).
         if self.secret.len() < 12 {
-            return Err(invalid(format!("{key}.secret"), "must be at least 12 characters (RFC 7143 12.1.3)"));
+            return Err(invalid(
+                format!("{key}.secret"),
+                "must be at least 12 characters (RFC 7143 12.1.3)",
+            ));
         }
         match (&self.mutual_username, &self.mutual_secret) {
             (None, None) => Ok(()),
-            (Some(_), None) => Err(invalid(format!("{key}.mutual_secret"), "required with mutual_username")),
-            (None, Some(_)) => Err(invalid(format!("{key}.mutual_username"), "required with mutual_secret")),
+            (Some(_), None) => Err(invalid(
+                format!("{key}.mutual_secret"),
+                "required with mutual_username",
+            )),
+            (None, Some(_)) => Err(invalid(
+                format!("{key}.mutual_username"),
+                "required with mutual_secret",
+            )),
             (Some(u), Some(s)) => {
                 if u.is_empty() {
-                    return Err(invalid(format!("{key}.mutual_username"), "must not be empty"));
+                    return Err(invalid(
+                        format!("{key}.mutual_username"),
+                        "must not be empty",
+                    ));
                 }
                 if s.len() < 12 {
-                    return Err(invalid(format!("{key}.mutual_secret"), "must be at least 12 characters"));
+                    return Err(invalid(
+                        format!("{key}.mutual_secret"),
+                        "must be at least 12 characters",
+                    ));
                 }
                 if s == &self.secret {
                     // RFC 7143 12.1.3: the secrets for the two directions must differ.
-                    return Err(invalid(format!("{key}.mutual_secret"), "must differ from secret"));
+                    return Err(invalid(
+                        format!("{key}.mutual_secret"),
+                        "must differ from secret",
+                    ));
                 }
                 Ok(())
             }
@@ -333,10 +376,17 @@ fn validate_name(n: &str) -> Result<(), String> {
     }
     let lower = n.to_ascii_lowercase();
     if !(lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa.")) {
-        return Err(format!("{n:?}: an iSCSI name starts with iqn., eui. or naa."));
+        return Err(format!(
+            "{n:?}: an iSCSI name starts with iqn., eui. or naa."
+        ));
     }
-    if let Some(c) = n.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '-' | ':'))) {
-        return Err(format!("{n:?}: character {c:?} is not allowed in an iSCSI name"));
+    if let Some(c) = n
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '-' | ':')))
+    {
+        return Err(format!(
+            "{n:?}: character {c:?} is not allowed in an iSCSI name"
+        ));
     }
     Ok(())
 }
@@ -346,7 +396,9 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Config::parse(text).expect_err("config must be refused").to_string()
+        Config::parse(text)
+            .expect_err("config must be refused")
+            .to_string()
     }
 
     #[test]
@@ -369,15 +421,23 @@ mod tests {
     fn errors_name_the_key() {
         let base = "[server]\nportals=[\"127.0.0.1:3260\"]\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n";
         assert!(err("[server]\nportals=[\"nope\"]\n").contains("server.portals[0]"));
-        assert!(err(&format!("{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nblock_size=1000\n"))
-            .contains("target[0].lun[0].block_size"));
-        assert!(err(&format!("{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1 furlong\"\n"))
-            .contains("target[0].lun[0].size"));
-        assert!(err(&format!("{base}[target.chap]\nusername=\"u\"\nsecret=\"short\"\n"))
-            .contains("target[0].chap.secret"));
+        assert!(err(&format!(
+            "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nblock_size=1000\n"
+        ))
+        .contains("target[0].lun[0].block_size"));
+        assert!(err(&format!(
+            "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1 furlong\"\n"
+        ))
+        .contains("target[0].lun[0].size"));
+        assert!(err(&format!(
+            "{base}[target.chap]\nusername=\"u\"\nsecret=\"short\"\n"
+        ))
+        .contains("target[0].chap.secret"));
         assert!(err(&format!("{base}colour=\"blue\"\n")).contains("colour"));
-        assert!(err("[server]\nportals=[\"127.0.0.1:1\"]\n[[target]]\niqn=\"bogus name\"\n")
-            .contains("target[0].iqn"));
+        assert!(
+            err("[server]\nportals=[\"127.0.0.1:1\"]\n[[target]]\niqn=\"bogus name\"\n")
+                .contains("target[0].iqn")
+        );
         assert!(err(&format!(
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1MiB\"\n[[target.lun]]\nlun=0\npath=\"b\"\nsize=\"1MiB\"\n"
         ))

@@ -3,5 +3,7 @@
 //! Seams (see ARCHITECTURE.md): [`iscsi`] owns connections and sessions, [`scsi`] executes
 //! commands without knowing the transport, [`media`] stores blocks.
 
+pub mod config;
+pub mod iscsi;
 pub mod media;
 pub mod scsi;
