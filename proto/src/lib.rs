@@ -10,10 +10,12 @@
 //! error value and never allocates more than the input it was handed.
 #![forbid(unsafe_code)]
 
+pub mod cdb;
 pub mod chap;
 pub mod cmdsn;
 pub mod digest;
 pub mod negotiate;
 pub mod pdu;
+pub mod sense;
 pub mod serial;
 pub mod text;

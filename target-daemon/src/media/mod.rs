@@ -3,6 +3,8 @@
 //! The SCSI layer sees a LUN's storage only through [`BlockStore`], so a plain file, the
 //! nonvolatile write cache over a mirror set, or a test double can stand behind it.
 
+pub mod file;
+
 use std::io;
 
 /// How a store acknowledges writes; reported to initiators in the Caching mode page

@@ -64,3 +64,10 @@ pub struct ScsiOutcome {
     /// report a residual against the expected length.
     pub data_out_len: Option<u32>,
 }
+
+pub(crate) mod lun;
+pub(crate) mod sbc;
+pub(crate) mod spc;
+pub mod target;
+
+pub use target::{LunSpec, ScsiError, ScsiTarget, TargetIdentity, VendorHandler};

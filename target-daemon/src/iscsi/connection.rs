@@ -1,0 +1,1046 @@
+//! One iSCSI connection in the full feature phase.
+//!
+//! A reader task turns socket bytes into PDUs (bounded queue); the connection task owns all
+//! state and runs one loop: take a PDU or a finished command, update state, write what it
+//! produced. SCSI commands run on blocking threads and report back over a channel, so many
+//! can be in flight and finish in any order. StatSN is stamped as responses are queued, so
+//! it rises monotonically on the wire.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ftss_proto::cmdsn::{Admit, CmdWindow};
+use ftss_proto::pdu::{
+    self, DataIn, DecodeError, Framing, Itt, LogoutRequest, LogoutResponse, Lun, NopIn, NopOut,
+    Pdu, R2t, Reject, RejectReason, Residual, ScsiResponse, TaskMgmtRequest, TaskMgmtResponse,
+    TextRequest, TextResponse, TmfFunction, Ttt, BHS_LEN, RESERVED_TAG,
+};
+use ftss_proto::serial::{CmdSn, DataSn, R2tSn, StatSn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::session::{SessionCtx, SessionKind};
+use super::transfer::{data_in_pieces, WriteCollect, XferError, XferLimits};
+use crate::scsi::{ScsiCommand as ExecCmd, ScsiOutcome, TaskAttr};
+
+/// SCSI status values the transport itself produces.
+const STATUS_GOOD: u8 = 0x00;
+const STATUS_CHECK_CONDITION: u8 = 0x02;
+
+/// Largest write one command may carry; bigger ones get CHECK CONDITION without any
+/// buffer being allocated.
+pub(crate) const DATA_OUT_BYTES_MAX: u32 = 16 << 20;
+/// Write buffers one connection may hold at once; further writes wait for R2Ts.
+const WRITE_BUFFER_BYTES_MAX: u64 = 64 << 20;
+/// Immediate commands one connection may have running at once.
+const IMMEDIATE_TASKS_MAX: usize = 32;
+/// PDUs the reader may queue ahead of the connection task.
+const READ_QUEUE_PDUS_MAX: usize = 64;
+/// Text one text negotiation may accumulate across continuation PDUs.
+const TEXT_BYTES_MAX: usize = 64 << 10;
+
+/// Negotiated parameters of a connection entering the full feature phase.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnParams {
+    /// Framing for what we receive (digests, our MaxRecvDataSegmentLength).
+    pub(crate) framing: Framing,
+    /// Data movement limits.
+    pub(crate) xfer: XferLimits,
+}
+
+/// What the reader task hands over.
+enum ReadEvent {
+    Pdu(Pdu, [u8; BHS_LEN]),
+    /// A PDU that could not be decoded but whose frame was consumed: answer with Reject.
+    Bad(DecodeError, [u8; BHS_LEN]),
+}
+
+struct Done {
+    itt: u32,
+    generation: u64,
+    outcome: ScsiOutcome,
+}
+
+enum TaskState {
+    /// Waiting for data-out.
+    Collecting(WriteCollect),
+    /// Handed to the SCSI layer.
+    Running,
+}
+
+struct Task {
+    cmd: pdu::ScsiCommand,
+    generation: u64,
+    state: TaskState,
+    aborted: bool,
+    r2ts_sent: u32,
+}
+
+/// A task management response waiting for aborted commands to finish.
+struct PendingTmf {
+    itt: Itt,
+    immediate: bool,
+    response: u8,
+    waiting_on: Vec<u32>,
+    then_close_all: bool,
+}
+
+/// Text negotiation state across continuation PDUs.
+#[derive(Default)]
+struct TextState {
+    /// Request text accumulated from C=1 PDUs.
+    incoming: Vec<u8>,
+    /// Answer text not yet sent, with the TTT the initiator must quote.
+    outgoing: Option<(u32, Bytes)>,
+}
+
+/// Runs the full feature phase of one connection until logout, error or shutdown.
+pub(crate) async fn run(
+    ctx: Arc<SessionCtx>,
+    params: ConnParams,
+    exp_cmd_sn: CmdSn,
+    stat_sn: StatSn,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+) {
+    let (pdu_tx, pdu_rx) = mpsc::channel(READ_QUEUE_PDUS_MAX);
+    let framing = params.framing;
+    let reader_task = tokio::spawn(read_loop(reader, framing, pdu_tx));
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        window: CmdWindow::new(exp_cmd_sn, ctx.cmd_window),
+        stat_sn,
+        out_framing: Framing {
+            max_recv_data_segment: params.xfer.send_segment_max,
+            ..framing
+        },
+        lim: params.xfer,
+        tasks: HashMap::new(),
+        generation: 0,
+        next_ttt: 1,
+        write_bytes: 0,
+        parked: VecDeque::new(),
+        tmfs: Vec::new(),
+        text: TextState::default(),
+        out: BytesMut::with_capacity(64 << 10),
+        done_tx,
+        ctx,
+        close: false,
+        ping: None,
+    };
+    conn.event_loop(pdu_rx, done_rx, writer).await;
+    reader_task.abort();
+    conn.ctx.connection_closed();
+}
+
+struct Conn {
+    ctx: Arc<SessionCtx>,
+    window: CmdWindow<Pdu>,
+    stat_sn: StatSn,
+    out_framing: Framing,
+    lim: XferLimits,
+    tasks: HashMap<u32, Task>,
+    generation: u64,
+    next_ttt: u32,
+    write_bytes: u64,
+    parked: VecDeque<u32>,
+    tmfs: Vec<PendingTmf>,
+    text: TextState,
+    out: BytesMut,
+    done_tx: mpsc::UnboundedSender<Done>,
+    close: bool,
+    /// Outstanding target ping: its TTT and deadline.
+    ping: Option<(u32, Instant)>,
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, framing: Framing, tx: mpsc::Sender<ReadEvent>) {
+    let mut bhs = [0u8; BHS_LEN];
+    let mut frame = Vec::new();
+    loop {
+        if rd.read_exact(&mut bhs).await.is_err() {
+            return;
+        }
+        let len = match framing.frame_len(&bhs) {
+            Ok(l) => l,
+            Err(e @ DecodeError::DataSegmentTooLong { .. }) => {
+                // Skip the oversized segment in bounded chunks so framing survives, then
+                // let the connection reject the PDU.
+                let dsl = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+                let mut rest = usize::from(bhs[4]) * 4
+                    + dsl
+                    + ftss_proto::digest::pad_len(dsl)
+                    + if framing.header_digest { 4 } else { 0 }
+                    + if framing.data_digest { 4 } else { 0 };
+                let mut sink = [0u8; 8192];
+                while rest > 0 {
+                    let n = rest.min(sink.len());
+                    if rd.read_exact(&mut sink[..n]).await.is_err() {
+                        return;
+                    }
+                    rest -= n;
+                }
+                if tx.send(ReadEvent::Bad(e, bhs)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
+        };
+        frame.clear();
+        frame.extend_from_slice(&bhs);
+        frame.resize(len, 0);
+        if rd.read_exact(&mut frame[BHS_LEN..]).await.is_err() {
+            return;
+        }
+        let ev = match Pdu::decode(&frame, &framing) {
+            Ok((p, _)) => ReadEvent::Pdu(p, bhs),
+            Err(DecodeError::HeaderDigest) => {
+                warn!("header digest error: closing the connection");
+                return;
+            }
+            Err(e) => ReadEvent::Bad(e, bhs),
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn attr(a: u8) -> TaskAttr {
+    match a {
+        2 => TaskAttr::Ordered,
+        3 => TaskAttr::HeadOfQueue,
+        4 => TaskAttr::Aca,
+        _ => TaskAttr::Simple,
+    }
+}
+
+/// Fixed-format sense data for errors the transport detects itself.
+fn transport_sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
+    let mut s = vec![0u8; 18];
+    s[0] = 0x70;
+    s[2] = key;
+    s[7] = 10;
+    s[12] = asc;
+    s[13] = ascq;
+    s
+}
+
+impl Conn {
+    async fn event_loop(
+        &mut self,
+        mut pdu_rx: mpsc::Receiver<ReadEvent>,
+        mut done_rx: mpsc::UnboundedReceiver<Done>,
+        mut wr: OwnedWriteHalf,
+    ) {
+        let interval = Duration::from_secs(u64::from(self.ctx.nop_interval_s));
+        let timeout = Duration::from_secs(u64::from(self.ctx.nop_timeout_s));
+        let mut last_rx = Instant::now();
+        let mut shutdown = self.ctx.shutdown.clone();
+        loop {
+            let ping_at = match self.ping {
+                Some((_, deadline)) => deadline,
+                None => last_rx + interval,
+            };
+            tokio::select! {
+                ev = pdu_rx.recv() => match ev {
+                    Some(ev) => {
+                        last_rx = Instant::now();
+                        self.on_read(ev);
+                    }
+                    None => break,
+                },
+                Some(d) = done_rx.recv() => self.on_done(d),
+                () = tokio::time::sleep_until(ping_at) => {
+                    if self.ping.is_some() {
+                        warn!(initiator = %self.ctx.nexus.initiator_name, "no answer to NOP-In within {timeout:?}: dropping the connection");
+                        break;
+                    }
+                    self.send_ping(timeout);
+                }
+                _ = shutdown.changed() => {
+                    debug!("connection shut down by the session registry");
+                    break;
+                }
+            }
+            // Batch: take whatever else is ready before writing.
+            for _ in 0..64 {
+                if let Ok(d) = done_rx.try_recv() {
+                    self.on_done(d);
+                } else if let Ok(ev) = pdu_rx.try_recv() {
+                    self.on_read(ev);
+                } else {
+                    break;
+                }
+            }
+            if !self.out.is_empty() {
+                if let Err(e) = wr.write_all(&self.out).await {
+                    debug!("write failed: {e}");
+                    break;
+                }
+                self.out.clear();
+            }
+            if self.close {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    }
+
+    fn queue(&mut self, p: &Pdu) {
+        p.encode(&mut self.out, &self.out_framing);
+    }
+
+    /// StatSN for a response that consumes one.
+    fn take_stat_sn(&mut self) -> StatSn {
+        let s = self.stat_sn;
+        self.stat_sn = s.next();
+        s
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    fn reject(&mut self, reason: RejectReason, bhs: &[u8; BHS_LEN]) {
+        let stat_sn = self.take_stat_sn();
+        let p = Pdu::Reject(Reject {
+            reason: reason as u8,
+            stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            data_sn: DataSn(0),
+            header: Bytes::copy_from_slice(bhs),
+        });
+        self.queue(&p);
+    }
+
+    fn send_ping(&mut self, timeout: Duration) {
+        let ttt = self.alloc_ttt();
+        let p = Pdu::NopIn(NopIn {
+            lun: Lun(0),
+            itt: Itt(RESERVED_TAG),
+            ttt: Ttt(ttt),
+            // A ping that wants an answer does not advance StatSN.
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            data: Bytes::new(),
+        });
+        self.queue(&p);
+        self.ping = Some((ttt, Instant::now() + timeout));
+    }
+
+    fn on_read(&mut self, ev: ReadEvent) {
+        let (p, bhs) = match ev {
+            ReadEvent::Pdu(p, bhs) => (p, bhs),
+            ReadEvent::Bad(e, bhs) => {
+                debug!("bad PDU: {e}");
+                if e == DecodeError::DataDigest && bhs[0] & 0x3f == pdu::opcode::DATA_OUT {
+                    // ERL 0 cannot recover the lost data: fail the command it belonged to.
+                    let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
+                    self.fail_collecting(itt, 0x0b, 0x47, 0x05);
+                }
+                match e.reject_reason() {
+                    Some(r) => self.reject(r, &bhs),
+                    None => self.close = true,
+                }
+                return;
+            }
+        };
+        match p {
+            Pdu::DataOut(d) => self.on_data_out(d, &bhs),
+            Pdu::SnackRequest(_) => {
+                // ErrorRecoveryLevel 0: no SNACK support; reject rather than stall.
+                self.reject(RejectReason::ProtocolError, &bhs);
+            }
+            Pdu::NopOut(ref n) if n.itt.0 == RESERVED_TAG => {
+                // An answer to our ping (or a ping that wants no reply): never answered,
+                // never ordered, never moves the window.
+                if let Some((ttt, _)) = self.ping {
+                    if n.ttt.0 == ttt {
+                        self.ping = None;
+                    }
+                }
+            }
+            Pdu::ScsiCommand(_)
+            | Pdu::NopOut(_)
+            | Pdu::TaskMgmtRequest(_)
+            | Pdu::TextRequest(_)
+            | Pdu::LogoutRequest(_) => self.admit(p, &bhs),
+            Pdu::LoginRequest(_) => self.reject(RejectReason::ProtocolError, &bhs),
+            _ => self.reject(RejectReason::CommandNotSupported, &bhs),
+        }
+    }
+
+    fn admit(&mut self, p: Pdu, bhs: &[u8; BHS_LEN]) {
+        let (sn, imm) = match &p {
+            Pdu::ScsiCommand(c) => (c.cmd_sn, c.immediate),
+            Pdu::NopOut(c) => (c.cmd_sn, c.immediate),
+            Pdu::TaskMgmtRequest(c) => (c.cmd_sn, c.immediate),
+            Pdu::TextRequest(c) => (c.cmd_sn, c.immediate),
+            Pdu::LogoutRequest(c) => (c.cmd_sn, c.immediate),
+            _ => return,
+        };
+        if imm && matches!(p, Pdu::ScsiCommand(_)) {
+            let running_imm = self.tasks.values().filter(|t| t.cmd.immediate).count();
+            if running_imm >= IMMEDIATE_TASKS_MAX {
+                self.reject(RejectReason::ImmediateCommandReject, bhs);
+                return;
+            }
+        }
+        match self.window.admit(sn, imm, p) {
+            Admit::Deliver(v) => {
+                for p in v {
+                    self.deliver(p);
+                }
+            }
+            Admit::Queued => {}
+            Admit::Dropped(why) => {
+                debug!(
+                    cmd_sn = sn.0,
+                    exp = self.window.exp_cmd_sn().0,
+                    max = self.window.max_cmd_sn().0,
+                    ?why,
+                    "command dropped"
+                );
+            }
+        }
+    }
+
+    /// A command in CmdSN order (or immediate).
+    fn deliver(&mut self, p: Pdu) {
+        match p {
+            Pdu::ScsiCommand(c) => self.on_scsi_command(c),
+            Pdu::NopOut(n) => self.on_nop_out(n),
+            Pdu::TaskMgmtRequest(t) => self.on_tmf(t),
+            Pdu::TextRequest(t) => self.on_text(t),
+            Pdu::LogoutRequest(l) => self.on_logout(l),
+            _ => {}
+        }
+    }
+
+    /// Ends a non-SCSI request that went through the window.
+    fn finish_request(&mut self, immediate: bool) {
+        if !immediate {
+            self.window.completed();
+        }
+    }
+
+    fn on_nop_out(&mut self, n: NopOut) {
+        self.finish_request(n.immediate);
+        let mut data = n.data;
+        data.truncate(self.lim.send_segment_max as usize);
+        let stat_sn = self.take_stat_sn();
+        let p = Pdu::NopIn(NopIn {
+            lun: n.lun,
+            itt: n.itt,
+            ttt: Ttt(RESERVED_TAG),
+            stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            data,
+        });
+        self.queue(&p);
+    }
+
+    fn on_scsi_command(&mut self, mut c: pdu::ScsiCommand) {
+        let SessionKind::Normal(_) = &self.ctx.kind else {
+            // Discovery sessions carry only text, NOP and logout.
+            let mut bhs = [0u8; BHS_LEN];
+            Pdu::ScsiCommand(pdu::ScsiCommand {
+                data: Bytes::new(),
+                ..c.clone()
+            })
+            .encode(&mut BytesMut::new(), &Framing::default());
+            bhs[0] = pdu::opcode::SCSI_COMMAND;
+            self.finish_request(c.immediate);
+            self.reject(RejectReason::ProtocolError, &bhs);
+            return;
+        };
+        if self.tasks.contains_key(&c.itt.0) {
+            // ITT still in use: the initiator broke the rules; answer without disturbing
+            // the live task.
+            warn!(itt = c.itt.0, "command reuses a live ITT");
+            let bhs = encode_bhs(&Pdu::ScsiCommand(c.clone()));
+            self.finish_request(c.immediate);
+            self.reject(RejectReason::TaskInProgress, &bhs);
+            return;
+        }
+        self.generation += 1;
+        let data = std::mem::take(&mut c.data);
+        let mut task = Task {
+            cmd: c,
+            generation: self.generation,
+            state: TaskState::Running,
+            aborted: false,
+            r2ts_sent: 0,
+        };
+        let itt = task.cmd.itt.0;
+        if task.cmd.write && task.cmd.edtl > 0 {
+            if task.cmd.edtl > DATA_OUT_BYTES_MAX {
+                // Answer at once; any unsolicited data that follows is discarded.
+                let sense = transport_sense(0x05, 0x24, 0x00);
+                self.respond_scsi(
+                    &task,
+                    STATUS_CHECK_CONDITION,
+                    Some(sense),
+                    &[],
+                    Residual::of(task.cmd.edtl, 0),
+                    0,
+                );
+                self.finish_request(task.cmd.immediate);
+                return;
+            }
+            match WriteCollect::new(task.cmd.edtl, &data, task.cmd.final_, &self.lim) {
+                Ok(w) => {
+                    let done = w.is_complete();
+                    task.state = TaskState::Collecting(w);
+                    self.tasks.insert(itt, task);
+                    if done {
+                        self.start(itt);
+                    } else {
+                        self.parked.push_back(itt);
+                        self.activate_parked();
+                    }
+                }
+                Err(e) => {
+                    debug!("bad immediate data: {e}");
+                    let bhs = encode_bhs(&Pdu::ScsiCommand(task.cmd.clone()));
+                    self.finish_request(task.cmd.immediate);
+                    self.reject(RejectReason::ProtocolError, &bhs);
+                }
+            }
+            return;
+        }
+        task.state = TaskState::Collecting(
+            WriteCollect::new(0, &[], true, &self.lim).expect("an empty transfer is always valid"),
+        );
+        self.tasks.insert(itt, task);
+        self.start(itt);
+    }
+
+    /// Gives parked writes their buffers, within the connection's budget, and sends R2Ts.
+    fn activate_parked(&mut self) {
+        while let Some(&itt) = self.parked.front() {
+            let Some(task) = self.tasks.get_mut(&itt) else {
+                self.parked.pop_front();
+                continue;
+            };
+            let TaskState::Collecting(w) = &mut task.state else {
+                self.parked.pop_front();
+                continue;
+            };
+            let need = u64::from(w.edtl());
+            if self.write_bytes > 0 && self.write_bytes + need > WRITE_BUFFER_BYTES_MAX {
+                break;
+            }
+            w.activate();
+            self.write_bytes += need;
+            self.parked.pop_front();
+            self.send_r2ts(itt);
+        }
+    }
+
+    fn send_r2ts(&mut self, itt: u32) {
+        let mut next = self.next_ttt;
+        let lim = self.lim;
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        let TaskState::Collecting(w) = &mut task.state else {
+            return;
+        };
+        let r2ts = w.poll_r2ts(&lim, || {
+            let t = next;
+            next = next.wrapping_add(1);
+            if next == RESERVED_TAG {
+                next = 1;
+            }
+            t
+        });
+        task.r2ts_sent = w.r2t_count();
+        let lun = task.cmd.lun;
+        self.next_ttt = next;
+        for r in r2ts {
+            let p = Pdu::R2t(R2t {
+                lun,
+                itt: Itt(itt),
+                ttt: Ttt(r.ttt),
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: self.window.exp_cmd_sn(),
+                max_cmd_sn: self.window.max_cmd_sn(),
+                r2t_sn: R2tSn(r.r2t_sn),
+                buffer_offset: r.offset,
+                desired_len: r.len,
+            });
+            self.queue(&p);
+        }
+    }
+
+    fn on_data_out(&mut self, d: pdu::DataOut, bhs: &[u8; BHS_LEN]) {
+        let itt = d.itt.0;
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            // Data for a task that already ended (aborted or failed early): discard.
+            return;
+        };
+        let TaskState::Collecting(w) = &mut task.state else {
+            self.reject(RejectReason::ProtocolError, bhs);
+            return;
+        };
+        if task.aborted {
+            return;
+        }
+        match w.data_out(d.ttt.0, d.data_sn, d.buffer_offset, &d.data) {
+            Ok(()) => {
+                if w.is_complete() {
+                    self.start(itt);
+                } else if d.ttt.0 != RESERVED_TAG {
+                    self.send_r2ts(itt);
+                }
+            }
+            Err(e) => {
+                debug!(itt, "Data-Out refused: {e}");
+                let reason = match e {
+                    XferError::UnknownTtt | XferError::Offset | XferError::DataSn => {
+                        RejectReason::InvalidPduField
+                    }
+                    XferError::ImmediateData => RejectReason::ProtocolError,
+                };
+                self.reject(reason, bhs);
+            }
+        }
+    }
+
+    /// Fails a command still collecting data (e.g. a Data-Out digest error at ERL 0).
+    fn fail_collecting(&mut self, itt: u32, key: u8, asc: u8, ascq: u8) {
+        let collecting = matches!(
+            self.tasks.get(&itt),
+            Some(Task {
+                state: TaskState::Collecting(_),
+                ..
+            })
+        );
+        if !collecting {
+            return;
+        }
+        if let Some(task) = self.tasks.remove(&itt) {
+            self.release_write_budget(&task);
+            let sense = transport_sense(key, asc, ascq);
+            self.respond_scsi(
+                &task,
+                STATUS_CHECK_CONDITION,
+                Some(sense),
+                &[],
+                Residual::of(task.cmd.edtl, 0),
+                0,
+            );
+            self.finish_request(task.cmd.immediate);
+            self.activate_parked();
+        }
+    }
+
+    fn release_write_budget(&mut self, task: &Task) {
+        if let TaskState::Collecting(w) = &task.state {
+            if w.is_active() {
+                self.write_bytes -= u64::from(w.edtl());
+            }
+        }
+    }
+
+    /// Hands a command with all its data to the SCSI layer.
+    fn start(&mut self, itt: u32) {
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        let state = std::mem::replace(&mut task.state, TaskState::Running);
+        let data = match state {
+            TaskState::Collecting(w) => {
+                if w.is_active() {
+                    self.write_bytes -= u64::from(w.edtl());
+                }
+                w.buf
+            }
+            TaskState::Running => Vec::new(),
+        };
+        let SessionKind::Normal(scsi) = &self.ctx.kind else {
+            return;
+        };
+        let scsi = Arc::clone(scsi);
+        let nexus = self.ctx.nexus.clone();
+        let cdb = task.cmd.cdb.clone();
+        let lun = task.cmd.lun.number().unwrap_or(u64::MAX);
+        let expected_len = task.cmd.edtl;
+        let at = attr(task.cmd.attr);
+        let generation = task.generation;
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let cmd = ExecCmd {
+                lun,
+                cdb: &cdb,
+                data_out: &data,
+                expected_len,
+                attr: at,
+            };
+            let outcome = scsi.execute(&nexus, &cmd);
+            let _ = tx.send(Done {
+                itt,
+                generation,
+                outcome,
+            });
+        });
+        self.activate_parked();
+    }
+
+    fn on_done(&mut self, d: Done) {
+        let Some(task) = self.tasks.get(&d.itt) else {
+            return;
+        };
+        if task.generation != d.generation {
+            return;
+        }
+        let Some(task) = self.tasks.remove(&d.itt) else {
+            return;
+        };
+        if !task.aborted {
+            let o = d.outcome;
+            let c = &task.cmd;
+            let full_in = u32::try_from(o.data_in.len()).unwrap_or(u32::MAX);
+            let (send, residual) = if c.write && !c.read {
+                let want = o.data_out_len.unwrap_or(c.edtl);
+                (0, Residual::of(c.edtl, want))
+            } else if c.read {
+                (full_in.min(c.edtl), Residual::of(c.edtl, full_in))
+            } else {
+                // Data-in without the R bit: nothing is transferred.
+                (0, Residual::of(c.edtl, full_in))
+            };
+            self.finish_request(c.immediate);
+            let data = &o.data_in[..send as usize];
+            self.respond_scsi(&task, o.status, o.sense, data, residual, task.r2ts_sent);
+        } else {
+            self.finish_request(task.cmd.immediate);
+        }
+        self.tmf_task_done(d.itt);
+    }
+
+    /// Sends Data-In (with phase-collapsed status when possible) and/or a SCSI Response.
+    fn respond_scsi(
+        &mut self,
+        task: &Task,
+        status: u8,
+        sense: Option<Vec<u8>>,
+        data: &[u8],
+        residual: Residual,
+        r2ts: u32,
+    ) {
+        let c = &task.cmd;
+        let pieces = data_in_pieces(data.len() as u32, &self.lim);
+        let collapse = status == STATUS_GOOD && sense.is_none() && !pieces.is_empty();
+        let n = pieces.len();
+        for (i, piece) in pieces.iter().enumerate() {
+            let last = i + 1 == n;
+            let with_status = last && collapse;
+            let stat_sn = if with_status {
+                self.take_stat_sn()
+            } else {
+                StatSn(0)
+            };
+            let p = Pdu::DataIn(DataIn {
+                final_: piece.final_ || with_status,
+                ack: false,
+                residual: if with_status {
+                    residual
+                } else {
+                    Residual::default()
+                },
+                status: with_status.then_some(status),
+                lun: c.lun,
+                itt: c.itt,
+                ttt: Ttt(RESERVED_TAG),
+                stat_sn,
+                exp_cmd_sn: self.window.exp_cmd_sn(),
+                max_cmd_sn: self.window.max_cmd_sn(),
+                data_sn: piece.data_sn,
+                buffer_offset: piece.offset,
+                data: Bytes::copy_from_slice(
+                    &data[piece.offset as usize..(piece.offset + piece.len) as usize],
+                ),
+            });
+            self.queue(&p);
+        }
+        if collapse {
+            return;
+        }
+        let stat_sn = self.take_stat_sn();
+        let p = Pdu::ScsiResponse(ScsiResponse {
+            bidi_residual: Residual::default(),
+            residual,
+            response: 0,
+            status,
+            itt: c.itt,
+            snack_tag: 0,
+            stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            exp_data_sn: DataSn(n as u32 + r2ts),
+            sense: sense.map(Bytes::from).unwrap_or_default(),
+        });
+        self.queue(&p);
+    }
+
+    fn on_tmf(&mut self, t: TaskMgmtRequest) {
+        let SessionKind::Normal(scsi) = &self.ctx.kind else {
+            self.finish_request(t.immediate);
+            self.tmf_respond(t.itt, 255);
+            return;
+        };
+        let scsi = Arc::clone(scsi);
+        let lun = t.lun.number();
+        let lun_ok = lun.is_some_and(|l| scsi.lun_exists(l));
+        let (response, victims, close_all): (u8, Vec<u32>, bool) = match t.function {
+            TmfFunction::AbortTask => {
+                let hit = self
+                    .tasks
+                    .get(&t.rtt.0)
+                    .is_some_and(|task| task.cmd.lun == t.lun && !task.aborted);
+                if hit {
+                    (0, vec![t.rtt.0], false)
+                } else if t.ref_cmd_sn.lt(t.cmd_sn) && self.window.in_window(t.ref_cmd_sn) {
+                    // RFC 7143 11.5.1 (b): a command that never arrived counts as received.
+                    if !self.window.received(t.ref_cmd_sn) {
+                        let (_, unblocked) = self.window.skip(t.ref_cmd_sn);
+                        for p in unblocked {
+                            self.deliver(p);
+                        }
+                    }
+                    (0, Vec::new(), false)
+                } else {
+                    (1, Vec::new(), false)
+                }
+            }
+            TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
+                if lun_ok {
+                    (0, self.tasks_where(|task| task.cmd.lun == t.lun), false)
+                } else {
+                    (2, Vec::new(), false)
+                }
+            }
+            TmfFunction::LogicalUnitReset => match lun {
+                Some(l) if lun_ok => {
+                    if let Err(e) = scsi.lun_reset(&self.ctx.nexus, l) {
+                        warn!("LUN reset failed: {e}");
+                    }
+                    (0, self.tasks_where(|task| task.cmd.lun == t.lun), false)
+                }
+                _ => (2, Vec::new(), false),
+            },
+            TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                let cold = t.function == TmfFunction::TargetColdReset;
+                info!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset");
+                scsi.target_reset(&self.ctx.nexus, cold);
+                (0, self.tasks_where(|_| true), cold)
+            }
+            TmfFunction::ClearAca => (5, Vec::new(), false),
+            TmfFunction::TaskReassign => (4, Vec::new(), false),
+            TmfFunction::Other(_) => (5, Vec::new(), false),
+        };
+        // Abort: collecting tasks end now; running ones finish first, without a response.
+        let mut waiting = Vec::new();
+        for itt in victims {
+            let running = matches!(
+                self.tasks.get(&itt),
+                Some(Task {
+                    state: TaskState::Running,
+                    ..
+                })
+            );
+            if running {
+                if let Some(task) = self.tasks.get_mut(&itt) {
+                    task.aborted = true;
+                }
+                waiting.push(itt);
+            } else if let Some(task) = self.tasks.remove(&itt) {
+                self.release_write_budget(&task);
+                self.finish_request(task.cmd.immediate);
+            }
+        }
+        self.parked.retain(|itt| !waiting.contains(itt));
+        self.activate_parked();
+        self.tmfs.push(PendingTmf {
+            itt: t.itt,
+            immediate: t.immediate,
+            response,
+            waiting_on: waiting,
+            then_close_all: close_all,
+        });
+        self.tmf_task_done(u32::MAX - 1);
+    }
+
+    fn tasks_where(&self, f: impl Fn(&Task) -> bool) -> Vec<u32> {
+        self.tasks
+            .iter()
+            .filter(|(_, t)| !t.aborted && f(t))
+            .map(|(&itt, _)| itt)
+            .collect()
+    }
+
+    /// A task ended: answer task management requests that were waiting for it.
+    fn tmf_task_done(&mut self, itt: u32) {
+        let mut ready = Vec::new();
+        self.tmfs.retain_mut(|t| {
+            t.waiting_on.retain(|&w| w != itt);
+            if t.waiting_on.is_empty() {
+                ready.push((t.itt, t.immediate, t.response, t.then_close_all));
+                false
+            } else {
+                true
+            }
+        });
+        for (itt, imm, response, close_all) in ready {
+            self.finish_request(imm);
+            self.tmf_respond(itt, response);
+            if close_all {
+                // Cold reset: every connection of the target goes after this response.
+                self.close = true;
+                self.ctx.target_cold_reset();
+            }
+        }
+    }
+
+    fn tmf_respond(&mut self, itt: Itt, response: u8) {
+        let stat_sn = self.take_stat_sn();
+        let p = Pdu::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt,
+            stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+        });
+        self.queue(&p);
+    }
+
+    fn on_text(&mut self, t: TextRequest) {
+        self.finish_request(t.immediate);
+        let seg = self.lim.send_segment_max as usize;
+        // Continuation of our own long answer: the initiator asks for the next part.
+        if t.ttt.0 != RESERVED_TAG {
+            match self.text.outgoing.take() {
+                Some((ttt, rest)) if ttt == t.ttt.0 => {
+                    self.send_text_part(t.itt, t.lun, ttt, rest, seg);
+                    return;
+                }
+                _ => {
+                    // An unknown TTT resets the negotiation (RFC 7143 11.10.4).
+                    self.text = TextState::default();
+                }
+            }
+        } else {
+            self.text.outgoing = None;
+        }
+        if self.text.incoming.len() + t.data.len() > TEXT_BYTES_MAX {
+            self.text = TextState::default();
+            let bhs = encode_bhs(&Pdu::TextRequest(t));
+            self.reject(RejectReason::ProtocolError, &bhs);
+            return;
+        }
+        self.text.incoming.extend_from_slice(&t.data);
+        if t.continue_ {
+            // More request text follows: acknowledge with an empty response.
+            let ttt = self.alloc_ttt();
+            self.text.outgoing = Some((ttt, Bytes::new()));
+            let stat_sn = self.take_stat_sn();
+            let p = Pdu::TextResponse(TextResponse {
+                final_: false,
+                continue_: false,
+                lun: t.lun,
+                itt: t.itt,
+                ttt: Ttt(ttt),
+                stat_sn,
+                exp_cmd_sn: self.window.exp_cmd_sn(),
+                max_cmd_sn: self.window.max_cmd_sn(),
+                data: Bytes::new(),
+            });
+            self.queue(&p);
+            return;
+        }
+        let request = std::mem::take(&mut self.text.incoming);
+        let answer = self.ctx.text_answer(&request);
+        let ttt = self.alloc_ttt();
+        self.send_text_part(t.itt, t.lun, ttt, Bytes::from(answer), seg);
+    }
+
+    fn send_text_part(&mut self, itt: Itt, lun: Lun, ttt: u32, text: Bytes, seg: usize) {
+        let more = text.len() > seg;
+        let (now, rest) = if more {
+            (text.slice(..seg), text.slice(seg..))
+        } else {
+            (text, Bytes::new())
+        };
+        if more {
+            self.text.outgoing = Some((ttt, rest));
+        }
+        let stat_sn = self.take_stat_sn();
+        let p = Pdu::TextResponse(TextResponse {
+            final_: !more,
+            continue_: more,
+            lun,
+            itt,
+            ttt: Ttt(if more { ttt } else { RESERVED_TAG }),
+            stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            data: now,
+        });
+        self.queue(&p);
+    }
+
+    fn on_logout(&mut self, l: LogoutRequest) {
+        self.finish_request(l.immediate);
+        let response = match l.reason {
+            0 | 1 => 0,
+            // ErrorRecoveryLevel 0: no connection recovery.
+            2 => 2,
+            _ => 3,
+        };
+        let stat_sn = self.take_stat_sn();
+        let p = Pdu::LogoutResponse(LogoutResponse {
+            response,
+            itt: l.itt,
+            stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            time2wait: 0,
+            time2retain: 0,
+        });
+        self.queue(&p);
+        if response == 0 {
+            info!(initiator = %self.ctx.nexus.initiator_name, "logout");
+            self.close = true;
+        }
+    }
+}
+
+fn encode_bhs(p: &Pdu) -> [u8; BHS_LEN] {
+    let mut b = BytesMut::new();
+    p.encode(
+        &mut b,
+        &Framing {
+            max_recv_data_segment: pdu::DATA_SEGMENT_LEN_MAX,
+            ..Framing::default()
+        },
+    );
+    let mut out = [0u8; BHS_LEN];
+    out.copy_from_slice(&b[..BHS_LEN]);
+    out
+}

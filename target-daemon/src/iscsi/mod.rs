@@ -1,0 +1,255 @@
+//! The iSCSI transport: listeners, login, sessions and connections (RFC 7143).
+//!
+//! [`Server::start`] binds every portal and serves until dropped or shut down. Each
+//! accepted connection runs the login phase ([`login`]) and then the full feature phase
+//! ([`connection`]) in its own task; a bad connection never disturbs the others.
+
+pub(crate) mod connection;
+pub(crate) mod login;
+pub(crate) mod session;
+pub(crate) mod transfer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::config::{parse_size, Config};
+use crate::media::file::FileStore;
+use crate::media::BlockStore;
+use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity};
+use session::{SessionCtx, Shared, TargetEntry};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A portal could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The portal.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A LUN's backing store could not be opened.
+    #[error("target {iqn} LUN {lun}: {msg}")]
+    Lun {
+        /// Target IQN.
+        iqn: String,
+        /// LUN number.
+        lun: u16,
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+/// A running target server.
+pub struct Server {
+    addrs: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens every LUN, binds every portal and starts accepting connections.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        let mut targets = Vec::new();
+        for t in &config.targets {
+            let mut luns = Vec::new();
+            for l in &t.luns {
+                let path = if l.path.is_absolute() {
+                    l.path.clone()
+                } else {
+                    config.server.data_dir.join(&l.path)
+                };
+                let lun_err = |msg: String| ServerError::Lun {
+                    iqn: t.iqn.clone(),
+                    lun: l.lun,
+                    msg,
+                };
+                let size = parse_size(&l.size).map_err(lun_err)?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| lun_err(format!("{}: {e}", dir.display())))?;
+                }
+                let store = FileStore::open(&path, size, l.block_size)
+                    .map_err(|e| lun_err(format!("{}: {e}", path.display())))?;
+                luns.push(LunSpec {
+                    lun: u64::from(l.lun),
+                    store: Arc::new(store) as Arc<dyn BlockStore>,
+                    read_only: l.read_only,
+                    removable: l.removable,
+                });
+            }
+            let scsi =
+                ScsiTarget::new(TargetIdentity { iqn: t.iqn.clone() }, luns).map_err(|e| {
+                    ServerError::Lun {
+                        iqn: t.iqn.clone(),
+                        lun: 0,
+                        msg: e.to_string(),
+                    }
+                })?;
+            targets.push(Arc::new(TargetEntry {
+                iqn: t.iqn.clone(),
+                alias: t.alias.clone(),
+                initiators: t.initiators.clone(),
+                chap: t.chap.clone(),
+                scsi: Arc::new(scsi),
+            }));
+        }
+        let portals = config.portal_addrs();
+        let shared = Arc::new(Shared::new(config, targets));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for addr in portals {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let local = l
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            info!("listening on {local}");
+            addrs.push(local);
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                Arc::clone(&shared),
+                stop_rx.clone(),
+            )));
+        }
+        Ok(Server { addrs, stop, tasks })
+    }
+
+    /// The bound portal addresses (with the real port when the config said port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops accepting connections.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn accept_loop(l: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = l.accept() => match r {
+                Ok((sock, peer)) => {
+                    debug!("connection from {peer}");
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move { serve(sock, peer, shared).await });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = sock.set_nodelay(true);
+    let local = match sock.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let (mut rd, mut wr) = sock.into_split();
+    let done = match login::run(&mut rd, &mut wr, &shared, local).await {
+        Ok(Some(done)) => done,
+        Ok(None) => return,
+        Err(e) => {
+            debug!("login from {peer} ended: {e}");
+            return;
+        }
+    };
+    let ctx = Arc::new(SessionCtx {
+        shared: Arc::clone(&shared),
+        kind: done.kind,
+        target_iqn: done.target_iqn,
+        nexus: done.nexus,
+        tsih: done.tsih,
+        local,
+        cmd_window: shared.config.server.cmd_window,
+        nop_interval_s: shared.config.server.nop_interval_s,
+        nop_timeout_s: shared.config.server.nop_timeout_s,
+        shutdown: done.shutdown,
+    });
+    if let session::SessionKind::Normal(scsi) = &ctx.kind {
+        scsi.nexus_added(&ctx.nexus);
+    }
+    connection::run(ctx, done.params, done.exp_cmd_sn, done.stat_sn, rd, wr).await;
+}
+
+/// Answers a full-feature Text Request: SendTargets; every other key is answered as the
+/// RFC requires for keys not negotiable in the full feature phase.
+fn text_answer(ctx: &SessionCtx, request: &[u8]) -> Vec<u8> {
+    let pairs = match ftss_proto::text::parse(request) {
+        Ok(p) => p,
+        Err(_) => return Vec::new(),
+    };
+    let mut answer = Vec::new();
+    for (k, v) in &pairs {
+        if k == "SendTargets" {
+            let target = match ctx.kind {
+                session::SessionKind::Discovery => None,
+                session::SessionKind::Normal(_) => ctx.target_iqn.as_deref(),
+            };
+            answer.extend(
+                ctx.shared
+                    .send_targets(&ctx.nexus.initiator_name, v, target, ctx.local),
+            );
+        } else {
+            answer.push((k.clone(), full_feature_answer(k).to_owned()));
+        }
+    }
+    let mut out = Vec::new();
+    ftss_proto::text::encode(&answer, &mut out);
+    out
+}
+
+/// The answer to a key other than SendTargets in a full-feature Text Request: this target
+/// renegotiates nothing after login, so keys it knows are refused and others are not
+/// understood (RFC 7143 6.2).
+fn full_feature_answer(key: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "HeaderDigest",
+        "DataDigest",
+        "MaxConnections",
+        "TargetName",
+        "InitiatorName",
+        "TargetAlias",
+        "InitiatorAlias",
+        "TargetAddress",
+        "TargetPortalGroupTag",
+        "InitialR2T",
+        "ImmediateData",
+        "MaxRecvDataSegmentLength",
+        "MaxBurstLength",
+        "FirstBurstLength",
+        "DefaultTime2Wait",
+        "DefaultTime2Retain",
+        "MaxOutstandingR2T",
+        "DataPDUInOrder",
+        "DataSequenceInOrder",
+        "ErrorRecoveryLevel",
+        "SessionType",
+        "AuthMethod",
+        "TaskReporting",
+        "iSCSIProtocolLevel",
+    ];
+    if KNOWN.contains(&key) {
+        "Reject"
+    } else {
+        "NotUnderstood"
+    }
+}

@@ -1,0 +1,307 @@
+//! Sessions: the registry that hands out TSIHs and reinstates sessions, and the context
+//! a connection task runs with.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::Config;
+use crate::scsi::{ItNexus, ScsiTarget};
+
+/// One configured iSCSI target.
+pub(crate) struct TargetEntry {
+    pub(crate) iqn: String,
+    pub(crate) alias: Option<String>,
+    pub(crate) initiators: Option<Vec<String>>,
+    pub(crate) chap: Option<crate::config::ChapConfig>,
+    pub(crate) scsi: Arc<ScsiTarget>,
+}
+
+impl TargetEntry {
+    /// Whether the ACL lets `initiator` see and log in to this target.
+    pub(crate) fn allows(&self, initiator: &str) -> bool {
+        match &self.initiators {
+            None => true,
+            Some(list) => list.iter().any(|n| n.eq_ignore_ascii_case(initiator)),
+        }
+    }
+}
+
+/// State shared by every connection of the daemon.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) targets: Vec<Arc<TargetEntry>>,
+    pub(crate) registry: Registry,
+    next_nexus: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, targets: Vec<Arc<TargetEntry>>) -> Self {
+        Self {
+            config,
+            targets,
+            registry: Registry::default(),
+            next_nexus: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn target(&self, iqn: &str) -> Option<&Arc<TargetEntry>> {
+        self.targets
+            .iter()
+            .find(|t| t.iqn.eq_ignore_ascii_case(iqn))
+    }
+
+    pub(crate) fn next_nexus_id(&self) -> u64 {
+        self.next_nexus.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// SendTargets answer text for `initiator`: `value` is "All", a target name, or empty
+    /// (the session's own target). Only targets the ACL shows are listed.
+    pub(crate) fn send_targets(
+        &self,
+        initiator: &str,
+        value: &str,
+        session_target: Option<&str>,
+        local: SocketAddr,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            let wanted = match value {
+                "All" => {
+                    session_target.is_none()
+                        || session_target.is_some_and(|s| s.eq_ignore_ascii_case(&t.iqn))
+                }
+                "" => session_target.is_some_and(|s| s.eq_ignore_ascii_case(&t.iqn)),
+                name => name.eq_ignore_ascii_case(&t.iqn),
+            };
+            if !wanted || !t.allows(initiator) {
+                continue;
+            }
+            out.push(("TargetName".to_owned(), t.iqn.clone()));
+            for addr in self.config.portal_addrs() {
+                // A wildcard portal is advertised as the address this connection reached.
+                let ip = if addr.ip().is_unspecified() {
+                    local.ip()
+                } else {
+                    addr.ip()
+                };
+                let a = SocketAddr::new(ip, addr.port());
+                out.push(("TargetAddress".to_owned(), format!("{a},1")));
+            }
+        }
+        out
+    }
+}
+
+/// What a session is for.
+pub(crate) enum SessionKind {
+    /// SendTargets only.
+    Discovery,
+    /// I/O to one target's LUNs.
+    Normal(Arc<ScsiTarget>),
+}
+
+/// Everything a connection task needs about its session.
+pub(crate) struct SessionCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) kind: SessionKind,
+    pub(crate) target_iqn: Option<String>,
+    pub(crate) nexus: ItNexus,
+    pub(crate) tsih: u16,
+    pub(crate) local: SocketAddr,
+    pub(crate) cmd_window: u32,
+    pub(crate) nop_interval_s: u32,
+    pub(crate) nop_timeout_s: u32,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl SessionCtx {
+    /// Called once when the session's (only) connection ends.
+    pub(crate) fn connection_closed(&self) {
+        self.shared.registry.remove(self.tsih, self.nexus.id);
+        if let SessionKind::Normal(scsi) = &self.kind {
+            scsi.nexus_removed(&self.nexus);
+        }
+        info!(initiator = %self.nexus.initiator_name, tsih = self.tsih, "session closed");
+    }
+
+    /// TARGET COLD RESET: every session of this target closes.
+    pub(crate) fn target_cold_reset(&self) {
+        if let Some(t) = &self.target_iqn {
+            self.shared.registry.close_target(t);
+        }
+    }
+
+    /// Answers a full-feature Text Request.
+    pub(crate) fn text_answer(&self, request: &[u8]) -> Vec<u8> {
+        super::text_answer(self, request)
+    }
+}
+
+struct Entry {
+    initiator: String,
+    isid: [u8; 6],
+    target: Option<String>,
+    nexus_id: u64,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Live sessions by TSIH.
+#[derive(Default)]
+pub(crate) struct Registry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_tsih: u16,
+    sessions: HashMap<u16, Entry>,
+}
+
+/// Why a session could not be registered.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RegisterError {
+    /// `server.sessions_max` reached.
+    TooMany,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves the map consistent (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a new session, reinstating (closing) any session with the same
+    /// initiator name, ISID and target (RFC 7143 6.3.5). Does not wait for the old
+    /// session's connection to finish: it is told to close and goes on its own.
+    pub(crate) fn register(
+        &self,
+        initiator: &str,
+        isid: [u8; 6],
+        target: Option<&str>,
+        nexus_id: u64,
+        sessions_max: u32,
+    ) -> Result<(u16, watch::Receiver<bool>), RegisterError> {
+        let mut g = self.lock();
+        let old: Vec<u16> = g
+            .sessions
+            .iter()
+            .filter(|(_, e)| {
+                e.isid == isid
+                    && e.initiator.eq_ignore_ascii_case(initiator)
+                    && match (&e.target, target) {
+                        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            })
+            .map(|(&t, _)| t)
+            .collect();
+        for t in old {
+            if let Some(e) = g.sessions.remove(&t) {
+                info!(
+                    initiator,
+                    tsih = t,
+                    "session reinstatement: closing the old session"
+                );
+                let _ = e.shutdown.send(true);
+            }
+        }
+        if g.sessions.len() >= sessions_max as usize {
+            return Err(RegisterError::TooMany);
+        }
+        let tsih = loop {
+            g.next_tsih = g.next_tsih.wrapping_add(1);
+            let t = g.next_tsih;
+            if t != 0 && !g.sessions.contains_key(&t) {
+                break t;
+            }
+        };
+        let (tx, rx) = watch::channel(false);
+        g.sessions.insert(
+            tsih,
+            Entry {
+                initiator: initiator.to_owned(),
+                isid,
+                target: target.map(str::to_owned),
+                nexus_id,
+                shutdown: tx,
+            },
+        );
+        Ok((tsih, rx))
+    }
+
+    /// Forgets a session, if it is still the one registered under `tsih`.
+    pub(crate) fn remove(&self, tsih: u16, nexus_id: u64) {
+        let mut g = self.lock();
+        if g.sessions
+            .get(&tsih)
+            .is_some_and(|e| e.nexus_id == nexus_id)
+        {
+            g.sessions.remove(&tsih);
+        }
+    }
+
+    /// Whether a session with this TSIH exists.
+    pub(crate) fn contains(&self, tsih: u16) -> bool {
+        self.lock().sessions.contains_key(&tsih)
+    }
+
+    /// Tells every session of `target` to close.
+    pub(crate) fn close_target(&self, target: &str) {
+        let g = self.lock();
+        for e in g.sessions.values() {
+            if e.target
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case(target))
+            {
+                let _ = e.shutdown.send(true);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reinstatement_closes_the_old_session() {
+        let r = Registry::default();
+        let (t1, rx1) = r
+            .register("iqn.a", [1; 6], Some("iqn.t"), 1, 8)
+            .expect("room");
+        let (t2, rx2) = r
+            .register("iqn.a", [2; 6], Some("iqn.t"), 2, 8)
+            .expect("room");
+        assert_ne!(t1, t2);
+        assert!(!*rx1.borrow());
+        let (t3, _rx3) = r
+            .register("IQN.A", [1; 6], Some("iqn.t"), 3, 8)
+            .expect("room");
+        assert!(*rx1.borrow(), "old session told to close");
+        assert!(!*rx2.borrow(), "other ISID untouched");
+        assert!(!r.contains(t1));
+        assert!(r.contains(t3));
+        // The old connection's late cleanup must not remove the new session.
+        r.remove(t1, 1);
+        assert!(r.contains(t3));
+    }
+
+    #[test]
+    fn session_limit() {
+        let r = Registry::default();
+        r.register("iqn.a", [1; 6], None, 1, 1).expect("room");
+        assert_eq!(
+            r.register("iqn.b", [1; 6], None, 2, 1).err(),
+            Some(RegisterError::TooMany)
+        );
+    }
+}

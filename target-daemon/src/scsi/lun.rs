@@ -1,0 +1,94 @@
+//! The file operations unit: one logical unit over a [`BlockStore`], with the state SCSI
+//! keeps per LUN (mode parameters, medium presence, removal prevention).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::target::LunSpec;
+use crate::media::BlockStore;
+
+/// Largest transfer one command may ask for, advertised in the Block Limits VPD page.
+pub(crate) const TRANSFER_BYTES_MAX: u64 = 8 << 20;
+
+/// Mutable per-LUN state.
+#[derive(Default)]
+pub(crate) struct LunState {
+    /// Control mode page D_SENSE: sense data in descriptor format.
+    pub(crate) d_sense: bool,
+    /// Removable medium ejected (START STOP UNIT with LOEJ).
+    pub(crate) ejected: bool,
+    /// Nexuses that sent PREVENT ALLOW MEDIUM REMOVAL with PREVENT set.
+    pub(crate) prevent: HashSet<u64>,
+}
+
+/// One logical unit.
+pub(crate) struct Lun {
+    pub(crate) number: u64,
+    pub(crate) store: Arc<dyn BlockStore>,
+    pub(crate) read_only: bool,
+    pub(crate) removable: bool,
+    /// Unit serial number (VPD 0x80), stable across restarts.
+    pub(crate) serial: String,
+    /// NAA locally assigned identifier (VPD 0x83), stable across restarts.
+    pub(crate) naa: [u8; 8],
+    state: Mutex<LunState>,
+}
+
+/// FNV-1a: a stable hash (std's hasher is randomly seeded per process).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Lun {
+    pub(crate) fn new(iqn: &str, spec: LunSpec) -> Self {
+        let h = fnv1a(format!("{}/{}", iqn.to_ascii_lowercase(), spec.lun).as_bytes());
+        // NAA 3 (locally assigned): the top nibble says so, 60 bits are ours.
+        let naa = ((3u64 << 60) | (h & 0x0fff_ffff_ffff_ffff)).to_be_bytes();
+        Self {
+            number: spec.lun,
+            store: spec.store,
+            read_only: spec.read_only,
+            removable: spec.removable,
+            serial: format!("{h:016x}"),
+            naa,
+            state: Mutex::new(LunState::default()),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, LunState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn descriptor_sense(&self) -> bool {
+        self.state().d_sense
+    }
+
+    pub(crate) fn block_size(&self) -> u32 {
+        self.store.block_size()
+    }
+
+    pub(crate) fn blocks(&self) -> u64 {
+        self.store.num_blocks()
+    }
+
+    /// Most blocks one command may transfer.
+    pub(crate) fn transfer_blocks_max(&self) -> u32 {
+        (TRANSFER_BYTES_MAX / u64::from(self.block_size())) as u32
+    }
+
+    pub(crate) fn nexus_removed(&self, nexus: u64) {
+        self.state().prevent.remove(&nexus);
+    }
+
+    /// LUN reset: mode parameters and removal prevention return to their defaults
+    /// (SPC-4 7.5: mode pages without saved values revert).
+    pub(crate) fn reset(&self) {
+        let mut s = self.state();
+        s.d_sense = false;
+        s.prevent.clear();
+    }
+}

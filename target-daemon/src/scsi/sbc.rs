@@ -1,0 +1,284 @@
+//! SBC-3 block commands: READ, WRITE, WRITE AND VERIFY, VERIFY, PRE-FETCH, SYNCHRONIZE
+//! CACHE, READ CAPACITY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL.
+
+use ftss_proto::cdb::{allocation_length, block_range, op, BlockRange};
+use ftss_proto::sense::{common, Sense};
+
+use super::lun::Lun;
+use super::spc::ready;
+use super::target::{status, CmdResult, Ctx, Reply};
+use crate::media::MediaError;
+
+fn field(byte: u16, bit: Option<u8>) -> Sense {
+    common::INVALID_FIELD_IN_CDB.cdb_field(byte, bit)
+}
+
+fn media(e: MediaError, writing: bool) -> Sense {
+    match e {
+        MediaError::OutOfRange { .. } => common::LBA_OUT_OF_RANGE,
+        MediaError::Failed(_) => common::LOGICAL_UNIT_FAILURE,
+        MediaError::Full => Sense::new(0x0b, 0x55, 0x03), // insufficient resources
+        _ if writing => common::WRITE_ERROR,
+        _ => common::UNRECOVERED_READ_ERROR,
+    }
+}
+
+/// Bytes of data-out the CDB calls for, for commands that carry data-out.
+pub(crate) fn data_out_len(lun: &Lun, cdb: &[u8]) -> Option<u32> {
+    let opcode = *cdb.first()?;
+    let bs = lun.block_size();
+    match opcode {
+        op::WRITE_6
+        | op::WRITE_10
+        | op::WRITE_12
+        | op::WRITE_16
+        | op::WRITE_VERIFY_10
+        | op::WRITE_VERIFY_12
+        | op::WRITE_VERIFY_16 => {
+            let r = block_range(cdb).ok()?;
+            r.blocks.checked_mul(bs)
+        }
+        op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
+            let r = block_range(cdb).ok()?;
+            match r.bytchk() {
+                1 => r.blocks.checked_mul(bs),
+                3 => Some(bs),
+                _ => Some(0),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The checks every block command makes: protection fields, capacity, transfer limit.
+fn checked_range(c: &Ctx<'_>) -> Result<BlockRange, Sense> {
+    let r = block_range(c.cmd.cdb)?;
+    if r.protect() != 0 {
+        // No protection information on these LUNs (SBC-3 4.22).
+        return Err(field(1, Some(7)));
+    }
+    let end = r.lba.checked_add(u64::from(r.blocks));
+    if end.is_none_or(|e| e > c.lun.blocks()) {
+        return Err(common::LBA_OUT_OF_RANGE);
+    }
+    if r.blocks > c.lun.transfer_blocks_max() {
+        return Err(field(r.len_field, None));
+    }
+    Ok(r)
+}
+
+pub(crate) fn read(c: &Ctx<'_>) -> CmdResult {
+    let r = checked_range(c)?;
+    ready(c.lun)?;
+    let bs = c.lun.block_size() as usize;
+    let mut buf = vec![0u8; r.blocks as usize * bs];
+    if !buf.is_empty() {
+        c.lun
+            .store
+            .read_blocks(r.lba, &mut buf)
+            .map_err(|e| media(e, false))?;
+    }
+    Ok(Reply::good(buf))
+}
+
+/// Data-out for a write-like command: exactly what the CDB asks for, or an error when the
+/// initiator sent less (libiscsi and SAM-5 accept INVALID FIELD IN COMMAND INFORMATION
+/// UNIT; nothing is written).
+fn data_for<'a>(c: &Ctx<'a>, len: usize) -> Result<&'a [u8], Sense> {
+    c.cmd
+        .data_out
+        .get(..len)
+        .ok_or(common::INVALID_FIELD_IN_COMMAND_IU)
+}
+
+fn writable(c: &Ctx<'_>) -> Result<(), Sense> {
+    if c.lun.read_only {
+        return Err(common::WRITE_PROTECTED);
+    }
+    ready(c.lun)
+}
+
+pub(crate) fn write(c: &Ctx<'_>) -> CmdResult {
+    let r = checked_range(c)?;
+    writable(c)?;
+    let len = r.blocks as usize * c.lun.block_size() as usize;
+    let data = data_for(c, len)?;
+    if len > 0 {
+        c.lun
+            .store
+            .write_blocks(r.lba, data, r.fua())
+            .map_err(|e| media(e, true))?;
+    }
+    Ok(Reply {
+        status: status::GOOD,
+        data: Vec::new(),
+        data_out_len: Some(len as u32),
+    })
+}
+
+pub(crate) fn write_verify(c: &Ctx<'_>) -> CmdResult {
+    let r = checked_range(c)?;
+    if r.bytchk() > 1 {
+        return Err(field(1, Some(2)));
+    }
+    writable(c)?;
+    let len = r.blocks as usize * c.lun.block_size() as usize;
+    let data = data_for(c, len)?;
+    if len > 0 {
+        // Verification reads back from the medium, so the write must reach it first.
+        c.lun
+            .store
+            .write_blocks(r.lba, data, true)
+            .map_err(|e| media(e, true))?;
+        let mut back = vec![0u8; len];
+        c.lun
+            .store
+            .read_blocks(r.lba, &mut back)
+            .map_err(|e| media(e, false))?;
+        if let Some(i) = back.iter().zip(data).position(|(a, b)| a != b) {
+            return Err(common::MISCOMPARE_DURING_VERIFY.with_info(i as u64));
+        }
+    }
+    Ok(Reply {
+        status: status::GOOD,
+        data: Vec::new(),
+        data_out_len: Some(len as u32),
+    })
+}
+
+pub(crate) fn verify(c: &Ctx<'_>) -> CmdResult {
+    let r = checked_range(c)?;
+    let bytchk = r.bytchk();
+    if bytchk == 2 {
+        return Err(field(1, Some(2)));
+    }
+    ready(c.lun)?;
+    let bs = c.lun.block_size() as usize;
+    let want = data_out_len(c.lun, c.cmd.cdb).unwrap_or(0) as usize;
+    let data = data_for(c, want)?;
+    let mut reply = Reply::none();
+    reply.data_out_len = Some(want as u32);
+    if r.blocks == 0 {
+        return Ok(reply);
+    }
+    // Read in bounded chunks: a large VERIFY must not allocate its whole range.
+    let chunk_blocks = ((1usize << 20) / bs).max(1);
+    let mut done = 0usize;
+    let mut buf = vec![0u8; chunk_blocks.min(r.blocks as usize) * bs];
+    while done < r.blocks as usize {
+        let n = (r.blocks as usize - done).min(chunk_blocks);
+        let b = &mut buf[..n * bs];
+        c.lun
+            .store
+            .read_blocks(r.lba + done as u64, b)
+            .map_err(|e| media(e, false))?;
+        let base = done * bs;
+        let mismatch = match bytchk {
+            1 => b
+                .iter()
+                .zip(&data[base..base + b.len()])
+                .position(|(x, y)| x != y),
+            // BYTCHK 3: one block of data-out is compared with every block.
+            3 => (0..b.len()).find(|&i| b[i] != data[i % bs]),
+            _ => None,
+        };
+        if let Some(i) = mismatch {
+            return Err(common::MISCOMPARE_DURING_VERIFY.with_info((base + i) as u64));
+        }
+        done += n;
+    }
+    Ok(reply)
+}
+
+pub(crate) fn pre_fetch(c: &Ctx<'_>) -> CmdResult {
+    checked_range(c)?;
+    ready(c.lun)?;
+    // Nothing to stage: the blocks are as close as they get. SBC-3: GOOD when the cache
+    // could not hold them all, CONDITION MET when it could; we have no such cache.
+    Ok(Reply::none())
+}
+
+pub(crate) fn synchronize_cache(c: &Ctx<'_>) -> CmdResult {
+    let r = block_range(c.cmd.cdb)?;
+    let end = r.lba.checked_add(u64::from(r.blocks));
+    if end.is_none_or(|e| e > c.lun.blocks()) {
+        return Err(common::LBA_OUT_OF_RANGE);
+    }
+    ready(c.lun)?;
+    c.lun.store.flush().map_err(|e| media(e, true))?;
+    Ok(Reply::none())
+}
+
+pub(crate) fn read_capacity_10(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    let pmi = cdb[8] & 0x01 != 0;
+    let lba = u32::from_be_bytes([cdb[2], cdb[3], cdb[4], cdb[5]]);
+    if !pmi && lba != 0 {
+        return Err(field(2, None));
+    }
+    ready(c.lun)?;
+    let last = c.lun.blocks() - 1;
+    let mut d = Vec::with_capacity(8);
+    d.extend_from_slice(&(last.min(0xffff_ffff) as u32).to_be_bytes());
+    d.extend_from_slice(&c.lun.block_size().to_be_bytes());
+    Ok(Reply::good(d))
+}
+
+pub(crate) fn read_capacity_16(c: &Ctx<'_>) -> CmdResult {
+    ready(c.lun)?;
+    let alloc = allocation_length(c.cmd.cdb).unwrap_or(0);
+    let mut d = vec![0u8; 32];
+    d[0..8].copy_from_slice(&(c.lun.blocks() - 1).to_be_bytes());
+    d[8..12].copy_from_slice(&c.lun.block_size().to_be_bytes());
+    if c.lun.store.thin_provisioned() {
+        d[14] = 0x80 | 0x40; // LBPME, LBPRZ
+    }
+    d.truncate(alloc as usize);
+    Ok(Reply::good(d))
+}
+
+pub(crate) fn start_stop_unit(c: &Ctx<'_>) -> CmdResult {
+    let b4 = c.cmd.cdb[4];
+    let power_condition = b4 >> 4;
+    let loej = b4 & 0x02 != 0;
+    let start = b4 & 0x01 != 0;
+    if power_condition != 0 {
+        // Power conditions change nothing on this device; LOEJ and START are ignored.
+        return Ok(Reply::none());
+    }
+    if !loej {
+        return Ok(Reply::none());
+    }
+    if !c.lun.removable {
+        return Err(field(4, Some(1)));
+    }
+    let mut s = c.lun.state();
+    if start {
+        s.ejected = false;
+    } else {
+        if !s.prevent.is_empty() {
+            return Err(common::MEDIUM_REMOVAL_PREVENTED);
+        }
+        s.ejected = true;
+    }
+    Ok(Reply::none())
+}
+
+pub(crate) fn prevent_allow(c: &Ctx<'_>) -> CmdResult {
+    let prevent = c.cmd.cdb[4] & 0x03;
+    if !c.lun.removable {
+        // Nothing can be removed; SBC-3 lets the command succeed without effect.
+        return Ok(Reply::none());
+    }
+    let mut s = c.lun.state();
+    match prevent {
+        0 => {
+            s.prevent.remove(&c.nexus.id);
+        }
+        1 => {
+            s.prevent.insert(c.nexus.id);
+        }
+        _ => return Err(field(4, Some(0))),
+    }
+    Ok(Reply::none())
+}
