@@ -96,7 +96,8 @@ async fn cmdsn_wraps_around() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(last, CmdSn(4), "ExpCmdSN wrapped past 2^32");
+    // CmdSNs 2^32-3 .. 2, so ExpCmdSN is now 3.
+    assert_eq!(last, CmdSn(3), "ExpCmdSN wrapped past 2^32");
 }
 
 #[tokio::test]
@@ -498,14 +499,16 @@ async fn abort_task_for_unknown_task_follows_ref_cmd_sn() {
         }
     };
     // RefCmdSN outside the window: "task does not exist".
-    let t = tmf(&mut c, c.cmd_sn.add(10_000));
+    let far = c.cmd_sn.add(10_000);
+    let t = tmf(&mut c, far);
     c.send(&Pdu::TaskMgmtRequest(t)).await;
     match c.recv().await {
         Pdu::TaskMgmtResponse(r) => assert_eq!(r.response, 1),
         other => panic!("{other:?}"),
     }
     // RefCmdSN below ExpCmdSN (completed long ago): outside the window too.
-    let t = tmf(&mut c, CmdSn(c.cmd_sn.0 - 1));
+    let old = CmdSn(c.cmd_sn.0 - 1);
+    let t = tmf(&mut c, old);
     c.send(&Pdu::TaskMgmtRequest(t)).await;
     match c.recv().await {
         Pdu::TaskMgmtResponse(r) => assert_eq!(r.response, 1),
