@@ -81,14 +81,23 @@ pub(crate) fn read(c: &Ctx<'_>) -> CmdResult {
     Ok(Reply::good(buf))
 }
 
-/// Data-out for a write-like command: exactly what the CDB asks for, or an error when the
-/// initiator sent less (libiscsi and SAM-5 accept INVALID FIELD IN COMMAND INFORMATION
-/// UNIT; nothing is written).
+/// Data-out for a verify: exactly what the CDB asks for, or INVALID FIELD IN COMMAND
+/// INFORMATION UNIT when the initiator sent less (there is nothing to compare against).
 fn data_for<'a>(c: &Ctx<'a>, len: usize) -> Result<&'a [u8], Sense> {
     c.cmd
         .data_out
         .get(..len)
         .ok_or(common::INVALID_FIELD_IN_COMMAND_IU)
+}
+
+/// Data-out for a write: the whole blocks the initiator sent, up to what the CDB asks for.
+/// When the Expected Data Transfer Length is short, FCP-4 9.4.2 (a), which iSCSI targets
+/// follow too, says to process the command normally without the missing data: we write the
+/// blocks that arrived and the transport reports the overflow residual.
+fn write_data<'a>(c: &Ctx<'a>, len: usize) -> &'a [u8] {
+    let bs = c.lun.block_size() as usize;
+    let have = c.cmd.data_out.len().min(len) / bs * bs;
+    &c.cmd.data_out[..have]
 }
 
 fn writable(c: &Ctx<'_>) -> Result<(), Sense> {
@@ -102,8 +111,8 @@ pub(crate) fn write(c: &Ctx<'_>) -> CmdResult {
     let r = checked_range(c)?;
     writable(c)?;
     let len = r.blocks as usize * c.lun.block_size() as usize;
-    let data = data_for(c, len)?;
-    if len > 0 {
+    let data = write_data(c, len);
+    if !data.is_empty() {
         c.lun
             .store
             .write_blocks(r.lba, data, r.fua())
@@ -123,14 +132,14 @@ pub(crate) fn write_verify(c: &Ctx<'_>) -> CmdResult {
     }
     writable(c)?;
     let len = r.blocks as usize * c.lun.block_size() as usize;
-    let data = data_for(c, len)?;
-    if len > 0 {
+    let data = write_data(c, len);
+    if !data.is_empty() {
         // Verification reads back from the medium, so the write must reach it first.
         c.lun
             .store
             .write_blocks(r.lba, data, true)
             .map_err(|e| media(e, true))?;
-        let mut back = vec![0u8; len];
+        let mut back = vec![0u8; data.len()];
         c.lun
             .store
             .read_blocks(r.lba, &mut back)

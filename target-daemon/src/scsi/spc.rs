@@ -453,6 +453,8 @@ pub(crate) fn report_supported_opcodes(c: &Ctx<'_>) -> CmdResult {
                     d.extend_from_slice(&[0, if rctd { 0x80 } else { 0 } | 0x03]);
                     d.extend_from_slice(&u16::from(cmd.cdb_len).to_be_bytes());
                     let mut usage = cmd.usage.to_vec();
+                    // SPC-4 6.35.3: the usage map starts with the opcode itself.
+                    usage[0] = cmd.opcode;
                     if let (Some(sa), Some(b)) = (cmd.sa, usage.get_mut(1)) {
                         *b = (*b & 0xe0) | sa;
                     }
