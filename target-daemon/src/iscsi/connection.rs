@@ -807,6 +807,7 @@ impl Conn {
         };
         let scsi = Arc::clone(scsi);
         let lun = t.lun.number();
+        info!(initiator = %self.ctx.nexus.initiator_name, function = ?t.function, lun = ?lun, rtt = t.rtt.0, "task management request");
         let lun_ok = lun.is_some_and(|l| scsi.lun_exists(l));
         let (response, victims, close_all): (u8, Vec<u32>, bool) = match t.function {
             TmfFunction::AbortTask => {

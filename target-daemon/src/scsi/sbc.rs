@@ -262,14 +262,11 @@ pub(crate) fn start_stop_unit(c: &Ctx<'_>) -> CmdResult {
         return Err(field(4, Some(1)));
     }
     let mut s = c.lun.state();
-    if start {
-        s.ejected = false;
-    } else {
-        if !s.prevent.is_empty() {
-            return Err(common::MEDIUM_REMOVAL_PREVENTED);
-        }
-        s.ejected = true;
+    // SBC-3 5.25: with removal prevented, LOEJ is refused whether it loads or ejects.
+    if !s.prevent.is_empty() {
+        return Err(common::MEDIUM_REMOVAL_PREVENTED);
     }
+    s.ejected = !start;
     Ok(Reply::none())
 }
 

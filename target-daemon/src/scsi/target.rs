@@ -156,25 +156,21 @@ impl ScsiTarget {
         }
     }
 
-    /// LOGICAL UNIT RESET: other nexuses see BUS DEVICE RESET FUNCTION OCCURRED.
-    pub fn lun_reset(&self, nexus: &ItNexus, lun: u64) -> Result<(), ScsiError> {
+    /// LOGICAL UNIT RESET: every nexus, the requester's included, sees BUS DEVICE RESET
+    /// FUNCTION OCCURRED (SAM-4 6.6).
+    pub fn lun_reset(&self, _nexus: &ItNexus, lun: u64) -> Result<(), ScsiError> {
         let l = self.luns.get(&lun).ok_or(ScsiError::NoSuchLun(lun))?;
         l.reset();
-        let others: Vec<u64> = lock(&self.nexuses)
-            .keys()
-            .copied()
-            .filter(|&n| n != nexus.id)
-            .collect();
-        for n in others {
+        let all: Vec<u64> = lock(&self.nexuses).keys().copied().collect();
+        for n in all {
             self.queue_ua(n, lun, Sense::new(0x06, 0x29, 0x03));
         }
         Ok(())
     }
 
-    /// TARGET WARM/COLD RESET: every nexus sees a reset unit attention on every LUN.
-    pub fn target_reset(&self, nexus: &ItNexus, cold: bool) {
-        // SAM-5: the nexus that asked learns of it from the TMF response, the rest
-        // through TARGET RESET (29h/02h) or, for a cold reset, POWER ON (29h/01h).
+    /// TARGET WARM/COLD RESET: every nexus sees a reset unit attention on every LUN:
+    /// TARGET RESET (29h/02h), or POWER ON (29h/01h) for a cold reset (SAM-4 6.7).
+    pub fn target_reset(&self, _nexus: &ItNexus, cold: bool) {
         let sense = if cold {
             Sense::new(0x06, 0x29, 0x01)
         } else {
@@ -185,9 +181,6 @@ impl ScsiTarget {
             l.reset();
         }
         for n in all {
-            if n == nexus.id {
-                continue;
-            }
             for &lun in self.luns.keys() {
                 self.queue_ua(n, lun, sense);
             }

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Shared helpers for the ci/ scripts: free ports, waiting for a portal, starting and
+# always stopping the daemons a script starts. Everything stays on 127.0.0.1.
+
+CI_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CI_OUT="$CI_ROOT/ci/out"
+mkdir -p "$CI_OUT"
+CI_PIDS=()
+
+ci_cleanup() {
+  local p
+  for p in "${CI_PIDS[@]}"; do
+    kill "$p" 2>/dev/null || true
+  done
+  for p in "${CI_PIDS[@]}"; do
+    wait "$p" 2>/dev/null || true
+  done
+  CI_PIDS=()
+}
+trap ci_cleanup EXIT
+
+# Prints a free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits up to 20 s for host:port to accept connections.
+wait_port() {
+  local port=$1 i
+  for i in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "nothing listening on 127.0.0.1:$port" >&2
+  return 1
+}
+
+# Installs Debian packages when a command is missing (CI runs as root).
+need() {
+  local cmd=$1 pkg=$2
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    echo "installing $pkg for $cmd"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+  fi
+}
+
+ftss_build() {
+  (cd "$CI_ROOT" && cargo build --release --bin ftss-target -q)
+}
+
+# ftss_start CONFIG LOG PORT: starts ftss-target and waits for its first portal.
+ftss_start() {
+  local config=$1 log=$2 port=$3
+  RUST_LOG=${RUST_LOG:-info} "$CI_ROOT/target/release/ftss-target" --config "$config" >"$log" 2>&1 &
+  CI_PIDS+=($!)
+  wait_port "$port"
+}
+
+# tgtd_start PORT CONTROL_PORT LOG: a private tgtd instance on its own ports.
+tgtd_start() {
+  local port=$1 cport=$2 log=$3
+  tgtd -f -C "$cport" --iscsi "portal=127.0.0.1:$port" >"$log" 2>&1 &
+  CI_PIDS+=($!)
+  wait_port "$port"
+}
