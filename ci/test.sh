@@ -10,3 +10,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee ci/out-cargo-test.log
+echo "== conformance (libiscsi iscsi-test-cu)"
+ci/conformance.sh ftss
+echo "== interop (libiscsi tools, qemu-img)"
+ci/interop.sh

@@ -269,7 +269,7 @@ async fn data_in_respects_segment_and_burst_limits() {
         assert_eq!(dd.data_sn, DataSn(expect_sn));
         expect_sn += 1;
         total += dd.data.len() as u32;
-        if total % 16384 == 0 {
+        if total.is_multiple_of(16384) {
             assert!(dd.final_, "F must close each MaxBurstLength sequence");
         } else {
             assert!(!dd.final_);

@@ -53,7 +53,9 @@ impl FileStore {
         }
         let bs = u64::from(self.block_size);
         let blocks = len as u64 / bs;
-        if len as u64 % bs != 0 || lba.checked_add(blocks).is_none_or(|e| e > self.blocks) {
+        if !(len as u64).is_multiple_of(bs)
+            || lba.checked_add(blocks).is_none_or(|e| e > self.blocks)
+        {
             return Err(MediaError::OutOfRange { lba, blocks });
         }
         Ok(lba * bs)

@@ -130,7 +130,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
             // SCSI name string of the target device (iSCSI, PIV, association 10b).
             let mut name = c.target.identity.iqn.as_bytes().to_vec();
             name.push(0);
-            while name.len() % 4 != 0 {
+            while !name.len().is_multiple_of(4) {
                 name.push(0);
             }
             d.extend_from_slice(&[0x53, 0xa8, 0x00, name.len() as u8]);
