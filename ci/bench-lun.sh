@@ -14,7 +14,7 @@ trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build
 fp=$(free_port)
 tp=$(free_port)
-cp=$(free_port)
+cp=$(tgt_control_index)
 T=iqn.2026-11.org.ftss:bench
 cat >"$work/ftss.toml" <<CONF
 [server]
@@ -45,7 +45,7 @@ done
 
 perf() { # url -> IOPS of 4 KiB random reads, depth 32
   timeout $((SECONDS_PER_RUN + 30)) iscsi-perf -m 32 -b 8 -r -t "$SECONDS_PER_RUN" "$1" 2>&1 |
-    tr '\r' '\n' | grep -oE '[0-9]+ IOPS' | tail -1 | grep -oE '[0-9]+' || echo 0
+    tr '\r' '\n' | grep -oE 'iops average [0-9]+' | tail -1 | grep -oE '[0-9]+$' || echo 0
 }
 qbench() { # url, extra args -> IOPS
   local url=$1

@@ -58,7 +58,7 @@ CONF
   ftss_start "$work/ftss.toml" "$CI_OUT/conformance-ftss-daemon.log" "$p1"
 elif [ "$kind" = tgt ]; then
   need tgtd tgt
-  cp=$(free_port)
+  cp=$(tgt_control_index)
   tgtd_start "$p1" "$cp" "$CI_OUT/conformance-tgt-daemon.log"
   ta() { tgtadm -C "$cp" --lld iscsi "$@"; }
   tid=1

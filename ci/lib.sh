@@ -12,7 +12,10 @@ ci_cleanup() {
   for p in "${CI_PIDS[@]}"; do
     kill "$p" 2>/dev/null || true
   done
+  sleep 0.5
+  # tgtd ignores SIGTERM in the foreground; nothing we started may outlive us.
   for p in "${CI_PIDS[@]}"; do
+    kill -9 "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
   CI_PIDS=()
@@ -58,7 +61,12 @@ ftss_start() {
   wait_port "$port"
 }
 
-# tgtd_start PORT CONTROL_PORT LOG: a private tgtd instance on its own ports.
+# A tgtd control-socket index (a small number, not a TCP port) unlikely to be in use.
+tgt_control_index() {
+  echo $((100 + RANDOM % 800))
+}
+
+# tgtd_start PORT CONTROL_INDEX LOG: a private tgtd instance on its own portal and socket.
 tgtd_start() {
   local port=$1 cport=$2 log=$3
   tgtd -f -C "$cport" --iscsi "portal=127.0.0.1:$port" >"$log" 2>&1 &
