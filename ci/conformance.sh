@@ -59,6 +59,8 @@ CONF
 elif [ "$kind" = tgt ]; then
   need tgtd tgt
   cp=$(tgt_control_index)
+  # One portal: the MultipathIO run opens its second session on the same one.
+  p2=$p1
   tgtd_start "$p1" "$cp" "$CI_OUT/conformance-tgt-daemon.log"
   ta() { tgtadm -C "$cp" --lld iscsi "$@"; }
   tid=1
