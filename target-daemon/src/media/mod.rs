@@ -3,6 +3,7 @@
 //! The SCSI layer sees a LUN's storage only through [`BlockStore`], so a plain file, the
 //! nonvolatile write cache over a mirror set, or a test double can stand behind it.
 
+pub mod cache;
 pub mod file;
 pub mod mirror;
 
