@@ -21,7 +21,7 @@ alias = "ftss target0"
 
 [[target.lun]]
 lun = 0
-path = "lun0.img"
+mirrors = ["lun0-a.mirror", "lun0-b.mirror"]
 size = "1GiB"
 block_size = 512
 "#;
@@ -64,9 +64,48 @@ fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Server-wide settings.
     pub server: ServerConfig,
+    /// Durable media for LUNs with mirrors.
+    #[serde(default)]
+    pub media: MediaConfig,
     /// Targets, by IQN.
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+}
+
+/// `[media]`: the write cache in front of every mirrored LUN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Write-cache file; relative to `server.data_dir`.
+    #[serde(default = "default_cache_path")]
+    pub cache_path: PathBuf,
+    /// Write-cache size with a unit.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: String,
+    /// "nonvolatile": GOOD only once a write is committed to the cache (survives power
+    /// loss); "volatile": GOOD on reaching the cache, durable after SYNCHRONIZE CACHE/FUA.
+    #[serde(default = "default_cache_mode")]
+    pub cache: String,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            cache_path: default_cache_path(),
+            cache_size: default_cache_size(),
+            cache: default_cache_mode(),
+        }
+    }
+}
+
+fn default_cache_path() -> PathBuf {
+    PathBuf::from("write-cache")
+}
+fn default_cache_size() -> String {
+    "256MiB".into()
+}
+fn default_cache_mode() -> String {
+    "nonvolatile".into()
 }
 
 /// `[server]`
@@ -153,8 +192,13 @@ pub struct TargetConfig {
 pub struct LunConfig {
     /// LUN number (0..16383).
     pub lun: u16,
-    /// Backing file; relative to `server.data_dir`. Created sparse when missing.
-    pub path: PathBuf,
+    /// Plain backing file; relative to `server.data_dir`. Created sparse when missing.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Mirror files (two or more, ideally on different file systems) behind the write
+    /// cache; relative to `server.data_dir`. Exclusive with `path`.
+    #[serde(default)]
+    pub mirrors: Vec<PathBuf>,
     /// Size with a unit: "1GiB", "256MiB", "4096" (bytes).
     pub size: String,
     /// Logical block size: 512 or 4096.
@@ -251,6 +295,17 @@ impl Config {
         if let Some(c) = &s.discovery_chap {
             c.validate("server.discovery_chap")?;
         }
+        let m = &self.media;
+        let cache = parse_size(&m.cache_size).map_err(|e| invalid("media.cache_size", e))?;
+        if cache < (2 << 20) {
+            return Err(invalid("media.cache_size", "must be at least 2MiB"));
+        }
+        if m.cache != "nonvolatile" && m.cache != "volatile" {
+            return Err(invalid(
+                "media.cache",
+                format!("{:?}: want \"nonvolatile\" or \"volatile\"", m.cache),
+            ));
+        }
         if self.targets.is_empty() {
             return Err(invalid("target", "at least one [[target]] is required"));
         }
@@ -303,8 +358,36 @@ impl Config {
                         ),
                     ));
                 }
-                if l.path.as_os_str().is_empty() {
-                    return Err(invalid(format!("{lk}.path"), "must not be empty"));
+                match (&l.path, l.mirrors.len()) {
+                    (Some(_), n) if n > 0 => {
+                        return Err(invalid(
+                            format!("{lk}.mirrors"),
+                            "give either path or mirrors, not both",
+                        ))
+                    }
+                    (Some(p), _) if p.as_os_str().is_empty() => {
+                        return Err(invalid(format!("{lk}.path"), "must not be empty"))
+                    }
+                    (None, 0) => {
+                        return Err(invalid(
+                            format!("{lk}.path"),
+                            "a LUN needs a path or mirrors",
+                        ))
+                    }
+                    (None, 1) => {
+                        return Err(invalid(
+                            format!("{lk}.mirrors"),
+                            "a mirror set needs at least two files",
+                        ))
+                    }
+                    _ => {}
+                }
+                let distinct: HashSet<&PathBuf> = l.mirrors.iter().collect();
+                if distinct.len() != l.mirrors.len() {
+                    return Err(invalid(
+                        format!("{lk}.mirrors"),
+                        "the same file is listed twice",
+                    ));
                 }
             }
         }
@@ -406,6 +489,8 @@ mod tests {
         let c = Config::default_config();
         assert_eq!(c.portal_addrs().len(), 1);
         assert_eq!(c.targets[0].luns[0].size, "1GiB");
+        assert_eq!(c.targets[0].luns[0].mirrors.len(), 2);
+        assert_eq!(c.media.cache, "nonvolatile");
     }
 
     #[test]
@@ -420,6 +505,15 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let base = "[server]\nportals=[\"127.0.0.1:3260\"]\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n";
+        assert!(err(&format!(
+            "{base}[[target.lun]]\nlun=0\nmirrors=[\"a\"]\nsize=\"1MiB\"\n"
+        ))
+        .contains("target[0].lun[0].mirrors"));
+        assert!(
+            err(&format!("{base}[[target.lun]]\nlun=0\nsize=\"1MiB\"\n"))
+                .contains("target[0].lun[0].path")
+        );
+        assert!(err(&format!("[media]\ncache=\"sometimes\"\n{base}")).contains("media.cache"));
         assert!(err("[server]\nportals=[\"nope\"]\n").contains("server.portals[0]"));
         assert!(err(&format!(
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nblock_size=1000\n"

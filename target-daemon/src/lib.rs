@@ -6,4 +6,5 @@
 pub mod config;
 pub mod iscsi;
 pub mod media;
+mod media_setup;
 pub mod scsi;

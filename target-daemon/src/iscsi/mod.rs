@@ -16,11 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::{parse_size, Config};
-use crate::media::file::FileStore;
-use crate::media::BlockStore;
-use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity};
-use session::{SessionCtx, Shared, TargetEntry};
+use crate::config::Config;
+pub(crate) use session::TargetEntry;
+use session::{SessionCtx, Shared};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -56,50 +54,7 @@ pub struct Server {
 impl Server {
     /// Opens every LUN, binds every portal and starts accepting connections.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let mut targets = Vec::new();
-        for t in &config.targets {
-            let mut luns = Vec::new();
-            for l in &t.luns {
-                let path = if l.path.is_absolute() {
-                    l.path.clone()
-                } else {
-                    config.server.data_dir.join(&l.path)
-                };
-                let lun_err = |msg: String| ServerError::Lun {
-                    iqn: t.iqn.clone(),
-                    lun: l.lun,
-                    msg,
-                };
-                let size = parse_size(&l.size).map_err(lun_err)?;
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| lun_err(format!("{}: {e}", dir.display())))?;
-                }
-                let store = FileStore::open(&path, size, l.block_size)
-                    .map_err(|e| lun_err(format!("{}: {e}", path.display())))?;
-                luns.push(LunSpec {
-                    lun: u64::from(l.lun),
-                    store: Arc::new(store) as Arc<dyn BlockStore>,
-                    read_only: l.read_only,
-                    removable: l.removable,
-                });
-            }
-            let scsi =
-                ScsiTarget::new(TargetIdentity { iqn: t.iqn.clone() }, luns).map_err(|e| {
-                    ServerError::Lun {
-                        iqn: t.iqn.clone(),
-                        lun: 0,
-                        msg: e.to_string(),
-                    }
-                })?;
-            targets.push(Arc::new(TargetEntry {
-                iqn: t.iqn.clone(),
-                alias: t.alias.clone(),
-                initiators: t.initiators.clone(),
-                chap: t.chap.clone(),
-                scsi: Arc::new(scsi),
-            }));
-        }
+        let targets = crate::media_setup::open_targets(&config)?;
         let portals = config.portal_addrs();
         let shared = Arc::new(Shared::new(config, targets));
         let (stop, stop_rx) = watch::channel(false);

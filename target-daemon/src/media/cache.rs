@@ -24,6 +24,10 @@ const KIND_BLOCKS: u16 = 1;
 const KIND_WRAP: u16 = 3;
 const HDR_LEN: u64 = 48;
 const ALIGN: u64 = 64;
+/// How long committed records may wait in the ring before destage (unless it fills).
+const DESTAGE_INTERVAL: Duration = Duration::from_millis(100);
+/// Records destaged per batch (one mirror sync and one superblock write per batch).
+const DESTAGE_BATCH_RECORDS_MAX: usize = 16384;
 /// Writers wait this long for ring space before the write is refused (BUSY upstream).
 const SPACE_WAIT: Duration = Duration::from_secs(30);
 
@@ -82,9 +86,28 @@ pub struct WriteCache {
     volumes: HashMap<u32, Arc<MirrorSet>>,
     stop: AtomicBool,
     flushes: AtomicU64,
+    /// Microseconds spent in commit msyncs.
+    flush_us: AtomicU64,
     records: AtomicU64,
     recovered: AtomicU64,
     recovery_ms: AtomicU64,
+}
+
+/// Writes zeros over the whole file once. A sparse or fallocated journal would allocate
+/// or convert extents on first write, turning every commit's msync into a file-system
+/// metadata commit as well; after this, commits write data only.
+pub(crate) fn preallocate(f: &std::fs::File, size: u64) -> Result<(), MediaError> {
+    use std::os::unix::fs::FileExt;
+    f.set_len(size)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -174,7 +197,7 @@ impl WriteCache {
         }
         let fresh = len == 0;
         if fresh {
-            f.set_len(size)?;
+            preallocate(&f, size)?;
         }
         let map = MmapRaw::map_raw(&f)?;
         let cache = WriteCache {
@@ -196,6 +219,7 @@ impl WriteCache {
             volumes,
             stop: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
+            flush_us: AtomicU64::new(0),
             records: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
             recovery_ms: AtomicU64::new(0),
@@ -461,7 +485,10 @@ impl WriteCache {
                 g.flushing = true;
                 let (from, to, target) = (g.durable_pos, g.head, g.appended_seq);
                 drop(g);
+                let t0 = Instant::now();
                 let r = self.flush(from, to);
+                self.flush_us
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 self.flushes.fetch_add(1, Ordering::Relaxed);
                 g = lock(&self.inner);
                 g.flushing = false;
@@ -515,7 +542,24 @@ impl WriteCache {
     }
 
     fn destage_loop(self: Arc<Self>) {
+        let mut last_report = Instant::now();
+        let mut last_records = 0;
         while !self.stop.load(Ordering::Relaxed) {
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                let s = self.stats();
+                if s.records != last_records {
+                    let us = self.flush_us.load(Ordering::Relaxed) / s.commit_flushes.max(1);
+                    info!(
+                        records = s.records,
+                        msyncs = s.commit_flushes,
+                        msync_us_avg = us,
+                        dirty_bytes = s.dirty_bytes,
+                        "write cache"
+                    );
+                    last_records = s.records;
+                }
+                last_report = Instant::now();
+            }
             let batch: Vec<(u64, u64, u32, u64, u32)> = {
                 let mut g = lock(&self.inner);
                 while g.queue.front().is_none_or(|p| p.seq > g.durable_seq)
@@ -862,6 +906,10 @@ mod tests {
             t.join().expect("writer");
         }
         let s = c.stats();
+        eprintln!(
+            "group commit: {} records, {} msyncs",
+            s.records, s.commit_flushes
+        );
         assert_eq!(s.records, 1600);
         assert!(
             s.commit_flushes < 1600,

@@ -1,0 +1,141 @@
+//! Builds each configured target's LUNs on their media: a plain file, or the write cache in
+//! front of a mirror set.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{parse_size, Config};
+use crate::iscsi::{ServerError, TargetEntry};
+use crate::media::cache::{CachedVolume, WriteCache};
+use crate::media::file::FileStore;
+use crate::media::mirror::MirrorSet;
+use crate::media::{BlockStore, CacheMode};
+use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity};
+
+fn resolve(data_dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        data_dir.join(p)
+    }
+}
+
+/// The journal's id for a LUN: a stable hash of target and LUN, so reordering the
+/// configuration can never replay one LUN's records into another.
+pub(crate) fn volume_id(iqn: &str, lun: u16) -> u32 {
+    let h = format!("{}/{lun}", iqn.to_ascii_lowercase())
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+    // u32::MAX marks wrap records.
+    h.min(u32::MAX - 1)
+}
+
+/// Opens every LUN of every target.
+pub(crate) fn open_targets(config: &Config) -> Result<Vec<Arc<TargetEntry>>, ServerError> {
+    let dir = &config.server.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| ServerError::Lun {
+        iqn: String::new(),
+        lun: 0,
+        msg: format!("{}: {e}", dir.display()),
+    })?;
+    // Mirror sets first: recovery replays the cache into them.
+    let mut volumes: HashMap<u32, Arc<MirrorSet>> = HashMap::new();
+    for t in &config.targets {
+        for l in t.luns.iter().filter(|l| !l.mirrors.is_empty()) {
+            let err = |msg: String| ServerError::Lun {
+                iqn: t.iqn.clone(),
+                lun: l.lun,
+                msg,
+            };
+            let size = parse_size(&l.size).map_err(err)?;
+            let paths: Vec<PathBuf> = l.mirrors.iter().map(|p| resolve(dir, p)).collect();
+            let set = MirrorSet::open(&paths, size / u64::from(l.block_size), l.block_size)
+                .map_err(|e| err(e.to_string()))?;
+            let id = volume_id(&t.iqn, l.lun);
+            if volumes.insert(id, Arc::new(set)).is_some() {
+                return Err(err("volume id collision: rename the target".into()));
+            }
+        }
+    }
+    let cache = if volumes.is_empty() {
+        None
+    } else {
+        let m = &config.media;
+        let size = parse_size(&m.cache_size).map_err(|msg| ServerError::Lun {
+            iqn: String::new(),
+            lun: 0,
+            msg,
+        })?;
+        let path = resolve(dir, &m.cache_path);
+        Some(
+            WriteCache::open(&path, size, volumes.clone()).map_err(|e| ServerError::Lun {
+                iqn: String::new(),
+                lun: 0,
+                msg: format!("write cache {}: {e}", path.display()),
+            })?,
+        )
+    };
+    let mode = if config.media.cache == "volatile" {
+        CacheMode::Volatile
+    } else {
+        CacheMode::Nonvolatile
+    };
+    let mut targets = Vec::new();
+    for t in &config.targets {
+        let mut luns = Vec::new();
+        for l in &t.luns {
+            let err = |msg: String| ServerError::Lun {
+                iqn: t.iqn.clone(),
+                lun: l.lun,
+                msg,
+            };
+            let store: Arc<dyn BlockStore> = match (&l.path, &cache) {
+                (Some(p), _) => {
+                    let size = parse_size(&l.size).map_err(err)?;
+                    let path = resolve(dir, p);
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| err(format!("{}: {e}", parent.display())))?;
+                    }
+                    Arc::new(
+                        FileStore::open(&path, size, l.block_size)
+                            .map_err(|e| err(format!("{}: {e}", path.display())))?,
+                    )
+                }
+                (None, Some(cache)) => {
+                    let id = volume_id(&t.iqn, l.lun);
+                    let set = volumes
+                        .get(&id)
+                        .cloned()
+                        .ok_or_else(|| err("mirror set missing".into()))?;
+                    Arc::new(CachedVolume::new(Arc::clone(cache), set, id, mode))
+                }
+                (None, None) => return Err(err("no media".into())),
+            };
+            luns.push(LunSpec {
+                lun: u64::from(l.lun),
+                store,
+                read_only: l.read_only,
+                removable: l.removable,
+            });
+        }
+        let scsi = ScsiTarget::new(TargetIdentity { iqn: t.iqn.clone() }, luns).map_err(|e| {
+            ServerError::Lun {
+                iqn: t.iqn.clone(),
+                lun: 0,
+                msg: e.to_string(),
+            }
+        })?;
+        targets.push(Arc::new(TargetEntry {
+            iqn: t.iqn.clone(),
+            alias: t.alias.clone(),
+            initiators: t.initiators.clone(),
+            chap: t.chap.clone(),
+            scsi: Arc::new(scsi),
+        }));
+    }
+    Ok(targets)
+}
