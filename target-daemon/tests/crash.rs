@@ -146,18 +146,15 @@ async fn acknowledged_writes_survive_sigkill() {
                 inflight.insert(cmd.itt.0, (lba, counter));
                 c.send(&Pdu::ScsiCommand(cmd)).await;
             }
-            match c.recv_within(Duration::from_millis(50)).await {
-                Some(Pdu::ScsiResponse(r)) => {
-                    if let Some((lba, n)) = inflight.remove(&r.itt.0) {
-                        busy.remove(&lba);
-                        if r.status == 0 {
-                            total_acks += 1;
-                            let e = acked.entry(lba).or_insert(0);
-                            *e = (*e).max(n);
-                        }
+            if let Some(Pdu::ScsiResponse(r)) = c.recv_within(Duration::from_millis(50)).await {
+                if let Some((lba, n)) = inflight.remove(&r.itt.0) {
+                    busy.remove(&lba);
+                    if r.status == 0 {
+                        total_acks += 1;
+                        let e = acked.entry(lba).or_insert(0);
+                        *e = (*e).max(n);
                     }
                 }
-                Some(_) | None => {}
             }
         }
         daemon.kill().expect("SIGKILL");

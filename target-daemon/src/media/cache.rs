@@ -561,13 +561,20 @@ impl WriteCache {
                 last_report = Instant::now();
             }
             let batch: Vec<(u64, u64, u32, u64, u32)> = {
+                // Destage in large batches: every mirror sync is a file-system commit
+                // that the writers' msyncs queue behind, so fewer, bigger ones keep
+                // commits fast. Go at once when the ring is half full.
                 let mut g = lock(&self.inner);
-                while g.queue.front().is_none_or(|p| p.seq > g.durable_seq)
-                    && !self.stop.load(Ordering::Relaxed)
-                {
+                let started = Instant::now();
+                while !self.stop.load(Ordering::Relaxed) {
+                    let ready = g.queue.front().is_some_and(|p| p.seq <= g.durable_seq);
+                    let pressure = (g.head - g.tail) * 2 >= self.ring;
+                    if ready && (pressure || started.elapsed() >= DESTAGE_INTERVAL) {
+                        break;
+                    }
                     let (ng, _) = self
                         .cond
-                        .wait_timeout(g, Duration::from_millis(50))
+                        .wait_timeout(g, Duration::from_millis(10))
                         .unwrap_or_else(|e| e.into_inner());
                     g = ng;
                 }
@@ -575,7 +582,7 @@ impl WriteCache {
                 g.queue
                     .iter()
                     .take_while(|p| p.seq <= durable)
-                    .take(256)
+                    .take(DESTAGE_BATCH_RECORDS_MAX)
                     .map(|p| (p.seq, p.pos, p.volume, p.lba, p.len))
                     .collect()
             };
