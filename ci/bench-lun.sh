@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # LUN I/O benchmark, ftss-target beside Debian's tgt in one run, same LUN size on the same
 # disk: 4 KiB random reads at queue depth 32 (iscsi-perf -m 32 -b 8) and 4 KiB writes and
-# reads at depth 32 (qemu-img bench). Prints a table with the ratio ftss / tgt.
+# reads at depth 32 (qemu-img bench). ftss runs three ways: mirrored LUN behind the write
+# cache in nonvolatile mode (GOOD only after the commit msync), the same in volatile mode,
+# and a plain file (page cache, like tgt). Prints IOPS and the ratios to tgt.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need iscsi-perf libiscsi-bin
@@ -13,33 +15,47 @@ work=$(mktemp -d)
 trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build
 fp=$(free_port)
+vp=$(free_port)
 tp=$(free_port)
 cp=$(tgt_control_index)
 T=iqn.2026-11.org.ftss:bench
-cat >"$work/ftss.toml" <<CONF
+for mode in nonvolatile volatile; do
+  port=$fp
+  [ "$mode" = volatile ] && port=$vp
+  mkdir -p "$work/$mode"
+  cat >"$work/$mode.toml" <<CONF
 [server]
-portals = ["127.0.0.1:$fp"]
-data_dir = "$work"
+portals = ["127.0.0.1:$port"]
+data_dir = "$work/$mode"
+[media]
+cache_size = "256MiB"
+cache = "$mode"
 [[target]]
 iqn = "$T"
 [[target.lun]]
 lun = 0
-path = "ftss.img"
+mirrors = ["a.mirror", "b.mirror"]
+size = "1GiB"
+[[target.lun]]
+lun = 1
+path = "file.img"
 size = "1GiB"
 CONF
-RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-ftss.log" "$fp"
+done
+RUST_LOG=info ftss_start "$work/nonvolatile.toml" "$CI_OUT/bench-ftss-nonvolatile.log" "$fp"
+RUST_LOG=info ftss_start "$work/volatile.toml" "$CI_OUT/bench-ftss-volatile.log" "$vp"
 truncate -s 1G "$work/tgt.img"
 tgtd_start "$tp" "$cp" "$CI_OUT/bench-tgtd.log"
 tgtadm -C "$cp" --lld iscsi --op new --mode target --tid 1 -T "$T"
 tgtadm -C "$cp" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/tgt.img"
 tgtadm -C "$cp" --lld iscsi --op bind --mode target --tid 1 -I ALL
-furl="iscsi://127.0.0.1:$fp/$T/0"
+nurl="iscsi://127.0.0.1:$fp/$T/0"
+vurl="iscsi://127.0.0.1:$vp/$T/0"
+furl="iscsi://127.0.0.1:$fp/$T/1"
 turl="iscsi://127.0.0.1:$tp/$T/1"
-# Fill both LUNs so reads hit allocated blocks, not holes.
-qemu-img convert -n -f raw -O raw <(head -c $((256 << 20)) /dev/urandom) "$furl" 2>/dev/null ||
-  dd if=/dev/urandom of="$work/fill" bs=1M count=256 status=none
-for u in "$furl" "$turl"; do
-  [ -f "$work/fill" ] || head -c $((256 << 20)) /dev/urandom >"$work/fill"
+# Fill the first 256 MiB of every LUN so reads hit written blocks, not holes.
+head -c $((256 << 20)) /dev/urandom >"$work/fill"
+for u in "$nurl" "$vurl" "$furl" "$turl"; do
   qemu-img convert -n -f raw -O raw "$work/fill" "$u"
 done
 
@@ -55,16 +71,29 @@ qbench() { # url, extra args -> IOPS
   secs=$(echo "$out" | grep -oE 'completed in [0-9.]+' | grep -oE '[0-9.]+$')
   python3 -c "print(int($COUNT / $secs))"
 }
-row() { # label, ftss value, tgt value
+row() { # label, nonvolatile, volatile, file, tgt
   python3 -c "
-f, t = $2, $3
-r = f'{f / t:.2f}' if t else 'n/a'
-print(f'{\"$1\":44} {f:>10} {t:>10} {r:>7}')"
+n, v, f, t = $2, $3, $4, $5
+r = lambda x: f'{x / t:.2f}' if t else 'n/a'
+print(f'{\"$1\":36} {n:>9} {v:>9} {f:>9} {t:>9} {r(n):>7} {r(f):>7}')"
+}
+all() { # label, function, args -> one row over the four LUNs
+  local label=$1 fn=$2
+  shift 2
+  row "$label" "$($fn "$nurl" "$@")" "$($fn "$vurl" "$@")" "$($fn "$furl" "$@")" "$($fn "$turl" "$@")"
 }
 {
   echo "LUN benchmark: 1 GiB LUNs, 4 KiB I/O at queue depth 32, loopback, $(nproc) cores"
-  printf '%-44s %10s %10s %7s\n' "test (IOPS)" "ftss" "tgt" "ratio"
-  row "iscsi-perf random read -m 32 -b 8" "$(perf "$furl")" "$(perf "$turl")"
-  row "qemu-img bench write -d 32 -s 4k" "$(qbench "$furl" -w)" "$(qbench "$turl" -w)"
-  row "qemu-img bench read -d 32 -s 4k" "$(qbench "$furl")" "$(qbench "$turl")"
+  echo "ftss-nv: mirrored + write cache, nonvolatile; ftss-vol: same, volatile; ftss-file: plain file"
+  printf '%-36s %9s %9s %9s %9s %7s %7s\n' "test (IOPS)" "ftss-nv" "ftss-vol" "ftss-file" "tgt" "nv/tgt" "file/tgt"
+  all "iscsi-perf random read -m 32 -b 8" perf
+  all "qemu-img bench write -d 32 -s 4k" qbench -w
+  all "qemu-img bench read -d 32 -s 4k" qbench
+  echo "fsync limit of this disk (one 4 KiB msync): $(python3 -c '
+import mmap, os, tempfile, time
+fd, p = tempfile.mkstemp(dir="'"$work"'"); os.ftruncate(fd, 1 << 20); os.pwrite(fd, bytes(1 << 20), 0); os.fsync(fd)
+m = mmap.mmap(fd, 1 << 20); t = time.time()
+for i in range(200):
+    m[i * 4096:(i + 1) * 4096] = b"x" * 4096; m.flush(i * 4096, 4096)
+print(int(200 / (time.time() - t)), "per second")')"
 } | tee "$CI_OUT/bench-lun.txt"

@@ -567,9 +567,21 @@ impl WriteCache {
                 let mut g = lock(&self.inner);
                 let started = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {
-                    let ready = g.queue.front().is_some_and(|p| p.seq <= g.durable_seq);
-                    let pressure = (g.head - g.tail) * 2 >= self.ring;
-                    if ready && (pressure || started.elapsed() >= DESTAGE_INTERVAL) {
+                    let pending = !g.queue.is_empty();
+                    let due =
+                        (g.head - g.tail) * 2 >= self.ring || started.elapsed() >= DESTAGE_INTERVAL;
+                    if pending && due {
+                        if g.queue.front().is_some_and(|p| p.seq > g.durable_seq) {
+                            // Volatile mode: no writer waited for a commit, so destage
+                            // commits first (only committed records may reach the mirrors
+                            // and move the tail).
+                            let seq = g.appended_seq;
+                            drop(g);
+                            if let Err(e) = self.wait_durable(seq) {
+                                error!("commit before destage failed: {e}");
+                            }
+                            g = lock(&self.inner);
+                        }
                         break;
                     }
                     let (ng, _) = self
@@ -926,6 +938,30 @@ mod tests {
         let mut b = vec![0u8; 512];
         v.read_blocks(31 * 100 + 49, &mut b).expect("read");
         assert_eq!(b, block(31 * 1000 + 49));
+        c.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[cfg(test)]
+mod volatile_tests {
+    use super::*;
+
+    #[test]
+    fn volatile_mode_destages_without_flushes_from_writers() {
+        let d = std::env::temp_dir().join(format!("ftss-cache-vol-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        let m = Arc::new(MirrorSet::open(&[d.join("a"), d.join("b")], 4096, 512).expect("mirrors"));
+        let vols = HashMap::from([(0u32, Arc::clone(&m))]);
+        let c = WriteCache::open(&d.join("wc"), RING_START + (1 << 20), vols).expect("open");
+        let v = CachedVolume::new(Arc::clone(&c), Arc::clone(&m), 0, CacheMode::Volatile);
+        // Ten times the ring: only possible if destage frees space on its own.
+        for i in 0..2500u64 {
+            v.write_blocks((i * 8) % 4000, &vec![(i % 251) as u8; 4096], false)
+                .expect("write");
+        }
+        assert!(c.drain(Duration::from_secs(10)));
         c.shutdown();
         let _ = std::fs::remove_dir_all(d);
     }
