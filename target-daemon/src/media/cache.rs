@@ -2,16 +2,16 @@
 //! `msync` for many writers, destaged in the background to each volume's mirror set.
 //! Formats, commit order and recovery: docs/design.md.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use memmap2::MmapRaw;
 use tracing::{error, info};
 
+use super::disk::{MmapRegion, Region};
 use super::mirror::MirrorSet;
 use super::{BlockStore, CacheMode, MediaError};
 
@@ -28,6 +28,8 @@ const ALIGN: u64 = 64;
 const DESTAGE_INTERVAL: Duration = Duration::from_millis(100);
 /// Records destaged per batch (one mirror sync and one superblock write per batch).
 const DESTAGE_BATCH_RECORDS_MAX: usize = 16384;
+/// Largest single write destage hands a mirror set when it coalesces contiguous blocks.
+const DESTAGE_RUN_MAX: usize = 1 << 20;
 /// Writers wait this long for ring space before the write is refused (BUSY upstream).
 const SPACE_WAIT: Duration = Duration::from_secs(30);
 
@@ -79,7 +81,7 @@ struct Inner {
 
 /// The nonvolatile write cache shared by every volume of the daemon.
 pub struct WriteCache {
-    map: MmapRaw,
+    map: Box<dyn Region>,
     ring: u64,
     inner: Mutex<Inner>,
     cond: Condvar,
@@ -121,38 +123,12 @@ impl WriteCache {
 
     /// Copies `data` into the map at byte `off`.
     fn put(&self, off: u64, data: &[u8]) {
-        assert!(
-            off as usize + data.len() <= self.map.len(),
-            "write past the cache map"
-        );
-        // SAFETY: the range is inside the mapping (asserted), and it lies in ring space
-        // reserved under `inner`'s lock by exactly one writer, so no other thread writes
-        // it concurrently; readers only read published records, which are not rewritten
-        // until destage has moved the tail past them.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.map.as_mut_ptr().add(off as usize),
-                data.len(),
-            );
-        }
+        self.map.put(off as usize, data);
     }
 
     /// Copies bytes out of the map at byte `off`.
     fn get(&self, off: u64, buf: &mut [u8]) {
-        assert!(
-            off as usize + buf.len() <= self.map.len(),
-            "read past the cache map"
-        );
-        // SAFETY: inside the mapping (asserted); the bytes belong to a published record
-        // that no writer touches until the tail passes it (see `put`).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.map.as_ptr().add(off as usize),
-                buf.as_mut_ptr(),
-                buf.len(),
-            );
-        }
+        self.map.get(off as usize, buf);
     }
 
     fn flush(&self, from: u64, to: u64) -> Result<(), MediaError> {
@@ -199,7 +175,19 @@ impl WriteCache {
         if fresh {
             preallocate(&f, size)?;
         }
-        let map = MmapRaw::map_raw(&f)?;
+        let map = MmapRegion::new(&f)?;
+        Self::open_region(Box::new(map), fresh, &path.display().to_string(), volumes)
+    }
+
+    /// [`open`](Self::open) over a region already sized (a mapped file or the test double);
+    /// `fresh` says it holds zeros and no cache yet. `name` names it in errors.
+    pub fn open_region(
+        map: Box<dyn Region>,
+        fresh: bool,
+        name: &str,
+        volumes: HashMap<u32, Arc<MirrorSet>>,
+    ) -> Result<Arc<Self>, MediaError> {
+        let size = map.size() as u64;
         let cache = WriteCache {
             map,
             ring: size - RING_START,
@@ -225,7 +213,7 @@ impl WriteCache {
             recovery_ms: AtomicU64::new(0),
         };
         if !fresh {
-            cache.recover(path)?;
+            cache.recover(name)?;
         } else {
             cache.write_superblock(0, 1, 1)?;
             lock(&cache.inner).sb_seq = 1;
@@ -310,12 +298,11 @@ impl WriteCache {
         (c == want).then_some((kind, volume, lba, payload))
     }
 
-    fn recover(&self, path: &Path) -> Result<(), MediaError> {
+    fn recover(&self, name: &str) -> Result<(), MediaError> {
         let started = Instant::now();
         let (tail, tail_seq, sb_seq) = self.read_superblock().ok_or_else(|| {
             MediaError::Failed(format!(
-                "{}: no valid superblock: not an ftss write cache",
-                path.display()
+                "{name}: no valid superblock: not an ftss write cache"
             ))
         })?;
         let (mut pos, mut seq, mut n) = (tail, tail_seq, 0u64);
@@ -327,10 +314,7 @@ impl WriteCache {
                 pos = pos.div_ceil(self.ring) * self.ring;
             } else {
                 let m = self.volumes.get(&volume).ok_or_else(|| {
-                    MediaError::Failed(format!(
-                        "{}: record for unknown volume {volume}",
-                        path.display()
-                    ))
+                    MediaError::Failed(format!("{name}: record for unknown volume {volume}"))
                 })?;
                 m.write(lba, &payload)?;
                 if !touched.contains(&volume) {
@@ -350,6 +334,11 @@ impl WriteCache {
             }
         }
         // Every replayed record is on the mirrors: start with an empty ring after them.
+        // Records past the first bad one were never acknowledged, but some may be intact
+        // on disk (the kernel writes back mapped pages in any order). Skipping sequence
+        // numbers by more than the ring can hold keeps a later recovery from taking one of
+        // them for a new record written at the same place with the same number.
+        let seq = seq + self.ring / ALIGN + 1;
         self.write_superblock(pos, seq, sb_seq + 1)?;
         let mut g = lock(&self.inner);
         g.head = pos;
@@ -609,20 +598,46 @@ impl WriteCache {
     }
 
     fn destage(&self, batch: &[(u64, u64, u32, u64, u32)]) -> Result<(), MediaError> {
-        let mut touched = Vec::new();
+        // Coalesce: the newest copy of each block wins, and contiguous blocks go to the
+        // mirrors as one write. Sequential and rewritten workloads then cost a few large
+        // pwrites per batch instead of two per block per mirror.
+        let mut newest: BTreeMap<(u32, u64), u64> = BTreeMap::new();
         for &(_, pos, volume, lba, len) in batch {
-            if volume == u32::MAX {
-                continue;
+            let Some(m) = self.volumes.get(&volume) else {
+                continue; // wrap markers and records of volumes no longer configured
+            };
+            let bs = u64::from(m.block_size());
+            for k in 0..u64::from(len) / bs {
+                newest.insert((volume, lba + k), pos + HDR_LEN + k * bs);
             }
-            let mut data = vec![0u8; len as usize];
-            self.get(self.phys(pos) + HDR_LEN, &mut data);
+        }
+        let mut touched = Vec::new();
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start: Option<(u32, u64)> = None;
+        let mut blocks = newest.iter().peekable();
+        while let Some((&(volume, lba), &pos)) = blocks.next() {
             let m = self
                 .volumes
                 .get(&volume)
                 .ok_or_else(|| MediaError::Failed(format!("no volume {volume}")))?;
-            m.write(lba, &data)?;
-            if !touched.contains(&volume) {
-                touched.push(volume);
+            let bs = m.block_size() as usize;
+            if run_start.is_none() {
+                run_start = Some((volume, lba));
+                run.clear();
+            }
+            let at = run.len();
+            run.resize(at + bs, 0);
+            self.get(self.phys(pos), &mut run[at..]);
+            let continues = blocks.peek().is_some_and(|(&(v, l), _)| {
+                v == volume && l == lba + 1 && run.len() < DESTAGE_RUN_MAX
+            });
+            if !continues {
+                if let Some((v, first)) = run_start.take() {
+                    m.write(first, &run)?;
+                    if !touched.contains(&v) {
+                        touched.push(v);
+                    }
+                }
             }
         }
         for v in touched {
@@ -862,6 +877,54 @@ mod tests {
     }
 
     #[test]
+    fn stale_records_past_a_hole_are_never_replayed_after_a_second_crash() {
+        let (d, vols) = setup("stale", 4);
+        let path = d.join("wc");
+        let positions: Vec<u64>;
+        {
+            let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("open");
+            c.shutdown();
+            std::thread::sleep(Duration::from_millis(100));
+            // Five records reach the disk, but the first one's bytes do not (a hole).
+            for (i, lba) in [0u64, 1, 2, 5, 6].iter().enumerate() {
+                let s = c.append(0, *lba, &block(100 + i as u64)).expect("append");
+                c.wait_durable(s).expect("commit");
+            }
+            positions = lock(&c.inner).queue.iter().map(|p| p.pos).collect();
+            c.put(c.phys(positions[0]) + HDR_LEN + 3, &[0x55]);
+            c.map.flush_range(0, c.map.size()).expect("flush");
+        }
+        drop(vols);
+        let vols = open_volumes(&d);
+        {
+            let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen");
+            assert_eq!(c.stats().recovered_records, 0, "nothing before the hole");
+            c.shutdown();
+            std::thread::sleep(Duration::from_millis(100));
+            // The same shapes again, at the same places: acknowledged new data for lba 5.
+            let s = c.append(0, 5, &block(900)).expect("append");
+            c.wait_durable(s).expect("commit");
+            let s = c.append(0, 7, &block(901)).expect("append");
+            c.wait_durable(s).expect("commit");
+        }
+        drop(vols);
+        let vols = open_volumes(&d);
+        let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen again");
+        assert_eq!(c.stats().recovered_records, 2, "only the two new records");
+        let mut b = vec![0u8; 512];
+        vols[&0].read(5, &mut b).expect("mirror");
+        assert_eq!(
+            b,
+            block(900),
+            "the acknowledged write wins over a stale record"
+        );
+        vols[&0].read(6, &mut b).expect("mirror");
+        assert!(b.iter().all(|&x| x == 0), "a stale record is never applied");
+        c.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
     fn committed_records_are_replayed_and_a_torn_tail_is_dropped() {
         let (d, vols) = setup("recover", 4);
         let path = d.join("wc");
@@ -880,7 +943,7 @@ mod tests {
             let pos = lock(&c.inner).queue.back().map(|p| p.pos).expect("queued");
             let off = c.phys(pos) + HDR_LEN + 7;
             c.put(off, &[0xee]);
-            c.map.flush().expect("flush");
+            c.map.flush_range(0, c.map.size()).expect("flush");
         }
         drop(vols);
         let vols = open_volumes(&d);

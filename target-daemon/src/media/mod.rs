@@ -4,6 +4,7 @@
 //! nonvolatile write cache over a mirror set, or a test double can stand behind it.
 
 pub mod cache;
+pub mod disk;
 pub mod file;
 pub mod mirror;
 

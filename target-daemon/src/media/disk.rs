@@ -1,0 +1,413 @@
+//! The two ways the media layer touches stable storage, as traits: a [`Disk`] (a file read
+//! and written with pread/pwrite and made durable with fdatasync; the mirrors) and a
+//! [`Region`] (a memory map made durable with msync; the write cache).
+//!
+//! Production uses files and memmap2. [`SimFs`] is the test double of the file system: it
+//! keeps what was synced apart from what was only written, and at a crash keeps the synced
+//! bytes plus an arbitrary (seeded) subset of the unsynced sectors, as a power cut would
+//! leave a disk whose cache had written back some dirty pages and not others.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use memmap2::MmapRaw;
+
+/// A file of the mirror set.
+pub trait Disk: Send + Sync {
+    /// Current length in bytes.
+    fn size(&self) -> io::Result<u64>;
+    /// Sets the length; new bytes read as zeros.
+    fn set_size(&self, len: u64) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at `off`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Writes all of `data` at `off`; not durable until [`sync`](Self::sync).
+    fn write_at(&self, data: &[u8], off: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Disk for File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_size(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+    fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        self.write_all_at(data, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+}
+
+/// The write cache's mapped region.
+pub trait Region: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> usize;
+    /// Copies `data` in at `off`. The caller owns that range (no concurrent writer).
+    fn put(&self, off: usize, data: &[u8]);
+    /// Copies bytes out at `off`.
+    fn get(&self, off: usize, buf: &mut [u8]);
+    /// Makes the range durable (msync MS_SYNC).
+    fn flush_range(&self, off: usize, len: usize) -> io::Result<()>;
+}
+
+/// A file mapped shared with memmap2.
+pub struct MmapRegion {
+    map: MmapRaw,
+}
+
+impl MmapRegion {
+    /// Maps all of `file`.
+    pub fn new(file: &File) -> io::Result<Self> {
+        Ok(Self {
+            map: MmapRaw::map_raw(file)?,
+        })
+    }
+}
+
+impl Region for MmapRegion {
+    fn size(&self) -> usize {
+        self.map.len()
+    }
+    fn put(&self, off: usize, data: &[u8]) {
+        assert!(off + data.len() <= self.map.len(), "write past the map");
+        // SAFETY: inside the mapping (asserted). The write cache reserves every range it
+        // writes under its lock for exactly one writer, and readers only read published
+        // records, which are not rewritten until destage has moved the tail past them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.as_mut_ptr().add(off),
+                data.len(),
+            );
+        }
+    }
+    fn get(&self, off: usize, buf: &mut [u8]) {
+        assert!(off + buf.len() <= self.map.len(), "read past the map");
+        // SAFETY: inside the mapping (asserted); see `put` for why no writer races us.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len());
+        }
+    }
+    fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
+        self.map.flush_range(off, len)
+    }
+}
+
+/// Granularity at which [`SimFs`] tracks unsynced bytes: a crash keeps or loses each
+/// sector on its own, so a record can be torn anywhere between sectors.
+pub const SIM_SECTOR: u64 = 512;
+
+#[derive(Default)]
+struct SimFile {
+    /// What the program sees.
+    current: Vec<u8>,
+    /// What survives a crash for sure.
+    durable: Vec<u8>,
+    /// Sectors of `current` that differ from `durable` (or may).
+    dirty: BTreeSet<u64>,
+}
+
+impl SimFile {
+    fn sync_range(&mut self, off: u64, len: u64) {
+        if self.durable.len() != self.current.len() {
+            self.durable.resize(self.current.len(), 0);
+        }
+        let first = off / SIM_SECTOR;
+        let last = (off + len).div_ceil(SIM_SECTOR);
+        let sectors: Vec<u64> = self.dirty.range(first..last).copied().collect();
+        for s in sectors {
+            let a = (s * SIM_SECTOR) as usize;
+            let b = ((s + 1) * SIM_SECTOR).min(self.current.len() as u64) as usize;
+            if a < b {
+                self.durable[a..b].copy_from_slice(&self.current[a..b]);
+            }
+            self.dirty.remove(&s);
+        }
+    }
+}
+
+struct SimState {
+    files: HashMap<String, SimFile>,
+    /// Operations left before the power cut; `None` once it has happened or if unarmed.
+    ops_left: Option<u64>,
+    /// Set once the power is cut: every later operation fails.
+    dead: bool,
+    rng: u64,
+    /// Chance (per mille) that an unsynced sector was written back before the cut.
+    writeback_permille: u64,
+    snapshot: Option<HashMap<String, Vec<u8>>>,
+}
+
+/// A simulated file system for power-loss tests. Cloning shares it.
+#[derive(Clone)]
+pub struct SimFs {
+    state: Arc<Mutex<SimState>>,
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+impl SimFs {
+    /// An empty file system whose crash choices follow `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(SimState {
+                files: HashMap::new(),
+                ops_left: None,
+                dead: false,
+                rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+                writeback_permille: 500,
+                snapshot: None,
+            })),
+        }
+    }
+
+    /// A file system holding `files` as durable content (a machine after reboot).
+    pub fn from_snapshot(seed: u64, files: HashMap<String, Vec<u8>>) -> Self {
+        let fs = Self::new(seed);
+        {
+            let mut s = fs.lock();
+            for (name, bytes) in files {
+                s.files.insert(
+                    name,
+                    SimFile {
+                        current: bytes.clone(),
+                        durable: bytes,
+                        dirty: BTreeSet::new(),
+                    },
+                );
+            }
+        }
+        fs
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Cuts the power after `ops` more file operations (reads, writes, syncs).
+    pub fn arm(&self, ops: u64) {
+        self.lock().ops_left = Some(ops);
+    }
+
+    /// Cuts the power now.
+    pub fn crash(&self) {
+        let mut s = self.lock();
+        Self::cut(&mut s);
+    }
+
+    /// Whether the power has been cut.
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
+    /// What the disks held at the power cut (cuts it now if it has not happened).
+    pub fn snapshot(&self) -> HashMap<String, Vec<u8>> {
+        let mut s = self.lock();
+        Self::cut(&mut s);
+        s.snapshot.clone().unwrap_or_default()
+    }
+
+    fn cut(s: &mut SimState) {
+        if s.dead {
+            return;
+        }
+        s.dead = true;
+        let mut rng = s.rng;
+        let permille = s.writeback_permille;
+        let mut snap = HashMap::new();
+        let mut names: Vec<&String> = s.files.keys().collect();
+        names.sort(); // HashMap order is random; the seed alone must decide the outcome
+        for name in names {
+            let f = &s.files[name];
+            let mut bytes = f.durable.clone();
+            bytes.resize(f.current.len(), 0);
+            for &sec in &f.dirty {
+                if xorshift(&mut rng) % 1000 < permille {
+                    let a = (sec * SIM_SECTOR) as usize;
+                    let b = ((sec + 1) * SIM_SECTOR).min(f.current.len() as u64) as usize;
+                    if a < b {
+                        bytes[a..b].copy_from_slice(&f.current[a..b]);
+                    }
+                }
+            }
+            snap.insert(name.clone(), bytes);
+        }
+        s.snapshot = Some(snap);
+    }
+
+    /// Counts one operation; fails once the power is cut.
+    fn op(s: &mut SimState) -> io::Result<()> {
+        if let Some(n) = s.ops_left {
+            if n == 0 {
+                s.ops_left = None;
+                Self::cut(s);
+            } else {
+                s.ops_left = Some(n - 1);
+            }
+        }
+        if s.dead {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    /// Opens (creating empty) the file `name`.
+    pub fn file(&self, name: &str) -> SimDisk {
+        self.lock().files.entry(name.to_string()).or_default();
+        SimDisk {
+            fs: self.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// One file of a [`SimFs`], usable as a [`Disk`] or a [`Region`] (its length fixed first).
+#[derive(Clone)]
+pub struct SimDisk {
+    fs: SimFs,
+    name: String,
+}
+
+impl SimDisk {
+    fn with<R>(&self, f: impl FnOnce(&mut SimFile) -> io::Result<R>) -> io::Result<R> {
+        let mut s = self.fs.lock();
+        SimFs::op(&mut s)?;
+        let file = s
+            .files
+            .get_mut(&self.name)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        f(file)
+    }
+}
+
+impl Disk for SimDisk {
+    fn size(&self) -> io::Result<u64> {
+        self.with(|f| Ok(f.current.len() as u64))
+    }
+    fn set_size(&self, len: u64) -> io::Result<()> {
+        self.with(|f| {
+            // Length changes are metadata; the simulation treats them as durable at once
+            // (the product only resizes files when creating them, then syncs).
+            f.current.resize(len as usize, 0);
+            f.durable.resize(len as usize, 0);
+            f.dirty.retain(|&s| s * SIM_SECTOR < len);
+            Ok(())
+        })
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.with(|f| {
+            let end = off as usize + buf.len();
+            if end > f.current.len() {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            buf.copy_from_slice(&f.current[off as usize..end]);
+            Ok(())
+        })
+    }
+    fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        self.with(|f| {
+            let end = off as usize + data.len();
+            if end > f.current.len() {
+                f.current.resize(end, 0);
+            }
+            f.current[off as usize..end].copy_from_slice(data);
+            for s in off / SIM_SECTOR..(end as u64).div_ceil(SIM_SECTOR) {
+                f.dirty.insert(s);
+            }
+            Ok(())
+        })
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.with(|f| {
+            let n = f.current.len() as u64;
+            f.sync_range(0, n);
+            Ok(())
+        })
+    }
+}
+
+impl Region for SimDisk {
+    fn size(&self) -> usize {
+        let s = self.fs.lock();
+        s.files.get(&self.name).map_or(0, |f| f.current.len())
+    }
+    fn put(&self, off: usize, data: &[u8]) {
+        // Stores into a map cannot fail; after the cut they simply never reach the disk.
+        let _ = Disk::write_at(self, data, off as u64);
+    }
+    fn get(&self, off: usize, buf: &mut [u8]) {
+        let s = self.fs.lock();
+        if let Some(f) = s.files.get(&self.name) {
+            if off + buf.len() <= f.current.len() {
+                buf.copy_from_slice(&f.current[off..off + buf.len()]);
+            }
+        }
+    }
+    fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
+        self.with(|f| {
+            f.sync_range(off as u64, len as u64);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_keeps_synced_bytes_and_drops_or_keeps_unsynced_sectors_by_seed() {
+        let outcome = |seed| {
+            let fs = SimFs::new(seed);
+            let d = fs.file("f");
+            d.set_size(64 * SIM_SECTOR).expect("len");
+            d.write_at(&[1u8; 4096], 0).expect("write");
+            d.sync().expect("sync");
+            d.write_at(&[2u8; 16384], 4096).expect("write");
+            let snap = fs.snapshot();
+            assert!(d.write_at(&[3u8; 1], 0).is_err(), "dead after the cut");
+            snap["f"].clone()
+        };
+        let a = outcome(7);
+        assert_eq!(a, outcome(7), "the seed decides");
+        assert!(a[..4096].iter().all(|&b| b == 1), "synced bytes survive");
+        let kept = a[4096..20480]
+            .chunks(SIM_SECTOR as usize)
+            .filter(|s| s[0] == 2)
+            .count();
+        assert!(
+            kept > 0 && kept < 32,
+            "some unsynced sectors kept, some lost: {kept}"
+        );
+        assert!((0..20).map(outcome).any(|b| b != a), "other seeds differ");
+    }
+
+    #[test]
+    fn the_power_cut_lands_after_the_armed_number_of_operations() {
+        let fs = SimFs::new(1);
+        let d = fs.file("f");
+        fs.arm(3);
+        d.write_at(b"a", 0).expect("1");
+        d.write_at(b"b", 1).expect("2");
+        d.sync().expect("3");
+        assert!(d.write_at(b"c", 2).is_err(), "the fourth fails");
+        assert!(fs.is_dead());
+        assert_eq!(&fs.snapshot()["f"][..2], b"ab");
+    }
+}
