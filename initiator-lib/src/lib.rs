@@ -1,3 +1,40 @@
-//! ftss initiator library: a userspace iSCSI initiator and the packet API on top of it.
+//! ftss initiator library: a userspace iSCSI initiator (RFC 7143) on tokio.
 //!
-//! Not yet written; see the open issues.
+//! [`Session::connect`] logs in (CHAP optional, digests optional) and returns a session
+//! that many tasks may use at once through `Arc<Session>`: commands are queued up to the
+//! target's CmdSN window. [`Session::execute`] runs any CDB; [`scsi`] adds the common
+//! block commands. A session with no target name is a discovery session for
+//! [`Session::send_targets`].
+//!
+//! Wire formats, negotiation and CHAP come from `ftss_proto`; this crate only owns the
+//! socket, the tasks and the bookkeeping. Error recovery level is 0: any connection-level
+//! fault ends the session and every waiting request gets [`Error::ConnectionClosed`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ftss_initiator::Error> {
+//! use std::sync::Arc;
+//! use ftss_initiator::{Session, SessionConfig};
+//!
+//! let addr = "127.0.0.1:3260".parse().expect("address");
+//! let config = SessionConfig::new("iqn.2026-11.org.example:host", Some("iqn.2026-11.org.ftss:target0"));
+//! let s = Arc::new(Session::connect(addr, config).await?);
+//! let cap = s.read_capacity16(0).await?;
+//! let block = s.read16(0, 0, 1, cap.block_size).await?;
+//! s.write16(0, 0, block, cap.block_size).await?;
+//! s.logout().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod config;
+mod error;
+mod login;
+pub mod scsi;
+mod session;
+mod wire;
+
+pub use config::{ChapCredentials, Digest, MutualChap, SessionConfig};
+pub use error::Error;
+pub use scsi::{Capacity, Inquiry, ScsiResult};
+pub use session::Session;

@@ -1,0 +1,88 @@
+//! The one error type of the initiator.
+
+use ftss_proto::sense::Sense;
+
+/// Everything that can go wrong between `connect` and `logout`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The target sent a frame that does not decode (digest error, bad field).
+    #[error("undecodable PDU: {0}")]
+    Decode(#[from] ftss_proto::pdu::DecodeError),
+    /// Login or text keys that do not parse.
+    #[error("bad text keys: {0}")]
+    Text(#[from] ftss_proto::text::TextError),
+    /// The target's answers to our operational keys are unacceptable.
+    #[error("negotiation: {0}")]
+    Negotiation(#[from] ftss_proto::negotiate::NegotiationError),
+    /// The target ended the login with a non-zero status (RFC 7143 11.13.5); class 2
+    /// detail 1 is an authentication failure, class 1 a redirection we do not follow.
+    #[error("login rejected: status class {class:#04x} detail {detail:#04x}")]
+    LoginRejected {
+        /// Status-Class.
+        class: u8,
+        /// Status-Detail.
+        detail: u8,
+    },
+    /// CHAP failed on our side: the target did not choose CHAP, sent malformed CHAP keys,
+    /// or failed mutual authentication.
+    #[error("authentication: {0}")]
+    Auth(String),
+    /// The target broke the protocol in a way that leaves no sensible recovery.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The target answered a request of ours with a Reject PDU.
+    #[error("request rejected by the target, reason {reason:#04x}")]
+    Rejected {
+        /// Reject reason code (RFC 7143 11.17.1).
+        reason: u8,
+    },
+    /// The target could not complete the command at the transport level (SCSI Response
+    /// with a non-zero iSCSI response code).
+    #[error("target failure, iSCSI response {response:#04x}")]
+    TargetFailure {
+        /// Response code.
+        response: u8,
+    },
+    /// A SCSI helper got a status other than GOOD.
+    #[error("SCSI status {status:#04x}, sense {sense:?}")]
+    ScsiStatus {
+        /// SCSI status byte.
+        status: u8,
+        /// Decoded sense, when the target sent any.
+        sense: Option<Sense>,
+    },
+    /// The connection is gone (EOF, a fatal error in the reader, or after logout).
+    #[error("connection closed")]
+    ConnectionClosed,
+    /// No answer within the configured time.
+    #[error("timed out")]
+    Timeout,
+    /// The caller asked for something this initiator cannot express.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// Whether this is the target refusing our credentials (or us refusing the target's).
+    #[must_use]
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Auth(_)
+                | Error::LoginRejected {
+                    class: 2,
+                    detail: 1
+                }
+        )
+    }
+}
+
+impl From<ftss_proto::chap::ChapError> for Error {
+    fn from(e: ftss_proto::chap::ChapError) -> Self {
+        Error::Auth(e.to_string())
+    }
+}
