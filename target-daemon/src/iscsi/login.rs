@@ -143,6 +143,8 @@ pub(crate) struct LoginMachine {
     text_in: Vec<u8>,
     /// Response text not yet sent because it exceeded the initiator's segment size.
     text_out: Bytes,
+    /// Transit bit and next stage of the answer `text_out` finishes.
+    text_out_transit: (bool, Stage),
     initiator: String,
     session_type: SessionType,
     target: Option<Arc<TargetEntry>>,
@@ -161,6 +163,7 @@ impl LoginMachine {
             stat_sn: StatSn(1),
             text_in: Vec::new(),
             text_out: Bytes::new(),
+            text_out_transit: (false, Stage::Security),
             initiator: String::new(),
             session_type: SessionType::Normal,
             target: None,
@@ -247,8 +250,13 @@ impl LoginMachine {
         // Our own long answer in progress: the initiator sends empty requests for the rest.
         if !self.text_out.is_empty() {
             let rest = std::mem::take(&mut self.text_out);
-            self.send_text(req, rest, false, req.nsg);
-            return Step::Continue;
+            let (transit, nsg) = self.text_out_transit;
+            self.send_text(req, rest, transit, nsg);
+            return if self.done.is_some() && self.text_out.is_empty() {
+                Step::Done
+            } else {
+                Step::Continue
+            };
         }
         if self.text_in.len() + req.data.len() > LOGIN_TEXT_BYTES_MAX {
             return self.fail(req, status::INITIATOR_ERROR, "login text too long");
@@ -360,10 +368,8 @@ impl LoginMachine {
         self.send_text(req, Bytes::from(out), transit, nsg);
         if self.done.is_some() && self.text_out.is_empty() {
             Step::Done
-        } else if self.done.is_some() {
-            // The final answer did not fit; it goes out in continuation responses.
-            Step::Continue
         } else {
+            // Not done, or the final answer did not fit and goes out in continuations.
             Step::Continue
         }
     }
@@ -372,7 +378,9 @@ impl LoginMachine {
         let seg = LOGIN_SEGMENT_MAX as usize;
         if text.len() > seg {
             self.text_out = text.slice(seg..);
-            // A response with C=1 must not transit (RFC 7143 11.13.2).
+            self.text_out_transit = (transit, nsg);
+            // A response with C=1 must not transit (RFC 7143 11.13.2); the last part of
+            // the answer carries the transit.
             self.respond(req, false, nsg, text.slice(..seg), true);
         } else {
             self.respond(req, transit, nsg, text, false);

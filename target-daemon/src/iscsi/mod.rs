@@ -53,14 +53,11 @@ pub struct Server {
 
 impl Server {
     /// Opens every LUN, binds every portal and starts accepting connections.
-    pub async fn start(config: Config) -> Result<Server, ServerError> {
+    pub async fn start(mut config: Config) -> Result<Server, ServerError> {
         let targets = crate::media_setup::open_targets(&config)?;
-        let portals = config.portal_addrs();
-        let shared = Arc::new(Shared::new(config, targets));
-        let (stop, stop_rx) = watch::channel(false);
+        let mut listeners = Vec::new();
         let mut addrs = Vec::new();
-        let mut tasks = Vec::new();
-        for addr in portals {
+        for addr in config.portal_addrs() {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::Bind { addr, source })?;
@@ -69,12 +66,17 @@ impl Server {
                 .map_err(|source| ServerError::Bind { addr, source })?;
             info!("listening on {local}");
             addrs.push(local);
-            tasks.push(tokio::spawn(accept_loop(
-                l,
-                Arc::clone(&shared),
-                stop_rx.clone(),
-            )));
+            listeners.push(l);
         }
+        // SendTargets advertises the portals as bound, so a port 0 in the config (tests,
+        // ephemeral deployments) is answered with the real port.
+        config.server.portals = addrs.iter().map(ToString::to_string).collect();
+        let shared = Arc::new(Shared::new(config, targets));
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = listeners
+            .into_iter()
+            .map(|l| tokio::spawn(accept_loop(l, Arc::clone(&shared), stop_rx.clone())))
+            .collect();
         Ok(Server { addrs, stop, tasks })
     }
 
