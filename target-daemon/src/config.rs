@@ -86,6 +86,10 @@ pub struct MediaConfig {
     /// loss); "volatile": GOOD on reaching the cache, durable after SYNCHRONIZE CACHE/FUA.
     #[serde(default = "default_cache_mode")]
     pub cache: String,
+    /// Bytes per second a mirror rebuild copies unless the admin command says otherwise,
+    /// so a rebuild does not starve the LUN's own I/O.
+    #[serde(default = "default_rebuild_rate")]
+    pub rebuild_rate: String,
 }
 
 impl Default for MediaConfig {
@@ -94,6 +98,7 @@ impl Default for MediaConfig {
             cache_path: default_cache_path(),
             cache_size: default_cache_size(),
             cache: default_cache_mode(),
+            rebuild_rate: default_rebuild_rate(),
         }
     }
 }
@@ -106,6 +111,12 @@ fn default_cache_size() -> String {
 }
 fn default_cache_mode() -> String {
     "nonvolatile".into()
+}
+fn default_rebuild_rate() -> String {
+    "64MiB".into()
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("ftss-admin.sock")
 }
 
 /// `[server]`
@@ -132,6 +143,9 @@ pub struct ServerConfig {
     /// Seconds to wait for the answer to a NOP-In ping before dropping the connection.
     #[serde(default = "default_nop_timeout")]
     pub nop_timeout_s: u32,
+    /// Unix socket of the admin interface (`ftss-target admin`); relative to `data_dir`.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -300,6 +314,7 @@ impl Config {
         if cache < (2 << 20) {
             return Err(invalid("media.cache_size", "must be at least 2MiB"));
         }
+        parse_size(&m.rebuild_rate).map_err(|e| invalid("media.rebuild_rate", e))?;
         if m.cache != "nonvolatile" && m.cache != "volatile" {
             return Err(invalid(
                 "media.cache",

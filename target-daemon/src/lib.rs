@@ -3,6 +3,7 @@
 //! Seams (see ARCHITECTURE.md): [`iscsi`] owns connections and sessions, [`scsi`] executes
 //! commands without knowing the transport, [`media`] stores blocks.
 
+pub mod admin;
 pub mod config;
 pub mod iscsi;
 pub mod media;

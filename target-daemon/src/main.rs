@@ -21,6 +21,45 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Talk to a running daemon through its admin socket (found from --config, or the
+    /// embedded default's data directory, unless --socket names it).
+    Admin {
+        /// The admin socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        request: AdminRequest,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum AdminRequest {
+    /// Write cache counters and the state of every mirror.
+    Status,
+    /// Rebuild one mirror of a volume online, with a progress bar.
+    Rebuild {
+        /// Volume as `<iqn>/<lun>`.
+        volume: String,
+        /// Mirror index (its position in the LUN's `mirrors` list).
+        mirror: usize,
+        /// Copy rate, e.g. 64MiB (per second); default: media.rebuild_rate.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Verify every copy of every block of a volume; repair bad copies.
+    Scrub {
+        /// Volume as `<iqn>/<lun>`.
+        volume: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +79,17 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Config::load(p).with_context(|| format!("configuration {}", p.display()))?,
         None => Config::default_config(),
     };
+    if let Some(Command::Admin { socket, request }) = args.command {
+        let socket = socket.unwrap_or_else(|| {
+            let s = &config.server;
+            if s.admin_socket.is_absolute() {
+                s.admin_socket.clone()
+            } else {
+                s.data_dir.join(&s.admin_socket)
+            }
+        });
+        return admin(&socket, request);
+    }
     if args.check_config {
         println!("configuration OK");
         return Ok(());
@@ -60,4 +110,104 @@ fn main() -> anyhow::Result<()> {
         server.shutdown().await;
         Ok(())
     })
+}
+
+fn ask(socket: &std::path::Path, line: &str) -> anyhow::Result<String> {
+    let answer = ftss_target::admin::request(socket, line)
+        .with_context(|| format!("admin socket {} (is the daemon running?)", socket.display()))?;
+    if let Some(err) = answer.strip_prefix("error ") {
+        anyhow::bail!("{}", err.trim());
+    }
+    Ok(answer)
+}
+
+fn admin(socket: &std::path::Path, request: AdminRequest) -> anyhow::Result<()> {
+    match request {
+        AdminRequest::Status => {
+            print!("{}", ask(socket, "status")?.trim_start_matches("ok\n"));
+        }
+        AdminRequest::Scrub { volume } => {
+            println!("{}", ask(socket, &format!("scrub {volume}"))?.trim());
+        }
+        AdminRequest::Rebuild {
+            volume,
+            mirror,
+            rate,
+            no_wait,
+        } => {
+            let rate = match rate {
+                Some(r) => format!(
+                    " {}",
+                    ftss_target::config::parse_size(&r)
+                        .map_err(|e| anyhow::anyhow!("--rate: {e}"))?
+                ),
+                None => String::new(),
+            };
+            println!(
+                "{}",
+                ask(socket, &format!("rebuild {volume} {mirror}{rate}"))?.trim()
+            );
+            if !no_wait {
+                follow_rebuild(socket, &volume, mirror)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls the daemon's status and draws a progress bar until the mirror is healthy again.
+fn follow_rebuild(socket: &std::path::Path, volume: &str, mirror: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    let prefix = format!("mirror {volume} {mirror} ");
+    let started = std::time::Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_pct = u64::MAX;
+    loop {
+        let status = ask(socket, "status")?;
+        let line = status
+            .lines()
+            .find(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with(&prefix.to_ascii_lowercase())
+            })
+            .ok_or_else(|| anyhow::anyhow!("{volume} mirror {mirror} not in the status"))?;
+        let state = &line[prefix.len()..];
+        if state.starts_with("healthy") {
+            eprintln!(
+                "\rrebuild of {volume} mirror {mirror}: done in {:.1} s{:30}",
+                started.elapsed().as_secs_f64(),
+                ""
+            );
+            return Ok(());
+        }
+        if state.starts_with("failed") {
+            anyhow::bail!("rebuild of {volume} mirror {mirror} failed: {state}");
+        }
+        if let Some(p) = state.strip_prefix("rebuilding ") {
+            let frac = p.split_whitespace().next().unwrap_or("0/1");
+            let (done, total) = frac.split_once('/').unwrap_or(("0", "1"));
+            let (done, total): (u64, u64) = (done.parse()?, total.parse::<u64>()?.max(1));
+            let pct = done * 100 / total;
+            let width = 40;
+            let filled = (done * width / total) as usize;
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            // Without a terminal, print a line per 10% instead of redrawing.
+            if tty || pct / 10 != last_pct / 10 {
+                let bar = format!(
+                    "[{}{}] {pct:3}% {done}/{total} blocks, {:.0} blocks/s",
+                    "#".repeat(filled),
+                    ".".repeat(width as usize - filled),
+                    done as f64 / secs
+                );
+                if tty {
+                    eprint!("\r{bar}");
+                } else {
+                    eprintln!("{bar}");
+                }
+                let _ = std::io::stderr().flush();
+                last_pct = pct;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::admin::MediaHandles;
 use crate::config::{parse_size, Config};
 use crate::iscsi::{ServerError, TargetEntry};
 use crate::media::cache::{CachedVolume, WriteCache};
@@ -34,7 +35,9 @@ pub(crate) fn volume_id(iqn: &str, lun: u16) -> u32 {
 }
 
 /// Opens every LUN of every target.
-pub(crate) fn open_targets(config: &Config) -> Result<Vec<Arc<TargetEntry>>, ServerError> {
+pub(crate) fn open_targets(
+    config: &Config,
+) -> Result<(Vec<Arc<TargetEntry>>, MediaHandles), ServerError> {
     let dir = &config.server.data_dir;
     std::fs::create_dir_all(dir).map_err(|e| ServerError::Lun {
         iqn: String::new(),
@@ -43,6 +46,11 @@ pub(crate) fn open_targets(config: &Config) -> Result<Vec<Arc<TargetEntry>>, Ser
     })?;
     // Mirror sets first: recovery replays the cache into them.
     let mut volumes: HashMap<u32, Arc<MirrorSet>> = HashMap::new();
+    let mut handles = MediaHandles {
+        cache_mode: config.media.cache.clone(),
+        rebuild_rate: parse_size(&config.media.rebuild_rate).unwrap_or(64 << 20),
+        ..MediaHandles::default()
+    };
     for t in &config.targets {
         for l in t.luns.iter().filter(|l| !l.mirrors.is_empty()) {
             let err = |msg: String| ServerError::Lun {
@@ -55,7 +63,11 @@ pub(crate) fn open_targets(config: &Config) -> Result<Vec<Arc<TargetEntry>>, Ser
             let set = MirrorSet::open(&paths, size / u64::from(l.block_size), l.block_size)
                 .map_err(|e| err(e.to_string()))?;
             let id = volume_id(&t.iqn, l.lun);
-            if volumes.insert(id, Arc::new(set)).is_some() {
+            let set = Arc::new(set);
+            handles
+                .volumes
+                .push((format!("{}/{}", t.iqn, l.lun), Arc::clone(&set)));
+            if volumes.insert(id, set).is_some() {
                 return Err(err("volume id collision: rename the target".into()));
             }
         }
@@ -137,5 +149,6 @@ pub(crate) fn open_targets(config: &Config) -> Result<Vec<Arc<TargetEntry>>, Ser
             scsi: Arc::new(scsi),
         }));
     }
-    Ok(targets)
+    handles.cache = cache;
+    Ok((targets, handles))
 }

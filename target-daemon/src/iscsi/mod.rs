@@ -47,6 +47,8 @@ pub enum ServerError {
 /// A running target server.
 pub struct Server {
     addrs: Vec<SocketAddr>,
+    admin_path: std::path::PathBuf,
+    media: crate::admin::MediaHandles,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -54,7 +56,7 @@ pub struct Server {
 impl Server {
     /// Opens every LUN, binds every portal and starts accepting connections.
     pub async fn start(mut config: Config) -> Result<Server, ServerError> {
-        let targets = crate::media_setup::open_targets(&config)?;
+        let (targets, media) = crate::media_setup::open_targets(&config)?;
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for addr in config.portal_addrs() {
@@ -73,16 +75,42 @@ impl Server {
         config.server.portals = addrs.iter().map(ToString::to_string).collect();
         let shared = Arc::new(Shared::new(config, targets));
         let (stop, stop_rx) = watch::channel(false);
-        let tasks = listeners
+        let admin_path = config_admin_path(&shared);
+        let mut tasks: Vec<_> = listeners
             .into_iter()
             .map(|l| tokio::spawn(accept_loop(l, Arc::clone(&shared), stop_rx.clone())))
             .collect();
-        Ok(Server { addrs, stop, tasks })
+        let admin = crate::admin::start(&admin_path, media.clone(), stop_rx).map_err(|e| {
+            ServerError::Lun {
+                iqn: String::new(),
+                lun: 0,
+                msg: format!("admin socket {}: {e}", admin_path.display()),
+            }
+        })?;
+        tasks.push(admin);
+        info!("admin socket {}", admin_path.display());
+        Ok(Server {
+            addrs,
+            stop,
+            tasks,
+            admin_path,
+            media,
+        })
     }
 
     /// The bound portal addresses (with the real port when the config said port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The write cache and mirror sets behind the LUNs (what the admin socket manages).
+    pub fn media(&self) -> &crate::admin::MediaHandles {
+        &self.media
+    }
+
+    /// The admin socket's path.
+    pub fn admin_path(&self) -> &std::path::Path {
+        &self.admin_path
     }
 
     /// Stops accepting connections.
@@ -91,6 +119,15 @@ impl Server {
         for t in self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+fn config_admin_path(shared: &Shared) -> std::path::PathBuf {
+    let s = &shared.config.server;
+    if s.admin_socket.is_absolute() {
+        s.admin_socket.clone()
+    } else {
+        s.data_dir.join(&s.admin_socket)
     }
 }
 

@@ -239,7 +239,11 @@ impl MirrorSet {
         let fresh_set = existing.is_empty();
         let mut mirrors = Vec::new();
         for (i, (f, h)) in files.into_iter().zip(&headers).enumerate() {
+            let len = f.size()?;
             let state = match h {
+                Some(_) if len != file_len => MirrorState::Failed(format!(
+                    "holds {len} bytes, a mirror of this set holds {file_len}: truncated?"
+                )),
                 Some(h) if h.epoch == epoch => MirrorState::Healthy,
                 Some(h) => MirrorState::Failed(format!("stale: epoch {} < {epoch}", h.epoch)),
                 None => {
@@ -576,6 +580,22 @@ impl MirrorSet {
                 .io
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if lba == 0 {
+                // A file cut short reads back zeros with zero checksums ("never written")
+                // once a later write extends it again; only its size gives it away.
+                let want = self.data_off(self.blocks) + self.blocks * 4;
+                for i in 0..self.mirrors.len() {
+                    if self.healthy(i) {
+                        match self.mirrors[i].file.size() {
+                            Ok(len) if len >= want => {}
+                            Ok(len) => {
+                                self.fail(i, format!("holds {len} bytes of {want}: truncated"))
+                            }
+                            Err(e) => self.fail(i, format!("scrub cannot stat: {e}")),
+                        }
+                    }
+                }
+            }
             let healthy: Vec<usize> = (0..self.mirrors.len())
                 .filter(|&i| self.healthy(i))
                 .collect();

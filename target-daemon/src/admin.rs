@@ -1,0 +1,199 @@
+//! The admin interface: a Unix socket in the data directory that `ftss-target admin`
+//! talks to. One request line per connection, answered with text lines, then closed:
+//!
+//! - `status`: the write cache's counters and every mirror's state (with rebuild
+//!   progress as `done/total` blocks);
+//! - `rebuild <iqn>/<lun> <mirror> [bytes-per-second]`: starts an online rebuild of one
+//!   mirror from the healthy copies, rate-limited, while I/O continues;
+//! - `scrub <iqn>/<lun>`: verifies every copy of every block, repairs bad ones, reports.
+//!
+//! Answers start with `ok` or `error`. Plain text keeps it usable with `socat` when the
+//! CLI is not at hand.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::media::cache::WriteCache;
+use crate::media::mirror::{MirrorSet, MirrorState};
+
+/// The media the admin interface manages.
+#[derive(Clone, Default)]
+pub struct MediaHandles {
+    /// The shared write cache, when any LUN is mirrored.
+    pub cache: Option<Arc<WriteCache>>,
+    /// Cache mode name, for status.
+    pub cache_mode: String,
+    /// Mirror sets by volume name (`<iqn>/<lun>`).
+    pub volumes: Vec<(String, Arc<MirrorSet>)>,
+    /// Default rebuild rate in bytes per second.
+    pub rebuild_rate: u64,
+}
+
+impl MediaHandles {
+    fn volume(&self, name: &str) -> Option<&Arc<MirrorSet>> {
+        self.volumes
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The `status` answer.
+    pub fn status(&self) -> String {
+        let mut out = String::from("ok\n");
+        if let Some(c) = &self.cache {
+            let s = c.stats();
+            out.push_str(&format!(
+                "cache mode={} ring_bytes={} dirty_bytes={} records={} commit_flushes={} recovered_records={} recovery_ms={}\n",
+                self.cache_mode,
+                s.ring_bytes,
+                s.dirty_bytes,
+                s.records,
+                s.commit_flushes,
+                s.recovered_records,
+                s.recovery_ms
+            ));
+        }
+        for (name, v) in &self.volumes {
+            out.push_str(&format!(
+                "volume {name} blocks={} block_size={} repairs={}\n",
+                v.blocks(),
+                v.block_size(),
+                v.repairs()
+            ));
+            for (i, m) in v.status().iter().enumerate() {
+                let state = match &m.state {
+                    MirrorState::Healthy => "healthy".to_owned(),
+                    MirrorState::Rebuilding(done) => format!("rebuilding {done}/{}", v.blocks()),
+                    MirrorState::Failed(why) => format!("failed ({why})"),
+                };
+                out.push_str(&format!(
+                    "mirror {name} {i} {state} path={}\n",
+                    m.path.display()
+                ));
+            }
+        }
+        out
+    }
+
+    /// Runs one request line; blocking (scrub reads every block).
+    pub fn handle(&self, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["status"] => self.status(),
+            ["rebuild", name, mirror, rest @ ..] if rest.len() <= 1 => {
+                let Some(v) = self.volume(name) else {
+                    return format!("error no mirrored volume {name}\n");
+                };
+                let Ok(i) = mirror.parse::<usize>() else {
+                    return format!("error mirror index {mirror:?} is not a number\n");
+                };
+                if i >= v.status().len() {
+                    return format!("error {name} has no mirror {i}\n");
+                }
+                if v.status()
+                    .iter()
+                    .any(|m| matches!(m.state, MirrorState::Rebuilding(_)))
+                {
+                    return format!("error {name} is already rebuilding\n");
+                }
+                let rate = match rest.first().map(|r| r.parse::<u64>()) {
+                    None => self.rebuild_rate,
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => return "error rate must be bytes per second\n".into(),
+                };
+                let (v, name) = (Arc::clone(v), (*name).to_owned());
+                let spawned = std::thread::Builder::new()
+                    .name("ftss-rebuild".into())
+                    .spawn(move || match v.rebuild(i, rate, |_, _| {}) {
+                        Ok(()) => info!(volume = %name, mirror = i, "rebuild done"),
+                        Err(e) => warn!(volume = %name, mirror = i, "rebuild failed: {e}"),
+                    });
+                match spawned {
+                    Ok(_) => format!("ok rebuild of mirror {i} started at {rate} bytes/s\n"),
+                    Err(e) => format!("error cannot start the rebuild: {e}\n"),
+                }
+            }
+            ["scrub", name] => {
+                let Some(v) = self.volume(name) else {
+                    return format!("error no mirrored volume {name}\n");
+                };
+                match v.scrub() {
+                    Ok(r) => format!(
+                        "ok blocks={} mismatches={} repaired={}\n",
+                        r.blocks, r.mismatches, r.repaired
+                    ),
+                    Err(e) => format!("error scrub failed: {e}\n"),
+                }
+            }
+            _ => "error unknown request; want: status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun>\n".into(),
+        }
+    }
+}
+
+/// Binds the admin socket (replacing a stale one left by a killed daemon) and serves it
+/// until `stop` changes.
+pub fn start(
+    path: &Path,
+    media: MediaHandles,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{}: another daemon is serving it", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    let path: PathBuf = path.to_owned();
+    let media = Arc::new(media);
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((sock, _)) => {
+                        tokio::spawn(serve(sock, Arc::clone(&media)));
+                    }
+                    Err(e) => {
+                        warn!("admin accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+async fn serve(sock: UnixStream, media: Arc<MediaHandles>) {
+    let (r, mut w) = sock.into_split();
+    let mut line = String::new();
+    // One short line; a peer sending more is cut off rather than buffered.
+    let mut r = BufReader::new(r).take(4096);
+    if r.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let answer = tokio::task::spawn_blocking(move || media.handle(line.trim()))
+        .await
+        .unwrap_or_else(|e| format!("error {e}\n"));
+    let _ = w.write_all(answer.as_bytes()).await;
+    let _ = w.shutdown().await;
+}
+
+/// Sends one request to the admin socket at `path` and returns the answer.
+pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
