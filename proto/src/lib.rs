@@ -19,3 +19,4 @@ pub mod pdu;
 pub mod sense;
 pub mod serial;
 pub mod text;
+pub mod vendor;
