@@ -71,6 +71,10 @@ pub mod asc {
     pub const DESTINATION_MAINTENANCE: u8 = 0x04;
     /// ASCQ: the packets of the batch had different outcomes; read SEND RESULTS.
     pub const MIXED: u8 = 0x10;
+    /// ASCQ, with ILLEGAL REQUEST: the session belongs to no node (no `[[node]]` for its
+    /// initiator name and no NODE REGISTER yet), so it has no address to send from or
+    /// receive at.
+    pub const NODE_NOT_REGISTERED: u8 = 0x20;
     /// DATA PHASE CRC ERROR DETECTED (SPC-4), for a payload whose CRC32C does not match.
     pub const DATA_PHASE_CRC: (u8, u8) = (0x47, 0x01);
 }

@@ -32,6 +32,8 @@ pub struct MediaHandles {
     pub volumes: Vec<(String, Arc<MirrorSet>)>,
     /// Default rebuild rate in bytes per second.
     pub rebuild_rate: u64,
+    /// The routing agent, when packets are configured.
+    pub agent: Option<Arc<crate::routing::RoutingAgent>>,
 }
 
 impl MediaHandles {

@@ -24,6 +24,11 @@ lun = 0
 mirrors = ["lun0-a.mirror", "lun0-b.mirror"]
 size = "1GiB"
 block_size = 512
+
+# Network packets between the nodes logged in (vendor commands), stored mirrored.
+[packets]
+mirrors = ["packets-a.mirror", "packets-b.mirror"]
+size = "256MiB"
 "#;
 
 /// A configuration error that names the key it is about.
@@ -70,6 +75,75 @@ pub struct Config {
     /// Targets, by IQN.
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// The packet queue and routing agent (vendor commands); absent = vendor commands
+    /// are refused as unsupported opcodes.
+    #[serde(default)]
+    pub packets: Option<PacketsConfig>,
+    /// Nodes known before they log in: addresses by initiator name.
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// `[packets]`: where packets are stored and how long they are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PacketsConfig {
+    /// Mirror files of the packet queue (two or more; relative to `server.data_dir`).
+    #[serde(default = "default_packet_mirrors")]
+    pub mirrors: Vec<PathBuf>,
+    /// Size of the packet queue with a unit: the most that can be stored at once.
+    #[serde(default = "default_packet_size")]
+    pub size: String,
+    /// Seconds an acknowledged packet stays readable by REPLAY (while space allows).
+    #[serde(default)]
+    pub retain_s: u64,
+    /// Seconds a stored packet may wait for a destination that went down before its
+    /// sender gets a delivery-failure notice.
+    #[serde(default = "default_delivery_timeout")]
+    pub delivery_timeout_s: u64,
+    /// Packet ids remembered per daemon for duplicate suppression (most recent first).
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window: usize,
+    /// The external network port.
+    #[serde(default)]
+    pub external: Option<ExternalConfig>,
+}
+
+/// `[packets.external]`: a UDP port to the network outside the nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalConfig {
+    /// Local address the port receives on.
+    pub bind: String,
+    /// Gateways packets go out to, in order of preference: the next is the alternate
+    /// path when one fails.
+    pub peers: Vec<String>,
+}
+
+/// `[[node]]`: a node's addresses, given to every session of its initiator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// iSCSI initiator name of the node's sessions.
+    pub initiator: String,
+    /// IPv4 or IPv6 addresses.
+    pub addresses: Vec<String>,
+}
+
+fn default_packet_mirrors() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("packets-a.mirror"),
+        PathBuf::from("packets-b.mirror"),
+    ]
+}
+fn default_packet_size() -> String {
+    "256MiB".into()
+}
+fn default_delivery_timeout() -> u64 {
+    30
+}
+fn default_dedup_window() -> usize {
+    1 << 20
 }
 
 /// `[media]`: the write cache in front of every mirrored LUN.
@@ -320,6 +394,52 @@ impl Config {
                 "media.cache",
                 format!("{:?}: want \"nonvolatile\" or \"volatile\"", m.cache),
             ));
+        }
+        if let Some(p) = &self.packets {
+            if p.mirrors.len() < 2 {
+                return Err(invalid("packets.mirrors", "needs at least two files"));
+            }
+            let size = parse_size(&p.size).map_err(|e| invalid("packets.size", e))?;
+            if size < (1 << 20) {
+                return Err(invalid("packets.size", "must be at least 1MiB"));
+            }
+            if p.dedup_window == 0 {
+                return Err(invalid("packets.dedup_window", "must be at least 1"));
+            }
+            if let Some(x) = &p.external {
+                x.bind
+                    .parse::<SocketAddr>()
+                    .map_err(|e| invalid("packets.external.bind", e.to_string()))?;
+                if x.peers.is_empty() {
+                    return Err(invalid("packets.external.peers", "needs at least one"));
+                }
+                for (i, a) in x.peers.iter().enumerate() {
+                    a.parse::<SocketAddr>().map_err(|e| {
+                        invalid(format!("packets.external.peers[{i}]"), e.to_string())
+                    })?;
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            validate_name(&n.initiator).map_err(|e| invalid(format!("node[{i}].initiator"), e))?;
+            if n.addresses.is_empty() {
+                return Err(invalid(
+                    format!("node[{i}].addresses"),
+                    "needs at least one",
+                ));
+            }
+            for (j, a) in n.addresses.iter().enumerate() {
+                let ip: std::net::IpAddr = a.parse().map_err(|e| {
+                    invalid(format!("node[{i}].addresses[{j}]"), format!("{a:?}: {e}"))
+                })?;
+                if ip.is_unspecified() || !seen.insert(ip) {
+                    return Err(invalid(
+                        format!("node[{i}].addresses[{j}]"),
+                        format!("{a} is unspecified or given to two nodes"),
+                    ));
+                }
+            }
         }
         if self.targets.is_empty() {
             return Err(invalid("target", "at least one [[target]] is required"));

@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod config;
 pub mod iscsi;
+pub mod link_unit;
 pub mod media;
 mod media_setup;
+pub mod routing;
 pub mod scsi;

@@ -12,7 +12,16 @@ use crate::media::cache::{CachedVolume, WriteCache};
 use crate::media::file::FileStore;
 use crate::media::mirror::MirrorSet;
 use crate::media::{BlockStore, CacheMode};
-use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity};
+use crate::routing::packet_queue::PacketQueue;
+use crate::routing::{AgentConfig, RoutingAgent};
+use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity, VendorHandler};
+use ftss_proto::vendor::NodeAddr;
+use std::time::Duration;
+
+/// Block size of the packet queue's volume.
+const PACKET_BLOCK: u32 = 512;
+/// Name the packet queue's journal volume id is derived from.
+const PACKETS_VOLUME: &str = "ftss:packets";
 
 fn resolve(data_dir: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -72,6 +81,30 @@ pub(crate) fn open_targets(
             }
         }
     }
+    // The packet queue lives on the same media: a mirror set behind the same cache.
+    let packets_volume = match &config.packets {
+        Some(p) => {
+            let err = |msg: String| ServerError::Lun {
+                iqn: "packets".into(),
+                lun: 0,
+                msg,
+            };
+            let size = parse_size(&p.size).map_err(err)?;
+            let paths: Vec<PathBuf> = p.mirrors.iter().map(|m| resolve(dir, m)).collect();
+            let set = MirrorSet::open(&paths, size / PACKET_BLOCK as u64, PACKET_BLOCK)
+                .map_err(|e| err(e.to_string()))?;
+            let set = Arc::new(set);
+            handles
+                .volumes
+                .push(("packets".to_owned(), Arc::clone(&set)));
+            let id = volume_id(PACKETS_VOLUME, 0);
+            if volumes.insert(id, Arc::clone(&set)).is_some() {
+                return Err(err("volume id collision".into()));
+            }
+            Some((id, set))
+        }
+        None => None,
+    };
     let cache = if volumes.is_empty() {
         None
     } else {
@@ -148,6 +181,57 @@ pub(crate) fn open_targets(
             chap: t.chap.clone(),
             scsi: Arc::new(scsi),
         }));
+    }
+    if let (Some(p), Some((id, set)), Some(cache)) = (&config.packets, packets_volume, &cache) {
+        let err = |msg: String| ServerError::Lun {
+            iqn: "packets".into(),
+            lun: 0,
+            msg,
+        };
+        let queue = PacketQueue::open(
+            Arc::clone(cache),
+            id,
+            set.blocks(),
+            PACKET_BLOCK,
+            Duration::from_secs(p.retain_s),
+            p.dedup_window,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let nodes = config
+            .nodes
+            .iter()
+            .map(|n| {
+                let addrs = n
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                    .map(NodeAddr::from)
+                    .collect();
+                (n.initiator.clone(), addrs)
+            })
+            .collect();
+        let external = p.external.as_ref().map(|x| {
+            (
+                x.bind
+                    .parse()
+                    .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
+                x.peers.iter().filter_map(|a| a.parse().ok()).collect(),
+            )
+        });
+        let agent = RoutingAgent::start(
+            queue,
+            AgentConfig {
+                nodes,
+                delivery_timeout: Duration::from_secs(p.delivery_timeout_s),
+                external,
+            },
+        )
+        .map_err(|e| err(format!("routing agent: {e}")))?;
+        for t in &targets {
+            t.scsi
+                .set_vendor_handler(Arc::clone(&agent) as Arc<dyn VendorHandler>);
+        }
+        handles.agent = Some(agent);
     }
     handles.cache = cache;
     Ok((targets, handles))

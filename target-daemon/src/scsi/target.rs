@@ -57,6 +57,12 @@ pub struct TargetIdentity {
 pub trait VendorHandler: Send + Sync {
     /// Executes a vendor command.
     fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome;
+
+    /// A session logged in.
+    fn nexus_added(&self, _nexus: &ItNexus) {}
+
+    /// A session ended.
+    fn nexus_removed(&self, _nexus: &ItNexus) {}
 }
 
 /// What a command returns before the transport sees it.
@@ -140,6 +146,9 @@ impl ScsiTarget {
 
     /// A new I_T nexus: it starts with a power-on unit attention on every LUN.
     pub fn nexus_added(&self, nexus: &ItNexus) {
+        if let Some(h) = lock(&self.vendor).clone() {
+            h.nexus_added(nexus);
+        }
         lock(&self.nexuses).insert(nexus.id, nexus.clone());
         let mut ua = lock(&self.ua);
         for &l in self.luns.keys() {
@@ -149,6 +158,9 @@ impl ScsiTarget {
 
     /// The nexus is gone.
     pub fn nexus_removed(&self, nexus: &ItNexus) {
+        if let Some(h) = lock(&self.vendor).clone() {
+            h.nexus_removed(nexus);
+        }
         lock(&self.nexuses).remove(&nexus.id);
         lock(&self.ua).retain(|(n, _), _| *n != nexus.id);
         for l in self.luns.values() {
@@ -231,7 +243,7 @@ impl ScsiTarget {
         let Some(&opcode) = cmd.cdb.first() else {
             return self.fail(None, common::INVALID_OPCODE);
         };
-        if opcode >= op::VENDOR_FIRST {
+        if crate::link_unit::unit_for(opcode) == crate::link_unit::Unit::RoutingAgent {
             let h = lock(&self.vendor).clone();
             return match h {
                 Some(h) => h.execute(nexus, cmd),

@@ -1,0 +1,606 @@
+//! The routing agent: executes the vendor commands the link unit hands it. It decides
+//! each packet's outcome from the routing table, stores accepted packets in the packet
+//! queue (durable before the sender hears GOOD), hands packets for the outside to the
+//! external port, and delivers, acknowledges and replays a node's packets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ftss_proto::sense::{common, key, Sense};
+use ftss_proto::vendor::{
+    self, asc, AckCdb, AckList, AddressList, DeliveredRecord, DeliveryFlags, NodeAddr, NodeCdb,
+    NodeInfo, NodeState, Outcome, PacketResult, QueueStats, RecordList, ReplayFrom, RouteState,
+    SendList, SendResults, SendStatus, VendorCdb, VendorError,
+};
+use tracing::{error, info, warn};
+
+use super::external::ExternalPort;
+use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError};
+use super::table::{RegisterError, RoutingTable};
+use crate::scsi::{ItNexus, ScsiCommand, ScsiOutcome, VendorHandler};
+
+/// Key the external port's packets are queued under: no node can have it (it is not a
+/// unicast address).
+pub const EXTERNAL_KEY: NodeAddr = NodeAddr([0xff; 16]);
+/// Longest a RECEIVE waits, whatever its CDB asks: below initiators' command timeouts.
+const RECEIVE_WAIT_MAX: Duration = Duration::from_secs(20);
+
+/// Settings of the agent.
+pub struct AgentConfig {
+    /// Nodes from the configuration: initiator name and addresses.
+    pub nodes: Vec<(String, Vec<NodeAddr>)>,
+    /// Time a destination may stay down before senders get failure notices.
+    pub delivery_timeout: Duration,
+    /// External port: bind address and gateways.
+    pub external: Option<(SocketAddr, Vec<SocketAddr>)>,
+}
+
+/// The routing agent.
+pub struct RoutingAgent {
+    table: Mutex<RoutingTable>,
+    queue: Arc<PacketQueue>,
+    external: Option<ExternalPort>,
+    /// Last SEND's per-packet outcomes, per nexus.
+    results: Mutex<HashMap<u64, (u64, Vec<PacketResult>)>>,
+    delivery_timeout: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn check(s: Sense) -> ScsiOutcome {
+    ScsiOutcome {
+        status: vendor::status::CHECK_CONDITION,
+        sense: Some(s.encode(false)),
+        data_in: Vec::new(),
+        data_out_len: None,
+    }
+}
+
+fn good(data_in: Vec<u8>) -> ScsiOutcome {
+    ScsiOutcome {
+        status: vendor::status::GOOD,
+        sense: None,
+        data_in,
+        data_out_len: None,
+    }
+}
+
+fn not_registered() -> ScsiOutcome {
+    check(Sense::new(
+        key::ILLEGAL_REQUEST,
+        asc::PACKET,
+        asc::NODE_NOT_REGISTERED,
+    ))
+}
+
+fn media_failed(e: &QueueError) -> ScsiOutcome {
+    error!("packet queue: {e}");
+    // LOGICAL UNIT FAILURE: nothing of the command took effect.
+    check(Sense::new(key::HARDWARE_ERROR, 0x3e, 0x01))
+}
+
+fn delivered(p: Packet) -> DeliveredRecord {
+    DeliveredRecord {
+        seq: p.seq,
+        source: p.source,
+        flags: DeliveryFlags {
+            broadcast: p.flags & flags::BROADCAST != 0,
+            from_external: p.flags & flags::FROM_EXTERNAL != 0,
+            failure_notice: p.flags & flags::NOTICE != 0,
+        },
+        packet_id: p.packet_id,
+        timestamp_ms: p.ts_ms,
+        payload: p.payload,
+    }
+}
+
+/// Encoded size of a delivered record with `n` payload bytes.
+fn record_size(n: usize) -> usize {
+    vendor::DELIVERED_HEADER_LEN + n.div_ceil(4) * 4
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RoutingAgent {
+    /// An agent over `queue`; starts its housekeeping and external-port threads.
+    pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> std::io::Result<Arc<Self>> {
+        let external = match &cfg.external {
+            Some((bind, peers)) => Some(ExternalPort::open(*bind, peers)?),
+            None => None,
+        };
+        let agent = Arc::new(RoutingAgent {
+            table: Mutex::new(RoutingTable::new(&cfg.nodes)),
+            queue,
+            external,
+            results: Mutex::new(HashMap::new()),
+            delivery_timeout: cfg.delivery_timeout,
+        });
+        let weak = Arc::downgrade(&agent);
+        std::thread::Builder::new()
+            .name("ftss-routing".into())
+            .spawn(move || housekeeping(&weak))?;
+        if agent.external.is_some() {
+            let weak = Arc::downgrade(&agent);
+            std::thread::Builder::new()
+                .name("ftss-external".into())
+                .spawn(move || external_in(&weak))?;
+        }
+        Ok(agent)
+    }
+
+    /// The external port's receiving address, when there is one.
+    pub fn external_addr(&self) -> Option<SocketAddr> {
+        self.external.as_ref().and_then(|x| x.local_addr().ok())
+    }
+
+    /// The packet queue.
+    pub fn queue(&self) -> &Arc<PacketQueue> {
+        &self.queue
+    }
+
+    fn node_key(&self, nexus: u64) -> Option<(NodeAddr, NodeAddr)> {
+        lock(&self.table)
+            .node_of(nexus)
+            .map(|n| (n.key(), n.source()))
+    }
+
+    fn send(&self, nexus: &ItNexus, tag: u64, param_len: u32, data: &[u8]) -> ScsiOutcome {
+        if param_len == 0 {
+            return good(Vec::new());
+        }
+        let data = &data[..data.len().min(param_len as usize)];
+        let list = match SendList::decode(data) {
+            Ok(l) => l,
+            Err(e) => return check(e.sense()),
+        };
+        let Some((sender, source)) = self.node_key(nexus.id) else {
+            return not_registered();
+        };
+        // Decide every packet's fate first: the batch is stored whole or not at all.
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(list.records.len());
+        let mut to_store: Vec<NewPacket> = Vec::new();
+        let mut in_batch: HashMap<u64, Outcome> = HashMap::new();
+        {
+            let table = lock(&self.table);
+            for r in &list.records {
+                if let Some(o) = in_batch
+                    .get(&r.packet_id)
+                    .copied()
+                    .or_else(|| self.queue.duplicate(sender, r.packet_id))
+                {
+                    outcomes.push(o);
+                    continue;
+                }
+                let base = NewPacket {
+                    node: EXTERNAL_KEY,
+                    dest: r.dest,
+                    source,
+                    sender,
+                    packet_id: r.packet_id,
+                    flags: 0,
+                    payload: r.payload.clone(),
+                };
+                let o = if r.broadcast {
+                    for n in table.nodes() {
+                        if n.state() == RouteState::Available && n.key() != sender {
+                            to_store.push(NewPacket {
+                                node: n.key(),
+                                dest: n.source(),
+                                flags: flags::BROADCAST,
+                                ..base.clone()
+                            });
+                        }
+                    }
+                    Outcome::Delivered
+                } else if let Some(n) = table.lookup(&r.dest) {
+                    match n.state() {
+                        RouteState::Available => {
+                            to_store.push(NewPacket {
+                                node: n.key(),
+                                ..base
+                            });
+                            Outcome::Delivered
+                        }
+                        RouteState::Maintenance => Outcome::DestinationMaintenance,
+                        RouteState::Down => Outcome::DestinationDown,
+                    }
+                } else if self.external.is_some() {
+                    to_store.push(NewPacket {
+                        flags: flags::TO_EXTERNAL,
+                        ..base
+                    });
+                    Outcome::Accepted
+                } else {
+                    Outcome::UnknownDestination
+                };
+                in_batch.insert(r.packet_id, o);
+                outcomes.push(o);
+            }
+        }
+        let seqs = match self.queue.store(&to_store) {
+            Ok(s) => s,
+            Err(QueueError::Full) => {
+                return ScsiOutcome {
+                    status: vendor::status::TASK_SET_FULL,
+                    sense: None,
+                    data_in: Vec::new(),
+                    data_out_len: Some(param_len),
+                }
+            }
+            Err(e) => return media_failed(&e),
+        };
+        self.forward_external(&to_store, &seqs);
+        let results: Vec<PacketResult> = list
+            .records
+            .iter()
+            .zip(&outcomes)
+            .map(|(r, &outcome)| PacketResult {
+                packet_id: r.packet_id,
+                outcome,
+            })
+            .collect();
+        lock(&self.results).insert(nexus.id, (tag, results));
+        let st = SendStatus::of(outcomes);
+        let mut out = match st.sense() {
+            Some(s) => check(s),
+            None => good(Vec::new()),
+        };
+        out.data_out_len = Some(param_len);
+        out
+    }
+
+    /// Hands stored packets for the outside to the external port; it acknowledges them
+    /// (they have left), and a packet no gateway takes earns its sender a notice.
+    fn forward_external(&self, stored: &[NewPacket], seqs: &[u64]) {
+        let Some(x) = &self.external else {
+            return;
+        };
+        let mut acked = Vec::new();
+        let mut notices = Vec::new();
+        for (p, &seq) in stored.iter().zip(seqs) {
+            if p.node != EXTERNAL_KEY {
+                continue;
+            }
+            if !x.send(p.dest, p.source, &p.payload) {
+                notices.push(self.notice(p.sender, p.dest, p.packet_id, Outcome::DestinationDown));
+            }
+            acked.push(seq);
+        }
+        if !acked.is_empty() {
+            if let Err(e) = self.queue.ack(EXTERNAL_KEY, 0, &acked) {
+                warn!("external port ack: {e}");
+            }
+        }
+        let notices: Vec<NewPacket> = notices.into_iter().flatten().collect();
+        if !notices.is_empty() {
+            if let Err(e) = self.queue.store(&notices) {
+                warn!("delivery-failure notices not stored: {e}");
+            }
+        }
+    }
+
+    /// A delivery-failure notice for `sender` about its packet to `dest`.
+    fn notice(
+        &self,
+        sender: NodeAddr,
+        dest: NodeAddr,
+        packet_id: u64,
+        why: Outcome,
+    ) -> Option<NewPacket> {
+        let table = lock(&self.table);
+        let n = table.by_key(&sender)?;
+        Some(NewPacket {
+            node: n.key(),
+            dest: n.source(),
+            source: dest,
+            // The target itself sends notices; they take no part in duplicate checks.
+            sender: NodeAddr::default(),
+            packet_id,
+            flags: flags::NOTICE,
+            payload: vec![why.code(), 0, 0, 0],
+        })
+    }
+
+    fn receive(&self, nexus: &ItNexus, c: vendor::ReceiveCdb) -> ScsiOutcome {
+        let Some((key, _)) = self.node_key(nexus.id) else {
+            return not_registered();
+        };
+        if c.alloc_len == 0 {
+            return good(Vec::new());
+        }
+        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let max = if c.max_records == 0 {
+            65_535
+        } else {
+            (c.max_records as usize).min(65_535)
+        };
+        let wait = if c.wait {
+            Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX)
+        } else {
+            Duration::ZERO
+        };
+        match self.queue.receive(key, max, budget, record_size, wait) {
+            Ok((packets, more)) => good(
+                RecordList {
+                    more,
+                    records: packets.into_iter().map(delivered).collect(),
+                }
+                .encode(),
+            ),
+            Err(e) => media_failed(&e),
+        }
+    }
+
+    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb) -> ScsiOutcome {
+        let Some((key, _)) = self.node_key(nexus.id) else {
+            return not_registered();
+        };
+        if c.alloc_len == 0 {
+            return good(Vec::new());
+        }
+        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let (seq, ms) = match c.from {
+            ReplayFrom::Seq(s) => (s, 0),
+            ReplayFrom::Time(t) => (0, t),
+        };
+        match self.queue.replay(key, seq, ms, 65_535, budget, record_size) {
+            Ok((packets, more)) => good(
+                RecordList {
+                    more,
+                    records: packets.into_iter().map(delivered).collect(),
+                }
+                .encode(),
+            ),
+            Err(e) => media_failed(&e),
+        }
+    }
+
+    fn ack(&self, nexus: &ItNexus, c: AckCdb, data: &[u8]) -> ScsiOutcome {
+        let Some((key, _)) = self.node_key(nexus.id) else {
+            return not_registered();
+        };
+        let (upto, list, param_len) = match c {
+            AckCdb::UpTo(s) => (s, Vec::new(), None),
+            AckCdb::List { param_len } => {
+                let d = &data[..data.len().min(param_len as usize)];
+                match AckList::decode(d) {
+                    Ok(l) => (0, l.seqs, Some(param_len)),
+                    Err(e) => return check(e.sense()),
+                }
+            }
+        };
+        let mut out = match self.queue.ack(key, upto, &list) {
+            Ok(()) => good(Vec::new()),
+            Err(QueueError::Full) => ScsiOutcome {
+                status: vendor::status::TASK_SET_FULL,
+                ..ScsiOutcome::default()
+            },
+            Err(e) => media_failed(&e),
+        };
+        out.data_out_len = param_len;
+        out
+    }
+
+    fn node(&self, nexus: &ItNexus, c: NodeCdb, data: &[u8]) -> ScsiOutcome {
+        match c {
+            NodeCdb::Register { param_len } => {
+                let d = &data[..data.len().min(param_len as usize)];
+                let list = match AddressList::decode(d) {
+                    Ok(l) => l,
+                    Err(e) => return check(e.sense()),
+                };
+                let r = lock(&self.table).register(nexus.id, &list.addrs);
+                let mut out = match r {
+                    Ok(key) => {
+                        info!(initiator = %nexus.initiator_name, node = %key, "node registered");
+                        self.queue.rewind(key);
+                        good(Vec::new())
+                    }
+                    Err(RegisterError::Taken(k)) => {
+                        let off = vendor::LIST_HEADER_LEN + 16 * k;
+                        check(
+                            common::INVALID_FIELD_IN_PARAM_LIST
+                                .param_field(off as u16, None)
+                                .with_info(off as u64),
+                        )
+                    }
+                };
+                out.data_out_len = Some(param_len);
+                out
+            }
+            NodeCdb::SetState(s) => {
+                if lock(&self.table).set_maintenance(nexus.id, s == NodeState::Maintenance) {
+                    good(Vec::new())
+                } else {
+                    not_registered()
+                }
+            }
+            NodeCdb::Query { alloc_len } => {
+                let table = lock(&self.table);
+                let Some(n) = table.node_of(nexus.id) else {
+                    return not_registered();
+                };
+                let fit = (alloc_len as usize).saturating_sub(vendor::LIST_HEADER_LEN) / 16;
+                good(
+                    NodeInfo {
+                        state: if n.maintenance {
+                            NodeState::Maintenance
+                        } else {
+                            NodeState::Available
+                        },
+                        total: n.addrs.len() as u16,
+                        addrs: n.addrs.iter().take(fit).copied().collect(),
+                    }
+                    .encode(),
+                )
+            }
+            NodeCdb::RoutingTable { alloc_len } => {
+                let entries = lock(&self.table).entries(nexus.id);
+                let fit = (alloc_len as usize).saturating_sub(vendor::LIST_HEADER_LEN)
+                    / vendor::ROUTE_ENTRY_LEN;
+                good(
+                    vendor::RoutingTable {
+                        total: entries.len().min(usize::from(u16::MAX)) as u16,
+                        entries: entries.into_iter().take(fit).collect(),
+                    }
+                    .encode(),
+                )
+            }
+            NodeCdb::QueueStats { alloc_len: _ } => {
+                let Some((key, _)) = self.node_key(nexus.id) else {
+                    return not_registered();
+                };
+                let s = self.queue.stats(key);
+                good(
+                    QueueStats {
+                        queued_records: s.queued_records,
+                        queued_bytes: s.queued_bytes,
+                        first_unacked: s.first_unacked,
+                        last_delivered: s.last_delivered,
+                        last_assigned: s.last_assigned,
+                        capacity_bytes: self.queue.capacity(),
+                    }
+                    .encode(),
+                )
+            }
+        }
+    }
+
+    fn send_results(&self, nexus: &ItNexus, c: vendor::SendResultsCdb) -> ScsiOutcome {
+        let results = lock(&self.results);
+        let Some((tag, list)) = results.get(&nexus.id).filter(|(t, _)| *t == c.batch_tag) else {
+            return check(common::INVALID_FIELD_IN_CDB.cdb_field(2, None));
+        };
+        if c.alloc_len == 0 {
+            return good(Vec::new());
+        }
+        let fit = (c.alloc_len as usize).saturating_sub(vendor::RESULTS_HEADER_LEN)
+            / vendor::RESULT_ENTRY_LEN;
+        good(
+            SendResults {
+                batch_tag: *tag,
+                total: list.len() as u16,
+                results: list.iter().take(fit).copied().collect(),
+            }
+            .encode(),
+        )
+    }
+
+    /// Sends failure notices for packets whose destination stayed down too long, and
+    /// lets retention expire acknowledged packets.
+    fn tick(&self) {
+        let down: Vec<(NodeAddr, NodeAddr)> = lock(&self.table)
+            .nodes()
+            .iter()
+            .filter(|n| n.state() == RouteState::Down)
+            .map(|n| (n.key(), n.source()))
+            .collect();
+        let cutoff = now_ms().saturating_sub(self.delivery_timeout.as_millis() as u64);
+        let mut notices = Vec::new();
+        for (key, addr) in down {
+            for (sender, id, _seq) in self.queue.overdue(key, cutoff) {
+                if sender != NodeAddr::default() {
+                    notices.extend(self.notice(sender, addr, id, Outcome::DestinationDown));
+                }
+            }
+        }
+        if !notices.is_empty() {
+            info!(count = notices.len(), "delivery-failure notices");
+            if let Err(e) = self.queue.store(&notices) {
+                warn!("delivery-failure notices not stored: {e}");
+            }
+        }
+        let _ = self.queue.expire();
+    }
+
+    /// A packet from outside: delivered if its destination is an available node, else
+    /// dropped (Figure 8).
+    fn deliver_incoming(&self, dest: NodeAddr, source: NodeAddr, payload: Vec<u8>) -> bool {
+        let node = {
+            let table = lock(&self.table);
+            match table.lookup(&dest) {
+                Some(n) if n.state() == RouteState::Available => n.key(),
+                _ => return false,
+            }
+        };
+        self.queue
+            .store(&[NewPacket {
+                node,
+                dest,
+                source,
+                sender: EXTERNAL_KEY,
+                packet_id: 0,
+                flags: flags::FROM_EXTERNAL,
+                payload,
+            }])
+            .is_ok()
+    }
+}
+
+fn housekeeping(agent: &Weak<RoutingAgent>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(a) = agent.upgrade() else {
+            return;
+        };
+        a.tick();
+    }
+}
+
+fn external_in(agent: &Weak<RoutingAgent>) {
+    loop {
+        let Some(a) = agent.upgrade() else {
+            return;
+        };
+        let Some(x) = &a.external else {
+            return;
+        };
+        if let Some(d) = x.recv(Duration::from_millis(500)) {
+            let counter = if a.deliver_incoming(d.dest, d.source, d.payload) {
+                &x.received
+            } else {
+                &x.dropped
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl VendorHandler for RoutingAgent {
+    fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
+        let c = match VendorCdb::parse(cmd.cdb) {
+            Ok(c) => c,
+            Err(e @ VendorError::UnsupportedOpcode(_)) => return check(e.sense()),
+            Err(e) => return check(e.sense()),
+        };
+        match c {
+            VendorCdb::Send(s) => self.send(nexus, s.batch_tag, s.param_len, cmd.data_out),
+            VendorCdb::Receive(r) => self.receive(nexus, r),
+            VendorCdb::Ack(a) => self.ack(nexus, a, cmd.data_out),
+            VendorCdb::Replay(r) => self.replay(nexus, r),
+            VendorCdb::Node(n) => self.node(nexus, n, cmd.data_out),
+            VendorCdb::SendResults(r) => self.send_results(nexus, r),
+        }
+    }
+
+    fn nexus_added(&self, nexus: &ItNexus) {
+        let key = lock(&self.table).nexus_added(nexus.id, &nexus.initiator_name);
+        if let Some(k) = key {
+            // A new session gets again what an old one may have lost with its connection.
+            self.queue.rewind(k);
+        }
+    }
+
+    fn nexus_removed(&self, nexus: &ItNexus) {
+        lock(&self.table).nexus_removed(nexus.id);
+        lock(&self.results).remove(&nexus.id);
+    }
+}

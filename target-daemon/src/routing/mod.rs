@@ -1,0 +1,9 @@
+//! Network packets over the storage fabric: the routing agent (vendor commands), its
+//! routing table, the packet queue on the fault-tolerant media, and the external port.
+
+pub mod agent;
+pub mod external;
+pub mod packet_queue;
+pub mod table;
+
+pub use agent::{AgentConfig, RoutingAgent};

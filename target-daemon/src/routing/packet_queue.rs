@@ -1,0 +1,954 @@
+//! The packet queue: every packet the target accepts, stored in a log on a mirrored
+//! volume behind the write cache, so a packet is as durable as a block write before its
+//! sender hears GOOD.
+//!
+//! Layout of the volume (512-byte blocks): block 0 is the superblock (where the log's
+//! tail is), the rest a circular log of records. A record is a 24-byte header (magic,
+//! version, kind, sequence number, body length, crc32c) and a body, padded to whole
+//! blocks; it never wraps the volume end (a PAD record fills the rest of the lap).
+//!
+//! Sequence numbers are global and increase with the log, so every packet's number also
+//! increases per destination node (the numbers RECEIVE, ACK and REPLAY use). Ordering is
+//! the write cache's: records and superblock updates are appended to the cache under this
+//! queue's lock in log order, and the cache commits in append order, so a durable record
+//! implies every earlier one (and the superblock that made room for it) is durable.
+//!
+//! Memory stays bounded however large a node's backlog: each node indexes at most
+//! `INDEX_MAX` of its unacknowledged packets; past that it remembers where in the log its
+//! unindexed packets start and refills the index by reading the log as it drains.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ftss_proto::vendor::{NodeAddr, Outcome};
+use tracing::{info, warn};
+
+use crate::media::cache::WriteCache;
+use crate::media::MediaError;
+
+const MAGIC: u32 = 0x4654_5051; // "FTPQ"
+const VERSION: u16 = 1;
+const KIND_PACKET: u16 = 1;
+const KIND_ACK: u16 = 2;
+const KIND_PAD: u16 = 3;
+const HDR: usize = 24;
+const SB_MAGIC: &[u8; 8] = b"FTPQSB01";
+/// Bytes of a packet record body before the payload.
+const PKT_FIXED: usize = 16 * 4 + 8 + 8 + 2 + 4;
+/// Unacknowledged packets a node keeps indexed in memory.
+pub const INDEX_MAX: usize = 65_536;
+/// Largest single append handed to the write cache.
+const APPEND_MAX: usize = 1 << 20;
+
+/// Packet flags as stored.
+pub mod flags {
+    /// Sent as a broadcast.
+    pub const BROADCAST: u16 = 1;
+    /// Came in through the external port.
+    pub const FROM_EXTERNAL: u16 = 2;
+    /// A delivery-failure notice.
+    pub const NOTICE: u16 = 4;
+    /// For the external port: accepted, delivery not guaranteed.
+    pub const TO_EXTERNAL: u16 = 8;
+}
+
+/// A packet to store.
+#[derive(Clone, Debug)]
+pub struct NewPacket {
+    /// Key of the destination node (its canonical address); the external port's key for
+    /// packets leaving the nodes' network.
+    pub node: NodeAddr,
+    /// Destination address the sender gave.
+    pub dest: NodeAddr,
+    /// Source stamped by the target.
+    pub source: NodeAddr,
+    /// Key of the sending node (for duplicate suppression and failure notices).
+    pub sender: NodeAddr,
+    /// The sender's packet id.
+    pub packet_id: u64,
+    /// [`flags`].
+    pub flags: u16,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// A stored packet read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    /// Sequence number.
+    pub seq: u64,
+    /// Destination node key.
+    pub node: NodeAddr,
+    /// Destination address.
+    pub dest: NodeAddr,
+    /// Stamped source.
+    pub source: NodeAddr,
+    /// Sender node key.
+    pub sender: NodeAddr,
+    /// Sender's packet id.
+    pub packet_id: u64,
+    /// When stored, ms since the epoch.
+    pub ts_ms: u64,
+    /// [`flags`].
+    pub flags: u16,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Errors of the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// No room without dropping unacknowledged packets (TASK SET FULL).
+    #[error("packet queue full")]
+    Full,
+    /// The media failed.
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    /// The volume holds something that is not a packet queue.
+    #[error("packet queue: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    seq: u64,
+    pos: u64,
+    payload_len: u32,
+    ts_ms: u64,
+    sender: NodeAddr,
+    packet_id: u64,
+}
+
+#[derive(Default, Debug)]
+struct NodeQ {
+    acked_upto: u64,
+    /// Acknowledged numbers above `acked_upto`.
+    acked: BTreeSet<u64>,
+    /// Unacknowledged packets, in order; at most INDEX_MAX.
+    pending: VecDeque<Entry>,
+    /// Log position from which this node's packets are not in `pending`.
+    spill: Option<u64>,
+    /// RECEIVE position.
+    delivered: u64,
+    last_assigned: u64,
+    queued_records: u64,
+    queued_bytes: u64,
+    /// Failure notices were produced for packets up to here.
+    noticed_upto: u64,
+}
+
+impl NodeQ {
+    fn is_acked(&self, seq: u64) -> bool {
+        seq <= self.acked_upto || self.acked.contains(&seq)
+    }
+}
+
+struct Inner {
+    head: u64,
+    tail: u64,
+    next_seq: u64,
+    tail_seq: u64,
+    /// Every record up to this sequence number is durable (deliverable).
+    frontier: u64,
+    nodes: HashMap<NodeAddr, NodeQ>,
+    dedup: HashMap<(NodeAddr, u64), (Outcome, u64)>,
+    dedup_order: VecDeque<(NodeAddr, u64)>,
+}
+
+/// Per-node figures for QUEUE STATS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Stored, not acknowledged.
+    pub queued_records: u64,
+    /// Their payload bytes.
+    pub queued_bytes: u64,
+    /// First unacknowledged sequence number (0 = none).
+    pub first_unacked: u64,
+    /// RECEIVE position.
+    pub last_delivered: u64,
+    /// Last number assigned to this node.
+    pub last_assigned: u64,
+}
+
+/// The packet queue.
+pub struct PacketQueue {
+    cache: Arc<WriteCache>,
+    volume: u32,
+    bs: u64,
+    cap: u64,
+    retain: Duration,
+    dedup_window: usize,
+    inner: Mutex<Inner>,
+    /// Signalled when records become deliverable.
+    cond: Condvar,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn le64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[o..o + 4]);
+    u32::from_le_bytes(a)
+}
+fn addr(b: &[u8], o: usize) -> NodeAddr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[o..o + 16]);
+    NodeAddr(a)
+}
+
+fn encode_record(kind: u16, seq: u64, body: &[u8], bs: u64) -> Vec<u8> {
+    let len = (HDR + body.len()).div_ceil(bs as usize) * bs as usize;
+    let mut r = Vec::with_capacity(len);
+    r.extend_from_slice(&MAGIC.to_le_bytes());
+    r.extend_from_slice(&VERSION.to_le_bytes());
+    r.extend_from_slice(&kind.to_le_bytes());
+    r.extend_from_slice(&seq.to_le_bytes());
+    r.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    r.extend_from_slice(&[0; 4]);
+    r.extend_from_slice(body);
+    let crc = crc32c::crc32c(&r);
+    r[20..24].copy_from_slice(&crc.to_le_bytes());
+    r.resize(len, 0);
+    r
+}
+
+fn packet_body(p: &NewPacket, ts_ms: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(PKT_FIXED + p.payload.len());
+    b.extend_from_slice(&p.node.0);
+    b.extend_from_slice(&p.dest.0);
+    b.extend_from_slice(&p.source.0);
+    b.extend_from_slice(&p.sender.0);
+    b.extend_from_slice(&p.packet_id.to_le_bytes());
+    b.extend_from_slice(&ts_ms.to_le_bytes());
+    b.extend_from_slice(&p.flags.to_le_bytes());
+    b.extend_from_slice(&(p.payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&p.payload);
+    b
+}
+
+fn parse_packet(seq: u64, body: &[u8]) -> Option<Packet> {
+    if body.len() < PKT_FIXED {
+        return None;
+    }
+    let n = le32(body, 82) as usize;
+    if body.len() != PKT_FIXED + n {
+        return None;
+    }
+    Some(Packet {
+        seq,
+        node: addr(body, 0),
+        dest: addr(body, 16),
+        source: addr(body, 32),
+        sender: addr(body, 48),
+        packet_id: le64(body, 64),
+        ts_ms: le64(body, 72),
+        flags: u16::from_le_bytes([body[80], body[81]]),
+        payload: body[PKT_FIXED..].to_vec(),
+    })
+}
+
+fn ack_body(node: NodeAddr, upto: u64, list: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28 + list.len() * 8);
+    b.extend_from_slice(&node.0);
+    b.extend_from_slice(&upto.to_le_bytes());
+    b.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    for s in list {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    b
+}
+
+fn parse_ack(body: &[u8]) -> Option<(NodeAddr, u64, Vec<u64>)> {
+    if body.len() < 28 {
+        return None;
+    }
+    let n = le32(body, 24) as usize;
+    if body.len() != 28 + n * 8 {
+        return None;
+    }
+    Some((
+        addr(body, 0),
+        le64(body, 16),
+        (0..n).map(|i| le64(body, 28 + i * 8)).collect(),
+    ))
+}
+
+/// A record header read from the log.
+struct Hdr {
+    kind: u16,
+    seq: u64,
+    body_len: usize,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PacketQueue {
+    /// Opens the queue stored as `volume` of `cache` (`blocks` blocks of `bs` bytes),
+    /// rebuilding its state from the log. A volume of zeros becomes an empty queue.
+    pub fn open(
+        cache: Arc<WriteCache>,
+        volume: u32,
+        blocks: u64,
+        bs: u32,
+        retain: Duration,
+        dedup_window: usize,
+    ) -> Result<Arc<Self>, QueueError> {
+        let bs = u64::from(bs);
+        if blocks < 16 {
+            return Err(QueueError::Corrupt("volume too small".into()));
+        }
+        let q = PacketQueue {
+            cache,
+            volume,
+            bs,
+            cap: (blocks - 1) * bs,
+            retain,
+            dedup_window,
+            inner: Mutex::new(Inner {
+                head: 0,
+                tail: 0,
+                next_seq: 1,
+                tail_seq: 1,
+                frontier: 0,
+                nodes: HashMap::new(),
+                dedup: HashMap::new(),
+                dedup_order: VecDeque::new(),
+            }),
+            cond: Condvar::new(),
+        };
+        q.recover()?;
+        Ok(Arc::new(q))
+    }
+
+    fn lba(&self, pos: u64) -> u64 {
+        1 + (pos % self.cap) / self.bs
+    }
+
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> Result<(), QueueError> {
+        self.cache.read(self.volume, self.lba(pos), buf)?;
+        Ok(())
+    }
+
+    /// Reads the header at `pos` if a valid record of sequence `want` starts there.
+    fn header(&self, pos: u64, want: Option<u64>) -> Result<Option<(Hdr, Vec<u8>)>, QueueError> {
+        let mut first = vec![0u8; self.bs as usize];
+        self.read_at(pos, &mut first)?;
+        if le32(&first, 0) != MAGIC || u16::from_le_bytes([first[4], first[5]]) != VERSION {
+            return Ok(None);
+        }
+        let h = Hdr {
+            kind: u16::from_le_bytes([first[6], first[7]]),
+            seq: le64(&first, 8),
+            body_len: le32(&first, 16) as usize,
+        };
+        if want.is_some_and(|w| w != h.seq) {
+            return Ok(None);
+        }
+        let room = self.cap - pos % self.cap;
+        if (HDR + h.body_len) as u64 > room {
+            return Ok(None);
+        }
+        Ok(Some((h, first)))
+    }
+
+    /// Reads and verifies a whole record; returns its header and body.
+    fn record(&self, pos: u64, want: Option<u64>) -> Result<Option<(Hdr, Vec<u8>)>, QueueError> {
+        let Some((h, first)) = self.header(pos, want)? else {
+            return Ok(None);
+        };
+        let len = (HDR + h.body_len).div_ceil(self.bs as usize) * self.bs as usize;
+        let mut r = first;
+        if len > r.len() {
+            let mut rest = vec![0u8; len - r.len()];
+            self.read_at(pos + r.len() as u64, &mut rest)?;
+            r.extend_from_slice(&rest);
+        }
+        let want_crc = le32(&r, 20);
+        r[20..24].fill(0);
+        if crc32c::crc32c(&r[..HDR + h.body_len]) != want_crc {
+            return Ok(None);
+        }
+        let body = r[HDR..HDR + h.body_len].to_vec();
+        Ok(Some((h, body)))
+    }
+
+    fn rec_len(&self, body_len: usize) -> u64 {
+        ((HDR + body_len) as u64).div_ceil(self.bs) * self.bs
+    }
+
+    fn recover(&self) -> Result<(), QueueError> {
+        let started = Instant::now();
+        let mut sb = vec![0u8; self.bs as usize];
+        self.cache.read(self.volume, 0, &mut sb)?;
+        let (tail, tail_seq) = if sb.iter().all(|&b| b == 0) {
+            (0, 1)
+        } else {
+            if &sb[..8] != SB_MAGIC || crc32c::crc32c(&sb[..36]) != le32(&sb, 36) {
+                return Err(QueueError::Corrupt(
+                    "superblock is not a packet queue's (or is damaged)".into(),
+                ));
+            }
+            if le64(&sb, 28) != self.cap {
+                return Err(QueueError::Corrupt(format!(
+                    "queue was made for {} bytes, the configuration gives {}",
+                    le64(&sb, 28),
+                    self.cap
+                )));
+            }
+            (le64(&sb, 12), le64(&sb, 20))
+        };
+        let mut g = lock(&self.inner);
+        g.tail = tail;
+        g.tail_seq = tail_seq;
+        let (mut pos, mut seq) = (tail, tail_seq);
+        let mut packets = 0u64;
+        while pos - tail < self.cap {
+            let Some((h, body)) = self.record(pos, Some(seq))? else {
+                break;
+            };
+            match h.kind {
+                KIND_PAD => pos = pos.div_ceil(self.cap) * self.cap,
+                KIND_PACKET => {
+                    let p = parse_packet(seq, &body)
+                        .ok_or_else(|| QueueError::Corrupt(format!("packet {seq} malformed")))?;
+                    self.index_packet(&mut g, &p, p.payload.len(), pos);
+                    packets += 1;
+                    pos += self.rec_len(h.body_len);
+                }
+                KIND_ACK => {
+                    let (node, upto, list) = parse_ack(&body)
+                        .ok_or_else(|| QueueError::Corrupt(format!("ack {seq} malformed")))?;
+                    Self::apply_ack(&mut g, node, upto, &list);
+                    pos += self.rec_len(h.body_len);
+                }
+                _ => break,
+            }
+            seq += 1;
+        }
+        g.head = pos;
+        g.next_seq = seq;
+        g.frontier = seq - 1;
+        for n in g.nodes.values_mut() {
+            n.delivered = n.acked_upto;
+        }
+        info!(
+            packets,
+            live_bytes = pos - tail,
+            ms = started.elapsed().as_millis() as u64,
+            "packet queue recovered"
+        );
+        Ok(())
+    }
+
+    /// Records a stored packet in the in-memory state (store and recovery).
+    fn index_packet(&self, g: &mut Inner, p: &Packet, payload_len: usize, pos: u64) {
+        let n = g.nodes.entry(p.node).or_default();
+        n.last_assigned = n.last_assigned.max(p.seq);
+        if !n.is_acked(p.seq) {
+            n.queued_records += 1;
+            n.queued_bytes += payload_len as u64;
+            if n.spill.is_none() && n.pending.len() < INDEX_MAX {
+                n.pending.push_back(Entry {
+                    seq: p.seq,
+                    pos,
+                    payload_len: payload_len as u32,
+                    ts_ms: p.ts_ms,
+                    sender: p.sender,
+                    packet_id: p.packet_id,
+                });
+            } else if n.spill.is_none() {
+                n.spill = Some(pos);
+            }
+        }
+        if p.flags & flags::NOTICE == 0 {
+            let outcome = if p.flags & flags::TO_EXTERNAL != 0 {
+                Outcome::Accepted
+            } else {
+                Outcome::Delivered
+            };
+            let key = (p.sender, p.packet_id);
+            if g.dedup.insert(key, (outcome, p.seq)).is_none() {
+                g.dedup_order.push_back(key);
+                while g.dedup_order.len() > self.dedup_window {
+                    if let Some(old) = g.dedup_order.pop_front() {
+                        g.dedup.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_ack(g: &mut Inner, node: NodeAddr, upto: u64, list: &[u64]) {
+        let n = g.nodes.entry(node).or_default();
+        let mut newly: Vec<u64> = Vec::new();
+        let upto = upto.min(n.last_assigned);
+        if upto > n.acked_upto {
+            n.acked_upto = upto;
+            let acked_upto = n.acked_upto;
+            n.acked.retain(|&s| s > acked_upto);
+        }
+        for &s in list {
+            if s > n.acked_upto && s <= n.last_assigned {
+                n.acked.insert(s);
+                newly.push(s);
+            }
+        }
+        // Drop acknowledged entries from the index and the counters.
+        let mut kept = VecDeque::with_capacity(n.pending.len());
+        for e in n.pending.drain(..) {
+            if e.seq <= n.acked_upto || n.acked.contains(&e.seq) {
+                n.queued_records = n.queued_records.saturating_sub(1);
+                n.queued_bytes = n.queued_bytes.saturating_sub(u64::from(e.payload_len));
+            } else {
+                kept.push_back(e);
+            }
+        }
+        n.pending = kept;
+        n.delivered = n.delivered.max(n.acked_upto);
+        n.noticed_upto = n.noticed_upto.max(n.acked_upto);
+        let _ = newly;
+    }
+
+    /// Makes room for `need` bytes (plus a lap's padding) by moving the tail past records
+    /// that are acknowledged (and past their retention, unless room is short). Appends a
+    /// superblock when the tail moved, before anything reuses the space.
+    fn make_room(&self, g: &mut Inner, need: u64) -> Result<(), QueueError> {
+        let now = now_ms();
+        let retain_ms = self.retain.as_millis() as u64;
+        let mut moved = false;
+        loop {
+            let used = g.head - g.tail;
+            let short = self.cap - used < need;
+            if g.tail == g.head {
+                break;
+            }
+            let Some((h, body)) = self.record(g.tail, Some(g.tail_seq))? else {
+                return Err(QueueError::Corrupt(format!(
+                    "record {} at the tail is unreadable",
+                    g.tail_seq
+                )));
+            };
+            let len = match h.kind {
+                KIND_PAD => g.tail.div_ceil(self.cap) * self.cap - g.tail,
+                KIND_ACK => self.rec_len(h.body_len),
+                _ => {
+                    let p = parse_packet(h.seq, &body).ok_or_else(|| {
+                        QueueError::Corrupt(format!("packet {} malformed", h.seq))
+                    })?;
+                    let acked = g.nodes.get(&p.node).is_none_or(|n| n.is_acked(p.seq));
+                    let expired = now.saturating_sub(p.ts_ms) >= retain_ms;
+                    if !acked || !(short || expired) {
+                        break;
+                    }
+                    self.rec_len(h.body_len)
+                }
+            };
+            g.tail += len;
+            g.tail_seq += 1;
+            moved = true;
+        }
+        if self.cap - (g.head - g.tail) < need {
+            if moved {
+                self.append_superblock(g)?;
+            }
+            return Err(QueueError::Full);
+        }
+        if moved {
+            self.append_superblock(g)?;
+        }
+        Ok(())
+    }
+
+    fn append_superblock(&self, g: &Inner) -> Result<u64, QueueError> {
+        let mut b = vec![0u8; self.bs as usize];
+        b[..8].copy_from_slice(SB_MAGIC);
+        b[8..12].copy_from_slice(&u32::from(VERSION).to_le_bytes());
+        b[12..20].copy_from_slice(&g.tail.to_le_bytes());
+        b[20..28].copy_from_slice(&g.tail_seq.to_le_bytes());
+        b[28..36].copy_from_slice(&self.cap.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..36]);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        Ok(self.cache.append(self.volume, 0, &b)?)
+    }
+
+    /// Appends encoded records at the head (under the lock), padding the lap when a
+    /// record does not fit before the volume end. Returns the cache sequence of the last
+    /// append and each record's position.
+    fn append_records(
+        &self,
+        g: &mut Inner,
+        recs: &[(u16, Vec<u8>)],
+    ) -> Result<(u64, Vec<(u64, u64)>), QueueError> {
+        let mut cache_seq = 0;
+        let mut placed = Vec::with_capacity(recs.len());
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_pos = g.head;
+        for (kind, body) in recs {
+            let len = self.rec_len(body.len());
+            let room = self.cap - g.head % self.cap;
+            if len > room {
+                if !run.is_empty() {
+                    self.cache.append(self.volume, self.lba(run_pos), &run)?;
+                    run.clear();
+                }
+                let pad = encode_record(KIND_PAD, g.next_seq, &[], self.bs);
+                cache_seq = self.cache.append(self.volume, self.lba(g.head), &pad)?;
+                g.next_seq += 1;
+                g.head += room;
+                run_pos = g.head;
+            }
+            let seq = g.next_seq;
+            g.next_seq += 1;
+            let r = encode_record(*kind, seq, body, self.bs);
+            if run.len() + r.len() > APPEND_MAX && !run.is_empty() {
+                cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
+                run.clear();
+                run_pos = g.head;
+            }
+            placed.push((seq, g.head));
+            run.extend_from_slice(&r);
+            g.head += len;
+        }
+        if !run.is_empty() {
+            cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
+        }
+        Ok((cache_seq, placed))
+    }
+
+    /// Space a batch of packet bodies needs, with room for one lap's padding.
+    fn need(&self, bodies: &[Vec<u8>]) -> u64 {
+        bodies.iter().map(|b| self.rec_len(b.len())).sum::<u64>()
+            + self.rec_len(PKT_FIXED + ftss_proto::vendor::PAYLOAD_MAX)
+    }
+
+    /// Stores packets durably; returns their sequence numbers. Nothing is stored when the
+    /// queue is full.
+    pub fn store(&self, packets: &[NewPacket]) -> Result<Vec<u64>, QueueError> {
+        if packets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ts = now_ms();
+        let bodies: Vec<Vec<u8>> = packets.iter().map(|p| packet_body(p, ts)).collect();
+        let (cache_seq, seqs, last) = {
+            let mut g = lock(&self.inner);
+            let need = self.need(&bodies);
+            if self.cap - (g.head - g.tail) < need {
+                self.make_room(&mut g, need)?;
+            }
+            let recs: Vec<(u16, Vec<u8>)> = bodies.into_iter().map(|b| (KIND_PACKET, b)).collect();
+            let (cache_seq, placed) = self.append_records(&mut g, &recs)?;
+            let mut seqs = Vec::with_capacity(placed.len());
+            for (p, &(seq, pos)) in packets.iter().zip(&placed) {
+                let stored = Packet {
+                    seq,
+                    node: p.node,
+                    dest: p.dest,
+                    source: p.source,
+                    sender: p.sender,
+                    packet_id: p.packet_id,
+                    ts_ms: ts,
+                    flags: p.flags,
+                    payload: Vec::new(),
+                };
+                self.index_packet(&mut g, &stored, p.payload.len(), pos);
+                seqs.push(seq);
+            }
+            let last = placed.last().map_or(0, |x| x.0);
+            (cache_seq, seqs, last)
+        };
+        self.cache.wait_durable(cache_seq)?;
+        let mut g = lock(&self.inner);
+        // Appends are in log order, so this commit covers every earlier record too.
+        g.frontier = g.frontier.max(last);
+        drop(g);
+        self.cond.notify_all();
+        Ok(seqs)
+    }
+
+    /// The outcome a (sender, packet id) got, if it is still remembered.
+    pub fn duplicate(&self, sender: NodeAddr, packet_id: u64) -> Option<Outcome> {
+        lock(&self.inner)
+            .dedup
+            .get(&(sender, packet_id))
+            .map(|x| x.0)
+    }
+
+    /// Acknowledges packets of `node`, durably.
+    pub fn ack(&self, node: NodeAddr, upto: u64, list: &[u64]) -> Result<(), QueueError> {
+        let cache_seq = {
+            let mut g = lock(&self.inner);
+            let body = ack_body(node, upto, list);
+            let need = self.rec_len(body.len()) + self.bs;
+            if self.cap - (g.head - g.tail) < need {
+                // An ACK frees space; it must never be refused for lack of it.
+                match self.make_room(&mut g, need) {
+                    Ok(()) | Err(QueueError::Full) => {}
+                    Err(e) => return Err(e),
+                }
+                if self.cap - (g.head - g.tail) < need {
+                    return Err(QueueError::Full);
+                }
+            }
+            let (cache_seq, _) = self.append_records(&mut g, &[(KIND_ACK, body)])?;
+            cache_seq
+        };
+        self.cache.wait_durable(cache_seq)?;
+        let mut g = lock(&self.inner);
+        Self::apply_ack(&mut g, node, upto, list);
+        self.refill(&mut g, node)?;
+        Ok(())
+    }
+
+    /// Refills a node's index from the log after it drained below half.
+    fn refill(&self, g: &mut Inner, node: NodeAddr) -> Result<(), QueueError> {
+        let Some(n) = g.nodes.get(&node) else {
+            return Ok(());
+        };
+        let Some(mut pos) = n.spill else {
+            return Ok(());
+        };
+        if n.pending.len() > INDEX_MAX / 2 {
+            return Ok(());
+        }
+        let head = g.head;
+        let mut found = Vec::new();
+        let room = INDEX_MAX - n.pending.len();
+        let mut next_spill = None;
+        while pos < head {
+            let Some((h, body)) = self.record(pos, None)? else {
+                return Err(QueueError::Corrupt(format!("unreadable record at {pos}")));
+            };
+            if h.kind == KIND_PAD {
+                pos = pos.div_ceil(self.cap) * self.cap;
+                continue;
+            }
+            if h.kind == KIND_PACKET {
+                if let Some(p) = parse_packet(h.seq, &body) {
+                    if p.node == node && !n.is_acked(p.seq) {
+                        if found.len() == room {
+                            next_spill = Some(pos);
+                            break;
+                        }
+                        found.push(Entry {
+                            seq: p.seq,
+                            pos,
+                            payload_len: p.payload.len() as u32,
+                            ts_ms: p.ts_ms,
+                            sender: p.sender,
+                            packet_id: p.packet_id,
+                        });
+                    }
+                }
+            }
+            pos += self.rec_len(h.body_len);
+        }
+        if let Some(n) = g.nodes.get_mut(&node) {
+            n.pending.extend(found);
+            n.spill = next_spill;
+        }
+        Ok(())
+    }
+
+    fn read_packet(&self, e: &Entry) -> Result<Packet, QueueError> {
+        let (h, body) = self.record(e.pos, Some(e.seq))?.ok_or_else(|| {
+            QueueError::Corrupt(format!("packet {} unreadable at {}", e.seq, e.pos))
+        })?;
+        parse_packet(h.seq, &body)
+            .ok_or_else(|| QueueError::Corrupt(format!("packet {} malformed", e.seq)))
+    }
+
+    /// Takes deliverable packets of `node` after its RECEIVE position: at most `max`
+    /// records whose encoded sizes (`size_of`) fit `budget` bytes. Waits up to `wait`
+    /// for a first one. Returns the packets and whether more are queued.
+    pub fn receive(
+        &self,
+        node: NodeAddr,
+        max: usize,
+        budget: usize,
+        size_of: impl Fn(usize) -> usize,
+        wait: Duration,
+    ) -> Result<(Vec<Packet>, bool), QueueError> {
+        let deadline = Instant::now() + wait;
+        let mut g = lock(&self.inner);
+        loop {
+            let frontier = g.frontier;
+            let Some(n) = g.nodes.get(&node) else {
+                if Instant::now() >= deadline {
+                    return Ok((Vec::new(), false));
+                }
+                g = self.wait(g, deadline);
+                continue;
+            };
+            let ready: Vec<Entry> = n
+                .pending
+                .iter()
+                .filter(|e| e.seq > n.delivered && e.seq <= frontier)
+                .take(max.max(1))
+                .cloned()
+                .collect();
+            if ready.is_empty() && Instant::now() < deadline {
+                g = self.wait(g, deadline);
+                continue;
+            }
+            let mut out = Vec::new();
+            let mut used = 0;
+            let mut more = false;
+            for e in &ready {
+                let sz = size_of(e.payload_len as usize);
+                if out.len() >= max || used + sz > budget {
+                    more = true;
+                    break;
+                }
+                used += sz;
+                out.push(self.read_packet(e)?);
+            }
+            if let Some(last) = out.last() {
+                let last = last.seq;
+                if let Some(n) = g.nodes.get_mut(&node) {
+                    n.delivered = n.delivered.max(last);
+                    more |= n.pending.iter().any(|e| e.seq > last && e.seq <= frontier)
+                        || n.spill.is_some();
+                }
+            }
+            return Ok((out, more));
+        }
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, Inner>, deadline: Instant) -> MutexGuard<'a, Inner> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.cond
+            .wait_timeout(g, left.min(Duration::from_millis(500)))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0)
+    }
+
+    /// Puts a node's RECEIVE position back to its first unacknowledged packet (a new
+    /// session of the node gets again what an old one may have lost).
+    pub fn rewind(&self, node: NodeAddr) {
+        let mut g = lock(&self.inner);
+        if let Some(n) = g.nodes.get_mut(&node) {
+            n.delivered = n.acked_upto;
+        }
+        drop(g);
+        self.cond.notify_all();
+    }
+
+    /// Stored packets of `node` (acknowledged ones too, while retained) with a sequence
+    /// number >= `from_seq` and a timestamp >= `from_ms`, oldest first, up to `budget`.
+    pub fn replay(
+        &self,
+        node: NodeAddr,
+        from_seq: u64,
+        from_ms: u64,
+        max: usize,
+        budget: usize,
+        size_of: impl Fn(usize) -> usize,
+    ) -> Result<(Vec<Packet>, bool), QueueError> {
+        let (tail, tail_seq, head, frontier) = {
+            let g = lock(&self.inner);
+            (g.tail, g.tail_seq, g.head, g.frontier)
+        };
+        let (mut pos, mut seq) = (tail, tail_seq);
+        let (mut out, mut used, mut more) = (Vec::new(), 0usize, false);
+        while pos < head && seq <= frontier {
+            // The tail may pass us while we read; a record that no longer verifies was
+            // released, and the scan ends there.
+            let Some((h, body)) = self.record(pos, Some(seq))? else {
+                break;
+            };
+            if h.kind == KIND_PAD {
+                pos = pos.div_ceil(self.cap) * self.cap;
+                seq += 1;
+                continue;
+            }
+            if h.kind == KIND_PACKET {
+                if let Some(p) = parse_packet(h.seq, &body) {
+                    if p.node == node && p.seq >= from_seq && p.ts_ms >= from_ms {
+                        let sz = size_of(p.payload.len());
+                        if out.len() >= max || used + sz > budget {
+                            more = true;
+                            break;
+                        }
+                        used += sz;
+                        out.push(p);
+                    }
+                }
+            }
+            pos += self.rec_len(h.body_len);
+            seq += 1;
+        }
+        Ok((out, more))
+    }
+
+    /// QUEUE STATS figures of `node`.
+    pub fn stats(&self, node: NodeAddr) -> NodeStats {
+        let g = lock(&self.inner);
+        g.nodes
+            .get(&node)
+            .map_or_else(NodeStats::default, |n| NodeStats {
+                queued_records: n.queued_records,
+                queued_bytes: n.queued_bytes,
+                first_unacked: n.pending.front().map_or(0, |e| e.seq),
+                last_delivered: n.delivered,
+                last_assigned: n.last_assigned,
+            })
+    }
+
+    /// Payload capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    /// Unacknowledged packets of `node` stored before `older_than_ms` that have not been
+    /// reported yet: (sender, packet id, seq). Marks them reported.
+    pub fn overdue(&self, node: NodeAddr, older_than_ms: u64) -> Vec<(NodeAddr, u64, u64)> {
+        let mut g = lock(&self.inner);
+        let Some(n) = g.nodes.get_mut(&node) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut upto = n.noticed_upto;
+        for e in &n.pending {
+            if e.seq <= n.noticed_upto {
+                continue;
+            }
+            if e.ts_ms > older_than_ms {
+                break;
+            }
+            out.push((e.sender, e.packet_id, e.seq));
+            upto = e.seq;
+        }
+        n.noticed_upto = upto;
+        out
+    }
+
+    /// Moves the tail past expired, acknowledged packets (retention by age).
+    pub fn expire(&self) -> Result<(), QueueError> {
+        let mut g = lock(&self.inner);
+        match self.make_room(&mut g, 0) {
+            Ok(()) | Err(QueueError::Full) => Ok(()),
+            Err(e) => {
+                warn!("packet queue expiry: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes used by the log (live records, acknowledged ones still retained included).
+    pub fn used_bytes(&self) -> u64 {
+        let g = lock(&self.inner);
+        g.head - g.tail
+    }
+}
