@@ -12,8 +12,8 @@ use bytes::Bytes;
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::sense::Sense;
 use ftss_proto::vendor::{
-    self, AckCdb, NodeAddr, NodeCdb, NodeState, Outcome, QueueStats, ReceiveCdb, RecordList,
-    ReplayCdb, ReplayFrom, SendCdb, SendList, SendRecord, SendResults, SendResultsCdb, SendStatus,
+    AckCdb, NodeAddr, NodeCdb, NodeState, Outcome, QueueStats, ReceiveCdb, RecordList, ReplayCdb,
+    ReplayFrom, SendCdb, SendList, SendRecord, SendResults, SendResultsCdb, SendStatus,
 };
 use ftss_target::config::Config;
 use ftss_target::iscsi::Server;
@@ -510,7 +510,6 @@ async fn external_port_accepts_outgoing_uses_the_alternate_path_and_delivers_inc
     assert!(rec2.records[0].flags.from_external);
     assert_eq!(rec2.records[0].source, outside);
     assert_eq!(rec2.records[0].payload, b"from outside");
-    drop(vendor::PAYLOAD_MAX);
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
