@@ -12,7 +12,7 @@ use crate::media::cache::{CachedVolume, WriteCache};
 use crate::media::file::FileStore;
 use crate::media::mirror::MirrorSet;
 use crate::media::{BlockStore, CacheMode};
-use crate::routing::packet_queue::PacketQueue;
+use crate::routing::packet_queue::{PacketQueue, QueueOptions};
 use crate::routing::{AgentConfig, RoutingAgent};
 use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity, VendorHandler};
 use ftss_proto::vendor::NodeAddr;
@@ -193,8 +193,11 @@ pub(crate) fn open_targets(
             id,
             set.blocks(),
             PACKET_BLOCK,
-            Duration::from_secs(p.retain_s),
-            p.dedup_window,
+            QueueOptions {
+                retain: Duration::from_secs(p.retain_s),
+                dedup_window: p.dedup_window,
+                ..QueueOptions::default()
+            },
         )
         .map_err(|e| err(e.to_string()))?;
         let nodes = config
