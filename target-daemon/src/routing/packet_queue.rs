@@ -38,6 +38,8 @@ const SB_MAGIC: &[u8; 8] = b"FTPQSB01";
 const PKT_FIXED: usize = 16 * 4 + 8 + 8 + 2 + 4;
 /// Unacknowledged packets a node keeps indexed in memory.
 pub const INDEX_MAX: usize = 65_536;
+/// Log space only ACK records may use.
+const ACK_RESERVE: u64 = 64 * 512;
 /// Largest single append handed to the write cache.
 const APPEND_MAX: usize = 1 << 20;
 
@@ -644,6 +646,11 @@ impl PacketQueue {
                 g.next_seq += 1;
                 g.head += room;
                 run_pos = g.head;
+            } else if g.head % self.cap == 0 && !run.is_empty() {
+                // The last record ended the lap exactly: the run must not cross the end.
+                cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
+                run.clear();
+                run_pos = g.head;
             }
             let seq = g.next_seq;
             g.next_seq += 1;
@@ -680,7 +687,9 @@ impl PacketQueue {
         let bodies: Vec<Vec<u8>> = packets.iter().map(|p| packet_body(p, ts)).collect();
         let (cache_seq, seqs, last) = {
             let mut g = lock(&self.inner);
-            let need = self.need(&bodies);
+            // Packets leave ACK_RESERVE free, so acknowledgements (which free space)
+            // always fit.
+            let need = self.need(&bodies) + ACK_RESERVE;
             if self.cap - (g.head - g.tail) < need {
                 self.make_room(&mut g, need)?;
             }
@@ -726,8 +735,13 @@ impl PacketQueue {
     pub fn ack(&self, node: NodeAddr, upto: u64, list: &[u64]) -> Result<(), QueueError> {
         let cache_seq = {
             let mut g = lock(&self.inner);
+            // Applied first, so the tail may pass what this acknowledges and make room
+            // for the ACK record itself. Safe before the record is durable: a crash
+            // before it only redelivers packets the destination has (at least once),
+            // and a superblock that released them is appended before the record.
+            Self::apply_ack(&mut g, node, upto, list);
             let body = ack_body(node, upto, list);
-            let need = self.rec_len(body.len()) + self.bs;
+            let need = 2 * self.rec_len(body.len());
             if self.cap - (g.head - g.tail) < need {
                 // An ACK frees space; it must never be refused for lack of it.
                 match self.make_room(&mut g, need) {
@@ -743,7 +757,6 @@ impl PacketQueue {
         };
         self.cache.wait_durable(cache_seq)?;
         let mut g = lock(&self.inner);
-        Self::apply_ack(&mut g, node, upto, list);
         self.refill(&mut g, node)?;
         Ok(())
     }
@@ -1068,10 +1081,9 @@ mod tests {
     fn stored_packets_survive_a_crash_and_acks_hold() {
         let d = dir("crash");
         let r = Rig::open(d.clone(), 4096, QueueOptions::default());
-        let seqs = r
-            .q
-            .store(&[pkt(a(2), 1, 10), pkt(a(2), 2, 20), pkt(a(3), 3, 30)])
-            .expect("store");
+        let seqs =
+            r.q.store(&[pkt(a(2), 1, 10), pkt(a(2), 2, 20), pkt(a(3), 3, 30)])
+                .expect("store");
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         let (got, more) = take(&r.q, a(2), 1);
         assert_eq!((got.len(), more), (1, true));
@@ -1089,17 +1101,27 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_then_acks_free_space_across_many_laps() {
-        let d = dir("laps");
-        // 63 KiB of log: about forty 1 KiB packets.
+        // 1000-byte payloads leave a pad at each lap end; 400-byte ones (one block per
+        // record) end laps exactly.
+        laps("laps-pad", 1000);
+        laps("laps-exact", 400);
+    }
+
+    fn laps(tag: &str, size: usize) {
+        let d = dir(tag);
+        // 127.5 KiB of log, 32 KiB of it kept for ACK records.
         let opts = QueueOptions::default();
-        let mut r = Rig::open(d.clone(), 128, opts);
+        let mut r = Rig::open(d.clone(), 256, opts);
         let mut id = 0u64;
         let mut delivered = 0u64;
         for lap in 0..6 {
             let mut stored = 0;
             loop {
                 id += 1;
-                match r.q.store(&[pkt(a(2), id, 1000)]) {
+                match r
+                    .q
+                    .store(&[pkt(a(2), id, size), pkt(a(2), id + 1_000_000, size)])
+                {
                     Ok(_) => stored += 1,
                     Err(QueueError::Full) => break,
                     Err(e) => panic!("lap {lap}: {e}"),
@@ -1107,9 +1129,13 @@ mod tests {
             }
             assert!(stored > 10, "lap {lap}: {stored} fit");
             let (got, _) = take(&r.q, a(2), 1000);
-            assert_eq!(got.len(), stored, "lap {lap}: all stored are deliverable");
+            assert_eq!(
+                got.len(),
+                2 * stored,
+                "lap {lap}: all stored are deliverable"
+            );
             for p in &got {
-                assert_eq!(p.payload, pkt(a(2), p.packet_id, 1000).payload);
+                assert_eq!(p.payload, pkt(a(2), p.packet_id, size).payload);
             }
             delivered += got.len() as u64;
             // Acknowledge all but the last, crash, and find exactly that one again.
