@@ -33,7 +33,7 @@ struct Cli {
     /// Target IQN; default: the first target SendTargets discovery reports.
     #[arg(long, global = true)]
     target: Option<String>,
-    /// Our initiator name; default: iqn.2026-11.org.ftss:cli-<hostname or pid>.
+    /// Our initiator name; default: iqn.2026-11.org.ftss:cli-HOSTNAME (or the pid).
     #[arg(long, global = true)]
     initiator: Option<String>,
     /// LUN the vendor commands are addressed to (any existing LUN works).
@@ -224,7 +224,8 @@ async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
             .context("registering --node-addr")?;
     }
     match &cli.cmd {
-        Cmd::Discover => unreachable!("handled before login"),
+        // Handled in main before logging in to a target.
+        Cmd::Discover => Ok(()),
         Cmd::Inquiry => inquiry(session, cli.lun).await,
         Cmd::Register { addrs } => {
             client.register(addrs).await?;
