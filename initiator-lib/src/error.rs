@@ -64,6 +64,13 @@ pub enum Error {
     /// The caller asked for something this initiator cannot express.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The target's media is full (SEND answered TASK SET FULL or BUSY): nothing of the
+    /// SEND was stored. Retry later; the same packet ids are safe to reuse.
+    #[error("target busy: media full, nothing stored")]
+    Busy,
+    /// A vendor command's data-in list does not decode.
+    #[error("vendor data: {0}")]
+    Vendor(#[from] ftss_proto::vendor::VendorError),
 }
 
 impl Error {
@@ -77,6 +84,20 @@ impl Error {
                     class: 2,
                     detail: 1
                 }
+        )
+    }
+}
+
+impl Error {
+    /// Whether the command may have been lost with its connection or its answer: the
+    /// connection failed or closed, or no answer came in time. A SEND that fails this
+    /// way may or may not have been stored; send it again with the same packet ids
+    /// (after reconnecting, when the session is closed).
+    #[must_use]
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Io(_) | Error::Decode(_) | Error::ConnectionClosed | Error::Timeout
         )
     }
 }

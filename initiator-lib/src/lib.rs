@@ -6,6 +6,10 @@
 //! block commands. A session with no target name is a discovery session for
 //! [`Session::send_targets`].
 //!
+//! [`PacketClient`] sends and receives network packets through the target's vendor
+//! commands over any [`Transport`] ([`IscsiTransport`]: a session and a LUN), and
+//! [`Receiver`] turns RECEIVE and ACK into an exactly-once stream of records.
+//!
 //! Wire formats, negotiation and CHAP come from `ftss_proto`; this crate only owns the
 //! socket, the tasks and the bookkeeping. Error recovery level is 0: any connection-level
 //! fault ends the session and every waiting request gets [`Error::ConnectionClosed`].
@@ -30,11 +34,20 @@
 mod config;
 mod error;
 mod login;
+pub mod packet;
 pub mod scsi;
 mod session;
+pub mod transport;
 mod wire;
 
 pub use config::{ChapCredentials, Digest, MutualChap, SessionConfig};
 pub use error::Error;
+pub use packet::{Delivered, Destination, OutPacket, PacketClient, Receiver};
 pub use scsi::{Capacity, Inquiry, ScsiResult};
 pub use session::Session;
+pub use transport::{IscsiTransport, Transport};
+// The vendor types the packet API returns, so users need not depend on ftss-proto.
+pub use ftss_proto::vendor::{
+    DeliveryFlags, NodeInfo, NodeState, Outcome, QueueStats, ReplayFrom, RouteEntry, RouteState,
+    RoutingTable,
+};

@@ -1,0 +1,744 @@
+//! `ftss`: send and receive network packets through an ftss target from the command line,
+//! over the userspace iSCSI initiator of `ftss_initiator`.
+//!
+//! ```text
+//! ftss --portal 10.0.0.9:3260 --node-addr 10.0.0.2 echo
+//! ftss --portal 10.0.0.9:3260 --node-addr 10.0.0.1 ping 10.0.0.2 --count 5
+//! ftss --node-addr 10.0.0.1 send 10.0.0.2 hello
+//! ftss --node-addr 10.0.0.2 recv --wait 10
+//! ```
+
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use ftss_initiator::{
+    ChapCredentials, Delivered, IscsiTransport, NodeState, OutPacket, Outcome, PacketClient,
+    Receiver, ReplayFrom, RouteState, Session, SessionConfig,
+};
+
+/// Send and receive network packets through an ftss iSCSI target.
+#[derive(Parser, Debug)]
+#[command(name = "ftss", version)]
+struct Cli {
+    /// Target portal, host:port.
+    #[arg(long, global = true, default_value = "127.0.0.1:3260")]
+    portal: String,
+    /// Target IQN; default: the first target SendTargets discovery reports.
+    #[arg(long, global = true)]
+    target: Option<String>,
+    /// Our initiator name; default: iqn.2026-11.org.ftss:cli-HOSTNAME (or the pid).
+    #[arg(long, global = true)]
+    initiator: Option<String>,
+    /// LUN the vendor commands are addressed to (any existing LUN works).
+    #[arg(long, global = true, default_value_t = 0)]
+    lun: u16,
+    /// CHAP user name; the secret comes from --chap-secret or FTSS_CHAP_SECRET.
+    #[arg(long, global = true)]
+    chap_user: Option<String>,
+    /// CHAP secret (visible in the process list: prefer FTSS_CHAP_SECRET).
+    #[arg(long, global = true)]
+    chap_secret: Option<String>,
+    /// Register these node addresses right after login (repeatable): the target knows a
+    /// node by the addresses its sessions registered.
+    #[arg(long = "node-addr", short = 'a', global = true)]
+    node_addrs: Vec<IpAddr>,
+    /// Command timeout in seconds (a RECEIVE waits at most this minus 5 s).
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the targets of the portal (SendTargets).
+    Discover,
+    /// Standard INQUIRY and capacity of the LUN.
+    Inquiry,
+    /// Register this node's addresses (replacing earlier ones).
+    Register {
+        /// Addresses, IPv4 or IPv6.
+        #[arg(required = true)]
+        addrs: Vec<IpAddr>,
+    },
+    /// Put this node in maintenance or make it available.
+    State {
+        /// New state.
+        state: StateArg,
+    },
+    /// This node's state and addresses (NODE QUERY).
+    Whoami,
+    /// Send one packet and print its outcome.
+    Send {
+        /// Destination address (ignored with --broadcast; `::` will do).
+        dest: IpAddr,
+        /// Payload text.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        payload: Option<String>,
+        /// Payload from a file (`-`: standard input).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// To every available node but this one.
+        #[arg(long)]
+        broadcast: bool,
+        /// Packet id (default: the client's next one). Sending an id again that is still
+        /// stored is a retry: it is not stored twice.
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Take delivered packets and print them; acknowledges them unless --no-ack.
+    Recv {
+        /// Wait up to this many seconds for a first packet.
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+        /// Keep receiving until this many packets came (each wait as --wait).
+        #[arg(long)]
+        count: Option<usize>,
+        /// Leave them queued (a new session gets them again).
+        #[arg(long)]
+        no_ack: bool,
+    },
+    /// Send timestamped packets to a node running `ftss echo` and time the echoes.
+    Ping {
+        /// Destination address.
+        dest: IpAddr,
+        /// Packets to send.
+        #[arg(long, short = 'c', default_value_t = 5)]
+        count: u32,
+        /// Seconds between packets.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Seconds to wait for each echo.
+        #[arg(long, default_value_t = 5.0)]
+        reply_timeout: f64,
+    },
+    /// Send every packet received back to its source (until Ctrl-C or --count).
+    Echo {
+        /// Stop after echoing this many packets.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Read stored packets again (does not move the receive position or acknowledge).
+    Replay {
+        /// From this sequence number.
+        #[arg(
+            long,
+            required_unless_present = "since_ms",
+            conflicts_with = "since_ms"
+        )]
+        from_seq: Option<u64>,
+        /// Stored at or after this time, ms since the Unix epoch.
+        #[arg(long)]
+        since_ms: Option<u64>,
+    },
+    /// The target's routing table.
+    Nodes,
+    /// This node's receive queue statistics.
+    Stats,
+    /// Send packets as fast as K concurrent SENDs on one session allow.
+    Bench {
+        /// Destination address.
+        dest: IpAddr,
+        /// Payload bytes per packet.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Packets to send.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// SENDs in flight at once.
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StateArg {
+    Available,
+    Maintenance,
+}
+
+type Client = PacketClient<IscsiTransport>;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let portal = resolve(&cli.portal).await?;
+    if let Cmd::Discover = cli.cmd {
+        for (name, addrs) in discover(&cli, portal).await? {
+            println!("{name}\t{}", addrs.join(" "));
+        }
+        return Ok(());
+    }
+    let session = Arc::new(login(&cli, portal).await?);
+    let result = run(&cli, &session).await;
+    // Best effort: the target cleans up a dropped connection too.
+    if let Err(e) = session.logout().await {
+        tracing::debug!("logout: {e}");
+    }
+    result.map_err(explain)
+}
+
+/// Adds a hint to the errors a user is likely to meet first.
+fn explain(e: anyhow::Error) -> anyhow::Error {
+    let hint = match e.downcast_ref::<ftss_initiator::Error>() {
+        Some(ftss_initiator::Error::ScsiStatus { sense: Some(s), .. })
+            if (s.key, s.asc) == (0x5, 0x20) =>
+        {
+            "the target does not implement the ftss vendor commands (is packet routing enabled?)"
+        }
+        Some(ftss_initiator::Error::ScsiStatus { sense: Some(s), .. })
+            if (s.key, s.asc) == (0x5, 0x24) || (s.key, s.asc) == (0x5, 0x26) =>
+        {
+            "the target refused a field of the command (e.g. an address another node holds)"
+        }
+        Some(ftss_initiator::Error::Busy) => "the target's media is full; try again later",
+        _ => return e,
+    };
+    e.context(hint)
+}
+
+async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
+    let wait_cap = Duration::from_secs(cli.timeout.saturating_sub(5).max(1));
+    let client = Arc::new(
+        PacketClient::new(IscsiTransport::new(Arc::clone(session), cli.lun))
+            .with_max_wait(wait_cap),
+    );
+    if !cli.node_addrs.is_empty() {
+        client
+            .register(&cli.node_addrs)
+            .await
+            .context("registering --node-addr")?;
+    }
+    match &cli.cmd {
+        // Handled in main before logging in to a target.
+        Cmd::Discover => Ok(()),
+        Cmd::Inquiry => inquiry(session, cli.lun).await,
+        Cmd::Register { addrs } => {
+            client.register(addrs).await?;
+            println!("registered {}", join(addrs));
+            Ok(())
+        }
+        Cmd::State { state } => {
+            let s = match state {
+                StateArg::Available => NodeState::Available,
+                StateArg::Maintenance => NodeState::Maintenance,
+            };
+            client.set_state(s).await?;
+            println!("state {s:?}");
+            Ok(())
+        }
+        Cmd::Whoami => {
+            let info = client.query().await?;
+            let addrs: Vec<IpAddr> = info.addrs.iter().map(|a| a.ip()).collect();
+            println!("state {:?}, addresses {}", info.state, join(&addrs));
+            Ok(())
+        }
+        Cmd::Send {
+            dest,
+            payload,
+            file,
+            broadcast,
+            id,
+        } => {
+            let payload = match (payload, file) {
+                (_, Some(f)) => read_payload(f)?,
+                (Some(p), None) => Bytes::from(p.clone().into_bytes()),
+                (None, None) => bail!("give a PAYLOAD or --file"),
+            };
+            let mut p = if *broadcast {
+                OutPacket::broadcast(payload)
+            } else {
+                OutPacket::to(*dest, payload)
+            };
+            p.packet_id = *id;
+            let mut packets = [p];
+            client.assign_ids(&mut packets);
+            let outcome = client.send(&packets).await?;
+            let id = packets[0].packet_id.unwrap_or_default();
+            for o in outcome {
+                println!("packet {id}: {}", describe(o));
+            }
+            Ok(())
+        }
+        Cmd::Recv {
+            wait,
+            count,
+            no_ack,
+        } => recv(&client, secs(*wait)?, *count, *no_ack).await,
+        Cmd::Ping {
+            dest,
+            count,
+            interval,
+            reply_timeout,
+        } => {
+            ping(
+                &client,
+                *dest,
+                *count,
+                secs(*interval)?,
+                secs(*reply_timeout)?,
+            )
+            .await
+        }
+        Cmd::Echo { count } => echo(&client, *count).await,
+        Cmd::Replay { from_seq, since_ms } => {
+            let from = match (from_seq, since_ms) {
+                (Some(s), _) => ReplayFrom::Seq(*s),
+                (None, Some(t)) => ReplayFrom::Time(*t),
+                (None, None) => bail!("give --from-seq or --since-ms"),
+            };
+            let records = client.replay(from).await?;
+            for d in &records {
+                print_record(d);
+            }
+            eprintln!("{} records", records.len());
+            Ok(())
+        }
+        Cmd::Nodes => {
+            let t = client.routing_table().await?;
+            println!("{:<40} {:>7} {:<12} flags", "address", "node", "state");
+            for e in &t.entries {
+                let state = match e.state {
+                    RouteState::Available => "available",
+                    RouteState::Maintenance => "maintenance",
+                    RouteState::Down => "down",
+                };
+                let mut flags = Vec::new();
+                if e.local {
+                    flags.push("local");
+                }
+                if e.external {
+                    flags.push("external");
+                }
+                println!(
+                    "{:<40} {:>7} {:<12} {}",
+                    e.addr.ip(),
+                    e.node_id,
+                    state,
+                    flags.join(",")
+                );
+            }
+            if t.entries.len() < usize::from(t.total) {
+                eprintln!("{} of {} entries", t.entries.len(), t.total);
+            }
+            Ok(())
+        }
+        Cmd::Stats => {
+            let s = client.queue_stats().await?;
+            println!("queued records      {}", s.queued_records);
+            println!("queued bytes        {}", s.queued_bytes);
+            println!("first unacked seq   {}", s.first_unacked);
+            println!("last delivered seq  {}", s.last_delivered);
+            println!("last assigned seq   {}", s.last_assigned);
+            println!("capacity bytes      {}", s.capacity_bytes);
+            Ok(())
+        }
+        Cmd::Bench {
+            dest,
+            size,
+            count,
+            inflight,
+        } => bench(&client, *dest, *size, *count, *inflight).await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Login
+
+async fn resolve(portal: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(portal)
+        .await
+        .with_context(|| format!("resolving portal {portal}"))?
+        .next()
+        .with_context(|| format!("portal {portal} has no address"))
+}
+
+/// The default initiator name: per host, so a target's ACLs can name it.
+fn default_initiator() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    // IQNs allow lower-case letters, digits, '.', '-' and ':'.
+    let host: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+        .collect();
+    let suffix = if host.is_empty() {
+        std::process::id().to_string()
+    } else {
+        host
+    };
+    format!("iqn.2026-11.org.ftss:cli-{suffix}")
+}
+
+fn session_config(cli: &Cli, target: Option<&str>) -> Result<SessionConfig> {
+    let name = cli.initiator.clone().unwrap_or_else(default_initiator);
+    let mut c = SessionConfig::new(&name, target);
+    c.timeout = Duration::from_secs(cli.timeout.max(1));
+    if let Some(user) = &cli.chap_user {
+        let secret = match &cli.chap_secret {
+            Some(s) => s.clone(),
+            None => std::env::var("FTSS_CHAP_SECRET")
+                .context("--chap-user needs --chap-secret or FTSS_CHAP_SECRET")?,
+        };
+        c.chap = Some(ChapCredentials {
+            username: user.clone(),
+            secret: secret.into_bytes(),
+            mutual: None,
+        });
+    }
+    Ok(c)
+}
+
+async fn discover(cli: &Cli, portal: SocketAddr) -> Result<Vec<(String, Vec<String>)>> {
+    let s = Session::connect(portal, session_config(cli, None)?)
+        .await
+        .with_context(|| format!("discovery login to {portal}"))?;
+    let targets = s.send_targets().await.context("SendTargets")?;
+    if let Err(e) = s.logout().await {
+        tracing::debug!("logout: {e}");
+    }
+    Ok(targets)
+}
+
+async fn login(cli: &Cli, portal: SocketAddr) -> Result<Session> {
+    let target = match &cli.target {
+        Some(t) => t.clone(),
+        None => discover(cli, portal)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(name, _)| name)
+            .with_context(|| format!("{portal} reports no targets"))?,
+    };
+    Session::connect(portal, session_config(cli, Some(&target))?)
+        .await
+        .with_context(|| format!("login to {target} at {portal}"))
+}
+
+async fn inquiry(s: &Session, lun: u16) -> Result<()> {
+    let inq = s.inquiry(lun).await.context("INQUIRY")?;
+    println!(
+        "vendor {:?} product {:?} revision {:?}",
+        inq.vendor, inq.product, inq.revision
+    );
+    println!(
+        "peripheral qualifier {} device type {:#04x}{}",
+        inq.peripheral_qualifier,
+        inq.device_type,
+        if inq.removable { " removable" } else { "" }
+    );
+    let cap = s.read_capacity16(lun).await.context("READ CAPACITY(16)")?;
+    let bytes = u128::from(cap.blocks) * u128::from(cap.block_size);
+    println!(
+        "capacity {} blocks of {} bytes ({bytes} bytes, {:.1} MiB)",
+        cap.blocks,
+        cap.block_size,
+        bytes as f64 / f64::from(1u32 << 20)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Packets
+
+fn secs(s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("{s} is not a number of seconds"))
+}
+
+fn join(addrs: &[IpAddr]) -> String {
+    addrs
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn read_payload(f: &PathBuf) -> Result<Bytes> {
+    let data = if f.as_os_str() == "-" {
+        let mut v = Vec::new();
+        std::io::stdin().read_to_end(&mut v).context("stdin")?;
+        v
+    } else {
+        std::fs::read(f).with_context(|| format!("reading {}", f.display()))?
+    };
+    Ok(Bytes::from(data))
+}
+
+fn describe(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Delivered => "delivered (stored, delivery guaranteed)",
+        Outcome::Accepted => "accepted (delivery not guaranteed)",
+        Outcome::UnknownDestination => "undeliverable: unknown destination",
+        Outcome::DestinationDown => "undeliverable: destination down",
+        Outcome::DestinationMaintenance => "undeliverable: destination in maintenance",
+    }
+}
+
+/// Printable text as is (quoted), anything else as hex.
+fn show_payload(p: &[u8]) -> String {
+    match std::str::from_utf8(p) {
+        Ok(s) if s.chars().all(|c| !c.is_control() || c == '\n' || c == '\t') => {
+            format!("{s:?}")
+        }
+        _ => p.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+fn print_record(d: &Delivered) {
+    let mut flags = String::new();
+    if d.flags.broadcast {
+        flags.push('B');
+    }
+    if d.flags.from_external {
+        flags.push('X');
+    }
+    if d.flags.failure_notice {
+        flags.push('N');
+    }
+    if flags.is_empty() {
+        flags.push('-');
+    }
+    let body = match d.failure_notice() {
+        Some(o) => format!("failure notice: {}", describe(o)),
+        None => show_payload(&d.payload),
+    };
+    println!(
+        "seq={} from={} flags={} id={} ts={} len={} {}",
+        d.seq,
+        d.source,
+        flags,
+        d.packet_id,
+        d.timestamp_ms,
+        d.payload.len(),
+        body
+    );
+}
+
+async fn recv(client: &Client, wait: Duration, count: Option<usize>, no_ack: bool) -> Result<()> {
+    let mut got = 0usize;
+    loop {
+        let max = count.map_or(0, |c| {
+            u32::try_from(c.saturating_sub(got)).unwrap_or(u32::MAX)
+        });
+        let records = client.receive(max, Some(wait)).await?;
+        for d in &records {
+            print_record(d);
+        }
+        got += records.len();
+        // Records come oldest first, so acknowledging up to the last covers exactly these.
+        if let (false, Some(last)) = (no_ack, records.last()) {
+            client.ack_upto(last.seq).await?;
+        }
+        match count {
+            Some(c) if got < c && !records.is_empty() => continue,
+            _ => break,
+        }
+    }
+    if got == 0 {
+        eprintln!("no packets");
+    }
+    Ok(())
+}
+
+const PING_MAGIC: &str = "ftss-ping";
+
+async fn ping(
+    client: &Client,
+    dest: IpAddr,
+    count: u32,
+    interval: Duration,
+    reply_timeout: Duration,
+) -> Result<()> {
+    // Tells our echoes from those of another ping run.
+    let run = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
+        .unwrap_or_default();
+    let mut rtts: Vec<Duration> = Vec::new();
+    for seq in 1..=count {
+        let sent_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let payload = format!("{PING_MAGIC} {run} {seq} {sent_ns}");
+        let start = Instant::now();
+        let outcome = client
+            .send_one(dest, Bytes::from(payload.clone().into_bytes()), false)
+            .await?;
+        if !outcome.accepted() {
+            println!("seq={seq}: {}", describe(outcome));
+        } else {
+            match await_echo(client, &payload, start + reply_timeout).await? {
+                Some(arrived) => {
+                    let rtt = arrived.duration_since(start);
+                    println!(
+                        "echo from {dest}: seq={seq} time={:.3} ms",
+                        rtt.as_secs_f64() * 1e3
+                    );
+                    rtts.push(rtt);
+                }
+                None => println!("seq={seq}: no echo within {reply_timeout:?}"),
+            }
+        }
+        if seq < count {
+            tokio::time::sleep(interval.saturating_sub(start.elapsed())).await;
+        }
+    }
+    let lost = count as usize - rtts.len();
+    println!(
+        "{count} sent, {} echoed, {:.0}% lost",
+        rtts.len(),
+        100.0 * lost as f64 / f64::from(count.max(1))
+    );
+    if let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) {
+        let avg = rtts.iter().sum::<Duration>() / rtts.len() as u32;
+        let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "rtt min/avg/max = {:.3}/{:.3}/{:.3} ms",
+            ms(min),
+            ms(&avg),
+            ms(max)
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the echo of `payload` and returns when it arrived (before the ACK, which is
+/// not part of the round trip). The source is not checked: the echo node may answer from
+/// any of its addresses. Acknowledges ping echoes (also late ones of earlier pings) and
+/// leaves other packets queued for the next session.
+async fn await_echo(client: &Client, payload: &str, deadline: Instant) -> Result<Option<Instant>> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let records = client.receive(0, Some(left)).await?;
+        let arrived = Instant::now();
+        let mut ours = Vec::new();
+        let mut hit = false;
+        for d in &records {
+            let text = std::str::from_utf8(&d.payload).unwrap_or("");
+            if text.starts_with(PING_MAGIC) {
+                ours.push(d.seq);
+                hit |= text == payload;
+            } else {
+                tracing::info!("leaving packet seq {} from {} queued", d.seq, d.source);
+            }
+        }
+        client.ack_list(&ours).await?;
+        if hit {
+            return Ok(Some(arrived));
+        }
+        if left.is_zero() {
+            return Ok(None);
+        }
+    }
+}
+
+async fn echo(client: &Arc<Client>, count: Option<u64>) -> Result<()> {
+    let mut rx = Receiver::new(Arc::clone(client));
+    let mut echoed = 0u64;
+    eprintln!("echoing; Ctrl-C to stop");
+    loop {
+        let records = tokio::select! {
+            r = rx.next() => r?,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        for d in records {
+            // Echoing broadcasts or notices would answer things nobody asked for, and two
+            // echo nodes would bounce a broadcast forever.
+            if d.flags.broadcast || d.flags.failure_notice {
+                print_record(&d);
+                continue;
+            }
+            let o = client.send_one(d.source, d.payload.clone(), false).await?;
+            println!(
+                "seq={} from={} len={} echoed: {}",
+                d.seq,
+                d.source,
+                d.payload.len(),
+                describe(o)
+            );
+            echoed += 1;
+        }
+        if count.is_some_and(|c| echoed >= c) {
+            break;
+        }
+    }
+    // The last batch was echoed: acknowledge it before leaving.
+    rx.ack().await?;
+    Ok(())
+}
+
+async fn bench(
+    client: &Arc<Client>,
+    dest: IpAddr,
+    size: usize,
+    count: u64,
+    inflight: usize,
+) -> Result<()> {
+    let payload = Bytes::from((0..size).map(|i| i as u8).collect::<Vec<_>>());
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..inflight.max(1) {
+        let (client, next, payload) = (Arc::clone(client), Arc::clone(&next), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut not_delivered = 0u64;
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let t = Instant::now();
+                let o = client.send_one(dest, payload.clone(), false).await?;
+                lat.push(t.elapsed());
+                not_delivered += u64::from(o != Outcome::Delivered);
+            }
+            Ok::<_, ftss_initiator::Error>((lat, not_delivered))
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut not_delivered = 0;
+    for t in tasks {
+        let (l, n) = t.await.context("bench task")??;
+        lat.extend(l);
+        not_delivered += n;
+    }
+    let elapsed = start.elapsed();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len().max(1)) - 1;
+        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    let n = lat.len() as f64;
+    println!(
+        "{} packets of {size} bytes in {:.3} s, {inflight} in flight: {:.0} packets/s, {:.1} MB/s",
+        lat.len(),
+        elapsed.as_secs_f64(),
+        n / elapsed.as_secs_f64(),
+        n * size as f64 / elapsed.as_secs_f64() / 1e6
+    );
+    println!(
+        "latency p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    if not_delivered > 0 {
+        println!("{not_delivered} packets not delivered (see `ftss send` for the outcome)");
+    }
+    Ok(())
+}
