@@ -1,9 +1,6 @@
 //! The packet API against an in-process ftss target: nodes register, send, receive,
 //! acknowledge and replay through the vendor commands.
-//!
-//! Every test needs the target's routing agent (the daemon side of the vendor commands),
-//! which is written separately; until it lands they are ignored so the suite stays green.
-//! Run them with `cargo test -p ftss-initiator --test packets -- --ignored`.
+//! The nodes are not in the configuration: they register their addresses at run time.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -49,6 +46,9 @@ async fn daemon(tag: &str) -> Daemon {
 portals = ["127.0.0.1:0"]
 data_dir = "{}"
 
+[media]
+cache_size = "8MiB"
+
 [[target]]
 iqn = "{TARGET}"
 
@@ -56,6 +56,10 @@ iqn = "{TARGET}"
 lun = 0
 path = "lun0.img"
 size = "16MiB"
+
+[packets]
+size = "16MiB"
+retain_s = 3600
 "#,
         dir.display()
     );
@@ -109,7 +113,7 @@ async fn receive_n(c: &PacketClient<IscsiTransport>, n: usize) -> Vec<ftss_initi
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn two_nodes_register_and_see_each_other() {
     let d = daemon("routes").await;
     let n1 = node(&d, "1", "10.0.0.1").await;
@@ -141,7 +145,7 @@ async fn two_nodes_register_and_see_each_other() {
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn guaranteed_send_is_received_and_acknowledged() {
     let d = daemon("send").await;
     let n1 = node(&d, "1", "10.0.0.1").await;
@@ -176,7 +180,7 @@ async fn guaranteed_send_is_received_and_acknowledged() {
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn unknown_destination_is_undeliverable_and_mixed_batches_report_each_packet() {
     let d = daemon("unknown").await;
     let n1 = node(&d, "1", "10.0.0.1").await;
@@ -199,7 +203,7 @@ async fn unknown_destination_is_undeliverable_and_mixed_batches_report_each_pack
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn a_packet_id_sent_twice_is_delivered_once() {
     let d = daemon("dup").await;
     let n1 = node(&d, "1", "10.0.0.1").await;
@@ -220,7 +224,7 @@ async fn a_packet_id_sent_twice_is_delivered_once() {
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn broadcast_reaches_every_other_node() {
     let d = daemon("bcast").await;
     let n1 = node(&d, "1", "10.0.0.1").await;
@@ -249,7 +253,7 @@ async fn broadcast_reaches_every_other_node() {
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn replay_after_ack_reads_the_records_again() {
     let d = daemon("replay").await;
     let n1 = node(&d, "1", "10.0.0.1").await;
@@ -289,7 +293,7 @@ async fn replay_after_ack_reads_the_records_again() {
 }
 
 #[tokio::test]
-#[ignore = "needs the routing agent"]
+
 async fn receiver_hands_records_once_across_a_new_session() {
     let d = daemon("reconnect").await;
     let n1 = node(&d, "1", "10.0.0.1").await;

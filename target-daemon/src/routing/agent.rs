@@ -397,7 +397,7 @@ impl RoutingAgent {
                     Ok(l) => l,
                     Err(e) => return check(e.sense()),
                 };
-                let r = lock(&self.table).register(nexus.id, &list.addrs);
+                let r = lock(&self.table).register(nexus.id, &nexus.initiator_name, &list.addrs);
                 let mut out = match r {
                     Ok(key) => {
                         info!(initiator = %nexus.initiator_name, node = %key, "node registered");

@@ -646,7 +646,7 @@ impl PacketQueue {
                 g.next_seq += 1;
                 g.head += room;
                 run_pos = g.head;
-            } else if g.head % self.cap == 0 && !run.is_empty() {
+            } else if g.head.is_multiple_of(self.cap) && !run.is_empty() {
                 // The last record ended the lap exactly: the run must not cross the end.
                 cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
                 run.clear();

@@ -104,13 +104,25 @@ impl RoutingTable {
     /// NODE REGISTER from `nexus`: its node gets exactly `addrs`. A session without a
     /// node joins the node that already has these addresses, or starts a new one.
     /// Returns the node's key.
-    pub fn register(&mut self, nexus: u64, addrs: &[NodeAddr]) -> Result<NodeAddr, RegisterError> {
+    pub fn register(
+        &mut self,
+        nexus: u64,
+        initiator: &str,
+        addrs: &[NodeAddr],
+    ) -> Result<NodeAddr, RegisterError> {
         let mine = self.by_nexus.get(&nexus).copied();
         let owner = |a: &NodeAddr| self.nodes.iter().position(|n| n.addrs.contains(a));
-        // A session without a node joins the node with exactly these addresses (another
-        // path of the same server); any other overlap is a conflict.
-        let same =
-            |n: &Node| n.addrs.len() == addrs.len() && addrs.iter().all(|a| n.addrs.contains(a));
+        // A session without a node joins the node of its own initiator name that has
+        // exactly these addresses (another path of the same server). Another initiator
+        // can never take over a node's addresses: that would let it read the node's
+        // packets and send in its name.
+        let same = |n: &Node| {
+            n.initiator
+                .as_deref()
+                .is_some_and(|i| i.eq_ignore_ascii_case(initiator))
+                && n.addrs.len() == addrs.len()
+                && addrs.iter().all(|a| n.addrs.contains(a))
+        };
         let target = mine.or_else(|| self.nodes.iter().position(same));
         for (k, a) in addrs.iter().enumerate() {
             if let Some(o) = owner(a) {
@@ -126,7 +138,7 @@ impl RoutingTable {
                 self.nodes.push(Node {
                     id,
                     addrs: Vec::new(),
-                    initiator: None,
+                    initiator: Some(initiator.to_owned()),
                     nexuses: BTreeSet::new(),
                     maintenance: false,
                 });
@@ -222,16 +234,24 @@ mod tests {
     fn registration_joins_replaces_and_refuses_taken_addresses() {
         let mut t = RoutingTable::new(&[]);
         assert_eq!(
-            t.register(1, &[a(2), a(1)]),
+            t.register(1, "i1", &[a(2), a(1)]),
             Ok(a(1)),
             "key is the smallest"
         );
         assert_eq!(t.node_of(1).map(Node::source), Some(a(2)));
-        // A second session with the same addresses joins the same node.
-        assert_eq!(t.register(2, &[a(2), a(1)]), Ok(a(1)));
+        // A second session of the same initiator with the same addresses joins the node.
+        assert_eq!(t.register(2, "i1", &[a(2), a(1)]), Ok(a(1)));
         assert_eq!(t.node_of(2).map(|n| n.id), t.node_of(1).map(|n| n.id));
-        assert_eq!(t.register(3, &[a(5), a(1)]), Err(RegisterError::Taken(1)));
-        assert_eq!(t.register(3, &[a(5)]), Ok(a(5)));
+        // Another initiator cannot take them, not even all of them.
+        assert_eq!(
+            t.register(4, "i2", &[a(2), a(1)]),
+            Err(RegisterError::Taken(0))
+        );
+        assert_eq!(
+            t.register(3, "i2", &[a(5), a(1)]),
+            Err(RegisterError::Taken(1))
+        );
+        assert_eq!(t.register(3, "i2", &[a(5)]), Ok(a(5)));
         assert_eq!(t.entries(3).iter().filter(|e| e.local).count(), 1);
         t.nexus_removed(3);
         assert_eq!(t.lookup(&a(5)).map(Node::state), Some(RouteState::Down));
