@@ -956,9 +956,10 @@ impl PacketQueue {
             })
     }
 
-    /// Payload capacity in bytes.
+    /// Size of the queue's volume in bytes (what `packets.size` configured); the log
+    /// holds all of it but one block.
     pub fn capacity(&self) -> u64 {
-        self.cap
+        self.cap + self.bs
     }
 
     /// Unacknowledged packets of `node` stored before `older_than_ms` that have not been
