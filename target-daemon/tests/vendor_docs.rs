@@ -97,6 +97,9 @@ enum Compare {
     ValidList,
 }
 
+/// (vector name prefix, node that runs it, status, sense key/ASC/ASCQ, comparison).
+type Step = (&'static str, u8, u8, Option<(u8, u8, u8)>, Compare);
+
 fn zero_timestamps(mut l: RecordList) -> RecordList {
     for r in &mut l.records {
         r.timestamp_ms = 0;
@@ -142,7 +145,7 @@ retain_s = 3600
     let n2 = login(addr, 2).await;
     // The story: node 1, node 2, then node 3, which registered and logged out.
     let mut ran = Vec::new();
-    let steps: &[(&str, u8, u8, Option<(u8, u8, u8)>, Compare)] = &[
+    let steps: &[Step] = &[
         ("docs: NODE REGISTER", 1, 0, None, Compare::Exact),
         (
             "docs: NODE SET STATE maintenance",
