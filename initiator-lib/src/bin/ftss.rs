@@ -155,6 +155,34 @@ enum Cmd {
         /// SENDs in flight at once.
         #[arg(long, default_value_t = 8)]
         inflight: usize,
+        /// Packets per SEND.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+    /// Stay logged in (the node available) without receiving, for SECS seconds: a node
+    /// whose application is away while its backlog grows.
+    Hold {
+        /// Seconds to stay.
+        secs: u64,
+    },
+    /// Send-to-receive latency at a fixed rate: this process also logs in as the
+    /// receiving node (its own session, --peer-initiator, registering DEST), so both ends
+    /// read one clock.
+    Latency {
+        /// The receiving node's address.
+        dest: IpAddr,
+        /// Initiator name of the receiving session.
+        #[arg(long, default_value = "iqn.2026-11.org.ftss:latency-receiver")]
+        peer_initiator: String,
+        /// Packets per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Packets to send.
+        #[arg(long, default_value_t = 5000)]
+        count: u64,
+        /// Payload bytes per packet.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
     },
 }
 
@@ -352,7 +380,49 @@ async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
             size,
             count,
             inflight,
-        } => bench(&client, *dest, *size, *count, *inflight).await,
+            batch,
+        } => bench(&client, *dest, *size, *count, *inflight, *batch).await,
+        Cmd::Hold { secs } => {
+            tokio::time::sleep(Duration::from_secs(*secs)).await;
+            Ok(())
+        }
+        Cmd::Latency {
+            dest,
+            peer_initiator,
+            rate,
+            count,
+            size,
+        } => {
+            let portal = resolve(&cli.portal).await?;
+            let mut peer_cli_initiator = session_config(cli, None)?;
+            peer_cli_initiator.initiator_name = peer_initiator.clone();
+            let target = match &cli.target {
+                Some(t) => t.clone(),
+                None => discover(cli, portal)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .map(|(name, _)| name)
+                    .context("no targets")?,
+            };
+            peer_cli_initiator.target_name = Some(target);
+            let peer = Arc::new(
+                Session::connect(portal, peer_cli_initiator)
+                    .await
+                    .context("receiver login")?,
+            );
+            let receiver = Arc::new(
+                PacketClient::new(IscsiTransport::new(Arc::clone(&peer), cli.lun))
+                    .with_max_wait(wait_cap),
+            );
+            receiver
+                .register(&[*dest])
+                .await
+                .context("receiver register")?;
+            let r = latency(&client, &receiver, *dest, *rate, *count, *size).await;
+            let _ = peer.logout().await;
+            r
+        }
     }
 }
 
@@ -691,21 +761,34 @@ async fn bench(
     size: usize,
     count: u64,
     inflight: usize,
+    batch: usize,
 ) -> Result<()> {
     let payload = Bytes::from((0..size).map(|i| i as u8).collect::<Vec<_>>());
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
+    let batch = batch.max(1) as u64;
     for _ in 0..inflight.max(1) {
         let (client, next, payload) = (Arc::clone(client), Arc::clone(&next), payload.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut not_delivered = 0u64;
-            while next.fetch_add(1, Ordering::Relaxed) < count {
+            loop {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                if first >= count {
+                    break;
+                }
+                let n = batch.min(count - first);
+                let packets: Vec<OutPacket> = (0..n)
+                    .map(|_| OutPacket::to(dest, payload.clone()))
+                    .collect();
                 let t = Instant::now();
-                let o = client.send_one(dest, payload.clone(), false).await?;
-                lat.push(t.elapsed());
-                not_delivered += u64::from(o != Outcome::Delivered);
+                let outcomes = client.send(&packets).await?;
+                let took = t.elapsed();
+                for o in outcomes {
+                    lat.push(took);
+                    not_delivered += u64::from(o != Outcome::Delivered);
+                }
             }
             Ok::<_, ftss_initiator::Error>((lat, not_delivered))
         }));
@@ -725,7 +808,7 @@ async fn bench(
     };
     let n = lat.len() as f64;
     println!(
-        "{} packets of {size} bytes in {:.3} s, {inflight} in flight: {:.0} packets/s, {:.1} MB/s",
+        "{} packets of {size} bytes in {:.3} s, {inflight} SENDs of {batch} in flight: {:.0} packets/s, {:.1} MB/s",
         lat.len(),
         elapsed.as_secs_f64(),
         n / elapsed.as_secs_f64(),
@@ -739,6 +822,89 @@ async fn bench(
     );
     if not_delivered > 0 {
         println!("{not_delivered} packets not delivered (see `ftss send` for the outcome)");
+    }
+    Ok(())
+}
+
+/// Sends `count` packets at `rate` per second and times each from just before its SEND to
+/// the moment the receiving session's RECEIVE hands it over.
+async fn latency(
+    sender: &Arc<Client>,
+    receiver: &Arc<Client>,
+    dest: IpAddr,
+    rate: u64,
+    count: u64,
+    size: usize,
+) -> Result<()> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let rx = {
+        let (receiver, sent) = (Arc::clone(receiver), Arc::clone(&sent));
+        tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(count as usize);
+            let mut last = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(count / rate.max(1) + 30);
+            while (lat.len() as u64) < count && Instant::now() < deadline {
+                let got = receiver.receive(0, Some(Duration::from_secs(1))).await?;
+                let now = Instant::now();
+                for d in &got {
+                    let id = u64::from_le_bytes(d.payload[..8].try_into().unwrap_or([0; 8]));
+                    if let Some(t) = sent
+                        .lock()
+                        .map_err(|_| ftss_initiator::Error::Protocol("lock".into()))?
+                        .get(&id)
+                    {
+                        lat.push(now.duration_since(*t));
+                    }
+                    last = last.max(d.seq);
+                }
+                if last > 0 {
+                    receiver.ack_upto(last).await?;
+                }
+            }
+            Ok::<_, ftss_initiator::Error>(lat)
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut sends = Vec::new();
+    for i in 0..count {
+        tick.tick().await;
+        let mut payload = vec![0u8; size.max(8)];
+        payload[..8].copy_from_slice(&i.to_le_bytes());
+        let (sender, sent) = (Arc::clone(sender), Arc::clone(&sent));
+        // Each SEND on its own task, so a slow one does not hold back the rate.
+        sends.push(tokio::spawn(async move {
+            if let Ok(mut m) = sent.lock() {
+                m.insert(i, Instant::now());
+            }
+            sender
+                .send(&[OutPacket::to(dest, Bytes::from(payload)).with_id(i + 1)])
+                .await
+        }));
+    }
+    for s in sends {
+        s.await.context("send task")??;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let mut lat = rx.await.context("receiver task")??;
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len().max(1)) - 1;
+        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "{} of {count} packets of {size} bytes at {:.0}/s: send-to-receive p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        lat.len(),
+        count as f64 / send_secs,
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    if (lat.len() as u64) < count {
+        bail!("{} packets did not arrive", count - lat.len() as u64);
     }
     Ok(())
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Backlog benchmark: a node stays logged in but stops receiving while another sends it
+# PACKETS (default 10 million) 64-byte packets; the daemon's resident memory is printed as
+# the backlog grows, then the node drains it and the count is checked. Shows that memory
+# stays bounded (a fixed per-node index, the dedup window and the write cache's index)
+# however far the backlog outgrows RAM. Needs about PACKETS x 1.1 KiB of disk.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+PACKETS=${PACKETS:-10000000}
+STEP=${STEP:-1000000}
+work=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}")
+trap 'ci_cleanup; rm -rf "$work"' EXIT
+ftss_build
+(cd "$CI_ROOT" && cargo build --release --bin ftss -q)
+port=$(free_port)
+# 512 bytes a record (one block): 10 M packets need 5 GiB of queue.
+qsize=$(( (PACKETS * 512 + (256 << 20)) / (1 << 20) ))MiB
+cat >"$work/ftss.toml" <<CONF
+[server]
+portals = ["127.0.0.1:$port"]
+data_dir = "$work"
+[media]
+cache_size = "256MiB"
+[[target]]
+iqn = "iqn.2026-11.org.ftss:backlog"
+[[target.lun]]
+lun = 0
+mirrors = ["lun-a.mirror", "lun-b.mirror"]
+size = "16MiB"
+[packets]
+size = "$qsize"
+CONF
+RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-backlog-ftss.log" "$port"
+pid=${CI_PIDS[-1]}
+F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
+rss() { awk '/VmRSS/ {print $2 / 1024 " MiB"}' "/proc/$pid/status"; }
+# The destination: logged in (available), not receiving.
+$F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away hold 86400 >/dev/null 2>&1 &
+CI_PIDS+=($!)
+for _ in $(seq 1 50); do
+  $F nodes 2>/dev/null | grep -q "10.0.0.2 .*available" && break
+  sleep 0.1
+done
+echo "backlog benchmark: $PACKETS packets of 64 bytes to a node that does not receive"
+echo "start: daemon RSS $(rss)"
+sent=0
+tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:sender"
+while [ "$sent" -lt "$PACKETS" ]; do
+  n=$(( PACKETS - sent < STEP ? PACKETS - sent : STEP ))
+  out=$($tx bench 10.0.0.2 --size 64 --count "$n" --inflight 8 --batch 512 | head -1)
+  sent=$(( sent + n ))
+  echo "$sent queued: daemon RSS $(rss)  ($out)"
+done | tee "$CI_OUT/bench-backlog.txt"
+echo "stats of the away node: $($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | tr '\n' ' ')"
