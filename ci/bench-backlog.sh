@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Backlog benchmark: a node stays logged in but stops receiving while another sends it
 # PACKETS (default 10 million) 64-byte packets; the daemon's resident memory is printed as
-# the backlog grows, then the node drains it and the count is checked. Shows that memory
+# the backlog grows, then the node drains it (RECEIVE and ACK) and its queue statistics
+# must show nothing left. Shows that memory
 # stays bounded (a fixed per-node index, the dedup window and the write cache's index)
 # however far the backlog outgrows RAM. Needs about PACKETS x 1.1 KiB of disk.
 set -euo pipefail
@@ -33,7 +34,13 @@ CONF
 RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-backlog-ftss.log" "$port"
 pid=${CI_PIDS[-1]}
 F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
-rss() { awk '/VmRSS/ {print $2 / 1024 " MiB"}' "/proc/$pid/status"; }
+# Resident memory, split into anonymous (heap: indexes, dedup window) and file-backed
+# (the mapped write cache, at most media.cache_size).
+rss() {
+  awk '/^VmRSS/ {t = $2} /^RssAnon/ {a = $2} /^RssFile|^RssShmem/ {f += $2}
+       END {printf "%.0f MiB (anonymous %.0f MiB, mapped cache file %.0f MiB)", t / 1024, a / 1024, f / 1024}' \
+    "/proc/$pid/status"
+}
 # The destination: logged in (available), not receiving.
 $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away hold 86400 >/dev/null 2>&1 &
 CI_PIDS+=($!)
@@ -47,8 +54,14 @@ sent=0
 tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:sender"
 while [ "$sent" -lt "$PACKETS" ]; do
   n=$(( PACKETS - sent < STEP ? PACKETS - sent : STEP ))
-  out=$($tx bench 10.0.0.2 --size 64 --count "$n" --inflight 8 --batch 512 | head -1)
+  out=$($tx bench 10.0.0.2 --size 64 --count "$n" --inflight 8 --batch 512 | sed -n 1p)
   sent=$(( sent + n ))
   echo "$sent queued: daemon RSS $(rss)  ($out)"
 done | tee "$CI_OUT/bench-backlog.txt"
 echo "stats of the away node: $($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | tr '\n' ' ')"
+t0=$(date +%s.%N)
+$F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away recv --wait 5 --count "$PACKETS" >/dev/null
+t1=$(date +%s.%N)
+left=$($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | awk '/queued records/ {print $3}')
+echo "drained $PACKETS packets in $(python3 -c "print(round($t1 - $t0, 1))") s; left queued: $left; daemon RSS $(rss)" | tee -a "$CI_OUT/bench-backlog.txt"
+[ "$left" = 0 ]
