@@ -513,3 +513,46 @@ async fn external_port_accepts_outgoing_uses_the_alternate_path_and_delivers_inc
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_full_queue_answers_task_set_full_and_takes_packets_again_after_acks() {
+    let dir = common::temp_dir("pk-full");
+    let mut cfg = config(&dir, "");
+    if let Some(p) = cfg.packets.as_mut() {
+        p.size = "1MiB".into();
+    }
+    let server = Server::start(cfg).await.expect("daemon");
+    let addr = server.local_addrs()[0];
+    let n1 = Node::login(addr, &init(1)).await;
+    let n2 = Node::login(addr, &init(2)).await;
+    let payload = vec![7u8; 4000];
+    let mut stored = 0u64;
+    let full = loop {
+        let (st, r) = n1.send(stored, vec![rec(ip(2), stored, &payload)]).await;
+        match st {
+            Some(SendStatus::All(Outcome::Delivered)) => stored += 1,
+            Some(SendStatus::MediaFull) => break r,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            stored < 1000,
+            "1 MiB cannot hold 1000 packets of 4000 bytes"
+        );
+    };
+    assert_eq!(full.status, 0x28, "TASK SET FULL");
+    assert!(full.sense_data.is_empty(), "no sense with TASK SET FULL");
+    assert!(stored > 100, "{stored} stored before full");
+    // Nothing acknowledged was dropped to make room: all of them are there.
+    let mut got = 0;
+    loop {
+        let l = n2.receive(0).await;
+        let Some(last) = l.records.last() else { break };
+        got += l.records.len() as u64;
+        n2.ack(last.seq).await;
+    }
+    assert_eq!(got, stored);
+    let (st, _) = n1.send(9999, vec![rec(ip(2), 9999, &payload)]).await;
+    assert_eq!(st, Some(SendStatus::All(Outcome::Delivered)), "room again");
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
