@@ -159,6 +159,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: usize,
     },
+    /// The packet conversion unit: link a TUN interface to the target. IP packets routed
+    /// into it go out as SEND to their destination address; packets received come out of
+    /// it. Logs in again (same packet ids) when the session breaks. Needs CAP_NET_ADMIN;
+    /// give the interface its address (one of --node-addr) and bring it up yourself.
+    Tun {
+        /// Interface name.
+        #[arg(long, default_value = "ftss0")]
+        name: String,
+    },
     /// Stay logged in (the node available) without receiving, for SECS seconds: a node
     /// whose application is away while its backlog grows.
     Hold {
@@ -211,6 +220,10 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
+    #[cfg(target_os = "linux")]
+    if let Cmd::Tun { name } = &cli.cmd {
+        return tun(&cli, portal, name).await.map_err(explain);
+    }
     let session = Arc::new(login(&cli, portal).await?);
     let result = run(&cli, &session).await;
     // Best effort: the target cleans up a dropped connection too.
@@ -253,7 +266,7 @@ async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
     }
     match &cli.cmd {
         // Handled in main before logging in to a target.
-        Cmd::Discover => Ok(()),
+        Cmd::Discover | Cmd::Tun { .. } => Ok(()),
         Cmd::Inquiry => inquiry(session, cli.lun).await,
         Cmd::Register { addrs } => {
             client.register(addrs).await?;
@@ -906,5 +919,40 @@ async fn latency(
     if (lat.len() as u64) < count {
         bail!("{} packets did not arrive", count - lat.len() as u64);
     }
+    Ok(())
+}
+
+/// `ftss tun`: runs the packet conversion unit until the TUN device fails.
+#[cfg(target_os = "linux")]
+async fn tun(cli: &Cli, portal: SocketAddr, name: &str) -> Result<()> {
+    use ftss_initiator::tun::{bridge, BridgeStats, Tun};
+    if cli.node_addrs.is_empty() {
+        bail!("give this node's addresses with --node-addr (-a)");
+    }
+    let dev = Arc::new(Tun::open(name).with_context(|| format!("creating TUN interface {name}"))?);
+    // Scripts wait for this line before moving or configuring the interface.
+    println!("tun {} ready", dev.name());
+    let stats = Arc::new(BridgeStats::default());
+    let report = Arc::clone(&stats);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            tracing::info!(
+                sent = report.sent.load(Ordering::Relaxed),
+                received = report.received.load(Ordering::Relaxed),
+                refused = report.refused.load(Ordering::Relaxed),
+                sessions = report.sessions.load(Ordering::Relaxed),
+                "tun"
+            );
+        }
+    });
+    let lun = cli.lun;
+    let connect = || async move {
+        let s = login(cli, portal)
+            .await
+            .map_err(|e| ftss_initiator::Error::Protocol(format!("{e:#}")))?;
+        Ok(IscsiTransport::new(Arc::new(s), lun))
+    };
+    bridge(dev, connect, cli.node_addrs.clone(), stats).await?;
     Ok(())
 }
