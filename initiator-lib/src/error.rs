@@ -71,6 +71,19 @@ pub enum Error {
     /// A vendor command's data-in list does not decode.
     #[error("vendor data: {0}")]
     Vendor(#[from] ftss_proto::vendor::VendorError),
+    /// The kernel's SCSI layer could not complete an SG_IO command (a host adapter or
+    /// driver error, e.g. the iSCSI session is being recovered): the command may or may
+    /// not have reached the target.
+    #[error("SG_IO: host status {host_status:#04x}, driver status {driver_status:#04x}")]
+    Passthrough {
+        /// `host_status` of the `sg_io_hdr` (`DID_*`).
+        host_status: u16,
+        /// `driver_status` of the `sg_io_hdr` (`DRIVER_*`).
+        driver_status: u16,
+    },
+    /// No SCSI device to talk to (e.g. no LUN of an ftss target is visible).
+    #[error("{0}")]
+    NoDevice(String),
 }
 
 impl Error {
@@ -97,7 +110,11 @@ impl Error {
     pub fn is_connection_error(&self) -> bool {
         matches!(
             self,
-            Error::Io(_) | Error::Decode(_) | Error::ConnectionClosed | Error::Timeout
+            Error::Io(_)
+                | Error::Decode(_)
+                | Error::ConnectionClosed
+                | Error::Timeout
+                | Error::Passthrough { .. }
         )
     }
 }

@@ -7,7 +7,8 @@
 //! [`Session::send_targets`].
 //!
 //! [`PacketClient`] sends and receives network packets through the target's vendor
-//! commands over any [`Transport`] ([`IscsiTransport`]: a session and a LUN), and
+//! commands over any [`Transport`] ([`IscsiTransport`]: a session and a LUN; on Linux
+//! also `SgTransport`: SG_IO on a LUN the kernel's initiator logged in to), and
 //! [`Receiver`] turns RECEIVE and ACK into an exactly-once stream of records.
 //!
 //! Wire formats, negotiation and CHAP come from `ftss_proto`; this crate only owns the
@@ -29,7 +30,9 @@
 //! # Ok(())
 //! # }
 //! ```
-#![deny(unsafe_code)] // allowed, with SAFETY notes, only where a device ioctl needs it (tun.rs)
+// Deny rather than forbid: the SG_IO transport and the TUN device need ioctl calls, and
+// only those modules may opt out, with a SAFETY note at each.
+#![deny(unsafe_code)]
 
 mod config;
 mod error;
@@ -37,6 +40,9 @@ mod login;
 pub mod packet;
 pub mod scsi;
 mod session;
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub mod sg;
 pub mod transport;
 #[cfg(target_os = "linux")]
 pub mod tun;
@@ -47,6 +53,8 @@ pub use error::Error;
 pub use packet::{Delivered, Destination, OutPacket, PacketClient, Receiver};
 pub use scsi::{Capacity, Inquiry, ScsiResult};
 pub use session::Session;
+#[cfg(target_os = "linux")]
+pub use sg::SgTransport;
 pub use transport::{IscsiTransport, Transport};
 // The vendor types the packet API returns, so users need not depend on ftss-proto.
 pub use ftss_proto::vendor::{

@@ -1,12 +1,14 @@
 //! SCSI results and the handful of commands a block client needs, built on
-//! [`Session::execute`].
+//! [`Session::execute`] or, for the identification commands, on any [`Transport`].
+
+use std::future::Future;
 
 use bytes::Bytes;
 use ftss_proto::cdb::op;
 use ftss_proto::pdu::{Lun, Residual};
 use ftss_proto::sense::{key, Sense};
 
-use crate::{Error, Session};
+use crate::{Error, Session, Transport};
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;
@@ -92,7 +94,104 @@ fn rw16(opcode: u8, lba: u64, blocks: u32) -> [u8; 16] {
     c
 }
 
+/// `cdb` on `t`, retrying UNIT ATTENTION, and turning any other non-GOOD status into
+/// [`Error::ScsiStatus`].
+pub async fn execute_checked<T: Transport + ?Sized>(
+    t: &T,
+    cdb: &[u8],
+    data_out: Option<Bytes>,
+    data_in_len: u32,
+) -> Result<ScsiResult, Error> {
+    let mut tries = 0;
+    loop {
+        let r = t.execute(cdb, data_out.clone(), data_in_len).await?;
+        if r.is_unit_attention() && tries < UA_RETRIES {
+            tries += 1;
+            continue;
+        }
+        return r.check();
+    }
+}
+
+/// Standard INQUIRY on `t`.
+pub async fn inquiry<T: Transport + ?Sized>(t: &T) -> Result<Inquiry, Error> {
+    let r = execute_checked(t, &[op::INQUIRY, 0, 0, 0, 255, 0], None, 255).await?;
+    let d = r.data_in;
+    if d.len() < 36 {
+        return Err(Error::Protocol(format!(
+            "INQUIRY data of {} bytes",
+            d.len()
+        )));
+    }
+    Ok(Inquiry {
+        peripheral_qualifier: d[0] >> 5,
+        device_type: d[0] & 0x1f,
+        removable: d[1] & 0x80 != 0,
+        version: d[2],
+        vendor: ascii(&d[8..16]),
+        product: ascii(&d[16..32]),
+        revision: ascii(&d[32..36]),
+        raw: d,
+    })
+}
+
+/// INQUIRY for a vital product data page on `t`; returns the whole page, header included.
+pub async fn inquiry_vpd<T: Transport + ?Sized>(t: &T, page: u8) -> Result<Bytes, Error> {
+    let len: u16 = 4096;
+    let [hi, lo] = len.to_be_bytes();
+    let r = execute_checked(t, &[op::INQUIRY, 1, page, hi, lo, 0], None, len.into()).await?;
+    if r.data_in.len() < 4 || r.data_in[1] != page {
+        return Err(Error::Protocol(format!("bad VPD page {page:#04x} answer")));
+    }
+    Ok(r.data_in)
+}
+
+/// READ CAPACITY (16) on `t`.
+pub async fn read_capacity16<T: Transport + ?Sized>(t: &T) -> Result<Capacity, Error> {
+    let mut c = [0u8; 16];
+    c[0] = op::SERVICE_ACTION_IN_16;
+    c[1] = op::SA_READ_CAPACITY_16;
+    c[13] = 32;
+    let r = execute_checked(t, &c, None, 32).await?;
+    let d = &r.data_in;
+    if d.len() < 12 {
+        return Err(Error::Protocol(format!(
+            "READ CAPACITY data of {} bytes",
+            d.len()
+        )));
+    }
+    let mut last = [0u8; 8];
+    last.copy_from_slice(&d[0..8]);
+    Ok(Capacity {
+        blocks: u64::from_be_bytes(last).wrapping_add(1),
+        block_size: u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
+    })
+}
+
+/// One LUN of a borrowed session as a [`Transport`], so that the session's helpers and
+/// the generic ones above are one implementation (an [`IscsiTransport`](crate::IscsiTransport)
+/// would need an `Arc`).
+struct OnLun<'a> {
+    session: &'a Session,
+    lun: u16,
+}
+
+impl Transport for OnLun<'_> {
+    fn execute(
+        &self,
+        cdb: &[u8],
+        data_out: Option<Bytes>,
+        data_in_len: u32,
+    ) -> impl Future<Output = Result<ScsiResult, Error>> + Send {
+        self.session.execute(self.lun, cdb, data_out, data_in_len)
+    }
+}
+
 impl Session {
+    fn on(&self, lun: u16) -> OnLun<'_> {
+        OnLun { session: self, lun }
+    }
+
     /// `execute`, retrying UNIT ATTENTION, and turning any other non-GOOD status into
     /// [`Error::ScsiStatus`].
     pub async fn execute_checked(
@@ -102,17 +201,7 @@ impl Session {
         data_out: Option<Bytes>,
         data_in_len: u32,
     ) -> Result<ScsiResult, Error> {
-        let mut tries = 0;
-        loop {
-            let r = self
-                .execute(lun, cdb, data_out.clone(), data_in_len)
-                .await?;
-            if r.is_unit_attention() && tries < UA_RETRIES {
-                tries += 1;
-                continue;
-            }
-            return r.check();
-        }
+        execute_checked(&self.on(lun), cdb, data_out, data_in_len).await
     }
 
     /// TEST UNIT READY.
@@ -124,61 +213,17 @@ impl Session {
 
     /// Standard INQUIRY.
     pub async fn inquiry(&self, lun: u16) -> Result<Inquiry, Error> {
-        let r = self
-            .execute_checked(lun, &[op::INQUIRY, 0, 0, 0, 255, 0], None, 255)
-            .await?;
-        let d = r.data_in;
-        if d.len() < 36 {
-            return Err(Error::Protocol(format!(
-                "INQUIRY data of {} bytes",
-                d.len()
-            )));
-        }
-        Ok(Inquiry {
-            peripheral_qualifier: d[0] >> 5,
-            device_type: d[0] & 0x1f,
-            removable: d[1] & 0x80 != 0,
-            version: d[2],
-            vendor: ascii(&d[8..16]),
-            product: ascii(&d[16..32]),
-            revision: ascii(&d[32..36]),
-            raw: d,
-        })
+        inquiry(&self.on(lun)).await
     }
 
     /// INQUIRY for a vital product data page; returns the whole page, header included.
     pub async fn inquiry_vpd(&self, lun: u16, page: u8) -> Result<Bytes, Error> {
-        let len: u16 = 4096;
-        let [hi, lo] = len.to_be_bytes();
-        let r = self
-            .execute_checked(lun, &[op::INQUIRY, 1, page, hi, lo, 0], None, len.into())
-            .await?;
-        if r.data_in.len() < 4 || r.data_in[1] != page {
-            return Err(Error::Protocol(format!("bad VPD page {page:#04x} answer")));
-        }
-        Ok(r.data_in)
+        inquiry_vpd(&self.on(lun), page).await
     }
 
     /// READ CAPACITY (16).
     pub async fn read_capacity16(&self, lun: u16) -> Result<Capacity, Error> {
-        let mut c = [0u8; 16];
-        c[0] = op::SERVICE_ACTION_IN_16;
-        c[1] = op::SA_READ_CAPACITY_16;
-        c[13] = 32;
-        let r = self.execute_checked(lun, &c, None, 32).await?;
-        let d = &r.data_in;
-        if d.len() < 12 {
-            return Err(Error::Protocol(format!(
-                "READ CAPACITY data of {} bytes",
-                d.len()
-            )));
-        }
-        let mut last = [0u8; 8];
-        last.copy_from_slice(&d[0..8]);
-        Ok(Capacity {
-            blocks: u64::from_be_bytes(last).wrapping_add(1),
-            block_size: u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
-        })
+        read_capacity16(&self.on(lun)).await
     }
 
     /// READ (16) of `blocks` blocks of `block_size` bytes at `lba`.

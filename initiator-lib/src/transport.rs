@@ -3,10 +3,10 @@
 //!
 //! The packet API needs nothing of iSCSI beyond "run this CDB", so it is written against
 //! [`Transport`]. [`IscsiTransport`] runs commands on one LUN of a userspace
-//! [`Session`]; a Linux SG_IO transport (an `ioctl` on `/dev/sgN` of a LUN the kernel
-//! initiator logged in to) fits the same trait: its `execute` fills an `sg_io_hdr` from
-//! the same three arguments and builds the [`ScsiResult`] from the status, sense buffer
-//! and `resid` the kernel returns.
+//! [`Session`]; on Linux, `SgTransport` (`crate::sg`: an SG_IO `ioctl` on `/dev/sgN` of a
+//! LUN the kernel initiator logged in to) fills an `sg_io_hdr` from the same three
+//! arguments and builds the [`ScsiResult`] from the status, sense buffer and `resid` the
+//! kernel returns.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,11 +1,13 @@
 //! `ftss`: send and receive network packets through an ftss target from the command line,
-//! over the userspace iSCSI initiator of `ftss_initiator`.
+//! over the userspace iSCSI initiator of `ftss_initiator`, or (`--device`, Linux) over
+//! SG_IO on a LUN the kernel's initiator logged in to.
 //!
 //! ```text
 //! ftss --portal 10.0.0.9:3260 --node-addr 10.0.0.2 echo
 //! ftss --portal 10.0.0.9:3260 --node-addr 10.0.0.1 ping 10.0.0.2 --count 5
 //! ftss --node-addr 10.0.0.1 send 10.0.0.2 hello
 //! ftss --node-addr 10.0.0.2 recv --wait 10
+//! ftss --device auto --node-addr 10.0.0.3 recv --wait 10
 //! ```
 
 use std::io::Read;
@@ -18,9 +20,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+#[cfg(target_os = "linux")]
+use ftss_initiator::SgTransport;
 use ftss_initiator::{
-    ChapCredentials, Delivered, IscsiTransport, NodeState, OutPacket, Outcome, PacketClient,
-    Receiver, ReplayFrom, RouteState, Session, SessionConfig,
+    scsi, ChapCredentials, Delivered, IscsiTransport, NodeState, OutPacket, Outcome, PacketClient,
+    Receiver, ReplayFrom, RouteState, ScsiResult, Session, SessionConfig, Transport,
 };
 
 /// Send and receive network packets through an ftss iSCSI target.
@@ -52,6 +56,12 @@ struct Cli {
     /// Command timeout in seconds (a RECEIVE waits at most this minus 5 s).
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    /// Use this SCSI device (Linux SG_IO, e.g. /dev/sg1) of a LUN the kernel's iSCSI
+    /// initiator logged in to, instead of logging in with our own session; `auto`: the
+    /// first LUN whose INQUIRY vendor is FTSS. The portal, target, initiator, LUN and
+    /// CHAP options then do not apply (the node is the kernel session's initiator name).
+    #[arg(long, global = true, value_name = "PATH|auto")]
+    device: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -201,7 +211,32 @@ enum StateArg {
     Maintenance,
 }
 
-type Client = PacketClient<IscsiTransport>;
+/// The CLI's way to the target, chosen at run time: its own iSCSI session, or SG_IO on
+/// a LUN of the kernel's initiator (`--device`). [`Transport`] is not object safe, hence
+/// an enum that delegates.
+#[derive(Clone)]
+enum AnyTransport {
+    Iscsi(IscsiTransport),
+    #[cfg(target_os = "linux")]
+    Sg(SgTransport),
+}
+
+impl Transport for AnyTransport {
+    async fn execute(
+        &self,
+        cdb: &[u8],
+        data_out: Option<Bytes>,
+        data_in_len: u32,
+    ) -> Result<ScsiResult, ftss_initiator::Error> {
+        match self {
+            AnyTransport::Iscsi(t) => t.execute(cdb, data_out, data_in_len).await,
+            #[cfg(target_os = "linux")]
+            AnyTransport::Sg(t) => t.execute(cdb, data_out, data_in_len).await,
+        }
+    }
+}
+
+type Client = PacketClient<AnyTransport>;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -213,6 +248,13 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(device) = &cli.device {
+        if let Cmd::Discover = cli.cmd {
+            bail!("discover needs a portal (--portal HOST:PORT), not --device: SendTargets is part of an iSCSI session of this CLI's own");
+        }
+        let transport = open_device(device, &cli).await?;
+        return run(&cli, transport).await.map_err(explain);
+    }
     let portal = resolve(&cli.portal).await?;
     if let Cmd::Discover = cli.cmd {
         for (name, addrs) in discover(&cli, portal).await? {
@@ -225,12 +267,32 @@ async fn main() -> Result<()> {
         return tun(&cli, portal, name).await.map_err(explain);
     }
     let session = Arc::new(login(&cli, portal).await?);
-    let result = run(&cli, &session).await;
+    let transport = AnyTransport::Iscsi(IscsiTransport::new(Arc::clone(&session), cli.lun));
+    let result = run(&cli, transport).await;
     // Best effort: the target cleans up a dropped connection too.
     if let Err(e) = session.logout().await {
         tracing::debug!("logout: {e}");
     }
     result.map_err(explain)
+}
+
+/// `--device PATH` or `--device auto` (the first ftss LUN the kernel initiator sees).
+#[cfg(target_os = "linux")]
+async fn open_device(device: &str, cli: &Cli) -> Result<AnyTransport> {
+    let t = if device == "auto" {
+        SgTransport::find().await?
+    } else {
+        SgTransport::open(device)?
+    };
+    tracing::info!("using {}", t.path().display());
+    Ok(AnyTransport::Sg(
+        t.with_timeout(Duration::from_secs(cli.timeout.max(1))),
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn open_device(_device: &str, _cli: &Cli) -> Result<AnyTransport> {
+    bail!("--device (SG_IO) is only available on Linux; use --portal")
 }
 
 /// Adds a hint to the errors a user is likely to meet first.
@@ -252,12 +314,9 @@ fn explain(e: anyhow::Error) -> anyhow::Error {
     e.context(hint)
 }
 
-async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
+async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
     let wait_cap = Duration::from_secs(cli.timeout.saturating_sub(5).max(1));
-    let client = Arc::new(
-        PacketClient::new(IscsiTransport::new(Arc::clone(session), cli.lun))
-            .with_max_wait(wait_cap),
-    );
+    let client = Arc::new(PacketClient::new(transport.clone()).with_max_wait(wait_cap));
     if !cli.node_addrs.is_empty() {
         client
             .register(&cli.node_addrs)
@@ -267,7 +326,7 @@ async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
     match &cli.cmd {
         // Handled in main before logging in to a target.
         Cmd::Discover | Cmd::Tun { .. } => Ok(()),
-        Cmd::Inquiry => inquiry(session, cli.lun).await,
+        Cmd::Inquiry => inquiry(&transport).await,
         Cmd::Register { addrs } => {
             client.register(addrs).await?;
             println!("registered {}", join(addrs));
@@ -425,8 +484,11 @@ async fn run(cli: &Cli, session: &Arc<Session>) -> Result<()> {
                     .context("receiver login")?,
             );
             let receiver = Arc::new(
-                PacketClient::new(IscsiTransport::new(Arc::clone(&peer), cli.lun))
-                    .with_max_wait(wait_cap),
+                PacketClient::new(AnyTransport::Iscsi(IscsiTransport::new(
+                    Arc::clone(&peer),
+                    cli.lun,
+                )))
+                .with_max_wait(wait_cap),
             );
             receiver
                 .register(&[*dest])
@@ -515,8 +577,8 @@ async fn login(cli: &Cli, portal: SocketAddr) -> Result<Session> {
         .with_context(|| format!("login to {target} at {portal}"))
 }
 
-async fn inquiry(s: &Session, lun: u16) -> Result<()> {
-    let inq = s.inquiry(lun).await.context("INQUIRY")?;
+async fn inquiry(t: &AnyTransport) -> Result<()> {
+    let inq = scsi::inquiry(t).await.context("INQUIRY")?;
     println!(
         "vendor {:?} product {:?} revision {:?}",
         inq.vendor, inq.product, inq.revision
@@ -527,7 +589,9 @@ async fn inquiry(s: &Session, lun: u16) -> Result<()> {
         inq.device_type,
         if inq.removable { " removable" } else { "" }
     );
-    let cap = s.read_capacity16(lun).await.context("READ CAPACITY(16)")?;
+    let cap = scsi::read_capacity16(t)
+        .await
+        .context("READ CAPACITY(16)")?;
     let bytes = u128::from(cap.blocks) * u128::from(cap.block_size);
     println!(
         "capacity {} blocks of {} bytes ({bytes} bytes, {:.1} MiB)",
