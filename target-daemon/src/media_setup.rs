@@ -167,13 +167,15 @@ pub(crate) fn open_targets(
                 removable: l.removable,
             });
         }
-        let scsi = ScsiTarget::new(TargetIdentity { iqn: t.iqn.clone() }, luns).map_err(|e| {
-            ServerError::Lun {
-                iqn: t.iqn.clone(),
-                lun: 0,
-                msg: e.to_string(),
-            }
-        })?;
+        let scsi_err = |e: crate::scsi::ScsiError| ServerError::Lun {
+            iqn: t.iqn.clone(),
+            lun: 0,
+            msg: e.to_string(),
+        };
+        let scsi =
+            ScsiTarget::new(TargetIdentity { iqn: t.iqn.clone() }, luns).map_err(scsi_err)?;
+        // APTPL reservations live next to the media; a damaged file stops the start.
+        scsi.persist_reservations_in(dir).map_err(scsi_err)?;
         targets.push(Arc::new(TargetEntry {
             iqn: t.iqn.clone(),
             alias: t.alias.clone(),

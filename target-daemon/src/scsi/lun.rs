@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::pr::Reservations;
 use super::target::LunSpec;
+use super::xcopy::CopyResults;
 use crate::media::BlockStore;
 
 /// Largest transfer one command may ask for, advertised in the Block Limits VPD page.
@@ -32,6 +34,10 @@ pub(crate) struct Lun {
     /// NAA locally assigned identifier (VPD 0x83), stable across restarts.
     pub(crate) naa: [u8; 8],
     state: Mutex<LunState>,
+    /// Persistent and SPC-2 reservations.
+    pub(crate) reservations: Reservations,
+    /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
+    pub(crate) copies: CopyResults,
 }
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded per process).
@@ -54,6 +60,8 @@ impl Lun {
             serial: format!("{h:016x}"),
             naa,
             state: Mutex::new(LunState::default()),
+            reservations: Reservations::default(),
+            copies: CopyResults::default(),
         }
     }
 
@@ -82,6 +90,8 @@ impl Lun {
 
     pub(crate) fn nexus_removed(&self, nexus: u64) {
         self.state().prevent.remove(&nexus);
+        self.reservations.nexus_removed(nexus);
+        self.copies.nexus_removed(nexus);
     }
 
     /// LUN reset: mode parameters and removal prevention return to their defaults
@@ -90,5 +100,6 @@ impl Lun {
         let mut s = self.state();
         s.d_sense = false;
         s.prevent.clear();
+        self.reservations.reset();
     }
 }

@@ -65,9 +65,12 @@ pub struct ScsiOutcome {
     pub data_out_len: Option<u32>,
 }
 
+pub(crate) mod defect;
 pub(crate) mod lun;
+pub(crate) mod pr;
 pub(crate) mod sbc;
 pub(crate) mod spc;
 pub mod target;
+pub(crate) mod xcopy;
 
 pub use target::{LunSpec, ScsiError, ScsiTarget, TargetIdentity, VendorHandler};

@@ -107,7 +107,7 @@ pub(crate) fn inquiry_no_lun(cmd: &ScsiCommand<'_>) -> CmdResult {
     Ok(Reply::good(clip(standard_inquiry(None), alloc)))
 }
 
-const VPD_PAGES: [u8; 8] = [0x00, 0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2, 0x00];
+const VPD_PAGES: [u8; 8] = [0x00, 0x80, 0x83, 0x86, 0x8f, 0xb0, 0xb1, 0xb2];
 
 pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
     let (evpd, page, alloc) = check_inquiry_cdb(c.cmd.cdb)?;
@@ -117,7 +117,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
     let l = c.lun;
     let mut d = vec![0u8, page, 0, 0];
     match page {
-        0x00 => d.extend_from_slice(&VPD_PAGES[..7]),
+        0x00 => d.extend_from_slice(&VPD_PAGES),
         0x80 => d.extend_from_slice(l.serial.as_bytes()),
         0x83 => {
             // NAA locally assigned, LUN association.
@@ -148,6 +148,8 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
             };
             d.extend_from_slice(&p);
         }
+        // Third-party Copy: what the copy manager (xcopy.rs) supports.
+        0x8f => d.extend(super::xcopy::third_party_copy_vpd(l)),
         0xb0 => {
             let mut p = [0u8; 60];
             p[4..8].copy_from_slice(&l.transfer_blocks_max().to_be_bytes());

@@ -8,7 +8,7 @@ use ftss_proto::cdb::op;
 use ftss_proto::sense::{common, Sense};
 
 use super::lun::Lun;
-use super::{sbc, spc, ItNexus, ScsiCommand, ScsiOutcome};
+use super::{defect, pr, sbc, spc, xcopy, ItNexus, ScsiCommand, ScsiOutcome};
 use crate::media::BlockStore;
 
 /// SCSI status codes.
@@ -32,6 +32,14 @@ pub enum ScsiError {
     /// The LUN does not exist.
     #[error("LUN {0} does not exist")]
     NoSuchLun(u64),
+    /// Saved persistent reservation state could not be loaded.
+    #[error("LUN {lun}: persistent reservations: {msg}")]
+    Reservations {
+        /// The LUN.
+        lun: u64,
+        /// What went wrong.
+        msg: String,
+    },
 }
 
 /// One LUN as the configuration gives it.
@@ -142,6 +150,29 @@ impl ScsiTarget {
     /// Whether `lun` exists.
     pub fn lun_exists(&self, lun: u64) -> bool {
         self.luns.contains_key(&lun)
+    }
+
+    /// Keeps each LUN's persistent reservations in `dir` while APTPL is set (one file per
+    /// LUN, named by its serial number), loading what an earlier run saved there. Without
+    /// this call APTPL is refused (REPORT CAPABILITIES clears PTPL_C).
+    pub fn persist_reservations_in(&self, dir: &std::path::Path) -> Result<(), ScsiError> {
+        for l in self.luns.values() {
+            let file = dir.join(format!("pr-{}.state", l.serial));
+            l.reservations
+                .attach_file(file)
+                .map_err(|msg| ScsiError::Reservations { lun: l.number, msg })?;
+        }
+        Ok(())
+    }
+
+    /// Ids of the current nexuses `f` selects (reservation unit attentions go to every
+    /// nexus of a registered initiator port).
+    pub(crate) fn nexuses_where(&self, f: impl Fn(&ItNexus) -> bool) -> Vec<u64> {
+        lock(&self.nexuses)
+            .values()
+            .filter(|n| f(n))
+            .map(|n| n.id)
+            .collect()
     }
 
     /// A new I_T nexus: it starts with a power-on unit attention on every LUN.
@@ -270,6 +301,13 @@ impl ScsiTarget {
             };
         };
         let Some(entry) = COMMANDS.iter().find(|c| c.matches(cmd.cdb)) else {
+            // An unsupported service action of a supported command is an invalid CDB
+            // field (SPC-4); limited to the reservation and copy commands so the others
+            // keep answering as before.
+            if SA_IN_BYTE_1.contains(&opcode) {
+                let s = common::INVALID_FIELD_IN_CDB.cdb_field(1, Some(4));
+                return self.fail(Some(lun), s);
+            }
             return self.fail(Some(lun), common::INVALID_OPCODE);
         };
         if cmd.cdb.len() < usize::from(entry.cdb_len) {
@@ -288,6 +326,13 @@ impl ScsiTarget {
             if let Some(ua) = self.take_ua(nexus.id, cmd.lun) {
                 return self.fail(Some(lun), ua);
             }
+        }
+        if !pr::admits(lun, nexus, cmd.cdb) {
+            return ScsiOutcome {
+                status: status::RESERVATION_CONFLICT,
+                data_out_len: sbc::data_out_len(lun, cmd.cdb),
+                ..ScsiOutcome::default()
+            };
         }
         let ctx = Ctx {
             target: self,
@@ -592,4 +637,117 @@ pub(crate) static COMMANDS: &[Command] = &[
         ],
         run: sbc::verify,
     },
+    // ---- reservations (pr.rs), copy manager (xcopy.rs), defect data (defect.rs) ----
+    Command {
+        opcode: pr::op::RESERVE_6,
+        sa: None,
+        cdb_len: 6,
+        usage: &[0xff, 0, 0, 0, 0, 0x04],
+        run: pr::reserve,
+    },
+    Command {
+        opcode: pr::op::RELEASE_6,
+        sa: None,
+        cdb_len: 6,
+        usage: &[0xff, 0, 0, 0, 0, 0x04],
+        run: pr::release,
+    },
+    Command {
+        opcode: pr::op::RESERVE_10,
+        sa: None,
+        cdb_len: 10,
+        usage: &[0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x04],
+        run: pr::reserve,
+    },
+    Command {
+        opcode: pr::op::RELEASE_10,
+        sa: None,
+        cdb_len: 10,
+        usage: &[0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x04],
+        run: pr::release,
+    },
+    pr_in(0x00),  // READ KEYS
+    pr_in(0x01),  // READ RESERVATION
+    pr_in(0x02),  // REPORT CAPABILITIES
+    pr_in(0x03),  // READ FULL STATUS
+    pr_out(0x00), // REGISTER
+    pr_out(0x01), // RESERVE
+    pr_out(0x02), // RELEASE
+    pr_out(0x03), // CLEAR
+    pr_out(0x04), // PREEMPT
+    pr_out(0x05), // PREEMPT AND ABORT
+    pr_out(0x06), // REGISTER AND IGNORE EXISTING KEY
+    pr_out(0x07), // REGISTER AND MOVE
+    Command {
+        opcode: xcopy::op::EXTENDED_COPY,
+        sa: Some(xcopy::op::SA_EXTENDED_COPY_LID1),
+        cdb_len: 16,
+        usage: &[
+            0xff, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+        run: xcopy::extended_copy,
+    },
+    Command {
+        opcode: xcopy::op::RECEIVE_COPY_RESULTS,
+        sa: Some(xcopy::op::SA_COPY_STATUS),
+        cdb_len: 16,
+        usage: &[
+            0xff, 0x1f, 0xff, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+        run: xcopy::receive_copy_results,
+    },
+    Command {
+        opcode: xcopy::op::RECEIVE_COPY_RESULTS,
+        sa: Some(xcopy::op::SA_OPERATING_PARAMETERS),
+        cdb_len: 16,
+        usage: &[
+            0xff, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+        run: xcopy::receive_copy_results,
+    },
+    Command {
+        opcode: defect::READ_DEFECT_DATA_10,
+        sa: None,
+        cdb_len: 10,
+        usage: &[0xff, 0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x04],
+        run: defect::read_defect_data,
+    },
+    Command {
+        opcode: defect::READ_DEFECT_DATA_12,
+        sa: None,
+        cdb_len: 12,
+        usage: &[0xff, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04],
+        run: defect::read_defect_data,
+    },
 ];
+
+/// Commands whose service action field (byte 1, bits 4-0) selects among the table's
+/// entries: an unlisted service action is an invalid CDB field, not an unknown opcode.
+const SA_IN_BYTE_1: [u8; 4] = [
+    pr::op::PERSISTENT_RESERVE_IN,
+    pr::op::PERSISTENT_RESERVE_OUT,
+    xcopy::op::EXTENDED_COPY,
+    xcopy::op::RECEIVE_COPY_RESULTS,
+];
+
+/// PERSISTENT RESERVE IN with service action `sa`.
+const fn pr_in(sa: u8) -> Command {
+    Command {
+        opcode: pr::op::PERSISTENT_RESERVE_IN,
+        sa: Some(sa),
+        cdb_len: 10,
+        usage: &[0xff, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
+        run: pr::persistent_reserve_in,
+    }
+}
+
+/// PERSISTENT RESERVE OUT with service action `sa`.
+const fn pr_out(sa: u8) -> Command {
+    Command {
+        opcode: pr::op::PERSISTENT_RESERVE_OUT,
+        sa: Some(sa),
+        cdb_len: 10,
+        usage: &[0xff, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x04],
+        run: pr::persistent_reserve_out,
+    }
+}

@@ -1,0 +1,1097 @@
+//! Reservations (SPC-4 5.9 and 5.15): persistent reservations (PERSISTENT RESERVE IN and
+//! OUT), the SPC-2 RESERVE/RELEASE reservations that older cluster software still sends,
+//! and the check every command passes before it runs: may this I_T nexus use the LUN now?
+//!
+//! Registrations belong to an I_T nexus identified by its iSCSI initiator port (initiator
+//! name plus ISID, the TransportID "name,i,0x<isid>") and its target port (the portal
+//! group), not to a session: a node that logs in again with the same ISID finds its key,
+//! and one that logs in with a new ISID is a different I_T nexus. With APTPL the state is
+//! kept in a file per LUN and survives a restart.
+
+use std::path::{Path, PathBuf};
+
+use ftss_proto::cdb::be;
+use ftss_proto::sense::{common, key, Sense};
+
+use super::lun::Lun;
+use super::target::{status, CmdResult, Ctx, Reply};
+use super::ItNexus;
+
+/// Opcodes this module executes.
+pub(crate) mod op {
+    pub(crate) const RESERVE_6: u8 = 0x16;
+    pub(crate) const RELEASE_6: u8 = 0x17;
+    pub(crate) const RESERVE_10: u8 = 0x56;
+    pub(crate) const RELEASE_10: u8 = 0x57;
+    pub(crate) const PERSISTENT_RESERVE_IN: u8 = 0x5e;
+    pub(crate) const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
+}
+
+/// PERSISTENT RESERVE OUT service actions.
+mod sa {
+    pub(super) const REGISTER: u8 = 0x00;
+    pub(super) const RESERVE: u8 = 0x01;
+    pub(super) const RELEASE: u8 = 0x02;
+    pub(super) const CLEAR: u8 = 0x03;
+    pub(super) const PREEMPT: u8 = 0x04;
+    pub(super) const PREEMPT_AND_ABORT: u8 = 0x05;
+    pub(super) const REGISTER_AND_IGNORE: u8 = 0x06;
+    pub(super) const REGISTER_AND_MOVE: u8 = 0x07;
+}
+
+/// Persistent reservation types (SPC-4 table 173).
+mod ty {
+    pub(super) const WE: u8 = 0x1;
+    pub(super) const EA: u8 = 0x3;
+    pub(super) const WE_RO: u8 = 0x5;
+    pub(super) const EA_RO: u8 = 0x6;
+    pub(super) const WE_AR: u8 = 0x7;
+    pub(super) const EA_AR: u8 = 0x8;
+}
+
+const RESERVATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x03);
+const RESERVATIONS_RELEASED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x04);
+const REGISTRATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x05);
+const INVALID_RELEASE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
+const INSUFFICIENT_REGISTRATION_RESOURCES: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
+
+/// Registrations a LUN keeps at most (each costs a TransportID in READ FULL STATUS).
+const REGISTRATIONS_MAX: usize = 128;
+
+fn all_registrants(t: u8) -> bool {
+    matches!(t, ty::WE_AR | ty::EA_AR)
+}
+
+fn registrants_only(t: u8) -> bool {
+    matches!(t, ty::WE_RO | ty::EA_RO)
+}
+
+/// An initiator port: iSCSI name (lower case: iSCSI names compare case-insensitively)
+/// and ISID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Port {
+    pub(crate) name: String,
+    pub(crate) isid: [u8; 6],
+}
+
+impl Port {
+    fn of(n: &ItNexus) -> Self {
+        Port {
+            name: n.initiator_name.to_ascii_lowercase(),
+            isid: n.isid,
+        }
+    }
+
+    /// iSCSI TransportID, format 01b (initiator port with ISID), SPC-4 7.6.4.6.
+    fn transport_id(&self) -> Vec<u8> {
+        let mut name = format!("{},i,0x", self.name).into_bytes();
+        for b in self.isid {
+            name.extend_from_slice(format!("{b:02x}").as_bytes());
+        }
+        name.push(0);
+        while !name.len().is_multiple_of(4) {
+            name.push(0);
+        }
+        let mut t = vec![0x45, 0];
+        t.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        t.extend(name);
+        t
+    }
+}
+
+/// One registered I_T nexus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Registration {
+    pub(crate) key: u64,
+    pub(crate) port: Port,
+    /// Target port (portal group tag) the registration was made through.
+    pub(crate) tpgt: u16,
+    /// Registered through every target port (ALL_TG_PT).
+    pub(crate) all_tg_pt: bool,
+}
+
+impl Registration {
+    fn covers(&self, n: &ItNexus) -> bool {
+        self.port == Port::of(n) && (self.all_tg_pt || self.tpgt == n.tpgt)
+    }
+}
+
+/// The persistent reservation, when there is one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub(crate) kind: u8,
+    /// The holder (index into the registrations) for types other than all registrants.
+    pub(crate) holder: usize,
+}
+
+/// Persistent reservation state of one LUN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PrState {
+    pub(crate) generation: u32,
+    pub(crate) regs: Vec<Registration>,
+    pub(crate) res: Option<Held>,
+    /// Activate persist through power loss, from the last REGISTER.
+    pub(crate) aptpl: bool,
+}
+
+impl PrState {
+    fn find(&self, n: &ItNexus) -> Option<usize> {
+        self.regs.iter().position(|r| r.covers(n))
+    }
+
+    /// Whether registration `i` holds the reservation.
+    fn holds(&self, i: usize) -> bool {
+        match &self.res {
+            Some(h) if all_registrants(h.kind) => true,
+            Some(h) => h.holder == i,
+            None => false,
+        }
+    }
+
+    /// Removes registration `i`, keeping the holder index right. Returns whether a
+    /// reservation went away with it.
+    fn unregister(&mut self, i: usize) -> bool {
+        self.regs.remove(i);
+        let mut released = false;
+        if let Some(h) = &mut self.res {
+            if all_registrants(h.kind) {
+                // Released only with the last registrant (SPC-4 5.15.10.2).
+                released = self.regs.is_empty();
+            } else if h.holder == i {
+                released = true;
+            } else if h.holder > i {
+                h.holder -= 1;
+            }
+        }
+        if released {
+            self.res = None;
+        }
+        released
+    }
+}
+
+/// Reservation state of one LUN: persistent, SPC-2, and where APTPL state is kept.
+#[derive(Default)]
+pub(crate) struct Reservations {
+    pr: std::sync::Mutex<PrState>,
+    /// SPC-2 reservation holder (nexus id).
+    spc2: std::sync::Mutex<Option<u64>>,
+    /// File the state is kept in while APTPL is set; `None`: no persistence available.
+    file: std::sync::Mutex<Option<PathBuf>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Updates are single assignments of a fully built state: consistent across a panic.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Reservations {
+    /// Keeps APTPL state in `file`, loading what a previous run left there.
+    pub(crate) fn attach_file(&self, file: PathBuf) -> Result<(), String> {
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let st = decode(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+                *lock(&self.pr) = st;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        }
+        *lock(&self.file) = Some(file);
+        Ok(())
+    }
+
+    /// A snapshot of the persistent reservation state.
+    pub(crate) fn snapshot(&self) -> PrState {
+        lock(&self.pr).clone()
+    }
+
+    /// The nexus is gone: its SPC-2 reservation goes with it (SPC-2 5.5.1). Persistent
+    /// registrations stay: they belong to the initiator port, not the session.
+    pub(crate) fn nexus_removed(&self, nexus: u64) {
+        let mut s = lock(&self.spc2);
+        if *s == Some(nexus) {
+            *s = None;
+        }
+    }
+
+    /// LOGICAL UNIT RESET and target resets release SPC-2 reservations (SPC-2
+    /// 5.5.1); persistent reservations are unaffected (SPC-4 5.15.1).
+    pub(crate) fn reset(&self) {
+        *lock(&self.spc2) = None;
+    }
+
+    fn persist(&self, st: &PrState) -> Result<(), Sense> {
+        let file = lock(&self.file).clone();
+        let Some(file) = file else {
+            return Ok(());
+        };
+        let r = if st.aptpl {
+            write_atomic(&file, &encode(st))
+        } else {
+            remove_durable(&file)
+        };
+        r.map_err(|e| {
+            tracing::error!(file = %file.display(), "persistent reservation state: {e}");
+            common::LOGICAL_UNIT_FAILURE
+        })
+    }
+
+    fn can_persist(&self) -> bool {
+        lock(&self.file).is_some()
+    }
+}
+
+// ---- the reservation check every command passes ----
+
+/// How a command relates to reservations (SPC-4 tables 66 and 67, SBC-3 table 13).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Allowed whatever the reservation.
+    Always,
+    /// Reads medium or state: allowed under write exclusive, conflicts under exclusive
+    /// access for non-holders (and unregistered nexuses under the RO/AR types).
+    Read,
+    /// Everything else conflicts for non-holders.
+    Write,
+    /// RESERVE/RELEASE and PERSISTENT RESERVE IN/OUT: they decide themselves.
+    Own,
+}
+
+fn access(cdb: &[u8]) -> Access {
+    let b = |i: usize| cdb.get(i).copied().unwrap_or(0);
+    match b(0) {
+        // TEST UNIT READY, REQUEST SENSE, INQUIRY, READ CAPACITY(10), REPORT LUNS, LOG SENSE
+        0x00 | 0x03 | 0x12 | 0x25 | 0xa0 | 0x4d => Access::Always,
+        // READ CAPACITY(16); GET LBA STATUS reads (SBC-3 table 13).
+        0x9e => match b(1) & 0x1f {
+            0x10 => Access::Always,
+            _ => Access::Read,
+        },
+        // PREVENT ALLOW MEDIUM REMOVAL: allowing removal is always permitted.
+        0x1e if b(4) & 0x03 == 0 => Access::Always,
+        // START STOP UNIT with START set and power condition 0 (SBC-3 table 13).
+        0x1b if b(4) & 0x01 != 0 && b(4) >> 4 == 0 => Access::Always,
+        // READ(6/10/12/16), VERIFY(10/12/16), PRE-FETCH(10/16), READ DEFECT DATA(10/12),
+        // MAINTENANCE IN (REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS).
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 | 0x37 | 0xb7 | 0xa3 => {
+            Access::Read
+        }
+        op::RESERVE_6
+        | op::RELEASE_6
+        | op::RESERVE_10
+        | op::RELEASE_10
+        | op::PERSISTENT_RESERVE_IN
+        | op::PERSISTENT_RESERVE_OUT => Access::Own,
+        // Writes, WRITE AND VERIFY, SYNCHRONIZE CACHE, MODE SENSE/SELECT, EXTENDED COPY,
+        // RECEIVE COPY RESULTS and anything not listed above.
+        _ => Access::Write,
+    }
+}
+
+/// Whether `nexus` may run `cdb` on `lun` now; `false` means RESERVATION CONFLICT.
+pub(crate) fn admits(lun: &Lun, nexus: &ItNexus, cdb: &[u8]) -> bool {
+    let a = access(cdb);
+    if a == Access::Own {
+        return true;
+    }
+    admits_access(lun, nexus, a, cdb)
+}
+
+/// For EXTENDED COPY: whether `nexus` may read (`write` false) or write `lun`.
+pub(crate) fn admits_copy(lun: &Lun, nexus: &ItNexus, write: bool) -> bool {
+    let a = if write { Access::Write } else { Access::Read };
+    admits_access(lun, nexus, a, &[])
+}
+
+fn admits_access(lun: &Lun, nexus: &ItNexus, a: Access, cdb: &[u8]) -> bool {
+    let r = &lun.reservations;
+    if let Some(holder) = *lock(&r.spc2) {
+        // SPC-2 5.5.1: a reserved LUN serves only its holder, but for the commands that
+        // report state or cannot hurt it.
+        let harmless = matches!(cdb.first(), Some(0x12 | 0x03 | 0xa0 | 0x4d))
+            || (cdb.first() == Some(&0x1e) && cdb.get(4).is_some_and(|b| b & 3 == 0));
+        if holder != nexus.id && !harmless {
+            return false;
+        }
+    }
+    if a == Access::Always {
+        return true;
+    }
+    let st = lock(&r.pr);
+    let Some(held) = &st.res else {
+        return true;
+    };
+    let me = st.find(nexus);
+    if me.is_some_and(|i| st.holds(i)) {
+        return true;
+    }
+    let exclusive_access = matches!(held.kind, ty::EA | ty::EA_RO | ty::EA_AR);
+    if registrants_only(held.kind) || all_registrants(held.kind) {
+        // Registered nexuses have full access; the others are held to the type.
+        if me.is_some() {
+            return true;
+        }
+    }
+    a == Access::Read && !exclusive_access
+}
+
+// ---- SPC-2 RESERVE / RELEASE ----
+
+fn field(byte: u16, bit: Option<u8>) -> Sense {
+    common::INVALID_FIELD_IN_CDB.cdb_field(byte, bit)
+}
+
+fn conflict() -> CmdResult {
+    Ok(Reply {
+        status: status::RESERVATION_CONFLICT,
+        data: Vec::new(),
+        data_out_len: None,
+    })
+}
+
+/// RESERVE(6) and RESERVE(10): a whole-LUN reservation for this nexus. Third-party
+/// reservations and extents are not supported.
+pub(crate) fn reserve(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] & 0x10 != 0 {
+        return Err(field(1, Some(4))); // 3RDPTY
+    }
+    if cdb[0] == op::RESERVE_6 && cdb[1] & 0x01 != 0 {
+        return Err(field(1, Some(0))); // extents (obsolete)
+    }
+    if cdb[0] == op::RESERVE_10 && cdb[1] & 0x02 != 0 {
+        return Err(field(1, Some(1))); // LONGID: only with third-party reservations
+    }
+    let r = &c.lun.reservations;
+    // SPC-4 5.9.2 / SPC-3 5.6.3: with any registration, RESERVE and RELEASE conflict.
+    if !lock(&r.pr).regs.is_empty() {
+        return conflict();
+    }
+    let mut s = lock(&r.spc2);
+    match *s {
+        Some(h) if h != c.nexus.id => conflict(),
+        _ => {
+            *s = Some(c.nexus.id);
+            Ok(Reply::none())
+        }
+    }
+}
+
+/// RELEASE(6) and RELEASE(10): ends this nexus's reservation; from any other nexus it
+/// succeeds without effect (SPC-2 7.17).
+pub(crate) fn release(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] & 0x10 != 0 {
+        return Err(field(1, Some(4)));
+    }
+    if cdb[0] == op::RELEASE_6 && cdb[1] & 0x01 != 0 {
+        return Err(field(1, Some(0)));
+    }
+    if cdb[0] == op::RELEASE_10 && cdb[1] & 0x02 != 0 {
+        return Err(field(1, Some(1)));
+    }
+    let r = &c.lun.reservations;
+    if !lock(&r.pr).regs.is_empty() {
+        return conflict();
+    }
+    let mut s = lock(&r.spc2);
+    if *s == Some(c.nexus.id) {
+        *s = None;
+    }
+    Ok(Reply::none())
+}
+
+// ---- PERSISTENT RESERVE IN ----
+
+/// Whether an SPC-2 reservation stands in the way of PERSISTENT RESERVE IN/OUT: SPC-3
+/// 5.6.1 makes them conflict while any RESERVE is in effect, whoever sent them.
+fn spc2_reserved(lun: &Lun) -> bool {
+    lock(&lun.reservations.spc2).is_some()
+}
+
+pub(crate) fn persistent_reserve_in(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if spc2_reserved(c.lun) {
+        return conflict();
+    }
+    let alloc = be(cdb, 7, 2).unwrap_or(0) as usize;
+    let st = c.lun.reservations.snapshot();
+    let mut d = st.generation.to_be_bytes().to_vec();
+    match cdb[1] & 0x1f {
+        0x00 => {
+            // READ KEYS
+            d.extend_from_slice(&((st.regs.len() * 8) as u32).to_be_bytes());
+            for r in &st.regs {
+                d.extend_from_slice(&r.key.to_be_bytes());
+            }
+        }
+        0x01 => {
+            // READ RESERVATION
+            match &st.res {
+                None => d.extend_from_slice(&0u32.to_be_bytes()),
+                Some(h) => {
+                    d.extend_from_slice(&16u32.to_be_bytes());
+                    // All-registrants reservations report key 0 (SPC-4 6.16.3).
+                    let k = if all_registrants(h.kind) {
+                        0
+                    } else {
+                        st.regs.get(h.holder).map_or(0, |r| r.key)
+                    };
+                    d.extend_from_slice(&k.to_be_bytes());
+                    d.extend_from_slice(&[0, 0, 0, 0, 0, h.kind & 0x0f, 0, 0]);
+                }
+            }
+        }
+        0x02 => {
+            // REPORT CAPABILITIES
+            d.clear();
+            d.extend_from_slice(&[0, 8]);
+            // CRH (SPC-3 5.6.1 RESERVE handling), ATP_C; SIP_C clear: SPEC_I_PT is
+            // refused; PTPL_C when a data directory keeps the state.
+            let ptpl_c = u8::from(c.lun.reservations.can_persist());
+            d.push(0x10 | 0x04 | ptpl_c);
+            // TMV: the type mask is valid; PTPL_A: APTPL is in effect.
+            d.push(0x80 | u8::from(st.aptpl));
+            // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
+            d.extend_from_slice(&[0x80 | 0x40 | 0x20 | 0x08 | 0x02, 0x01]);
+            d.extend_from_slice(&[0, 0]);
+        }
+        0x03 => {
+            // READ FULL STATUS
+            let mut descs = Vec::new();
+            for (i, r) in st.regs.iter().enumerate() {
+                descs.extend_from_slice(&r.key.to_be_bytes());
+                descs.extend_from_slice(&[0; 4]);
+                let holder = st.holds(i);
+                descs.push(u8::from(r.all_tg_pt) << 1 | u8::from(holder));
+                descs.push(match (&st.res, holder) {
+                    (Some(h), true) => h.kind & 0x0f,
+                    _ => 0,
+                });
+                descs.extend_from_slice(&[0; 4]);
+                descs.extend_from_slice(&r.tpgt.to_be_bytes());
+                let t = r.port.transport_id();
+                descs.extend_from_slice(&(t.len() as u32).to_be_bytes());
+                descs.extend(t);
+            }
+            d.extend_from_slice(&(descs.len() as u32).to_be_bytes());
+            d.extend(descs);
+        }
+        _ => return Err(field(1, Some(4))),
+    }
+    d.truncate(alloc);
+    Ok(Reply::good(d))
+}
+
+// ---- PERSISTENT RESERVE OUT ----
+
+fn param(byte: u16, bit: Option<u8>) -> Sense {
+    common::INVALID_FIELD_IN_PARAM_LIST.param_field(byte, bit)
+}
+
+/// Parses an iSCSI TransportID with ISID (format 01b), as REGISTER AND MOVE names its
+/// destination.
+fn parse_transport_id(t: &[u8], at: u16) -> Result<Port, Sense> {
+    if t.len() < 4 || t[0] & 0x0f != 0x05 {
+        return Err(param(at, None));
+    }
+    if t[0] >> 6 != 0x01 {
+        // Format 00b names no ISID, so no initiator port.
+        return Err(param(at, Some(6)));
+    }
+    let n = usize::from(u16::from_be_bytes([t[2], t[3]]));
+    let body = t.get(4..4 + n).ok_or(param(at + 2, None))?;
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let text = std::str::from_utf8(&body[..end]).map_err(|_| param(at + 4, None))?;
+    let (name, isid) = text
+        .to_ascii_lowercase()
+        .split_once(",i,0x")
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .ok_or(param(at + 4, None))?;
+    if isid.len() != 12 || name.is_empty() {
+        return Err(param(at + 4, None));
+    }
+    let mut id = [0u8; 6];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&isid[2 * i..2 * i + 2], 16).map_err(|_| param(at + 4, None))?;
+    }
+    Ok(Port { name, isid: id })
+}
+
+/// What a PERSISTENT RESERVE OUT did besides changing the state: unit attentions to
+/// queue once the new state is in place.
+#[derive(Default)]
+struct Effects {
+    /// (registration as it was, sense) for each I_T nexus to notify.
+    ua: Vec<(Registration, Sense)>,
+}
+
+pub(crate) fn persistent_reserve_out(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    let action = cdb[1] & 0x1f;
+    let scope = cdb[2] >> 4;
+    let kind = cdb[2] & 0x0f;
+    let len = be(cdb, 5, 4).unwrap_or(0) as usize;
+    let mut reply = Reply::none();
+    reply.data_out_len = Some(len as u32);
+    if spc2_reserved(c.lun) {
+        reply.status = status::RESERVATION_CONFLICT;
+        return Ok(reply);
+    }
+    if action > sa::REGISTER_AND_MOVE {
+        return Err(field(1, Some(4)));
+    }
+    let data = c.cmd.data_out.get(..len).unwrap_or(c.cmd.data_out);
+    if data.len() < 24 {
+        return Err(common::PARAM_LIST_LENGTH_ERROR);
+    }
+    let res_key = u64::from_be_bytes(data[0..8].try_into().unwrap_or_default());
+    let sa_key = u64::from_be_bytes(data[8..16].try_into().unwrap_or_default());
+    let flags = if action == sa::REGISTER_AND_MOVE {
+        data[17]
+    } else {
+        data[20]
+    };
+    let uses_type = matches!(
+        action,
+        sa::RESERVE | sa::RELEASE | sa::PREEMPT | sa::PREEMPT_AND_ABORT
+    );
+    if uses_type || action == sa::REGISTER_AND_MOVE {
+        if scope != 0 {
+            return Err(field(2, Some(7))); // only LU_SCOPE
+        }
+        if uses_type
+            && !matches!(
+                kind,
+                ty::WE | ty::EA | ty::WE_RO | ty::EA_RO | ty::WE_AR | ty::EA_AR
+            )
+        {
+            return Err(field(2, Some(3)));
+        }
+    }
+    if action != sa::REGISTER_AND_MOVE {
+        if flags & 0x08 != 0 {
+            // SPEC_I_PT: not supported (SIP_C is clear in REPORT CAPABILITIES).
+            return Err(param(20, Some(3)));
+        }
+        if len != 24 {
+            return Err(common::PARAM_LIST_LENGTH_ERROR);
+        }
+    }
+    let aptpl = flags & 0x01 != 0;
+    if aptpl
+        && matches!(
+            action,
+            sa::REGISTER | sa::REGISTER_AND_IGNORE | sa::REGISTER_AND_MOVE
+        )
+        && !c.lun.reservations.can_persist()
+    {
+        let byte = if action == sa::REGISTER_AND_MOVE {
+            17
+        } else {
+            20
+        };
+        return Err(param(byte, Some(0)));
+    }
+    let r = &c.lun.reservations;
+    let mut st = lock(&r.pr);
+    let mut new = st.clone();
+    let mut fx = Effects::default();
+    let outcome = apply(
+        c, &mut new, &mut fx, action, kind, res_key, sa_key, flags, data,
+    )?;
+    if !outcome {
+        reply.status = status::RESERVATION_CONFLICT;
+        return Ok(reply);
+    }
+    if new != *st {
+        // Persist while the old state still stands: a failed write changes nothing.
+        if new.aptpl || st.aptpl {
+            r.persist(&new)?;
+        }
+        *st = new;
+    }
+    drop(st);
+    for (reg, s) in fx.ua {
+        for n in c.target.nexuses_where(|n| reg.covers(n)) {
+            c.target.queue_ua(n, c.lun.number, s);
+        }
+    }
+    Ok(reply)
+}
+
+/// Applies one service action to `st`. `Ok(false)`: RESERVATION CONFLICT.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    c: &Ctx<'_>,
+    st: &mut PrState,
+    fx: &mut Effects,
+    action: u8,
+    kind: u8,
+    res_key: u64,
+    sa_key: u64,
+    flags: u8,
+    data: &[u8],
+) -> Result<bool, Sense> {
+    let me = st.find(c.nexus);
+    let aptpl = flags & 0x01 != 0;
+    match action {
+        sa::REGISTER | sa::REGISTER_AND_IGNORE => {
+            let ignore = action == sa::REGISTER_AND_IGNORE;
+            match me {
+                None => {
+                    if !ignore && res_key != 0 {
+                        return Ok(false);
+                    }
+                    if sa_key == 0 {
+                        return Ok(true); // nothing to register
+                    }
+                    if st.regs.len() >= REGISTRATIONS_MAX {
+                        return Err(INSUFFICIENT_REGISTRATION_RESOURCES);
+                    }
+                    st.regs.push(Registration {
+                        key: sa_key,
+                        port: Port::of(c.nexus),
+                        tpgt: c.nexus.tpgt,
+                        all_tg_pt: flags & 0x04 != 0,
+                    });
+                }
+                Some(i) => {
+                    if !ignore && res_key != st.regs[i].key {
+                        return Ok(false);
+                    }
+                    if sa_key == 0 {
+                        let kind = st.res.as_ref().map(|h| h.kind);
+                        let was_holder = st.holds(i);
+                        let released = st.unregister(i);
+                        // Losing the holder of a registrants-only reservation releases
+                        // it for the remaining registrants (SPC-4 5.15.11.2.3).
+                        if released && was_holder && kind.is_some_and(registrants_only) {
+                            for r in &st.regs {
+                                fx.ua.push((r.clone(), RESERVATIONS_RELEASED));
+                            }
+                        }
+                    } else {
+                        st.regs[i].key = sa_key;
+                    }
+                }
+            }
+            st.aptpl = aptpl;
+            st.generation = st.generation.wrapping_add(1);
+        }
+        sa::RESERVE => {
+            let Some(i) = me else { return Ok(false) };
+            if st.regs[i].key != res_key {
+                return Ok(false);
+            }
+            match &st.res {
+                None => st.res = Some(Held { kind, holder: i }),
+                // Reserving again what one holds is a no-op; anything else conflicts.
+                Some(h) => {
+                    if !(st.holds(i) && h.kind == kind) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        sa::RELEASE => {
+            let Some(i) = me else { return Ok(false) };
+            if st.regs[i].key != res_key {
+                return Ok(false);
+            }
+            let Some(h) = st.res.clone() else {
+                return Ok(true);
+            };
+            if !st.holds(i) {
+                return Ok(true); // SPC-4 5.15.11.2.2: not the holder, nothing happens
+            }
+            if h.kind != kind {
+                return Err(INVALID_RELEASE);
+            }
+            st.res = None;
+            if registrants_only(h.kind) || all_registrants(h.kind) {
+                for (j, r) in st.regs.iter().enumerate() {
+                    if j != i {
+                        fx.ua.push((r.clone(), RESERVATIONS_RELEASED));
+                    }
+                }
+            }
+        }
+        sa::CLEAR => {
+            let Some(i) = me else { return Ok(false) };
+            if st.regs[i].key != res_key {
+                return Ok(false);
+            }
+            for (j, r) in st.regs.iter().enumerate() {
+                if j != i {
+                    fx.ua.push((r.clone(), RESERVATIONS_PREEMPTED));
+                }
+            }
+            st.regs.clear();
+            st.res = None;
+            st.generation = st.generation.wrapping_add(1);
+        }
+        sa::PREEMPT | sa::PREEMPT_AND_ABORT => {
+            // PREEMPT AND ABORT also aborts the preempted nexuses' tasks: commands run to
+            // completion here as they arrive, so no task of theirs is left to abort.
+            let Some(i) = me else { return Ok(false) };
+            if st.regs[i].key != res_key {
+                return Ok(false);
+            }
+            if !preempt(st, fx, i, kind, sa_key)? {
+                return Ok(false);
+            }
+            st.generation = st.generation.wrapping_add(1);
+        }
+        sa::REGISTER_AND_MOVE => {
+            let Some(i) = me else { return Ok(false) };
+            if st.regs[i].key != res_key {
+                return Ok(false);
+            }
+            let Some(h) = st.res.clone() else {
+                return Ok(false);
+            };
+            if all_registrants(h.kind) || !st.holds(i) {
+                return Ok(false);
+            }
+            if sa_key == 0 {
+                return Err(param(8, None));
+            }
+            let tpgt = u16::from_be_bytes([data[18], data[19]]);
+            let tlen = u32::from_be_bytes([data[20], data[21], data[22], data[23]]) as usize;
+            if data.len() < 24 + tlen {
+                return Err(common::PARAM_LIST_LENGTH_ERROR);
+            }
+            let port = parse_transport_id(&data[24..24 + tlen], 24)?;
+            if port == st.regs[i].port && tpgt == st.regs[i].tpgt {
+                return Err(param(24, None)); // moving to itself
+            }
+            let dest = match st
+                .regs
+                .iter()
+                .position(|r| r.port == port && (r.all_tg_pt || r.tpgt == tpgt))
+            {
+                Some(d) => {
+                    st.regs[d].key = sa_key;
+                    d
+                }
+                None => {
+                    if st.regs.len() >= REGISTRATIONS_MAX {
+                        return Err(INSUFFICIENT_REGISTRATION_RESOURCES);
+                    }
+                    st.regs.push(Registration {
+                        key: sa_key,
+                        port,
+                        tpgt,
+                        all_tg_pt: false,
+                    });
+                    st.regs.len() - 1
+                }
+            };
+            st.res = Some(Held {
+                kind: h.kind,
+                holder: dest,
+            });
+            if flags & 0x02 != 0 {
+                // UNREG: the source leaves; its reservation already moved.
+                st.regs.remove(i);
+                if let Some(hh) = &mut st.res {
+                    if hh.holder > i {
+                        hh.holder -= 1;
+                    }
+                }
+            }
+            st.aptpl = aptpl;
+            st.generation = st.generation.wrapping_add(1);
+        }
+        _ => return Err(field(1, Some(4))),
+    }
+    Ok(true)
+}
+
+/// Removes the registrations `pick` selects; each preempted one but `me` gets
+/// REGISTRATIONS PREEMPTED. The reservation follows its holder's registration: gone with
+/// it, or with the last registrant for the all-registrants types. Returns how many went.
+fn remove_where(
+    st: &mut PrState,
+    fx: &mut Effects,
+    me: &Registration,
+    pick: impl Fn(&Registration) -> bool,
+) -> usize {
+    let holder = st.res.as_ref().and_then(|h| st.regs.get(h.holder).cloned());
+    let before = st.regs.len();
+    let mut kept = Vec::with_capacity(before);
+    for r in std::mem::take(&mut st.regs) {
+        if pick(&r) {
+            if r != *me {
+                fx.ua.push((r, REGISTRATIONS_PREEMPTED));
+            }
+        } else {
+            kept.push(r);
+        }
+    }
+    st.regs = kept;
+    if let Some(h) = &mut st.res {
+        if all_registrants(h.kind) {
+            h.holder = 0;
+            if st.regs.is_empty() {
+                st.res = None;
+            }
+        } else {
+            match holder.and_then(|hr| st.regs.iter().position(|r| *r == hr)) {
+                Some(i) => h.holder = i,
+                None => st.res = None,
+            }
+        }
+    }
+    before - st.regs.len()
+}
+
+/// PREEMPT by registration `me` (SPC-4 5.15.11.2.4). `Ok(false)`: nothing to preempt,
+/// RESERVATION CONFLICT.
+fn preempt(
+    st: &mut PrState,
+    fx: &mut Effects,
+    me: usize,
+    kind: u8,
+    sa_key: u64,
+) -> Result<bool, Sense> {
+    let me_reg = st.regs[me].clone();
+    let position = |st: &PrState| st.regs.iter().position(|r| *r == me_reg);
+    match st.res.clone() {
+        Some(h) if all_registrants(h.kind) => {
+            if sa_key == 0 {
+                // Key 0 preempts an all-registrants reservation: every other registration
+                // goes and the preempter holds a reservation of the requested type.
+                remove_where(st, fx, &me_reg, |r| *r != me_reg);
+                let holder = position(st).unwrap_or(0);
+                st.res = Some(Held { kind, holder });
+                Ok(true)
+            } else {
+                Ok(remove_where(st, fx, &me_reg, |r| r.key == sa_key) > 0)
+            }
+        }
+        _ if sa_key == 0 => Err(param(8, None)),
+        None => Ok(remove_where(st, fx, &me_reg, |r| r.key == sa_key) > 0),
+        Some(h) => {
+            let holder_key = st.regs.get(h.holder).map(|r| r.key);
+            if holder_key != Some(sa_key) {
+                // Not the holder: only registrations go; the reservation stays.
+                return Ok(remove_where(st, fx, &me_reg, |r| r.key == sa_key) > 0);
+            }
+            // Preempting the holder: its key's registrations (but the preempter's own) go
+            // and the preempter holds a new reservation of the requested type.
+            remove_where(st, fx, &me_reg, |r| r.key == sa_key && *r != me_reg);
+            let holder = position(st).unwrap_or(0);
+            st.res = Some(Held { kind, holder });
+            if h.kind != kind {
+                for r in st.regs.iter().filter(|r| **r != me_reg) {
+                    fx.ua.push((r.clone(), RESERVATIONS_RELEASED));
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
+// ---- persistence ----
+
+const MAGIC: &[u8; 8] = b"FTSSPR\r\n";
+const VERSION: u16 = 1;
+
+fn encode(st: &PrState) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&st.generation.to_be_bytes());
+    p.push(u8::from(st.aptpl));
+    match &st.res {
+        Some(h) => {
+            p.push(h.kind);
+            p.extend_from_slice(&(h.holder as u32).to_be_bytes());
+        }
+        None => {
+            p.push(0);
+            p.extend_from_slice(&0u32.to_be_bytes());
+        }
+    }
+    p.extend_from_slice(&(st.regs.len() as u32).to_be_bytes());
+    for r in &st.regs {
+        p.extend_from_slice(&r.key.to_be_bytes());
+        p.extend_from_slice(&r.port.isid);
+        p.extend_from_slice(&r.tpgt.to_be_bytes());
+        p.push(u8::from(r.all_tg_pt));
+        p.extend_from_slice(&(r.port.name.len() as u16).to_be_bytes());
+        p.extend_from_slice(r.port.name.as_bytes());
+    }
+    let mut f = MAGIC.to_vec();
+    f.extend_from_slice(&VERSION.to_be_bytes());
+    f.extend_from_slice(&(p.len() as u32).to_be_bytes());
+    f.extend(p);
+    let crc = crc32c::crc32c(&f);
+    f.extend_from_slice(&crc.to_be_bytes());
+    f
+}
+
+/// A cursor over the payload that reports truncation instead of panicking.
+struct Rd<'a>(&'a [u8]);
+
+impl Rd<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("truncated".into());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from(self.u32()?) << 32 | u64::from(self.u32()?))
+    }
+}
+
+fn decode(f: &[u8]) -> Result<PrState, String> {
+    if f.len() < MAGIC.len() + 10 || &f[..MAGIC.len()] != MAGIC {
+        return Err("not a persistent reservation file (bad magic)".into());
+    }
+    let (body, crc) = f.split_at(f.len() - 4);
+    let want = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32c::crc32c(body) != want {
+        return Err("persistent reservation file damaged (crc32c mismatch)".into());
+    }
+    let mut rd = Rd(&body[MAGIC.len()..]);
+    let version = rd.u16()?;
+    if version != VERSION {
+        return Err(format!(
+            "persistent reservation file version {version} unsupported"
+        ));
+    }
+    let len = rd.u32()? as usize;
+    if rd.0.len() != len {
+        return Err("persistent reservation file length mismatch".into());
+    }
+    let generation = rd.u32()?;
+    let aptpl = rd.u8()? != 0;
+    let kind = rd.u8()?;
+    let holder = rd.u32()? as usize;
+    let n = rd.u32()? as usize;
+    if n > REGISTRATIONS_MAX {
+        return Err(format!("{n} registrations: more than {REGISTRATIONS_MAX}"));
+    }
+    let mut regs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = rd.u64()?;
+        let mut isid = [0u8; 6];
+        isid.copy_from_slice(rd.take(6)?);
+        let tpgt = rd.u16()?;
+        let all_tg_pt = rd.u8()? != 0;
+        let nl = usize::from(rd.u16()?);
+        let name = std::str::from_utf8(rd.take(nl)?)
+            .map_err(|_| "initiator name not UTF-8".to_owned())?
+            .to_owned();
+        regs.push(Registration {
+            key,
+            port: Port { name, isid },
+            tpgt,
+            all_tg_pt,
+        });
+    }
+    let res = match kind {
+        0 => None,
+        ty::WE | ty::EA | ty::WE_RO | ty::EA_RO | ty::WE_AR | ty::EA_AR if holder < regs.len() => {
+            Some(Held { kind, holder })
+        }
+        _ => return Err(format!("bad reservation (type {kind}, holder {holder})")),
+    };
+    Ok(PrState {
+        generation,
+        regs,
+        res,
+        aptpl,
+    })
+}
+
+fn sync_dir(file: &Path) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Temp file, fsync, rename over the old one, fsync the directory: a crash leaves either
+/// the old state or the new one.
+fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = file.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, file)?;
+    sync_dir(file)
+}
+
+fn remove_durable(file: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(file) {
+        Ok(()) => sync_dir(file),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(name: &str, key: u64) -> Registration {
+        Registration {
+            key,
+            port: Port {
+                name: name.into(),
+                isid: [0x40, 0, 0, 0, 0, 1],
+            },
+            tpgt: 1,
+            all_tg_pt: false,
+        }
+    }
+
+    #[test]
+    fn file_round_trip_and_damage() {
+        let st = PrState {
+            generation: 7,
+            regs: vec![reg("iqn.a", 1), reg("iqn.b", 2)],
+            res: Some(Held {
+                kind: ty::WE_RO,
+                holder: 1,
+            }),
+            aptpl: true,
+        };
+        let f = encode(&st);
+        assert_eq!(decode(&f), Ok(st));
+        let mut bad = f.clone();
+        bad[20] ^= 1;
+        assert!(decode(&bad).expect_err("damaged").contains("crc32c"));
+        assert!(decode(&f[..f.len() - 1]).is_err());
+        assert!(decode(b"nonsense").is_err());
+    }
+
+    #[test]
+    fn transport_id_round_trip() {
+        let p = Port {
+            name: "iqn.2026-11.org.ftss:n1".into(),
+            isid: [0x40, 0x00, 0x01, 0x37, 0x00, 0x02],
+        };
+        let t = p.transport_id();
+        assert_eq!(t.len() % 4, 0);
+        assert_eq!(t[0], 0x45);
+        assert_eq!(parse_transport_id(&t, 24), Ok(p));
+    }
+}

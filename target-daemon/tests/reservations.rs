@@ -1,0 +1,285 @@
+//! Reservations end to end: the SCSI-3 persistent reservation sequence Windows failover
+//! cluster validation runs, APTPL state across a daemon restart (and a damaged state file
+//! refusing the start), and an SPC-2 reservation released when its session logs out.
+
+mod common;
+
+use bytes::Bytes;
+use common::{daemon, Daemon, TARGET};
+use ftss_initiator::{ScsiResult, Session, SessionConfig};
+use ftss_proto::sense::Sense;
+use ftss_target::config::Config;
+use ftss_target::iscsi::Server;
+
+const NODE_A: &str = "iqn.2026-11.org.ftss:cluster-node-a";
+const NODE_B: &str = "iqn.2026-11.org.ftss:cluster-node-b";
+const GOOD: u8 = 0x00;
+const CHECK_CONDITION: u8 = 0x02;
+const CONFLICT: u8 = 0x18;
+
+const REGISTER: u8 = 0;
+const RESERVE: u8 = 1;
+const RELEASE: u8 = 2;
+const PREEMPT: u8 = 4;
+const REGISTER_AND_IGNORE: u8 = 6;
+const WE: u8 = 1;
+const WE_RO: u8 = 5;
+const EA_RO: u8 = 6;
+
+async fn login(addr: std::net::SocketAddr, name: &str, isid: [u8; 6]) -> Session {
+    let mut cfg = SessionConfig::new(name, Some(TARGET));
+    cfg.isid = isid;
+    let s = Session::connect(addr, cfg).await.expect("login");
+    // The first command of a new nexus reports the power-on unit attention.
+    let r = run(&s, &[0; 6], None, 0).await;
+    assert!(r.status == GOOD || r.status == CHECK_CONDITION);
+    s
+}
+
+async fn run(s: &Session, cdb: &[u8], out: Option<Vec<u8>>, len: u32) -> ScsiResult {
+    s.execute(0, cdb, out.map(Bytes::from), len)
+        .await
+        .expect("command completes")
+}
+
+fn sense(r: &ScsiResult) -> Option<(u8, u8, u8)> {
+    Sense::parse(&r.sense_data)
+}
+
+/// PERSISTENT RESERVE OUT; returns the status.
+async fn prout(s: &Session, sa: u8, ty: u8, key: u64, sa_key: u64, aptpl: bool) -> u8 {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p[20] = u8::from(aptpl);
+    let cdb = [0x5f, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+    let r = run(s, &cdb, Some(p), 0).await;
+    assert!(r.status != CHECK_CONDITION, "PR OUT {sa}: {:?}", sense(&r));
+    r.status
+}
+
+async fn prin(s: &Session, sa: u8) -> Vec<u8> {
+    let r = run(s, &[0x5e, sa, 0, 0, 0, 0, 0, 0x10, 0, 0], None, 4096).await;
+    assert_eq!(r.status, GOOD, "PR IN {sa}: {:?}", sense(&r));
+    r.data_in.to_vec()
+}
+
+fn keys(d: &[u8]) -> Vec<u64> {
+    let n = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as usize;
+    d[8..8 + n]
+        .chunks(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// (key, type) of the reservation, if any.
+fn reservation(d: &[u8]) -> Option<(u64, u8)> {
+    if u32::from_be_bytes([d[4], d[5], d[6], d[7]]) == 0 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(d[8..16].try_into().expect("8 bytes")),
+        d[21] & 0x0f,
+    ))
+}
+
+async fn read1(s: &Session) -> u8 {
+    run(s, &common::read10(0, 1), None, 512).await.status
+}
+
+async fn write1(s: &Session) -> u8 {
+    run(s, &common::write10(0, 1), Some(vec![0x5a; 512]), 0)
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn windows_cluster_persistent_reservation_validation() {
+    let d = daemon("pr-cluster").await;
+    let (ka, kb, ka2) = (
+        0xa1a1_0000_0000_0001u64,
+        0xb2b2_0000_0000_0002,
+        0xa1a1_0000_0000_0003,
+    );
+    let a = login(d.addr, NODE_A, [0x40, 0, 0, 0, 0xa0, 1]).await;
+    let b = login(d.addr, NODE_B, [0x40, 0, 0, 0, 0xb0, 1]).await;
+
+    // Node A registers and reserves Write Exclusive - Registrants Only.
+    assert_eq!(prout(&a, REGISTER_AND_IGNORE, 0, 0, ka, false).await, GOOD);
+    assert_eq!(keys(&prin(&a, 0).await), vec![ka]);
+    assert_eq!(prout(&a, RESERVE, WE_RO, ka, 0, false).await, GOOD);
+    assert_eq!(reservation(&prin(&a, 1).await), Some((ka, WE_RO)));
+    // An unregistered node may read but not write; registered, it may do both.
+    assert_eq!(read1(&b).await, GOOD);
+    assert_eq!(write1(&b).await, CONFLICT);
+    assert_eq!(prout(&b, REGISTER, 0, 0, kb, false).await, GOOD);
+    assert_eq!(write1(&b).await, GOOD);
+    // A key mismatch conflicts.
+    assert_eq!(prout(&b, RESERVE, WE_RO, ka, 0, false).await, CONFLICT);
+
+    // READ FULL STATUS: both registrations, A the holder, TransportIDs with ISIDs.
+    let fs = prin(&a, 3).await;
+    let mut pos = 8;
+    let mut seen = Vec::new();
+    while pos < fs.len() {
+        let key = u64::from_be_bytes(fs[pos..pos + 8].try_into().expect("8 bytes"));
+        let holder = fs[pos + 12] & 1 != 0;
+        let tlen = u32::from_be_bytes(fs[pos + 20..pos + 24].try_into().expect("4")) as usize;
+        let tid = &fs[pos + 24..pos + 24 + tlen];
+        assert_eq!(tid[0], 0x45, "iSCSI TransportID with ISID");
+        let name = String::from_utf8_lossy(&tid[4..])
+            .trim_end_matches('\0')
+            .to_owned();
+        seen.push((key, holder, name, fs[pos + 13] & 0x0f));
+        pos += 24 + tlen;
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (ka, true, format!("{NODE_A},i,0x40000000a001"), WE_RO),
+            (kb, false, format!("{NODE_B},i,0x40000000b001"), 0),
+        ]
+    );
+
+    // Release: the other registrant hears RESERVATIONS RELEASED.
+    assert_eq!(prout(&a, RELEASE, WE_RO, ka, 0, false).await, GOOD);
+    let r = run(&b, &[0; 6], None, 0).await;
+    assert_eq!(sense(&r), Some((0x06, 0x2a, 0x04)));
+
+    // Exclusive Access - Registrants Only; node B preempts node A.
+    assert_eq!(prout(&a, RESERVE, EA_RO, ka, 0, false).await, GOOD);
+    assert_eq!(read1(&b).await, GOOD, "registrants keep access");
+    assert_eq!(prout(&b, PREEMPT, EA_RO, kb, ka, false).await, GOOD);
+    assert_eq!(reservation(&prin(&b, 1).await), Some((kb, EA_RO)));
+    let r = run(&a, &[0; 6], None, 0).await;
+    assert_eq!(
+        sense(&r),
+        Some((0x06, 0x2a, 0x05)),
+        "REGISTRATIONS PREEMPTED"
+    );
+    assert_eq!(read1(&a).await, CONFLICT, "no longer registered");
+    assert_eq!(keys(&prin(&a, 0).await), vec![kb]);
+
+    // Node A comes back with a new ISID: a new I_T nexus, unregistered.
+    a.logout().await.expect("logout");
+    let a2 = login(d.addr, NODE_A, [0x40, 0, 0, 0, 0xa0, 2]).await;
+    assert_eq!(write1(&a2).await, CONFLICT);
+    assert_eq!(prout(&a2, REGISTER, 0, 0, ka2, false).await, GOOD);
+    assert_eq!(prout(&a2, PREEMPT, EA_RO, ka2, kb, false).await, GOOD);
+    assert_eq!(reservation(&prin(&a2, 1).await), Some((ka2, EA_RO)));
+    assert_eq!(prout(&a2, RELEASE, EA_RO, ka2, 0, false).await, GOOD);
+    assert_eq!(reservation(&prin(&a2, 1).await), None);
+    assert_eq!(prout(&a2, REGISTER, 0, ka2, 0, false).await, GOOD);
+    let rk = prin(&a2, 0).await;
+    assert!(keys(&rk).is_empty());
+    assert!(
+        u32::from_be_bytes([rk[0], rk[1], rk[2], rk[3]]) >= 5,
+        "generation"
+    );
+    a2.logout().await.expect("logout");
+    b.logout().await.expect("logout");
+}
+
+fn config_text(d: &Daemon) -> String {
+    format!(
+        r#"
+[server]
+portals = ["127.0.0.1:0"]
+data_dir = "{}"
+nop_interval_s = 60
+[[target]]
+iqn = "{TARGET}"
+[[target.lun]]
+lun = 0
+path = "lun0.img"
+size = "16MiB"
+"#,
+        d.dir.display()
+    )
+}
+
+#[tokio::test]
+async fn aptpl_reservation_survives_restart() {
+    let mut d = daemon("pr-aptpl").await;
+    let isid = [0x40, 0, 0, 0, 0xa0, 9];
+    let key = 0x1234_5678_9abc_def0u64;
+    let a = login(d.addr, NODE_A, isid).await;
+    assert_eq!(prout(&a, REGISTER, 0, 0, key, true).await, GOOD);
+    assert_eq!(prout(&a, RESERVE, WE, key, 0, false).await, GOOD);
+    let caps = prin(&a, 2).await;
+    assert_eq!(caps[2] & 0x01, 0x01, "PTPL_C");
+    assert_eq!(caps[3] & 0x01, 0x01, "PTPL_A");
+    a.logout().await.expect("logout");
+
+    if let Some(s) = d.server.take() {
+        s.shutdown().await;
+    }
+    let state: Vec<_> = std::fs::read_dir(&d.dir)
+        .expect("data dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".state"))
+        .collect();
+    assert_eq!(state.len(), 1, "one state file: {state:?}");
+    let config = Config::parse(&config_text(&d)).expect("config");
+    let server = Server::start(config).await.expect("restart");
+    d.addr = server.local_addrs()[0];
+    d.server = Some(server);
+
+    let a = login(d.addr, NODE_A, isid).await;
+    assert_eq!(keys(&prin(&a, 0).await), vec![key]);
+    assert_eq!(reservation(&prin(&a, 1).await), Some((key, WE)));
+    let b = login(d.addr, NODE_B, [0x40, 0, 0, 0, 0xb0, 9]).await;
+    assert_eq!(
+        write1(&b).await,
+        CONFLICT,
+        "the reservation is back in force"
+    );
+    assert_eq!(read1(&b).await, GOOD);
+    // APTPL cleared by the next REGISTER: the file goes.
+    assert_eq!(prout(&a, REGISTER, 0, key, key, false).await, GOOD);
+    assert!(!state[0].exists());
+    assert_eq!(prout(&a, REGISTER, 0, key, key, true).await, GOOD);
+    a.logout().await.expect("logout");
+    b.logout().await.expect("logout");
+    if let Some(s) = d.server.take() {
+        s.shutdown().await;
+    }
+
+    // A damaged state file stops the start with a clear error.
+    let mut bytes = std::fs::read(&state[0]).expect("state file");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state[0], bytes).expect("damage");
+    let config = Config::parse(&config_text(&d)).expect("config");
+    match Server::start(config).await {
+        Ok(_) => panic!("a damaged reservation file must stop the start"),
+        Err(e) => assert!(e.to_string().contains("crc32c"), "{e}"),
+    }
+}
+
+#[tokio::test]
+async fn spc2_reservation_released_on_logout() {
+    let d = daemon("spc2-logout").await;
+    let a = login(d.addr, NODE_A, [0x40, 0, 0, 0, 0xa0, 3]).await;
+    let b = login(d.addr, NODE_B, [0x40, 0, 0, 0, 0xb0, 3]).await;
+    let reserve6 = [0x16, 0, 0, 0, 0, 0];
+    let release6 = [0x17, 0, 0, 0, 0, 0];
+    assert_eq!(run(&a, &reserve6, None, 0).await.status, GOOD);
+    assert_eq!(run(&b, &reserve6, None, 0).await.status, CONFLICT);
+    assert_eq!(read1(&b).await, CONFLICT);
+    assert_eq!(
+        run(&b, &[0x12, 0, 0, 0, 36, 0], None, 36).await.status,
+        GOOD
+    );
+    // RELEASE from a non-holder does nothing, successfully.
+    assert_eq!(run(&b, &release6, None, 0).await.status, GOOD);
+    assert_eq!(write1(&b).await, CONFLICT);
+    // Persistent reservation commands conflict while the SPC-2 reservation stands.
+    assert_eq!(prout(&a, REGISTER, 0, 0, 7, false).await, CONFLICT);
+    a.logout().await.expect("logout");
+    assert_eq!(run(&b, &reserve6, None, 0).await.status, GOOD);
+    assert_eq!(write1(&b).await, GOOD);
+    assert_eq!(run(&b, &release6, None, 0).await.status, GOOD);
+    b.logout().await.expect("logout");
+}
