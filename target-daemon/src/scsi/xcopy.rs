@@ -147,10 +147,9 @@ pub(crate) fn extended_copy(c: &Ctx<'_>) -> CmdResult {
         if d[0] != CSCD_IDENTIFICATION {
             return Err(UNSUPPORTED_CSCD_TYPE.param_field(at as u16, None));
         }
-        if d[1] >> 6 != 0 {
-            // LU ID TYPE: only LUN (00b); proxy tokens are not supported.
-            return Err(param(at + 1, Some(7)));
-        }
+        // Byte 1 bits 7-6 (LU ID TYPE) and the LU IDENTIFIER are not looked at: SPC-4
+        // identifies the logical unit by the designator alone (the field went with
+        // proxy tokens), and this target reports SPC-4 in INQUIRY.
     }
     // Segment descriptors.
     let mut segs = Vec::new();
