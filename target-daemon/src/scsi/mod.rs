@@ -67,6 +67,7 @@ pub struct ScsiOutcome {
 
 pub(crate) mod lun;
 pub(crate) mod sbc;
+pub(crate) mod sbc_ext;
 pub(crate) mod spc;
 pub mod target;
 
