@@ -21,9 +21,10 @@ use crate::media::Provisioning;
 /// runs, so it is kept well under the one-byte field's 255.
 pub(crate) const CAW_BLOCKS_MAX: u8 = 128;
 
-/// Bytes one WRITE SAME may cover (MAXIMUM WRITE SAME LENGTH is this over the block
-/// size): it bounds how long one command keeps a worker writing its pattern. UNMAP on a
-/// store that cannot deallocate writes zeros and has the same bound.
+/// Bytes one WRITE SAME may cover on a thin store (MAXIMUM WRITE SAME LENGTH is this over
+/// the block size): it bounds how long one command keeps a worker writing its pattern.
+/// Other stores (the write cache) take no more per command than a WRITE may carry, and
+/// UNMAP there, which writes zeros, has the same bound.
 const WRITE_SAME_BYTES_MAX: u64 = 1 << 30;
 
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT: as many as a parameter list can carry (its
@@ -40,7 +41,11 @@ const LBA_STATUS_DESCRIPTORS_MAX: usize = 256;
 
 /// MAXIMUM WRITE SAME LENGTH for this LUN, in blocks.
 fn write_same_blocks_max(l: &Lun) -> u64 {
-    WRITE_SAME_BYTES_MAX / u64::from(l.block_size())
+    if l.store.thin_provisioned() {
+        WRITE_SAME_BYTES_MAX / u64::from(l.block_size())
+    } else {
+        u64::from(l.transfer_blocks_max())
+    }
 }
 
 /// MAXIMUM UNMAP LBA COUNT: unbounded (FFFF_FFFFh) where unmapping deallocates, which
@@ -599,6 +604,10 @@ mod tests {
         // Logical Block Provisioning VPD: provisioning type 0 (not thin).
         let o = run(&t, &n, &[0x12, 0x01, 0xb2, 0, 0x40, 0], &[]);
         assert_eq!(&o.data_in[..8], &[0, 0xb2, 0, 4, 0, 0xe4, 0, 0]);
+        // Block Limits: unmapping and WRITE SAME write, so they get a WRITE's bound.
+        let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
+        assert_eq!(&o.data_in[20..24], &16384u32.to_be_bytes());
+        assert_eq!(&o.data_in[36..44], &16384u64.to_be_bytes());
         // UNMAP blocks 4-7.
         let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
         list.extend_from_slice(&4u64.to_be_bytes());
