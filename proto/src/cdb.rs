@@ -41,8 +41,16 @@ pub mod op {
     pub const WRITE_12: u8 = 0xaa;
     pub const WRITE_VERIFY_12: u8 = 0xae;
     pub const VERIFY_12: u8 = 0xaf;
+    // SBC-3 commands beyond plain reads and writes.
+    pub const WRITE_SAME_10: u8 = 0x41;
+    pub const UNMAP: u8 = 0x42;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const ORWRITE_16: u8 = 0x8b;
+    pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9c;
     /// SERVICE ACTION IN(16) service actions.
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
+    pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// MAINTENANCE IN service actions.
     pub const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
     pub const SA_REPORT_SUPPORTED_TMFS: u8 = 0x0d;

@@ -21,6 +21,8 @@ struct Vector {
     cdb: String,
     data_out: Option<String>,
     data_out_fill: Option<(u8, usize)>,
+    /// Runs of bytes, one after the other: [[byte, count], ...].
+    data_out_fills: Option<Vec<(u8, usize)>>,
     edtl: Option<u32>,
     #[serde(default)]
     status: u8,
@@ -78,10 +80,11 @@ fn scsi_vectors() {
     assert!(file.vector.len() >= 50, "{} vectors", file.vector.len());
     for v in &file.vector {
         let cdb = unhex(&v.cdb);
-        let data_out = match (&v.data_out, v.data_out_fill) {
-            (Some(h), _) => unhex(h),
-            (None, Some((b, n))) => vec![b; n],
-            (None, None) => Vec::new(),
+        let data_out = match (&v.data_out, v.data_out_fill, &v.data_out_fills) {
+            (Some(h), _, _) => unhex(h),
+            (None, Some((b, n)), _) => vec![b; n],
+            (None, None, Some(runs)) => runs.iter().flat_map(|&(b, n)| vec![b; n]).collect(),
+            (None, None, None) => Vec::new(),
         };
         let cmd = ScsiCommand {
             lun: v.lun,

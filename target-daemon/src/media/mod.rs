@@ -53,6 +53,34 @@ pub enum MediaError {
     Full,
 }
 
+/// Whether a range of blocks has storage behind it (SBC-3 4.7 logical block provisioning).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioning {
+    /// The blocks hold data (perhaps zeros that were written).
+    Mapped,
+    /// No storage is allocated; the blocks read back as zeros.
+    Deallocated,
+}
+
+/// Writes zeros over `blocks` blocks from `lba`, 1 MiB at a time: what unmapping means
+/// on a store that cannot deallocate.
+pub fn write_zeros<S: BlockStore + ?Sized>(
+    store: &S,
+    lba: u64,
+    blocks: u64,
+) -> Result<(), MediaError> {
+    let bs = store.block_size() as usize;
+    let chunk_blocks = ((1 << 20) / bs as u64).max(1);
+    let zeros = vec![0u8; chunk_blocks.min(blocks) as usize * bs];
+    let mut done = 0u64;
+    while done < blocks {
+        let n = (blocks - done).min(chunk_blocks);
+        store.write_blocks(lba + done, &zeros[..n as usize * bs], false)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// A fixed-size array of logical blocks: the storage behind one LUN.
 ///
 /// Implementations are shared between connection tasks and called from blocking
@@ -77,21 +105,20 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Deallocates `blocks` blocks from `lba`; they read back as zeros afterwards.
     /// Stores without thin provisioning write zeros instead.
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), MediaError> {
-        let bs = self.block_size() as usize;
-        let chunk_blocks = (1 << 20) / bs as u64;
-        let zeros = vec![0u8; chunk_blocks as usize * bs];
-        let mut done = 0u64;
-        while done < blocks {
-            let n = (blocks - done).min(chunk_blocks);
-            self.write_blocks(lba + done, &zeros[..n as usize * bs], false)?;
-            done += n;
-        }
-        Ok(())
+        write_zeros(self, lba, blocks)
     }
 
     /// Whether the store deallocates on [`unmap`](Self::unmap) (thin provisioning).
     fn thin_provisioned(&self) -> bool {
         false
+    }
+
+    /// Provisioning status of the blocks from `lba` (GET LBA STATUS): the status of
+    /// `lba` and how many blocks from it, at least 1 and at most `max`, share it. Stores
+    /// without thin provisioning report every block mapped.
+    fn provisioning(&self, lba: u64, max: u64) -> Result<(Provisioning, u64), MediaError> {
+        let _ = lba;
+        Ok((Provisioning::Mapped, max.max(1)))
     }
 
     /// Write acknowledgement semantics.

@@ -2,7 +2,7 @@
 //! keeps per LUN (mode parameters, medium presence, removal prevention).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::pr::Reservations;
 use super::target::LunSpec;
@@ -38,6 +38,10 @@ pub(crate) struct Lun {
     pub(crate) reservations: Reservations,
     /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
     pub(crate) copies: CopyResults,
+    /// Media access order: the read-modify-write commands (COMPARE AND WRITE, ORWRITE,
+    /// WRITE ATOMIC) hold it exclusively, every other read or write of the medium holds
+    /// it shared, so nothing slips between their read and their write.
+    media: RwLock<()>,
 }
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded per process).
@@ -62,7 +66,23 @@ impl Lun {
             state: Mutex::new(LunState::default()),
             reservations: Reservations::default(),
             copies: CopyResults::default(),
+            media: RwLock::new(()),
         }
+    }
+
+    /// Shared media access: ordinary reads and writes run concurrently.
+    pub(crate) fn media_shared(&self) -> RwLockReadGuard<'_, ()> {
+        // The lock guards no data, so a panic while holding it leaves nothing torn.
+        self.media
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Exclusive media access, for a command that must read and write as one step.
+    pub(crate) fn media_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.media
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, LunState> {

@@ -69,6 +69,7 @@ pub(crate) mod defect;
 pub(crate) mod lun;
 pub(crate) mod pr;
 pub(crate) mod sbc;
+pub(crate) mod sbc_ext;
 pub(crate) mod spc;
 pub mod target;
 pub(crate) mod xcopy;

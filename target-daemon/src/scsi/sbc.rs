@@ -9,11 +9,11 @@ use super::spc::ready;
 use super::target::{status, CmdResult, Ctx, Reply};
 use crate::media::MediaError;
 
-fn field(byte: u16, bit: Option<u8>) -> Sense {
+pub(crate) fn field(byte: u16, bit: Option<u8>) -> Sense {
     common::INVALID_FIELD_IN_CDB.cdb_field(byte, bit)
 }
 
-fn media(e: MediaError, writing: bool) -> Sense {
+pub(crate) fn media(e: MediaError, writing: bool) -> Sense {
     match e {
         MediaError::OutOfRange { .. } => common::LBA_OUT_OF_RANGE,
         MediaError::Failed(_) => common::LOGICAL_UNIT_FAILURE,
@@ -46,12 +46,12 @@ pub(crate) fn data_out_len(lun: &Lun, cdb: &[u8]) -> Option<u32> {
                 _ => Some(0),
             }
         }
-        _ => None,
+        _ => super::sbc_ext::data_out_len(lun, cdb),
     }
 }
 
 /// The checks every block command makes: protection fields, capacity, transfer limit.
-fn checked_range(c: &Ctx<'_>) -> Result<BlockRange, Sense> {
+pub(crate) fn checked_range(c: &Ctx<'_>) -> Result<BlockRange, Sense> {
     let r = block_range(c.cmd.cdb)?;
     if r.protect() != 0 {
         // No protection information on these LUNs (SBC-3 4.22).
@@ -73,6 +73,7 @@ pub(crate) fn read(c: &Ctx<'_>) -> CmdResult {
     let bs = c.lun.block_size() as usize;
     let mut buf = vec![0u8; r.blocks as usize * bs];
     if !buf.is_empty() {
+        let _media = c.lun.media_shared();
         c.lun
             .store
             .read_blocks(r.lba, &mut buf)
@@ -100,7 +101,7 @@ fn write_data<'a>(c: &Ctx<'a>, len: usize) -> &'a [u8] {
     &c.cmd.data_out[..have]
 }
 
-fn writable(c: &Ctx<'_>) -> Result<(), Sense> {
+pub(crate) fn writable(c: &Ctx<'_>) -> Result<(), Sense> {
     if c.lun.read_only {
         return Err(common::WRITE_PROTECTED);
     }
@@ -113,6 +114,7 @@ pub(crate) fn write(c: &Ctx<'_>) -> CmdResult {
     let len = r.blocks as usize * c.lun.block_size() as usize;
     let data = write_data(c, len);
     if !data.is_empty() {
+        let _media = c.lun.media_shared();
         c.lun
             .store
             .write_blocks(r.lba, data, r.fua())
@@ -134,6 +136,7 @@ pub(crate) fn write_verify(c: &Ctx<'_>) -> CmdResult {
     let len = r.blocks as usize * c.lun.block_size() as usize;
     let data = write_data(c, len);
     if !data.is_empty() {
+        let _media = c.lun.media_shared();
         // Verification reads back from the medium, so the write must reach it first.
         c.lun
             .store
@@ -170,6 +173,7 @@ pub(crate) fn verify(c: &Ctx<'_>) -> CmdResult {
     if r.blocks == 0 {
         return Ok(reply);
     }
+    let _media = c.lun.media_shared();
     // Read in bounded chunks: a large VERIFY must not allocate its whole range.
     let chunk_blocks = ((1usize << 20) / bs).max(1);
     let mut done = 0usize;
@@ -239,9 +243,7 @@ pub(crate) fn read_capacity_16(c: &Ctx<'_>) -> CmdResult {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&(c.lun.blocks() - 1).to_be_bytes());
     d[8..12].copy_from_slice(&c.lun.block_size().to_be_bytes());
-    if c.lun.store.thin_provisioned() {
-        d[14] = 0x80 | 0x40; // LBPME, LBPRZ
-    }
+    d[14] = super::sbc_ext::provisioning_bits(c.lun);
     d.truncate(alloc as usize);
     Ok(Reply::good(d))
 }

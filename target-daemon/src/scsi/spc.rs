@@ -7,7 +7,7 @@ use ftss_proto::pdu::Lun as WireLun;
 use ftss_proto::sense::{common, Sense};
 
 use super::lun::Lun;
-use super::target::{CmdResult, Ctx, Reply, ScsiTarget, COMMANDS};
+use super::target::{commands, CmdResult, Ctx, Reply, ScsiTarget};
 use super::ScsiCommand;
 use crate::media::CacheMode;
 
@@ -155,6 +155,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
             p[4..8].copy_from_slice(&l.transfer_blocks_max().to_be_bytes());
             // Optimal transfer length: 1 MiB.
             p[8..12].copy_from_slice(&((1u32 << 20) / l.block_size()).to_be_bytes());
+            super::sbc_ext::block_limits(l, &mut p);
             d.extend_from_slice(&p);
         }
         0xb1 => {
@@ -162,10 +163,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
             p[1] = 0x01; // non-rotating medium
             d.extend_from_slice(&p);
         }
-        0xb2 => {
-            // Fully provisioned: no UNMAP support yet, so LBPU/LBPWS are clear.
-            d.extend_from_slice(&[0, 0, 0, 0]);
-        }
+        0xb2 => d.extend_from_slice(&super::sbc_ext::provisioning_vpd(l)),
         _ => return Err(field(2, None)),
     }
     let len = (d.len() - 4) as u16;
@@ -423,7 +421,7 @@ pub(crate) fn report_supported_opcodes(c: &Ctx<'_>) -> CmdResult {
     match option {
         0 => {
             d.extend_from_slice(&[0, 0, 0, 0]);
-            for cmd in COMMANDS {
+            for cmd in commands() {
                 d.push(cmd.opcode);
                 d.push(0);
                 d.extend_from_slice(&u16::from(cmd.sa.unwrap_or(0)).to_be_bytes());
@@ -438,17 +436,14 @@ pub(crate) fn report_supported_opcodes(c: &Ctx<'_>) -> CmdResult {
             d[0..4].copy_from_slice(&n.to_be_bytes());
         }
         1 | 2 => {
-            let has_sa = COMMANDS
-                .iter()
-                .any(|x| x.opcode == req_op && x.sa.is_some());
+            let has_sa = commands().any(|x| x.opcode == req_op && x.sa.is_some());
             if option == 1 && has_sa {
                 return Err(field(2, Some(0)));
             }
-            if option == 2 && !has_sa && COMMANDS.iter().any(|x| x.opcode == req_op) {
+            if option == 2 && !has_sa && commands().any(|x| x.opcode == req_op) {
                 return Err(field(2, Some(0)));
             }
-            let found = COMMANDS
-                .iter()
+            let found = commands()
                 .find(|x| x.opcode == req_op && (option == 1 || x.sa == u8::try_from(req_sa).ok()));
             match found {
                 Some(cmd) => {

@@ -300,7 +300,7 @@ impl ScsiTarget {
                 _ => self.fail(None, common::LUN_NOT_SUPPORTED),
             };
         };
-        let Some(entry) = COMMANDS.iter().find(|c| c.matches(cmd.cdb)) else {
+        let Some(entry) = commands().find(|c| c.matches(cmd.cdb)) else {
             // An unsupported service action of a supported command is an invalid CDB
             // field (SPC-4); limited to the reservation and copy commands so the others
             // keep answering as before.
@@ -381,7 +381,13 @@ impl Command {
     }
 }
 
-/// Every command this target executes.
+/// Every command this target executes: the table below, then the SBC-3 extensions kept
+/// in their own module's table.
+pub(crate) fn commands() -> impl Iterator<Item = &'static Command> {
+    COMMANDS.iter().chain(super::sbc_ext::COMMANDS)
+}
+
+/// The SPC and basic SBC commands.
 pub(crate) static COMMANDS: &[Command] = &[
     Command {
         opcode: op::TEST_UNIT_READY,

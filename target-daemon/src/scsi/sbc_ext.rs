@@ -1,0 +1,636 @@
+//! SBC-3 block commands beyond plain reads and writes: COMPARE AND WRITE, WRITE SAME (10)
+//! and (16), UNMAP, GET LBA STATUS, ORWRITE (16) and WRITE ATOMIC (16), with the Block
+//! Limits and Logical Block Provisioning VPD fields and the READ CAPACITY (16) bits that
+//! describe them.
+//!
+//! Atomicity: COMPARE AND WRITE, ORWRITE and WRITE ATOMIC hold the LUN's media lock
+//! exclusively across their read and write, and every other media access holds it shared,
+//! so no command on the LUN sees or changes the blocks between the two steps.
+
+use ftss_proto::cdb::{allocation_length, be, op};
+use ftss_proto::sense::{common, Sense};
+
+use super::lun::Lun;
+use super::sbc::{checked_range, field, media, writable};
+use super::spc::ready;
+use super::target::{status, CmdResult, Command, Ctx, Reply};
+use crate::media::Provisioning;
+
+/// MAXIMUM COMPARE AND WRITE LENGTH (Block Limits VPD): the most blocks one COMPARE AND
+/// WRITE may compare and write. It holds every other command on the LUN off while it
+/// runs, so it is kept well under the one-byte field's 255.
+pub(crate) const CAW_BLOCKS_MAX: u8 = 128;
+
+/// Bytes one WRITE SAME may cover on a thin store (MAXIMUM WRITE SAME LENGTH is this over
+/// the block size): it bounds how long one command keeps a worker writing its pattern.
+/// Other stores (the write cache) take no more per command than a WRITE may carry, and
+/// UNMAP there, which writes zeros, has the same bound.
+const WRITE_SAME_BYTES_MAX: u64 = 1 << 30;
+
+/// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT: as many as a parameter list can carry (its
+/// length field is 16 bits, the header 8 bytes).
+const UNMAP_DESCRIPTORS_MAX: u32 = (0xffff - 8) / 16;
+
+/// Bytes one WRITE ATOMIC may write (MAXIMUM ATOMIC TRANSFER LENGTH is this over the
+/// block size).
+const ATOMIC_BYTES_MAX: u64 = 1 << 20;
+
+/// GET LBA STATUS returns at most this many descriptors, however large the allocation
+/// length: each may need a pair of `lseek` calls.
+const LBA_STATUS_DESCRIPTORS_MAX: usize = 256;
+
+/// MAXIMUM WRITE SAME LENGTH for this LUN, in blocks.
+fn write_same_blocks_max(l: &Lun) -> u64 {
+    if l.store.thin_provisioned() {
+        WRITE_SAME_BYTES_MAX / u64::from(l.block_size())
+    } else {
+        u64::from(l.transfer_blocks_max())
+    }
+}
+
+/// MAXIMUM UNMAP LBA COUNT: unbounded (FFFF_FFFFh) where unmapping deallocates, which
+/// costs the same for any length; bounded like WRITE SAME where it writes zeros.
+fn unmap_blocks_max(l: &Lun) -> u32 {
+    if l.store.thin_provisioned() {
+        u32::MAX
+    } else {
+        u32::try_from(write_same_blocks_max(l)).unwrap_or(u32::MAX - 1)
+    }
+}
+
+/// MAXIMUM ATOMIC TRANSFER LENGTH for this LUN, in blocks.
+fn atomic_blocks_max(l: &Lun) -> u32 {
+    let n = ATOMIC_BYTES_MAX / u64::from(l.block_size());
+    u32::try_from(n)
+        .unwrap_or(u32::MAX)
+        .min(l.transfer_blocks_max())
+}
+
+/// READ CAPACITY (16) byte 14: LBPME where the store deallocates (thin provisioning),
+/// and LBPRZ always, because an unmapped block reads back as zeros on every store (a
+/// store without thin provisioning writes zeros to unmap).
+pub(crate) fn provisioning_bits(l: &Lun) -> u8 {
+    let lbpme = if l.store.thin_provisioned() { 0x80 } else { 0 };
+    lbpme | 0x40
+}
+
+/// The Block Limits VPD fields these commands define. `p` is the page from byte 4 on.
+pub(crate) fn block_limits(l: &Lun, p: &mut [u8; 60]) {
+    let mut put = |page_byte: usize, v: &[u8]| {
+        p[page_byte - 4..page_byte - 4 + v.len()].copy_from_slice(v);
+    };
+    // Byte 4: WSNZ clear: a WRITE SAME of zero blocks writes to the end of the medium.
+    put(5, &[CAW_BLOCKS_MAX]);
+    put(20, &unmap_blocks_max(l).to_be_bytes());
+    put(24, &UNMAP_DESCRIPTORS_MAX.to_be_bytes());
+    put(36, &write_same_blocks_max(l).to_be_bytes());
+    // Atomic writes: no alignment or granularity rule, no atomic boundaries.
+    put(44, &atomic_blocks_max(l).to_be_bytes());
+}
+
+/// Logical Block Provisioning VPD page (B2h) after its 4-byte header. UNMAP and WRITE
+/// SAME with UNMAP work on every store (LBPU, LBPWS, LBPWS10); unmapped blocks read as
+/// zeros (LBPRZ); anchoring is not supported (ANC_SUP clear). The provisioning type says
+/// thin only for stores that deallocate.
+pub(crate) fn provisioning_vpd(l: &Lun) -> [u8; 4] {
+    let ptype = if l.store.thin_provisioned() { 0x02 } else { 0 };
+    [0, 0x80 | 0x40 | 0x20 | 0x04, ptype, 0]
+}
+
+/// Bytes of data-out the CDB of one of these commands calls for.
+pub(crate) fn data_out_len(l: &Lun, cdb: &[u8]) -> Option<u32> {
+    let bs = u64::from(l.block_size());
+    let n = match *cdb.first()? {
+        op::COMPARE_AND_WRITE => 2 * u64::from(*cdb.get(13)?) * bs,
+        op::WRITE_SAME_10 => bs,
+        op::WRITE_SAME_16 if cdb.get(1)? & 0x01 != 0 => 0,
+        op::WRITE_SAME_16 => bs,
+        op::UNMAP => be(cdb, 7, 2)?,
+        op::ORWRITE_16 => be(cdb, 10, 4)? * bs,
+        op::WRITE_ATOMIC_16 => be(cdb, 12, 2)? * bs,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+fn reply_out(len: usize) -> Reply {
+    Reply {
+        status: status::GOOD,
+        data: Vec::new(),
+        data_out_len: Some(len as u32),
+    }
+}
+
+/// LBA OUT OF RANGE unless `lba + blocks` fits the medium.
+fn in_range(l: &Lun, lba: u64, blocks: u64) -> Result<(), Sense> {
+    if lba.checked_add(blocks).is_none_or(|e| e > l.blocks()) {
+        return Err(common::LBA_OUT_OF_RANGE);
+    }
+    Ok(())
+}
+
+/// COMPARE AND WRITE (SBC-3 5.2): the first half of the data-out is compared with the
+/// blocks; only if every byte matches is the second half written. MISCOMPARE carries the
+/// offset of the first differing byte in INFORMATION.
+pub(crate) fn compare_and_write(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] >> 5 != 0 {
+        return Err(field(1, Some(7))); // WRPROTECT: no protection information here
+    }
+    let fua = cdb[1] & 0x08 != 0;
+    let lba = be(cdb, 2, 8).unwrap_or(0);
+    let n = cdb[13];
+    if u32::from(n) > u32::from(CAW_BLOCKS_MAX) {
+        return Err(field(13, None));
+    }
+    in_range(c.lun, lba, u64::from(n))?;
+    writable(c)?;
+    let len = usize::from(n) * c.lun.block_size() as usize;
+    // The data-out splits into a verify half and a write half at `len`: when the transfer
+    // the initiator sent disagrees with NUMBER OF LOGICAL BLOCKS, where it meant the split
+    // is unknown, so nothing is compared or written.
+    if c.cmd.expected_len as usize != 2 * len || c.cmd.data_out.len() < 2 * len {
+        return Err(field(13, None));
+    }
+    if n == 0 {
+        return Ok(reply_out(0)); // SBC-3: zero blocks is not an error
+    }
+    let (verify, write) = c.cmd.data_out[..2 * len].split_at(len);
+    let _media = c.lun.media_exclusive();
+    let mut cur = vec![0u8; len];
+    c.lun
+        .store
+        .read_blocks(lba, &mut cur)
+        .map_err(|e| media(e, false))?;
+    if let Some(i) = cur.iter().zip(verify).position(|(a, b)| a != b) {
+        return Err(common::MISCOMPARE_DURING_VERIFY.with_info(i as u64));
+    }
+    c.lun
+        .store
+        .write_blocks(lba, write, fua)
+        .map_err(|e| media(e, true))?;
+    Ok(reply_out(2 * len))
+}
+
+/// WRITE SAME (10) and (16) (SBC-3 5.41, 5.42): one block of data-out (or zeros, with
+/// NDOB) written to every block of the range; with UNMAP the range is unmapped instead
+/// where the store deallocates, or where the block is zeros (which is what an unmapped
+/// block reads as), and written elsewhere.
+pub(crate) fn write_same(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    let sixteen = cdb[0] == op::WRITE_SAME_16;
+    let flags = cdb[1];
+    if flags >> 5 != 0 {
+        return Err(field(1, Some(7))); // WRPROTECT
+    }
+    if flags & 0x10 != 0 {
+        return Err(field(1, Some(4))); // ANCHOR, and ANC_SUP is clear
+    }
+    if flags & 0x04 != 0 {
+        return Err(field(1, Some(2))); // PBDATA: no physical sector addresses
+    }
+    if flags & 0x02 != 0 {
+        return Err(field(1, Some(1))); // LBDATA: no LBA stamping
+    }
+    let unmap = flags & 0x08 != 0;
+    let ndob = sixteen && flags & 0x01 != 0;
+    let (lba, n, len_field) = if sixteen {
+        (be(cdb, 2, 8), be(cdb, 10, 4), 10)
+    } else {
+        (be(cdb, 2, 4), be(cdb, 7, 2), 7)
+    };
+    let (lba, n) = (lba.unwrap_or(0), n.unwrap_or(0));
+    let cap = c.lun.blocks();
+    // WSNZ is clear: zero blocks means from LBA to the end of the medium, so LBA itself
+    // must be on the medium.
+    let blocks = if n == 0 {
+        if lba >= cap {
+            return Err(common::LBA_OUT_OF_RANGE);
+        }
+        cap - lba
+    } else {
+        in_range(c.lun, lba, n)?;
+        n
+    };
+    if blocks > write_same_blocks_max(c.lun) {
+        return Err(field(len_field, None));
+    }
+    writable(c)?;
+    let bs = c.lun.block_size() as usize;
+    let pattern: Vec<u8> = if ndob {
+        vec![0u8; bs]
+    } else {
+        // Exactly one block: with more or less, which bytes make the block is a guess.
+        if c.cmd.expected_len as usize != bs || c.cmd.data_out.len() < bs {
+            return Err(common::INVALID_FIELD_IN_COMMAND_IU);
+        }
+        c.cmd.data_out[..bs].to_vec()
+    };
+    let reply = reply_out(if ndob { 0 } else { bs });
+    let _media = c.lun.media_shared();
+    let store = &c.lun.store;
+    if unmap && (store.thin_provisioned() || pattern.iter().all(|&b| b == 0)) {
+        store.unmap(lba, blocks).map_err(|e| media(e, true))?;
+        return Ok(reply);
+    }
+    let chunk_blocks = ((1u64 << 20) / bs as u64).clamp(1, blocks);
+    let buf = pattern.repeat(chunk_blocks as usize);
+    let mut done = 0u64;
+    while done < blocks {
+        let k = (blocks - done).min(chunk_blocks);
+        store
+            .write_blocks(lba + done, &buf[..k as usize * bs], false)
+            .map_err(|e| media(e, true))?;
+        done += k;
+    }
+    Ok(reply)
+}
+
+/// UNMAP (SBC-3 5.28): every block descriptor is checked (capacity, the Block Limits
+/// counts) before any block is unmapped.
+pub(crate) fn unmap(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] & 0x01 != 0 {
+        return Err(field(1, Some(0))); // ANCHOR, and ANC_SUP is clear
+    }
+    let len = be(cdb, 7, 2).unwrap_or(0) as usize;
+    writable(c)?;
+    if len == 0 {
+        return Ok(reply_out(0)); // SBC-3: no parameter data is not an error
+    }
+    if len < 8 {
+        return Err(common::PARAM_LIST_LENGTH_ERROR);
+    }
+    let data = c
+        .cmd
+        .data_out
+        .get(..len)
+        .ok_or(common::PARAM_LIST_LENGTH_ERROR)?;
+    // Only whole descriptors that both the header and the parameter list hold count; a
+    // parameter list cannot carry more than UNMAP_DESCRIPTORS_MAX of them.
+    let bd_len = be(data, 2, 2).unwrap_or(0) as usize;
+    let count = bd_len.min(len - 8) / 16;
+    let max_total = u64::from(unmap_blocks_max(c.lun));
+    let mut total = 0u64;
+    let mut ranges = Vec::with_capacity(count);
+    for i in 0..count {
+        let d = 8 + 16 * i;
+        let lba = be(data, d, 8).unwrap_or(0);
+        let n = be(data, d + 8, 4).unwrap_or(0);
+        in_range(c.lun, lba, n)?;
+        total += n;
+        if max_total != u64::from(u32::MAX) && total > max_total {
+            return Err(common::INVALID_FIELD_IN_PARAM_LIST.param_field((d + 8) as u16, None));
+        }
+        if n > 0 {
+            ranges.push((lba, n));
+        }
+    }
+    let _media = c.lun.media_shared();
+    for (lba, n) in ranges {
+        c.lun.store.unmap(lba, n).map_err(|e| media(e, true))?;
+    }
+    Ok(reply_out(len))
+}
+
+/// GET LBA STATUS (SBC-3 5.6): descriptors of mapped and deallocated extents from the
+/// starting LBA, as many as the allocation length holds.
+pub(crate) fn get_lba_status(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    let mut lba = be(cdb, 2, 8).unwrap_or(0);
+    let alloc = allocation_length(cdb).unwrap_or(0) as usize;
+    ready(c.lun)?;
+    let cap = c.lun.blocks();
+    if lba >= cap {
+        return Err(common::LBA_OUT_OF_RANGE);
+    }
+    let fit = (alloc.saturating_sub(8) / 16).clamp(1, LBA_STATUS_DESCRIPTORS_MAX);
+    let mut d = vec![0u8; 8];
+    let _media = c.lun.media_shared();
+    while d.len() < 8 + 16 * fit && lba < cap {
+        // One descriptor counts at most u32::MAX blocks.
+        let max = (cap - lba).min(u64::from(u32::MAX));
+        let (state, n) = c
+            .lun
+            .store
+            .provisioning(lba, max)
+            .map_err(|e| media(e, false))?;
+        let n = n.clamp(1, max);
+        d.extend_from_slice(&lba.to_be_bytes());
+        d.extend_from_slice(&(n as u32).to_be_bytes());
+        d.push(match state {
+            Provisioning::Mapped => 0,
+            Provisioning::Deallocated => 1,
+        });
+        d.extend_from_slice(&[0, 0, 0]);
+        lba += n;
+    }
+    let n = (d.len() - 4) as u32;
+    d[0..4].copy_from_slice(&n.to_be_bytes());
+    d.truncate(alloc);
+    Ok(Reply::good(d))
+}
+
+/// ORWRITE (16) (SBC-3 5.8): each block becomes itself ORed with the data-out, as one
+/// step against other commands on the LUN.
+pub(crate) fn orwrite(c: &Ctx<'_>) -> CmdResult {
+    let r = checked_range(c)?;
+    writable(c)?;
+    let bs = c.lun.block_size() as usize;
+    let len = r.blocks as usize * bs;
+    // As for WRITE (FCP-4 9.4.2 (a)): the whole blocks that arrived are processed.
+    let have = c.cmd.data_out.len().min(len) / bs * bs;
+    let data = &c.cmd.data_out[..have];
+    if !data.is_empty() {
+        let _media = c.lun.media_exclusive();
+        let mut cur = vec![0u8; data.len()];
+        c.lun
+            .store
+            .read_blocks(r.lba, &mut cur)
+            .map_err(|e| media(e, false))?;
+        for (a, b) in cur.iter_mut().zip(data) {
+            *a |= b;
+        }
+        c.lun
+            .store
+            .write_blocks(r.lba, &cur, r.fua())
+            .map_err(|e| media(e, true))?;
+    }
+    Ok(reply_out(len))
+}
+
+/// WRITE ATOMIC (16) (SBC-4 5.48): all of the blocks or none, as one step against other
+/// commands on the LUN. No atomic boundaries are supported, so ATOMIC BOUNDARY must be 0.
+pub(crate) fn write_atomic(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] >> 5 != 0 {
+        return Err(field(1, Some(7))); // WRPROTECT
+    }
+    let fua = cdb[1] & 0x08 != 0;
+    let lba = be(cdb, 2, 8).unwrap_or(0);
+    if be(cdb, 10, 2).unwrap_or(0) != 0 {
+        return Err(field(10, None));
+    }
+    let n = be(cdb, 12, 2).unwrap_or(0);
+    if n > u64::from(atomic_blocks_max(c.lun)) {
+        return Err(field(12, None));
+    }
+    in_range(c.lun, lba, n)?;
+    writable(c)?;
+    let len = n as usize * c.lun.block_size() as usize;
+    // Part of an atomic write is not the write that was asked for.
+    let data = c
+        .cmd
+        .data_out
+        .get(..len)
+        .ok_or(common::INVALID_FIELD_IN_COMMAND_IU)?;
+    if !data.is_empty() {
+        let _media = c.lun.media_exclusive();
+        c.lun
+            .store
+            .write_blocks(lba, data, fua)
+            .map_err(|e| media(e, true))?;
+    }
+    Ok(reply_out(len))
+}
+
+/// The commands of this module, listed after the base table (see
+/// [`commands`](super::target::commands)).
+pub(crate) static COMMANDS: &[Command] = &[
+    Command {
+        opcode: op::WRITE_SAME_10,
+        sa: None,
+        cdb_len: 10,
+        usage: &[0xff, 0xe8, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
+        run: write_same,
+    },
+    Command {
+        opcode: op::UNMAP,
+        sa: None,
+        cdb_len: 10,
+        usage: &[0xff, 0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0x04],
+        run: unmap,
+    },
+    Command {
+        opcode: op::COMPARE_AND_WRITE,
+        sa: None,
+        cdb_len: 16,
+        usage: &[
+            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0x1f, 0x04,
+        ],
+        run: compare_and_write,
+    },
+    Command {
+        opcode: op::ORWRITE_16,
+        sa: None,
+        cdb_len: 16,
+        usage: &[
+            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x1f, 0x04,
+        ],
+        run: orwrite,
+    },
+    Command {
+        opcode: op::WRITE_SAME_16,
+        sa: None,
+        cdb_len: 16,
+        usage: &[
+            0xff, 0xe9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x1f, 0x04,
+        ],
+        run: write_same,
+    },
+    Command {
+        opcode: op::WRITE_ATOMIC_16,
+        sa: None,
+        cdb_len: 16,
+        usage: &[
+            0xff, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x1f, 0x04,
+        ],
+        run: write_atomic,
+    },
+    Command {
+        opcode: op::SERVICE_ACTION_IN_16,
+        sa: Some(op::SA_GET_LBA_STATUS),
+        cdb_len: 16,
+        usage: &[
+            0xff, 0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+        run: get_lba_status,
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::media::file::FileStore;
+    use crate::media::{BlockStore, CacheMode, MediaError};
+    use crate::scsi::TargetIdentity;
+    use crate::scsi::{ItNexus, LunSpec, ScsiCommand, ScsiOutcome, ScsiTarget, TaskAttr};
+
+    /// A fully provisioned store in memory: unmapping falls back to the trait's zeros.
+    struct MemStore(Mutex<Vec<u8>>);
+
+    impl BlockStore for MemStore {
+        fn block_size(&self) -> u32 {
+            512
+        }
+        fn num_blocks(&self) -> u64 {
+            self.0.lock().map(|v| v.len() as u64 / 512).unwrap_or(0)
+        }
+        fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+            let v = self
+                .0
+                .lock()
+                .map_err(|_| MediaError::Failed("poisoned".into()))?;
+            let off = lba as usize * 512;
+            buf.copy_from_slice(&v[off..off + buf.len()]);
+            Ok(())
+        }
+        fn write_blocks(&self, lba: u64, data: &[u8], _fua: bool) -> Result<(), MediaError> {
+            let mut v = self
+                .0
+                .lock()
+                .map_err(|_| MediaError::Failed("poisoned".into()))?;
+            let off = lba as usize * 512;
+            v[off..off + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), MediaError> {
+            Ok(())
+        }
+        fn cache_mode(&self) -> CacheMode {
+            CacheMode::WriteThrough
+        }
+        fn health(&self) -> Result<(), MediaError> {
+            Ok(())
+        }
+    }
+
+    fn target(store: Arc<dyn BlockStore>) -> (ScsiTarget, ItNexus) {
+        let t = ScsiTarget::new(
+            TargetIdentity {
+                iqn: "iqn.2026-11.org.ftss:sbc-ext".into(),
+            },
+            vec![LunSpec {
+                lun: 0,
+                store,
+                read_only: false,
+                removable: false,
+            }],
+        )
+        .expect("target");
+        let n = ItNexus {
+            id: 1,
+            initiator_name: Arc::from("iqn.2026-11.org.ftss:init"),
+            isid: [0x40, 0, 0, 0, 0, 1],
+            tpgt: 1,
+        };
+        t.nexus_added(&n);
+        let _ = run(&t, &n, &[0; 6], &[]); // the power-on unit attention
+        (t, n)
+    }
+
+    fn run(t: &ScsiTarget, n: &ItNexus, cdb: &[u8], out: &[u8]) -> ScsiOutcome {
+        t.execute(
+            n,
+            &ScsiCommand {
+                lun: 0,
+                cdb,
+                data_out: out,
+                expected_len: out.len() as u32,
+                attr: TaskAttr::Simple,
+            },
+        )
+    }
+
+    fn sense(o: &ScsiOutcome) -> Option<(u8, u8, u8, u16)> {
+        let s = o.sense.as_deref()?;
+        Some((
+            s[2] & 0x0f,
+            s[12],
+            s[13],
+            u16::from_be_bytes([s[16], s[17]]),
+        ))
+    }
+
+    fn ws16(lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
+        let mut cdb = vec![op::WRITE_SAME_16, flags];
+        cdb.extend_from_slice(&lba.to_be_bytes());
+        cdb.extend_from_slice(&blocks.to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        cdb
+    }
+
+    #[test]
+    fn write_same_is_bounded_by_its_maximum_length_even_to_the_end() {
+        let dir = std::env::temp_dir().join(format!("ftss-sbc-ext-ws-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // 2^22 blocks, sparse: twice MAXIMUM WRITE SAME LENGTH.
+        let store = FileStore::open(&dir.join("big.img"), 1 << 31, 512).expect("store");
+        let (t, n) = target(Arc::new(store));
+        let max = (WRITE_SAME_BYTES_MAX / 512) as u32;
+        let block = [0u8; 512];
+        let o = run(&t, &n, &ws16(0, max + 1, 0x08), &block);
+        assert_eq!(sense(&o), Some((5, 0x24, 0, 10)), "over the maximum");
+        // Zero blocks means "to the end": 2^22 blocks from LBA 0 is over the maximum too.
+        let o = run(&t, &n, &ws16(0, 0, 0x08), &block);
+        assert_eq!(sense(&o), Some((5, 0x24, 0, 10)), "to the end from LBA 0");
+        let o = run(&t, &n, &ws16((1 << 22) - 8, 0, 0x08), &block);
+        assert_eq!(
+            (o.status, o.sense),
+            (0, None),
+            "to the end from 8 blocks before it"
+        );
+        let o = run(&t, &n, &ws16(0, max, 0x08), &block);
+        assert_eq!((o.status, o.sense), (0, None), "unmapping the maximum");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_fully_provisioned_store_unmaps_by_writing_zeros_and_says_so() {
+        let store = Arc::new(MemStore(Mutex::new(vec![0xaa; 64 * 512])));
+        let (t, n) = target(store.clone());
+        // READ CAPACITY(16): no LBPME, LBPRZ still set.
+        let mut rc16 = vec![0x9e, 0x10];
+        rc16.resize(16, 0);
+        rc16[13] = 32;
+        let o = run(&t, &n, &rc16, &[]);
+        assert_eq!(o.data_in[14], 0x40);
+        // Logical Block Provisioning VPD: provisioning type 0 (not thin).
+        let o = run(&t, &n, &[0x12, 0x01, 0xb2, 0, 0x40, 0], &[]);
+        assert_eq!(&o.data_in[..8], &[0, 0xb2, 0, 4, 0, 0xe4, 0, 0]);
+        // Block Limits: unmapping and WRITE SAME write, so they get a WRITE's bound.
+        let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
+        assert_eq!(&o.data_in[20..24], &16384u32.to_be_bytes());
+        assert_eq!(&o.data_in[36..44], &16384u64.to_be_bytes());
+        // UNMAP blocks 4-7.
+        let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        list.extend_from_slice(&4u64.to_be_bytes());
+        list.extend_from_slice(&4u32.to_be_bytes());
+        list.extend_from_slice(&[0; 4]);
+        let o = run(&t, &n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list);
+        assert_eq!((o.status, o.sense), (0, None));
+        let v = store.0.lock().expect("lock").clone();
+        assert!(v[..4 * 512].iter().all(|&b| b == 0xaa));
+        assert!(v[4 * 512..8 * 512].iter().all(|&b| b == 0));
+        assert!(v[8 * 512..].iter().all(|&b| b == 0xaa));
+        // WRITE SAME with UNMAP and non-zero data writes the data: nothing is unmapped.
+        let o = run(&t, &n, &ws16(10, 2, 0x08), &[0x5b; 512]);
+        assert_eq!((o.status, o.sense), (0, None));
+        let v = store.0.lock().expect("lock").clone();
+        assert!(v[10 * 512..12 * 512].iter().all(|&b| b == 0x5b));
+        // GET LBA STATUS: everything mapped, in one descriptor.
+        let mut gls = vec![0x9e, 0x12];
+        gls.extend_from_slice(&0u64.to_be_bytes());
+        gls.extend_from_slice(&64u32.to_be_bytes());
+        gls.extend_from_slice(&[0, 0]);
+        let o = run(&t, &n, &gls, &[]);
+        assert_eq!(o.data_in.len(), 24);
+        assert_eq!(&o.data_in[16..21], &[0, 0, 0, 64, 0]);
+    }
+}
