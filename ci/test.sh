@@ -18,3 +18,5 @@ ci/interop.sh
 # 4 runs of 4 passed on a 2-core host under TCG, 21-31 s each (warm vm-initiator cache).
 echo "== end to end with the Linux kernel initiator (QEMU guest, ext4, sg_raw, ftss --device)"
 ci/e2e-vm.sh
+echo "== packet conversion unit: two namespaces joined only by ftss (needs root)"
+ci/tun-demo.sh
