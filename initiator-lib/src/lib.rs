@@ -37,6 +37,7 @@
 mod config;
 mod error;
 mod login;
+pub mod multipath;
 pub mod packet;
 pub mod scsi;
 mod session;

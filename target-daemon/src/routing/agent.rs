@@ -259,16 +259,17 @@ impl RoutingAgent {
 
     /// Hands stored packets for the outside to the external port; it acknowledges them
     /// (they have left), and a packet no gateway takes earns its sender a notice.
-    fn forward_external(&self, stored: &[NewPacket], seqs: &[u64]) {
+    fn forward_external(&self, stored: &[NewPacket], seqs: &[Option<u64>]) {
         let Some(x) = &self.external else {
             return;
         };
         let mut acked = Vec::new();
         let mut notices = Vec::new();
         for (p, &seq) in stored.iter().zip(seqs) {
-            if p.node != EXTERNAL_KEY {
+            // A retry (None) was forwarded with its original.
+            let Some(seq) = seq.filter(|_| p.node == EXTERNAL_KEY) else {
                 continue;
-            }
+            };
             if !x.send(p.dest, p.source, &p.payload) {
                 notices.push(self.notice(p.sender, p.dest, p.packet_id, Outcome::DestinationDown));
             }

@@ -677,26 +677,57 @@ impl PacketQueue {
         lens.clone().sum::<u64>() + lens.max().unwrap_or(0)
     }
 
-    /// Stores packets durably; returns their sequence numbers. Nothing is stored when the
-    /// queue is full.
-    pub fn store(&self, packets: &[NewPacket]) -> Result<Vec<u64>, QueueError> {
+    /// Stores packets durably; returns their sequence numbers, `None` for a packet whose
+    /// (sender, packet id) was already stored: a retry, which must not be stored twice
+    /// (checked under the same lock that stores, so a retry racing its original on
+    /// another path is caught too). Nothing is stored when the queue is full.
+    pub fn store(&self, packets: &[NewPacket]) -> Result<Vec<Option<u64>>, QueueError> {
         if packets.is_empty() {
             return Ok(Vec::new());
         }
         let ts = now_ms();
-        let bodies: Vec<Vec<u8>> = packets.iter().map(|p| packet_body(p, ts)).collect();
-        let (cache_seq, seqs, last) = {
+        let (cache_seq, seqs, last, had_dups) = {
             let mut g = lock(&self.inner);
+            // Decided for the whole batch before any of it is indexed: the copies of one
+            // broadcast share their key and are all stored.
+            let fresh: Vec<bool> = packets
+                .iter()
+                .map(|p| {
+                    p.flags & flags::NOTICE != 0
+                        || p.packet_id == 0
+                        || !g.dedup.contains_key(&(p.sender, p.packet_id))
+                })
+                .collect();
+            let had_dups = fresh.iter().any(|f| !f);
+            let bodies: Vec<Vec<u8>> = packets
+                .iter()
+                .zip(&fresh)
+                .filter(|(_, f)| **f)
+                .map(|(p, _)| packet_body(p, ts))
+                .collect();
             // Packets leave ACK_RESERVE free, so acknowledgements (which free space)
             // always fit.
             let need = self.need(&bodies) + ACK_RESERVE;
-            if self.cap - (g.head - g.tail) < need {
+            if !bodies.is_empty() && self.cap - (g.head - g.tail) < need {
                 self.make_room(&mut g, need)?;
             }
             let recs: Vec<(u16, Vec<u8>)> = bodies.into_iter().map(|b| (KIND_PACKET, b)).collect();
-            let (cache_seq, placed) = self.append_records(&mut g, &recs)?;
-            let mut seqs = Vec::with_capacity(placed.len());
-            for (p, &(seq, pos)) in packets.iter().zip(&placed) {
+            let (cache_seq, placed) = if recs.is_empty() {
+                (self.cache.appended_seq(), Vec::new())
+            } else {
+                self.append_records(&mut g, &recs)?
+            };
+            let mut placed_it = placed.iter();
+            let mut seqs = Vec::with_capacity(packets.len());
+            for (p, f) in packets.iter().zip(&fresh) {
+                if !*f {
+                    seqs.push(None);
+                    continue;
+                }
+                let Some(&(seq, pos)) = placed_it.next() else {
+                    seqs.push(None);
+                    continue;
+                };
                 let stored = Packet {
                     seq,
                     node: p.node,
@@ -709,17 +740,26 @@ impl PacketQueue {
                     payload: Vec::new(),
                 };
                 self.index_packet(&mut g, &stored, p.payload.len(), pos);
-                seqs.push(seq);
+                seqs.push(Some(seq));
             }
             let last = placed.last().map_or(0, |x| x.0);
-            (cache_seq, seqs, last)
+            (cache_seq, seqs, last, had_dups)
         };
-        self.cache.wait_durable(cache_seq)?;
-        let mut g = lock(&self.inner);
-        // Appends are in log order, so this commit covers every earlier record too.
-        g.frontier = g.frontier.max(last);
-        drop(g);
-        self.cond.notify_all();
+        // With duplicates, everything appended so far is waited for: the original of a
+        // retry may still be on its way to the disk, and the retry is answered as it is.
+        let upto = if had_dups {
+            self.cache.appended_seq().max(cache_seq)
+        } else {
+            cache_seq
+        };
+        self.cache.wait_durable(upto)?;
+        if last > 0 {
+            let mut g = lock(&self.inner);
+            // Appends are in log order, so this commit covers every earlier record too.
+            g.frontier = g.frontier.max(last);
+            drop(g);
+            self.cond.notify_all();
+        }
         Ok(seqs)
     }
 
@@ -1085,6 +1125,8 @@ mod tests {
         let seqs =
             r.q.store(&[pkt(a(2), 1, 10), pkt(a(2), 2, 20), pkt(a(3), 3, 30)])
                 .expect("store");
+        let seqs: Vec<u64> = seqs.into_iter().flatten().collect();
+        assert_eq!(seqs.len(), 3);
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         let (got, more) = take(&r.q, a(2), 1);
         assert_eq!((got.len(), more), (1, true));
