@@ -97,6 +97,43 @@ check "send.bin is the documented 48 bytes" test "$(wc -c <send.bin)" -eq 48
 check "SEND 'ping' to 192.0.2.8: GOOD (delivered)" \
   sg_good -s 48 -i send.bin "$SG" C0 00 00 00 00 00 00 00 00 01 00 00 00 30 00 00
 
+# The rest of node 1's examples, unchanged from the document.
+hexof() { xxd -p "$1" 2>/dev/null | tr -d '\n'; }
+check "NODE SET STATE maintenance: GOOD" \
+  sg_good "$SG" C4 01 01 00 00 00 00 00 00 00 00 00 00 00 00 00
+check "NODE SET STATE available: GOOD" \
+  sg_good "$SG" C4 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+check "NODE QUERY: GOOD" \
+  sg_good -r 1032 -o query.bin "$SG" C4 02 00 00 00 00 00 00 00 00 00 00 04 08 00 00
+check "NODE QUERY returns the documented 40 bytes" \
+  test "$(hexof query.bin)" = "464e01000002000200000000000000000000ffffc000020720010db8000000000000000000000007"
+check "NODE ROUTING TABLE: GOOD" \
+  sg_good -r 4096 -o routes.bin "$SG" C4 03 00 00 00 00 00 00 00 00 00 00 10 00 00 00
+unhex > send2.bin <<'EOF'
+46500100 00030000
+00000000 00000000 0000ffff c0000208 00000000 00000000 00000002 00000005 9a71bb4c
+68656c6c 6f000000
+00000000 00000000 0000ffff c6336401 00000000 00000000 00000003 00000002 f59dd9c2
+68690000
+00000000 00000000 00000000 00000000 00010000 00000000 00000004 00000003 9c839119
+616c6c00
+EOF
+# CHECK CONDITION is the documented answer here, so sg_raw's exit status is not 0.
+mixed() {
+  local out
+  out=$(sg_raw -s 132 -i send2.bin "$SG" C0 00 00 00 00 00 00 00 00 02 00 00 00 84 00 00 2>&1)
+  echo "$out" | sed 's/^/    sg_raw: /'
+  echo "$out" | grep -q "Recovered Error" && echo "$out" | grep -q "ASC=80, ASCQ=10"
+}
+check "send2.bin is the documented 132 bytes" test "$(wc -c <send2.bin)" -eq 132
+check "SEND the mixed batch: Recovered Error, ASC=80, ASCQ=10" mixed
+check "SEND RESULTS of batch 2: GOOD" \
+  sg_good -r 1024 -o results.bin "$SG" C5 00 00 00 00 00 00 00 00 02 00 00 04 00 00 00
+check "SEND RESULTS: delivered, unknown destination, delivered" \
+  test "$(hexof results.bin)" = "46530100000300030000000000000002000000000000000200000000000000000000000000000003020000000000000000000000000000040000000000000000"
+check "RECEIVE without waiting on node 1: GOOD" \
+  sg_good -r 4096 -o notice.bin "$SG" C1 00 00 00 00 00 00 00 10 00 00 00 00 00 00 00
+
 # ---------------------------------------------------------------------------------------
 step "3. ftss --device (SG_IO)"
 ftss_out() {

@@ -35,8 +35,9 @@ IQN=iqn.2026-11.org.ftss:e2e
 HOST_IQN=iqn.2026-11.org.ftss:host-node
 GUEST_ADDR=192.0.2.7
 HOST_ADDR=192.0.2.8
-# The guest's packets the host node waits for: the sg_raw "ping" and ftss "from-guest".
-GUEST_PACKETS=2
+# The guest's packets the host node waits for: the sg_raw "ping", the mixed batch's
+# "hello" and broadcast "all", and ftss "from-guest".
+GUEST_PACKETS=4
 
 work=$(mktemp -d)
 trap 'ci_cleanup; rm -rf "$work"' EXIT
