@@ -34,7 +34,7 @@ const STATUS_CHECK_CONDITION: u8 = 0x02;
 
 /// Largest write one command may carry; bigger ones get CHECK CONDITION without any
 /// buffer being allocated.
-pub(crate) const DATA_OUT_BYTES_MAX: u32 = 16 << 20;
+pub(crate) const DATA_OUT_BYTES_MAX: u32 = 32 << 20;
 /// Write buffers one connection may hold at once; further writes wait for R2Ts.
 const WRITE_BUFFER_BYTES_MAX: u64 = 64 << 20;
 /// Immediate commands one connection may have running at once.

@@ -10,7 +10,7 @@ use super::xcopy::CopyResults;
 use crate::media::BlockStore;
 
 /// Largest transfer one command may ask for, advertised in the Block Limits VPD page.
-pub(crate) const TRANSFER_BYTES_MAX: u64 = 8 << 20;
+pub(crate) const TRANSFER_BYTES_MAX: u64 = 32 << 20;
 
 /// Mutable per-LUN state.
 #[derive(Default)]

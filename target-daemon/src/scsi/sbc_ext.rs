@@ -606,8 +606,8 @@ mod tests {
         assert_eq!(&o.data_in[..8], &[0, 0xb2, 0, 4, 0, 0xe4, 0, 0]);
         // Block Limits: unmapping and WRITE SAME write, so they get a WRITE's bound.
         let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
-        assert_eq!(&o.data_in[20..24], &16384u32.to_be_bytes());
-        assert_eq!(&o.data_in[36..44], &16384u64.to_be_bytes());
+        assert_eq!(&o.data_in[20..24], &65536u32.to_be_bytes());
+        assert_eq!(&o.data_in[36..44], &65536u64.to_be_bytes());
         // UNMAP blocks 4-7.
         let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
         list.extend_from_slice(&4u64.to_be_bytes());
