@@ -240,6 +240,14 @@ type Client = PacketClient<AnyTransport>;
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`ftss recv | head`): Rust ignores SIGPIPE and println! would panic instead.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default, before any thread of ours
+    // could be relying on it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
