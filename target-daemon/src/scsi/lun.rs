@@ -17,6 +17,8 @@ pub(crate) const TRANSFER_BYTES_MAX: u64 = 32 << 20;
 pub(crate) struct LunState {
     /// Control mode page D_SENSE: sense data in descriptor format.
     pub(crate) d_sense: bool,
+    /// Control mode page SWP: software write protect, set by MODE SELECT.
+    pub(crate) swp: bool,
     /// Removable medium ejected (START STOP UNIT with LOEJ).
     pub(crate) ejected: bool,
     /// Nexuses that sent PREVENT ALLOW MEDIUM REMOVAL with PREVENT set.
@@ -114,11 +116,17 @@ impl Lun {
         self.copies.nexus_removed(nexus);
     }
 
+    /// Writes are refused: a read-only LUN, or software write protect (SWP) set.
+    pub(crate) fn write_protected(&self) -> bool {
+        self.read_only || self.state().swp
+    }
+
     /// LUN reset: mode parameters and removal prevention return to their defaults
     /// (SPC-4 7.5: mode pages without saved values revert).
     pub(crate) fn reset(&self) {
         let mut s = self.state();
         s.d_sense = false;
+        s.swp = false;
         s.prevent.clear();
         self.reservations.reset();
     }

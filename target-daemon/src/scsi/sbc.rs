@@ -102,7 +102,7 @@ fn write_data<'a>(c: &Ctx<'a>, len: usize) -> &'a [u8] {
 }
 
 pub(crate) fn writable(c: &Ctx<'_>) -> Result<(), Sense> {
-    if c.lun.read_only {
+    if c.lun.write_protected() {
         return Err(common::WRITE_PROTECTED);
     }
     ready(c.lun)

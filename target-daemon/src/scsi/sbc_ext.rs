@@ -394,9 +394,48 @@ pub(crate) fn write_atomic(c: &Ctx<'_>) -> CmdResult {
     Ok(reply_out(len))
 }
 
+/// SANITIZE operation code (SBC-3 5.30).
+pub(crate) const SANITIZE: u8 = 0x48;
+/// SANITIZE service action BLOCK ERASE.
+const SANITIZE_BLOCK_ERASE: u8 = 0x02;
+
+/// SANITIZE (48h), BLOCK ERASE: every block is deallocated, so all of it reads back as
+/// zeros (LBPRZ) and no earlier data can be read again. Where the store cannot
+/// deallocate it writes zeros, which has the same effect. OVERWRITE and CRYPTOGRAPHIC
+/// ERASE are not offered; an unlisted service action is INVALID FIELD IN CDB. The
+/// operation completes before the status, with or without IMMED, so there is never a
+/// sanitize in progress to report.
+pub(crate) fn sanitize(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    // Byte 1 bit 6 is reserved in SBC-3 (ZNR, later, is for zoned devices only).
+    if cdb[1] & 0x40 != 0 {
+        return Err(field(1, Some(6)));
+    }
+    if cdb[2..7].iter().any(|&b| b != 0) {
+        return Err(field(2, None));
+    }
+    // BLOCK ERASE takes no parameter list.
+    if be(cdb, 7, 2).unwrap_or(0) != 0 {
+        return Err(field(7, None));
+    }
+    writable(c)?;
+    let _g = c.lun.media_exclusive();
+    let blocks = c.lun.blocks();
+    c.lun.store.unmap(0, blocks).map_err(|e| media(e, true))?;
+    c.lun.store.flush().map_err(|e| media(e, true))?;
+    Ok(Reply::none())
+}
+
 /// The commands of this module, listed after the base table (see
 /// [`commands`](super::target::commands)).
 pub(crate) static COMMANDS: &[Command] = &[
+    Command {
+        opcode: SANITIZE,
+        sa: Some(SANITIZE_BLOCK_ERASE),
+        cdb_len: 10,
+        usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
+        run: sanitize,
+    },
     Command {
         opcode: op::WRITE_SAME_10,
         sa: None,

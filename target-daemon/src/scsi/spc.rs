@@ -161,6 +161,8 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
         0xb1 => {
             let mut p = [0u8; 60];
             p[1] = 0x01; // non-rotating medium
+                         // WABEREQ 01b: after SANITIZE BLOCK ERASE, reads succeed (they return zeros).
+            p[3] = 0x40;
             d.extend_from_slice(&p);
         }
         0xb2 => d.extend_from_slice(&super::sbc_ext::provisioning_vpd(l)),
@@ -233,10 +235,14 @@ fn mode_page(l: &Lun, code: u8, pc: u8) -> Option<Vec<u8>> {
             p[0] = 0x0a;
             p[1] = 10;
             match pc {
-                1 => p[2] = 0x04, // D_SENSE is changeable
+                1 => {
+                    p[2] = 0x04; // D_SENSE is changeable
+                    p[4] = 0x08; // and SWP
+                }
                 0 => {
                     p[2] = if d_sense { 0x04 } else { 0 };
                     p[3] = 0x10; // queue algorithm modifier 1: unrestricted reordering
+                    p[4] = if l.state().swp { 0x08 } else { 0 };
                 }
                 _ => p[3] = 0x10,
             }
@@ -298,7 +304,7 @@ pub(crate) fn mode_sense(c: &Ctx<'_>) -> CmdResult {
         }
     }
     // Device-specific parameter: WP for read-only LUNs, DPOFUA.
-    let dsp = if l.read_only { 0x80 } else { 0 } | 0x10;
+    let dsp = if l.write_protected() { 0x80 } else { 0 } | 0x10;
     let mut d = if ten {
         let mut h = vec![0u8; 8];
         h[3] = dsp;
@@ -357,6 +363,7 @@ pub(crate) fn mode_select(c: &Ctx<'_>) -> CmdResult {
         return Err(common::PARAM_LIST_LENGTH_ERROR);
     }
     let mut new_d_sense = None;
+    let mut new_swp = None;
     while pos < data.len() {
         if pos + 2 > data.len() {
             return Err(common::PARAM_LIST_LENGTH_ERROR);
@@ -382,14 +389,18 @@ pub(crate) fn mode_select(c: &Ctx<'_>) -> CmdResult {
         }
         if code == 0x0a {
             new_d_sense = Some(page[2] & 0x04 != 0);
+            new_swp = Some(page[4] & 0x08 != 0);
         }
         pos += plen;
     }
     if let Some(ds) = new_d_sense {
         let changed = {
             let mut s = c.lun.state();
-            let changed = s.d_sense != ds;
+            let changed = s.d_sense != ds || new_swp.is_some_and(|w| w != s.swp);
             s.d_sense = ds;
+            if let Some(w) = new_swp {
+                s.swp = w;
+            }
             changed
         };
         if changed {

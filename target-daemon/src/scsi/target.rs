@@ -729,11 +729,12 @@ pub(crate) static COMMANDS: &[Command] = &[
 
 /// Commands whose service action field (byte 1, bits 4-0) selects among the table's
 /// entries: an unlisted service action is an invalid CDB field, not an unknown opcode.
-const SA_IN_BYTE_1: [u8; 4] = [
+const SA_IN_BYTE_1: [u8; 5] = [
     pr::op::PERSISTENT_RESERVE_IN,
     pr::op::PERSISTENT_RESERVE_OUT,
     xcopy::op::EXTENDED_COPY,
     xcopy::op::RECEIVE_COPY_RESULTS,
+    super::sbc_ext::SANITIZE,
 ];
 
 /// PERSISTENT RESERVE IN with service action `sa`.

@@ -253,7 +253,7 @@ fn run_segments(
         }
         ready(src)?;
         ready(dst)?;
-        if dst.read_only {
+        if dst.write_protected() {
             return Err(common::WRITE_PROTECTED);
         }
         let blocks = u64::from(s.blocks);
