@@ -73,3 +73,19 @@ tgtd_start() {
   CI_PIDS+=($!)
   wait_port "$port"
 }
+
+# fsync_limit DIR: how many single 4 KiB msync'd writes per second a file in DIR takes,
+# the rate a store-then-acknowledge design gets without group commit.
+fsync_limit() {
+  python3 - "$1" <<'PY'
+import mmap, os, sys, tempfile, time
+fd, p = tempfile.mkstemp(dir=sys.argv[1])
+os.ftruncate(fd, 1 << 20); os.pwrite(fd, bytes(1 << 20), 0); os.fsync(fd)
+m = mmap.mmap(fd, 1 << 20); t = time.time()
+for i in range(200):
+    m[i * 4096:(i + 1) * 4096] = b"x" * 4096
+    m.flush(i * 4096, 4096)
+print(int(200 / (time.time() - t)), "per second")
+os.unlink(p)
+PY
+}

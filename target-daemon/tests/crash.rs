@@ -5,9 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,28 +13,6 @@ use ftss_proto::pdu::Pdu;
 
 const BLOCKS: u32 = 4096;
 const KILLS: u32 = 50;
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn start(config: &Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_ftss-target"))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ftss-target");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
 
 /// A 512-byte block stamped with its LBA and a global write counter.
 fn stamped(lba: u32, counter: u64) -> Vec<u8> {
@@ -98,7 +73,7 @@ async fn acknowledged_writes_survive_sigkill() {
     let (mut checked, mut lost, mut total_acks) = (0u64, 0u64, 0u64);
     // Round KILLS only verifies what the last round acknowledged.
     for round in 0..=KILLS {
-        let mut daemon = start(&config, port);
+        let mut daemon = start_binary(&config, port);
         let mut c = login(port).await;
         // Verify everything acknowledged before the last kill.
         let cmd = c.command(

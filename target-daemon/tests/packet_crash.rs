@@ -5,14 +5,15 @@
 //! was stored twice (a packet seen again after a restart carries the same sequence
 //! number: it is a redelivery of an unacknowledged packet, not a duplicate).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{free_port, start_binary};
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::vendor::{
     AckCdb, NodeAddr, Outcome, ReceiveCdb, RecordList, SendCdb, SendList, SendRecord, SendStatus,
@@ -20,28 +21,6 @@ use ftss_proto::vendor::{
 
 const TARGET: &str = "iqn.2026-11.org.ftss:pcrash";
 const KILLS: u32 = 12;
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn start(config: &Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_ftss-target"))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ftss-target");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
 
 fn ip(x: u8) -> NodeAddr {
     NodeAddr::from(Ipv4Addr::new(10, 0, 0, x))
@@ -121,7 +100,7 @@ addresses = ["10.0.0.2"]
     )
     .expect("config");
     let book = Arc::new(Mutex::new(Book::default()));
-    let mut child = start(&cfg, port);
+    let mut child = start_binary(&cfg, port);
     let next_id = Arc::new(Mutex::new(1u64));
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     for round in 0..=KILLS {
@@ -236,7 +215,7 @@ addresses = ["10.0.0.2"]
             // SIGKILL mid-stream, then restart.
             let _ = child.kill();
             let _ = child.wait();
-            child = start(&cfg, port);
+            child = start_binary(&cfg, port);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -12,7 +12,7 @@ use ftss_proto::sense::{common, key, Sense};
 use ftss_proto::vendor::{
     self, asc, AckCdb, AckList, AddressList, DeliveredRecord, DeliveryFlags, NodeAddr, NodeCdb,
     NodeInfo, NodeState, Outcome, PacketResult, QueueStats, RecordList, ReplayFrom, RouteState,
-    SendList, SendResults, SendStatus, VendorCdb, VendorError,
+    SendList, SendResults, SendStatus, VendorCdb,
 };
 use tracing::{error, info, warn};
 
@@ -579,7 +579,6 @@ impl VendorHandler for RoutingAgent {
     fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
         let c = match VendorCdb::parse(cmd.cdb) {
             Ok(c) => c,
-            Err(e @ VendorError::UnsupportedOpcode(_)) => return check(e.sense()),
             Err(e) => return check(e.sense()),
         };
         match c {

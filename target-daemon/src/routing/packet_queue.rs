@@ -530,7 +530,6 @@ impl PacketQueue {
 
     fn apply_ack(g: &mut Inner, node: NodeAddr, upto: u64, list: &[u64]) {
         let n = g.nodes.entry(node).or_default();
-        let mut newly: Vec<u64> = Vec::new();
         let upto = upto.min(n.last_assigned);
         if upto > n.acked_upto {
             n.acked_upto = upto;
@@ -540,7 +539,6 @@ impl PacketQueue {
         for &s in list {
             if s > n.acked_upto && s <= n.last_assigned {
                 n.acked.insert(s);
-                newly.push(s);
             }
         }
         // Drop acknowledged entries from the index and the counters.
@@ -556,7 +554,6 @@ impl PacketQueue {
         n.pending = kept;
         n.delivered = n.delivered.max(n.acked_upto);
         n.noticed_upto = n.noticed_upto.max(n.acked_upto);
-        let _ = newly;
     }
 
     /// Makes room for `need` bytes (plus a lap's padding) by moving the tail past records
