@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::session::{SessionCtx, SessionKind};
 use super::transfer::{data_in_pieces, WriteCollect, XferError, XferLimits};
+use crate::media::cache::defer_commits;
 use crate::scsi::{ScsiCommand as ExecCmd, ScsiOutcome, TaskAttr};
 
 /// SCSI status values the transport itself produces.
@@ -684,6 +685,7 @@ impl Conn {
         let at = attr(task.cmd.attr);
         let generation = task.generation;
         let tx = self.done_tx.clone();
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let cmd = ExecCmd {
                 lun,
@@ -692,11 +694,31 @@ impl Conn {
                 expected_len,
                 attr: at,
             };
-            let outcome = scsi.execute(&nexus, &cmd);
-            let _ = tx.send(Done {
-                itt,
-                generation,
-                outcome,
+            // Writes append to the write cache here; the wait for their commit happens
+            // on the async side, so queue-deep writers do not each hold a thread.
+            let (outcome, commits) = defer_commits(|| scsi.execute(&nexus, &cmd));
+            if commits.is_empty() {
+                let _ = tx.send(Done {
+                    itt,
+                    generation,
+                    outcome,
+                });
+                return;
+            }
+            rt.spawn(async move {
+                let outcome = match commits.wait().await {
+                    // A command that failed anyway keeps its own sense.
+                    Err(e) if outcome.status == STATUS_GOOD => {
+                        warn!("write not committed: {e}");
+                        scsi.commit_failed(lun, e)
+                    }
+                    _ => outcome,
+                };
+                let _ = tx.send(Done {
+                    itt,
+                    generation,
+                    outcome,
+                });
             });
         });
         self.activate_parked();

@@ -70,6 +70,13 @@ struct Pending {
     len: u32,
 }
 
+/// A commit flush claimed by one waiter: its id in `Inner::inflight` and the log span.
+struct Flight {
+    id: u64,
+    from: u64,
+    to: u64,
+}
+
 struct Inner {
     head: u64,
     tail: u64,
@@ -96,6 +103,8 @@ pub struct WriteCache {
     ring: u64,
     inner: Mutex<Inner>,
     cond: Condvar,
+    /// The durable frontier (last committed sequence number) for async waiters.
+    durable_tx: tokio::sync::watch::Sender<u64>,
     volumes: HashMap<u32, Arc<MirrorSet>>,
     stop: AtomicBool,
     /// Set when a commit flush failed: no record may be called committed after that.
@@ -220,6 +229,7 @@ impl WriteCache {
                 sb_seq: 0,
             }),
             cond: Condvar::new(),
+            durable_tx: tokio::sync::watch::Sender::new(0),
             volumes,
             stop: AtomicBool::new(false),
             stop_commits: AtomicBool::new(false),
@@ -481,12 +491,63 @@ impl WriteCache {
         lock(&self.inner).appended_seq
     }
 
-    /// Waits until record `seq` is committed. A waiter whose record no running flush
-    /// covers starts one for everything appended so far (group commit); up to
-    /// `FLUSHES_MAX` run at once, so records arriving during a flush need not wait for
-    /// it to end before their own starts. A record counts as committed only when its
-    /// flush and every earlier one have finished: recovery stops at the first record
-    /// missing from the disk, so nothing after a hole may be acknowledged.
+    /// Claims the next commit flush if record `seq` needs one and a flush may start: it
+    /// covers everything appended so far (group commit). Up to `FLUSHES_MAX` run at once.
+    fn claim(&self, g: &mut Inner, seq: u64) -> Option<Flight> {
+        if g.claimed_seq >= seq || g.inflight.len() >= FLUSHES_MAX {
+            return None;
+        }
+        let (from, to, target) = (g.claimed_pos, g.head, g.appended_seq);
+        g.claimed_pos = to;
+        g.claimed_seq = target;
+        let id = g.inflight_base + g.inflight.len() as u64;
+        g.inflight.push_back((to, target, false));
+        Some(Flight { id, from, to })
+    }
+
+    /// Runs a claimed flush and publishes the new durable frontier to both kinds of
+    /// waiters. A record counts as committed only when its flush and every earlier one
+    /// have finished: recovery stops at the first record missing from the disk, so
+    /// nothing after a hole may be acknowledged.
+    fn fly(&self, f: Flight) -> Result<(), MediaError> {
+        let t0 = Instant::now();
+        let r = self.flush(f.from, f.to);
+        self.flush_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        let mut g = lock(&self.inner);
+        if let Err(e) = r {
+            // An msync failure leaves the cache's contents unknown: stop taking writes
+            // rather than acknowledge what may not be stored. The flight stays unfinished,
+            // so the frontier never passes it.
+            error!("write cache msync failed: {e}");
+            self.stop.store(true, Ordering::Relaxed);
+            self.stop_commits.store(true, Ordering::Relaxed);
+            self.cond.notify_all();
+            drop(g);
+            self.durable_tx.send_modify(|_| {});
+            return Err(e);
+        }
+        let k = (f.id - g.inflight_base) as usize;
+        if let Some(fl) = g.inflight.get_mut(k) {
+            fl.2 = true;
+        }
+        while g.inflight.front().is_some_and(|fl| fl.2) {
+            if let Some((to, target, _)) = g.inflight.pop_front() {
+                g.inflight_base += 1;
+                g.durable_seq = g.durable_seq.max(target);
+                g.durable_pos = g.durable_pos.max(to);
+            }
+        }
+        let durable = g.durable_seq;
+        self.cond.notify_all();
+        drop(g);
+        self.durable_tx.send_replace(durable);
+        Ok(())
+    }
+
+    /// Waits until record `seq` is committed, blocking the thread. A waiter whose record
+    /// no running flush covers runs one itself for everything appended so far.
     pub fn wait_durable(&self, seq: u64) -> Result<(), MediaError> {
         let mut g = lock(&self.inner);
         loop {
@@ -496,42 +557,42 @@ impl WriteCache {
             if self.stop_commits.load(Ordering::Relaxed) {
                 return Err(MediaError::Failed("write cache stopped".into()));
             }
-            if g.claimed_seq < seq && g.inflight.len() < FLUSHES_MAX {
-                let (from, to, target) = (g.claimed_pos, g.head, g.appended_seq);
-                g.claimed_pos = to;
-                g.claimed_seq = target;
-                let id = g.inflight_base + g.inflight.len() as u64;
-                g.inflight.push_back((to, target, false));
+            if let Some(f) = self.claim(&mut g, seq) {
                 drop(g);
-                let t0 = Instant::now();
-                let r = self.flush(from, to);
-                self.flush_us
-                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                self.flushes.fetch_add(1, Ordering::Relaxed);
+                self.fly(f)?;
                 g = lock(&self.inner);
-                if let Err(e) = r {
-                    // An msync failure leaves the cache's contents unknown: stop taking
-                    // writes rather than acknowledge what may not be stored.
-                    error!("write cache msync failed: {e}");
-                    self.stop.store(true, Ordering::Relaxed);
-                    self.stop_commits.store(true, Ordering::Relaxed);
-                    self.cond.notify_all();
-                    return Err(e);
-                }
-                let k = (id - g.inflight_base) as usize;
-                if let Some(f) = g.inflight.get_mut(k) {
-                    f.2 = true;
-                }
-                while g.inflight.front().is_some_and(|f| f.2) {
-                    if let Some((to, target, _)) = g.inflight.pop_front() {
-                        g.inflight_base += 1;
-                        g.durable_seq = g.durable_seq.max(target);
-                        g.durable_pos = g.durable_pos.max(to);
-                    }
-                }
-                self.cond.notify_all();
             } else {
                 g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// Waits until record `seq` is committed without holding a thread: the commands of a
+    /// queue-deep initiator then cost one parked task each instead of one blocked thread
+    /// each, and a finished flush wakes them with one notification instead of a
+    /// condition-variable stampede. The msync itself runs on a blocking thread.
+    pub async fn committed(self: &Arc<Self>, seq: u64) -> Result<(), MediaError> {
+        let mut rx = self.durable_tx.subscribe();
+        loop {
+            // Marked seen before the check, so a flush finishing after it wakes us.
+            rx.borrow_and_update();
+            {
+                let mut g = lock(&self.inner);
+                if g.durable_seq >= seq {
+                    return Ok(());
+                }
+                if self.stop_commits.load(Ordering::Relaxed) {
+                    return Err(MediaError::Failed("write cache stopped".into()));
+                }
+                if let Some(f) = self.claim(&mut g, seq) {
+                    drop(g);
+                    let c = Arc::clone(self);
+                    // The outcome reaches every waiter through `durable_tx`.
+                    tokio::task::spawn_blocking(move || c.fly(f));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(MediaError::Failed("write cache stopped".into()));
             }
         }
     }
@@ -757,6 +818,73 @@ impl WriteCache {
     }
 }
 
+/// Commits a command waits for: the newest record it appended, per cache.
+type Waits = Vec<(Arc<WriteCache>, u64)>;
+
+thread_local! {
+    /// Set by [`defer_commits`] for the command running on this thread: the records it
+    /// must see committed before it may be acknowledged, newest per cache.
+    static DEFERRED: std::cell::RefCell<Option<Waits>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Commits that a command's writes still need before it may be acknowledged.
+#[derive(Default)]
+pub struct PendingCommits(Waits);
+
+impl PendingCommits {
+    /// Whether the command can be acknowledged at once.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Waits for every pending commit; an error means the writes may not be stored and
+    /// the command must not report GOOD.
+    pub async fn wait(self) -> Result<(), MediaError> {
+        for (cache, seq) in self.0 {
+            cache.committed(seq).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` (one SCSI command) with commit waits deferred: writes that must be durable
+/// before they are acknowledged append their records and return at once, and the caller
+/// gets the commits to wait for (asynchronously) before it sends the status. Nothing
+/// changes for the command itself: its writes are visible to later reads as before.
+pub fn defer_commits<R>(f: impl FnOnce() -> R) -> (R, PendingCommits) {
+    /// Restores the previous state even if `f` unwinds, so a pooled thread never keeps
+    /// deferring for a later caller that expects `write_blocks` to wait.
+    struct Scope(Option<Option<Waits>>);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            if let Some(prev) = self.0.take() {
+                DEFERRED.with(|d| *d.borrow_mut() = prev);
+            }
+        }
+    }
+    let mut scope = Scope(Some(DEFERRED.with(|d| d.replace(Some(Vec::new())))));
+    let r = f();
+    let prev = scope.0.take().unwrap_or(None);
+    let waits = DEFERRED.with(|d| d.replace(prev)).unwrap_or_default();
+    (r, PendingCommits(waits))
+}
+
+/// Notes that the running command needs `seq` of `cache` committed; `false` when no
+/// [`defer_commits`] scope is active and the caller must wait itself.
+fn defer(cache: &Arc<WriteCache>, seq: u64) -> bool {
+    DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+        Some(waits) => {
+            match waits.iter_mut().find(|(c, _)| Arc::ptr_eq(c, cache)) {
+                Some(w) => w.1 = w.1.max(seq),
+                None => waits.push((Arc::clone(cache), seq)),
+            }
+            true
+        }
+        None => false,
+    })
+}
+
 /// A LUN's storage: the write cache in front of its mirror set.
 pub struct CachedVolume {
     cache: Arc<WriteCache>,
@@ -804,7 +932,7 @@ impl BlockStore for CachedVolume {
             return Err(MediaError::OutOfRange { lba, blocks: n });
         }
         let seq = self.cache.append(self.volume, lba, data)?;
-        if fua || self.mode != CacheMode::Volatile {
+        if (fua || self.mode != CacheMode::Volatile) && !defer(&self.cache, seq) {
             self.cache.wait_durable(seq)?;
         }
         Ok(())
@@ -812,6 +940,9 @@ impl BlockStore for CachedVolume {
 
     fn flush(&self) -> Result<(), MediaError> {
         let seq = self.cache.appended_seq();
+        if defer(&self.cache, seq) {
+            return Ok(());
+        }
         self.cache.wait_durable(seq)
     }
 
@@ -1036,6 +1167,76 @@ mod tests {
         let mut b = vec![0u8; 512];
         v.read_blocks(31 * 100 + 49, &mut b).expect("read");
         assert_eq!(b, block(31 * 1000 + 49));
+        c.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn deferred_writes_are_committed_by_async_waiters_and_survive_a_reopen() {
+        let (d, vols) = setup("defer", 16);
+        let c = WriteCache::open(&d.join("wc"), 16 << 20, vols.clone()).expect("open");
+        let v = Arc::new(CachedVolume::new(
+            Arc::clone(&c),
+            Arc::clone(&vols[&0]),
+            0,
+            CacheMode::Nonvolatile,
+        ));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        // 64 commands of 4 writes each, as the connection runs them: execute under
+        // `defer_commits`, then wait for the commits asynchronously.
+        let mut waits = Vec::new();
+        for t in 0..64u64 {
+            let v = Arc::clone(&v);
+            let ((), commits) = defer_commits(|| {
+                for i in 0..4 {
+                    v.write_blocks(t * 4 + i, &block(t * 10 + i), false)
+                        .expect("write");
+                }
+            });
+            // One cache, so one wait per command, for its newest record.
+            assert_eq!(commits.0.len(), 1);
+            assert_eq!(commits.0[0].1, c.appended_seq());
+            waits.push(rt.spawn(commits.wait()));
+        }
+        rt.block_on(async {
+            for w in waits {
+                w.await.expect("task").expect("commit");
+            }
+        });
+        let appended = c.appended_seq();
+        assert!(lock(&c.inner).durable_seq >= appended);
+        let s = c.stats();
+        assert!(s.commit_flushes >= 1 && s.commit_flushes < 64);
+        // Outside a scope a write waits for its own commit, as before.
+        v.write_blocks(1000, &block(1000), false).expect("write");
+        let appended = c.appended_seq();
+        assert!(lock(&c.inner).durable_seq >= appended);
+        // A command that panics leaves the thread deferring nothing.
+        let r = std::panic::catch_unwind(|| defer_commits(|| panic!("command panicked")));
+        assert!(r.is_err());
+        assert!(!defer(&c, 1));
+        // Committed, not yet destaged (or destaged): a reopen reads them all back.
+        c.shutdown();
+        drop(v);
+        drop(c);
+        let vols = open_volumes(&d);
+        let c = WriteCache::open(&d.join("wc"), 16 << 20, vols.clone()).expect("reopen");
+        let v = CachedVolume::new(
+            Arc::clone(&c),
+            Arc::clone(&vols[&0]),
+            0,
+            CacheMode::Nonvolatile,
+        );
+        let mut b = vec![0u8; 512];
+        for t in 0..64u64 {
+            for i in 0..4 {
+                v.read_blocks(t * 4 + i, &mut b).expect("read");
+                assert_eq!(b, block(t * 10 + i), "block {}", t * 4 + i);
+            }
+        }
         c.shutdown();
         let _ = std::fs::remove_dir_all(d);
     }

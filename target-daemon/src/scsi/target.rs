@@ -269,6 +269,12 @@ impl ScsiTarget {
         }
     }
 
+    /// The outcome of a command whose writes did not commit (see
+    /// [`crate::media::cache::defer_commits`]): it must not report GOOD.
+    pub fn commit_failed(&self, lun: u64, e: crate::media::MediaError) -> ScsiOutcome {
+        self.fail(self.luns.get(&lun), super::sbc::media(e, true))
+    }
+
     /// Executes one command. Blocking; many may run at once.
     pub fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
         let Some(&opcode) = cmd.cdb.first() else {
