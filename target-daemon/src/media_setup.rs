@@ -131,6 +131,8 @@ pub(crate) fn open_targets(
     let mut targets = Vec::new();
     for t in &config.targets {
         let mut luns = Vec::new();
+        // LUN number -> its mirror set, where its APTPL reservations are kept.
+        let mut mirrored: HashMap<u64, Arc<MirrorSet>> = HashMap::new();
         for l in &t.luns {
             let err = |msg: String| ServerError::Lun {
                 iqn: t.iqn.clone(),
@@ -156,6 +158,7 @@ pub(crate) fn open_targets(
                         .get(&id)
                         .cloned()
                         .ok_or_else(|| err("mirror set missing".into()))?;
+                    mirrored.insert(u64::from(l.lun), Arc::clone(&set));
                     Arc::new(CachedVolume::new(Arc::clone(cache), set, id, mode))
                 }
                 (None, None) => return Err(err("no media".into())),
@@ -174,8 +177,10 @@ pub(crate) fn open_targets(
         };
         let scsi =
             ScsiTarget::new(TargetIdentity { iqn: t.iqn.clone() }, luns).map_err(scsi_err)?;
-        // APTPL reservations live next to the media; a damaged file stops the start.
-        scsi.persist_reservations_in(dir).map_err(scsi_err)?;
+        // APTPL reservations live on the LUN's media: the mirror set's metadata area, or a
+        // file beside a plain-file LUN. State that does not decode stops the start.
+        scsi.persist_reservations(dir, &mirrored)
+            .map_err(scsi_err)?;
         targets.push(Arc::new(TargetEntry {
             iqn: t.iqn.clone(),
             alias: t.alias.clone(),

@@ -1,8 +1,12 @@
 //! Reservations end to end: the SCSI-3 persistent reservation sequence Windows failover
-//! cluster validation runs, APTPL state across a daemon restart (and a damaged state file
-//! refusing the start), and an SPC-2 reservation released when its session logs out.
+//! cluster validation runs, APTPL state across a daemon restart for a plain-file LUN (a
+//! state file) and a mirrored LUN (the mirror set's metadata area, surviving the loss of
+//! either mirror), damaged state refusing the start, and an SPC-2 reservation released
+//! when its session logs out.
 
 mod common;
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use common::{daemon, Daemon, TARGET};
@@ -10,6 +14,7 @@ use ftss_initiator::{ScsiResult, Session, SessionConfig};
 use ftss_proto::sense::Sense;
 use ftss_target::config::Config;
 use ftss_target::iscsi::Server;
+use ftss_target::media::mirror::{MirrorSet, MirrorState};
 
 const NODE_A: &str = "iqn.2026-11.org.ftss:cluster-node-a";
 const NODE_B: &str = "iqn.2026-11.org.ftss:cluster-node-b";
@@ -37,7 +42,11 @@ async fn login(addr: std::net::SocketAddr, name: &str, isid: [u8; 6]) -> Session
 }
 
 async fn run(s: &Session, cdb: &[u8], out: Option<Vec<u8>>, len: u32) -> ScsiResult {
-    s.execute(0, cdb, out.map(Bytes::from), len)
+    run_on(s, 0, cdb, out, len).await
+}
+
+async fn run_on(s: &Session, lun: u16, cdb: &[u8], out: Option<Vec<u8>>, len: u32) -> ScsiResult {
+    s.execute(lun, cdb, out.map(Bytes::from), len)
         .await
         .expect("command completes")
 }
@@ -46,21 +55,34 @@ fn sense(r: &ScsiResult) -> Option<(u8, u8, u8)> {
     Sense::parse(&r.sense_data)
 }
 
-/// PERSISTENT RESERVE OUT; returns the status.
+/// PERSISTENT RESERVE OUT to LUN 0; returns the status.
 async fn prout(s: &Session, sa: u8, ty: u8, key: u64, sa_key: u64, aptpl: bool) -> u8 {
+    prout_on(s, 0, sa, ty, key, sa_key, aptpl).await
+}
+
+/// PERSISTENT RESERVE OUT to `lun`; returns the status.
+async fn prout_on(s: &Session, lun: u16, sa: u8, ty: u8, key: u64, sa_key: u64, aptpl: bool) -> u8 {
     let mut p = vec![0u8; 24];
     p[0..8].copy_from_slice(&key.to_be_bytes());
     p[8..16].copy_from_slice(&sa_key.to_be_bytes());
     p[20] = u8::from(aptpl);
     let cdb = [0x5f, sa, ty, 0, 0, 0, 0, 0, 24, 0];
-    let r = run(s, &cdb, Some(p), 0).await;
-    assert!(r.status != CHECK_CONDITION, "PR OUT {sa}: {:?}", sense(&r));
+    let r = run_on(s, lun, &cdb, Some(p), 0).await;
+    assert!(
+        r.status != CHECK_CONDITION,
+        "LUN {lun} PR OUT {sa}: {:?}",
+        sense(&r)
+    );
     r.status
 }
 
 async fn prin(s: &Session, sa: u8) -> Vec<u8> {
-    let r = run(s, &[0x5e, sa, 0, 0, 0, 0, 0, 0x10, 0, 0], None, 4096).await;
-    assert_eq!(r.status, GOOD, "PR IN {sa}: {:?}", sense(&r));
+    prin_on(s, 0, sa).await
+}
+
+async fn prin_on(s: &Session, lun: u16, sa: u8) -> Vec<u8> {
+    let r = run_on(s, lun, &[0x5e, sa, 0, 0, 0, 0, 0, 0x10, 0, 0], None, 4096).await;
+    assert_eq!(r.status, GOOD, "LUN {lun} PR IN {sa}: {:?}", sense(&r));
     r.data_in.to_vec()
 }
 
@@ -84,11 +106,21 @@ fn reservation(d: &[u8]) -> Option<(u64, u8)> {
 }
 
 async fn read1(s: &Session) -> u8 {
-    run(s, &common::read10(0, 1), None, 512).await.status
+    read1_on(s, 0).await
+}
+
+async fn read1_on(s: &Session, lun: u16) -> u8 {
+    run_on(s, lun, &common::read10(0, 1), None, 512)
+        .await
+        .status
 }
 
 async fn write1(s: &Session) -> u8 {
-    run(s, &common::write10(0, 1), Some(vec![0x5a; 512]), 0)
+    write1_on(s, 0).await
+}
+
+async fn write1_on(s: &Session, lun: u16) -> u8 {
+    run_on(s, lun, &common::write10(0, 1), Some(vec![0x5a; 512]), 0)
         .await
         .status
 }
@@ -180,6 +212,7 @@ async fn windows_cluster_persistent_reservation_validation() {
     b.logout().await.expect("logout");
 }
 
+/// LUN 0 on a plain file, LUN 1 on a mirror set behind the write cache.
 fn config_text(d: &Daemon) -> String {
     format!(
         r#"
@@ -187,67 +220,189 @@ fn config_text(d: &Daemon) -> String {
 portals = ["127.0.0.1:0"]
 data_dir = "{}"
 nop_interval_s = 60
+[media]
+cache_size = "4MiB"
 [[target]]
 iqn = "{TARGET}"
 [[target.lun]]
 lun = 0
 path = "lun0.img"
 size = "16MiB"
+[[target.lun]]
+lun = 1
+mirrors = ["lun1-a.mirror", "lun1-b.mirror"]
+size = "4MiB"
 "#,
         d.dir.display()
     )
 }
 
-#[tokio::test]
-async fn aptpl_reservation_survives_restart() {
-    let mut d = daemon("pr-aptpl").await;
-    let isid = [0x40, 0, 0, 0, 0xa0, 9];
-    let key = 0x1234_5678_9abc_def0u64;
-    let a = login(d.addr, NODE_A, isid).await;
-    assert_eq!(prout(&a, REGISTER, 0, 0, key, true).await, GOOD);
-    assert_eq!(prout(&a, RESERVE, WE, key, 0, false).await, GOOD);
-    let caps = prin(&a, 2).await;
-    assert_eq!(caps[2] & 0x01, 0x01, "PTPL_C");
-    assert_eq!(caps[3] & 0x01, 0x01, "PTPL_A");
-    a.logout().await.expect("logout");
+const LUN1_BLOCKS: u64 = (4 << 20) / 512;
 
+async fn start(d: &mut Daemon) {
+    let config = Config::parse(&config_text(d)).expect("config");
+    let server = Server::start(config).await.expect("daemon starts");
+    d.addr = server.local_addrs()[0];
+    d.server = Some(server);
+}
+
+async fn stop(d: &mut Daemon) {
     if let Some(s) = d.server.take() {
         s.shutdown().await;
     }
-    let state: Vec<_> = std::fs::read_dir(&d.dir)
+}
+
+fn state_files(d: &Daemon) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(&d.dir)
         .expect("data dir")
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.to_string_lossy().ends_with(".state"))
-        .collect();
-    assert_eq!(state.len(), 1, "one state file: {state:?}");
-    let config = Config::parse(&config_text(&d)).expect("config");
-    let server = Server::start(config).await.expect("restart");
-    d.addr = server.local_addrs()[0];
-    d.server = Some(server);
+        .collect()
+}
 
-    let a = login(d.addr, NODE_A, isid).await;
-    assert_eq!(keys(&prin(&a, 0).await), vec![key]);
-    assert_eq!(reservation(&prin(&a, 1).await), Some((key, WE)));
-    let b = login(d.addr, NODE_B, [0x40, 0, 0, 0, 0xb0, 9]).await;
-    assert_eq!(
-        write1(&b).await,
-        CONFLICT,
-        "the reservation is back in force"
+/// LUN 1's mirror set, as the running daemon holds it.
+fn lun1_set(d: &Daemon) -> Arc<MirrorSet> {
+    let server = d.server.as_ref().expect("running");
+    let (_, set) = server
+        .media()
+        .volumes
+        .iter()
+        .find(|(name, _)| *name == format!("{TARGET}/1"))
+        .expect("LUN 1 is mirrored");
+    Arc::clone(set)
+}
+
+/// [`login`] to the two-LUN target: LUN 1's power-on unit attention is consumed too.
+async fn login2(addr: std::net::SocketAddr, name: &str, isid: [u8; 6]) -> Session {
+    let s = login(addr, name, isid).await;
+    let r = run_on(&s, 1, &[0; 6], None, 0).await;
+    assert!(r.status == GOOD || r.status == CHECK_CONDITION);
+    s
+}
+
+/// Registrations and reservation of `lun` as node A sees them.
+async fn pr_of(s: &Session, lun: u16) -> (Vec<u64>, Option<(u64, u8)>) {
+    (
+        keys(&prin_on(s, lun, 0).await),
+        reservation(&prin_on(s, lun, 1).await),
+    )
+}
+
+#[tokio::test]
+async fn aptpl_reservation_survives_restart() {
+    let mut d = Daemon {
+        server: None,
+        addr: ([127, 0, 0, 1], 0).into(),
+        dir: common::temp_dir("pr-aptpl"),
+    };
+    start(&mut d).await;
+    let isid = [0x40, 0, 0, 0, 0xa0, 9];
+    let isid_b = [0x40, 0, 0, 0, 0xb0, 9];
+    // One key per LUN, so a state found in the wrong place would show.
+    let key = [0x1234_5678_9abc_def0u64, 0x0fed_cba9_8765_4321];
+    let a = login2(d.addr, NODE_A, isid).await;
+    for lun in [0, 1] {
+        let k = key[lun as usize];
+        assert_eq!(prout_on(&a, lun, REGISTER, 0, 0, k, true).await, GOOD);
+        assert_eq!(prout_on(&a, lun, RESERVE, WE, k, 0, false).await, GOOD);
+        let caps = prin_on(&a, lun, 2).await;
+        assert_eq!(caps[2] & 0x01, 0x01, "LUN {lun} PTPL_C");
+        assert_eq!(caps[3] & 0x01, 0x01, "LUN {lun} PTPL_A");
+    }
+    a.logout().await.expect("logout");
+    stop(&mut d).await;
+
+    // The plain-file LUN keeps a state file; the mirrored LUN keeps none: its state is
+    // in the mirror set's metadata area.
+    let state = state_files(&d);
+    assert_eq!(state.len(), 1, "one state file: {state:?}");
+    let name = state[0]
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    assert!(
+        name.as_deref().is_some_and(|n| n.starts_with("pr-")),
+        "{name:?}"
     );
-    assert_eq!(read1(&b).await, GOOD);
-    // APTPL cleared by the next REGISTER: the file goes.
-    assert_eq!(prout(&a, REGISTER, 0, key, key, false).await, GOOD);
-    assert!(!state[0].exists());
-    assert_eq!(prout(&a, REGISTER, 0, key, key, true).await, GOOD);
+    let bytes = std::fs::read(&state[0]).expect("state file");
+    let has = |k: u64| bytes.windows(8).any(|w| w == k.to_be_bytes());
+    assert!(has(key[0]) && !has(key[1]), "the file is LUN 0's");
+
+    // Both come back after a restart, in force.
+    start(&mut d).await;
+    let a = login2(d.addr, NODE_A, isid).await;
+    let b = login2(d.addr, NODE_B, isid_b).await;
+    for lun in [0, 1] {
+        let k = key[lun as usize];
+        assert_eq!(pr_of(&a, lun).await, (vec![k], Some((k, WE))), "LUN {lun}");
+        assert_eq!(write1_on(&b, lun).await, CONFLICT, "LUN {lun} reserved");
+        assert_eq!(read1_on(&b, lun).await, GOOD);
+    }
     a.logout().await.expect("logout");
     b.logout().await.expect("logout");
-    if let Some(s) = d.server.take() {
-        s.shutdown().await;
+    stop(&mut d).await;
+
+    // Lose mirror b of LUN 1: the daemon starts with an empty new b, failed until
+    // rebuilt, and reads the state from the survivor a.
+    let (mir_a, mir_b) = (d.dir.join("lun1-a.mirror"), d.dir.join("lun1-b.mirror"));
+    std::fs::remove_file(&mir_b).expect("lose mirror b");
+    start(&mut d).await;
+    let set = lun1_set(&d);
+    assert!(
+        matches!(set.status()[1].state, MirrorState::Failed(_)),
+        "{:?}",
+        set.status()
+    );
+    let a = login2(d.addr, NODE_A, isid).await;
+    let b = login2(d.addr, NODE_B, isid_b).await;
+    assert_eq!(pr_of(&a, 1).await, (vec![key[1]], Some((key[1], WE))));
+    assert_eq!(
+        write1_on(&b, 1).await,
+        CONFLICT,
+        "the reservation is in force"
+    );
+    // Rebuild b, then lose a: b alone carries the state.
+    tokio::task::spawn_blocking(move || set.rebuild(1, 0, |_, _| {}))
+        .await
+        .expect("rebuild task")
+        .expect("rebuild");
+    a.logout().await.expect("logout");
+    b.logout().await.expect("logout");
+    stop(&mut d).await;
+    std::fs::remove_file(&mir_a).expect("lose mirror a");
+    start(&mut d).await;
+    let a = login2(d.addr, NODE_A, isid).await;
+    let b = login2(d.addr, NODE_B, isid_b).await;
+    assert_eq!(pr_of(&a, 1).await, (vec![key[1]], Some((key[1], WE))));
+    assert_eq!(
+        write1_on(&b, 1).await,
+        CONFLICT,
+        "the reservation is in force"
+    );
+    assert_eq!(state_files(&d), state, "still no state file for LUN 1");
+
+    // APTPL cleared by the next REGISTER: LUN 0's file goes, LUN 1's record empties.
+    for lun in [0, 1] {
+        let k = key[lun as usize];
+        assert_eq!(prout_on(&a, lun, REGISTER, 0, k, k, false).await, GOOD);
     }
+    assert!(!state[0].exists());
+    assert_eq!(lun1_set(&d).read_meta(), Some(Vec::new()));
+    assert_eq!(prout(&a, REGISTER, 0, key[0], key[0], true).await, GOOD);
+    a.logout().await.expect("logout");
+    b.logout().await.expect("logout");
+    stop(&mut d).await;
+    // Without APTPL LUN 1's registrations do not survive a restart.
+    start(&mut d).await;
+    let a = login2(d.addr, NODE_A, isid).await;
+    assert_eq!(pr_of(&a, 1).await, (vec![], None));
+    assert_eq!(pr_of(&a, 0).await.0, vec![key[0]]);
+    a.logout().await.expect("logout");
+    stop(&mut d).await;
 
     // A damaged state file stops the start with a clear error.
-    let mut bytes = std::fs::read(&state[0]).expect("state file");
+    let good = std::fs::read(&state[0]).expect("state file");
+    let mut bytes = good.clone();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&state[0], bytes).expect("damage");
@@ -255,6 +410,25 @@ async fn aptpl_reservation_survives_restart() {
     match Server::start(config).await {
         Ok(_) => panic!("a damaged reservation file must stop the start"),
         Err(e) => assert!(e.to_string().contains("crc32c"), "{e}"),
+    }
+    std::fs::write(&state[0], good).expect("repair");
+
+    // So does a record on the mirror set that is not reservation state.
+    let paths = [mir_a, mir_b];
+    MirrorSet::open(&paths, LUN1_BLOCKS, 512)
+        .expect("LUN 1's mirror set")
+        .write_meta(b"not reservation state")
+        .expect("write a foreign record");
+    let config = Config::parse(&config_text(&d)).expect("config");
+    match Server::start(config).await {
+        Ok(_) => panic!("an undecodable reservation record must stop the start"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains("LUN 1") && e.contains("metadata area") && e.contains("bad magic"),
+                "{e}"
+            );
+        }
     }
 }
 

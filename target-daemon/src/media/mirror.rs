@@ -1,6 +1,7 @@
 //! The mirror set: RAID-1 over two or more files, with a crc32c beside every block on every
-//! mirror so silent corruption is found and repaired from a good copy. Formats and rules:
-//! docs/design.md.
+//! mirror so silent corruption is found and repaired from a good copy, and a small
+//! metadata area (two alternating slots) for state that must be as durable as the data,
+//! such as a LUN's persistent reservations. Formats and rules: docs/design.md.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -14,10 +15,81 @@ use super::disk::Disk;
 use super::MediaError;
 
 const MAGIC: &[u8; 8] = b"FTSSMIR1";
-const VERSION: u32 = 1;
+/// Version 2 added the metadata area at the end of the file.
+const VERSION: u32 = 2;
 const HEADER_LEN: u64 = 4096;
 /// Bytes of the header that the crc covers.
 const HEADER_BODY: usize = 8 + 4 + 4 + 16 + 4 + 8 + 8;
+
+/// Each of the two metadata slots (A and B) takes this many bytes.
+const META_SLOT: u64 = 64 << 10;
+/// The metadata area starts on this boundary, so neither slot shares a sector or a page
+/// with the crc area or with the other slot: a torn write of one slot cannot touch the
+/// other.
+const META_ALIGN: u64 = 4096;
+const META_MAGIC: &[u8; 8] = b"FTSSMETA";
+const META_VERSION: u32 = 1;
+/// Record header: magic, version u32, payload length u32, generation u64, crc32c u32,
+/// reserved u32.
+const META_HEAD: usize = 8 + 4 + 4 + 8 + 4 + 4;
+/// Bytes of the record header the crc covers (everything before the crc field).
+const META_CRC_AT: usize = 8 + 4 + 4 + 8;
+/// Largest payload [`MirrorSet::write_meta`] takes.
+pub const META_MAX: usize = META_SLOT as usize - META_HEAD;
+
+/// Where the metadata area starts and how long a mirror file is, for a volume of `blocks`
+/// x `block_size` bytes; `None` if that overflows.
+fn layout(blocks: u64, block_size: u32) -> Option<(u64, u64)> {
+    let end_of_crcs = blocks
+        .checked_mul(u64::from(block_size))?
+        .checked_add(blocks.checked_mul(4)?)?
+        .checked_add(HEADER_LEN)?;
+    let meta_off = end_of_crcs.checked_next_multiple_of(META_ALIGN)?;
+    Some((meta_off, meta_off.checked_add(2 * META_SLOT)?))
+}
+
+/// The newest metadata record: what [`MirrorSet::read_meta`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MetaRecord {
+    generation: u64,
+    payload: Vec<u8>,
+}
+
+fn encode_meta(generation: u64, payload: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(META_HEAD + payload.len());
+    r.extend_from_slice(META_MAGIC);
+    r.extend_from_slice(&META_VERSION.to_le_bytes());
+    r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    r.extend_from_slice(&generation.to_le_bytes());
+    debug_assert_eq!(r.len(), META_CRC_AT);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&r), payload);
+    r.extend_from_slice(&crc.to_le_bytes());
+    r.extend_from_slice(&0u32.to_le_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
+/// The record in one slot, if it is whole: a torn or never written slot fails the magic,
+/// the length bound or the crc and reads as empty.
+fn parse_meta(slot: &[u8]) -> Option<MetaRecord> {
+    if slot.len() < META_HEAD || &slot[..8] != META_MAGIC {
+        return None;
+    }
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(slot.get(at..at + 4)?.try_into().ok()?))
+    };
+    let len = u32_at(12)? as usize;
+    let generation = u64::from_le_bytes(slot.get(16..24)?.try_into().ok()?);
+    let payload = slot.get(META_HEAD..META_HEAD.checked_add(len)?)?;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&slot[..META_CRC_AT]), payload);
+    if u32_at(8)? != META_VERSION || len > META_MAX || u32_at(META_CRC_AT)? != crc {
+        return None;
+    }
+    Some(MetaRecord {
+        generation,
+        payload: payload.to_vec(),
+    })
+}
 
 /// Health of one mirror.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -97,6 +169,14 @@ pub struct MirrorSet {
     repairs: AtomicU64,
     /// Serialises epoch changes and header rewrites.
     meta: Mutex<()>,
+    /// Offset of the metadata area (slot A; slot B follows it).
+    meta_off: u64,
+    /// Length of every mirror file.
+    file_len: u64,
+    /// The newest metadata record, `None` until one is written. Held across a whole
+    /// `write_meta` and across a rebuild's copy of the area, so neither misses the other.
+    /// Lock order: this before `meta` (a failing mirror takes `meta` to raise the epoch).
+    record: Mutex<Option<MetaRecord>>,
 }
 
 fn header(set_id: &[u8; 16], index: u32, block_size: u32, blocks: u64, epoch: u64) -> Vec<u8> {
@@ -122,21 +202,32 @@ struct Header {
     epoch: u64,
 }
 
-fn parse_header(h: &[u8]) -> Option<Header> {
-    if h.len() < HEADER_BODY + 4 || &h[..8] != MAGIC {
-        return None;
+/// The header, or why the file is not a mirror of this format.
+fn parse_header(h: &[u8]) -> Result<Header, String> {
+    let foreign = || "not an ftss mirror file (foreign or corrupt header)".to_owned();
+    if h.len() < HEADER_LEN as usize || &h[..8] != MAGIC {
+        return Err(foreign());
     }
-    let crc = u32::from_le_bytes(h[HEADER_BODY..HEADER_BODY + 4].try_into().ok()?);
-    if crc32c::crc32c(&h[..HEADER_BODY]) != crc
-        || u32::from_le_bytes(h[8..12].try_into().ok()?) != VERSION
-    {
-        return None;
+    let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let u64_at = |at: usize| u64::from(u32_at(at)) | u64::from(u32_at(at + 4)) << 32;
+    if crc32c::crc32c(&h[..HEADER_BODY]) != u32_at(HEADER_BODY) {
+        return Err(foreign());
     }
-    Some(Header {
-        set_id: h[16..32].try_into().ok()?,
-        block_size: u32::from_le_bytes(h[32..36].try_into().ok()?),
-        blocks: u64::from_le_bytes(h[36..44].try_into().ok()?),
-        epoch: u64::from_le_bytes(h[44..52].try_into().ok()?),
+    let version = u32_at(8);
+    if version != VERSION {
+        // Say so plainly: an older file is ours, just not of this layout.
+        return Err(format!(
+            "mirror format version {version}, this build reads version {VERSION} \
+             (version 2 added the metadata area): recreate the mirror set"
+        ));
+    }
+    let mut set_id = [0u8; 16];
+    set_id.copy_from_slice(&h[16..32]);
+    Ok(Header {
+        set_id,
+        block_size: u32_at(32),
+        blocks: u64_at(36),
+        epoch: u64_at(44),
     })
 }
 
@@ -186,10 +277,8 @@ impl MirrorSet {
                 "a mirror set needs at least two files".into(),
             ));
         }
-        let data_len = blocks
-            .checked_mul(u64::from(block_size))
+        let (meta_off, file_len) = layout(blocks, block_size)
             .ok_or_else(|| MediaError::Failed("volume size overflows".into()))?;
-        let file_len = HEADER_LEN + data_len + blocks * 4;
         let mut files = Vec::new();
         let mut headers = Vec::new();
         for (p, f) in disks {
@@ -205,12 +294,8 @@ impl MirrorSet {
             } else {
                 let mut h = vec![0u8; HEADER_LEN as usize];
                 f.read_at(&mut h, 0)?;
-                let hd = parse_header(&h).ok_or_else(|| {
-                    MediaError::Failed(format!(
-                        "{}: not an ftss mirror file (foreign or corrupt header)",
-                        p.display()
-                    ))
-                })?;
+                let hd = parse_header(&h)
+                    .map_err(|why| MediaError::Failed(format!("{}: {why}", p.display())))?;
                 if hd.block_size != block_size || hd.blocks != blocks {
                     return Err(MediaError::Failed(format!(
                         "{}: mirror holds {} blocks of {} bytes, the configuration says {blocks} of {block_size}",
@@ -276,7 +361,7 @@ impl MirrorSet {
                 inject_eio: AtomicBool::new(false),
             });
         }
-        Ok(Self {
+        let set = Self {
             block_size,
             blocks,
             set_id,
@@ -285,7 +370,12 @@ impl MirrorSet {
             io: RwLock::new(()),
             repairs: AtomicU64::new(0),
             meta: Mutex::new(()),
-        })
+            meta_off,
+            file_len,
+            record: Mutex::new(None),
+        };
+        set.load_meta();
+        Ok(set)
     }
 
     /// Bytes per block.
@@ -304,6 +394,131 @@ impl MirrorSet {
 
     fn crc_off(&self, lba: u64) -> u64 {
         HEADER_LEN + self.blocks * u64::from(self.block_size) + lba * 4
+    }
+
+    /// Offset of the slot that holds records of `generation`: they alternate A, B, A...
+    /// so the slot being written never holds the newest good record.
+    fn slot_off(&self, generation: u64) -> u64 {
+        self.meta_off + (generation % 2) * META_SLOT
+    }
+
+    fn record(&self) -> MutexGuard<'_, Option<MetaRecord>> {
+        // Updated by a single assignment after the I/O: consistent across a panic.
+        self.record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads both slots of mirror `i`.
+    fn read_slots(&self, i: usize) -> std::io::Result<[Option<MetaRecord>; 2]> {
+        let mut buf = vec![0u8; META_SLOT as usize];
+        let mut out = [None, None];
+        for (k, slot) in out.iter_mut().enumerate() {
+            self.mirrors[i].read_at(&mut buf, self.meta_off + k as u64 * META_SLOT)?;
+            *slot = parse_meta(&buf);
+        }
+        Ok(out)
+    }
+
+    /// Writes `rec` into its slot on mirror `i` and syncs it.
+    fn write_record(&self, i: usize, rec: &MetaRecord) -> std::io::Result<()> {
+        let m = &self.mirrors[i];
+        m.write_at(
+            &encode_meta(rec.generation, &rec.payload),
+            self.slot_off(rec.generation),
+        )?;
+        m.sync()
+    }
+
+    /// At open: the newest whole record across the healthy mirrors becomes the current
+    /// one, and every healthy mirror that lacks it (a crash during `write_meta` reached
+    /// only some) gets it now, so losing the mirror that had it cannot bring back an
+    /// older record later.
+    fn load_meta(&self) {
+        let mut rec = self.record();
+        let mut seen: Vec<(usize, [Option<MetaRecord>; 2])> = Vec::new();
+        for i in 0..self.mirrors.len() {
+            if !self.healthy(i) {
+                continue;
+            }
+            match self.read_slots(i) {
+                Ok(slots) => seen.push((i, slots)),
+                Err(e) => self.fail(i, format!("metadata read error: {e}")),
+            }
+        }
+        let best = seen
+            .iter()
+            .flat_map(|(_, slots)| slots.iter().flatten())
+            .max_by_key(|r| r.generation)
+            .cloned();
+        if let Some(b) = &best {
+            for (i, slots) in &seen {
+                if slots[(b.generation % 2) as usize].as_ref() == Some(b) || !self.healthy(*i) {
+                    continue;
+                }
+                warn!(mirror = %self.mirrors[*i].path.display(), generation = b.generation, "metadata record missing: copied from another mirror");
+                if let Err(e) = self.write_record(*i, b) {
+                    self.fail(*i, format!("metadata write error: {e}"));
+                }
+            }
+        }
+        *rec = best;
+    }
+
+    /// Stores `payload` as the set's metadata record (at most [`META_MAX`] bytes) on every
+    /// healthy mirror and syncs it there: the next generation goes into the slot that does
+    /// not hold the current one, so a crash midway leaves the current record readable.
+    /// A mirror that fails the write or the sync is taken out of service, as a failed
+    /// data write takes it; the call fails only if no mirror took the record.
+    pub fn write_meta(&self, payload: &[u8]) -> Result<(), MediaError> {
+        if payload.len() > META_MAX {
+            return Err(MediaError::MetaTooLarge {
+                len: payload.len(),
+                max: META_MAX,
+            });
+        }
+        let mut rec = self.record();
+        let new = MetaRecord {
+            generation: rec.as_ref().map_or(1, |r| r.generation + 1),
+            payload: payload.to_vec(),
+        };
+        let bytes = encode_meta(new.generation, payload);
+        let off = self.slot_off(new.generation);
+        // Only healthy mirrors: one being rebuilt gets the area at the end of its
+        // rebuild, under this lock.
+        let targets: Vec<usize> = (0..self.mirrors.len())
+            .filter(|&i| self.healthy(i))
+            .collect();
+        for &i in &targets {
+            if let Err(e) = self.mirrors[i].write_at(&bytes, off) {
+                self.fail(i, format!("metadata write error: {e}"));
+            }
+        }
+        let mut took = 0;
+        for &i in &targets {
+            if !self.healthy(i) {
+                continue;
+            }
+            match self.mirrors[i].sync() {
+                Ok(()) => took += 1,
+                // Never retried, like a data sync (docs/design.md).
+                Err(e) => self.fail(i, format!("metadata sync failed: {e}")),
+            }
+        }
+        if took == 0 {
+            return Err(MediaError::Failed(
+                "no mirror took the metadata record".into(),
+            ));
+        }
+        *rec = Some(new);
+        Ok(())
+    }
+
+    /// The newest metadata record [`write_meta`](Self::write_meta) stored (found at open
+    /// on the healthy mirrors, a torn newest slot falling back to the older one), or
+    /// `None` if there is none.
+    pub fn read_meta(&self) -> Option<Vec<u8>> {
+        self.record().as_ref().map(|r| r.payload.clone())
     }
 
     fn healthy(&self, i: usize) -> bool {
@@ -480,7 +695,8 @@ impl MirrorSet {
     }
 
     /// Copies every block from a healthy mirror onto mirror `target`, `rate_bytes_s` at
-    /// most, while I/O continues; `progress(done, total)` is called per chunk.
+    /// most, while I/O continues, then the current metadata record; `progress(done,
+    /// total)` is called per chunk. A write error leaves the mirror failed.
     pub fn rebuild(
         &self,
         target: usize,
@@ -539,13 +755,26 @@ impl MirrorSet {
                 }
             }
         }
+        // The metadata area last, under the record lock so a concurrent write_meta
+        // (which skips a mirror being rebuilt) either lands before this copy or after
+        // the mirror is healthy again. The current record goes into its slot, the other
+        // slot is zeroed: a mirror coming back from an old life may hold stale records
+        // there, and the whole area is written so a truncated file regains its length.
+        let rec = self.record();
+        let mut area = vec![0u8; 2 * META_SLOT as usize];
+        if let Some(r) = rec.as_ref() {
+            let at = (self.slot_off(r.generation) - self.meta_off) as usize;
+            let bytes = encode_meta(r.generation, &r.payload);
+            area[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
         let _g = self
             .meta
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let epoch = self.epoch.load(Ordering::SeqCst);
         let m = &self.mirrors[target];
-        m.sync()
+        m.write_at(&area, self.meta_off)
+            .and_then(|()| m.sync())
             .and_then(|()| {
                 m.write_at(
                     &header(
@@ -559,8 +788,12 @@ impl MirrorSet {
                 )
             })
             .and_then(|()| m.sync())
-            .map_err(MediaError::Io)?;
+            .map_err(|e| {
+                *m.state() = MirrorState::Failed(format!("rebuild write failed: {e}"));
+                MediaError::Io(e)
+            })?;
         *m.state() = MirrorState::Healthy;
+        drop(rec);
         info!(mirror = %m.path.display(), "rebuild complete");
         Ok(())
     }
@@ -583,7 +816,7 @@ impl MirrorSet {
             if lba == 0 {
                 // A file cut short reads back zeros with zero checksums ("never written")
                 // once a later write extends it again; only its size gives it away.
-                let want = self.data_off(self.blocks) + self.blocks * 4;
+                let want = self.file_len;
                 for i in 0..self.mirrors.len() {
                     if self.healthy(i) {
                         match self.mirrors[i].file.size() {
@@ -632,7 +865,41 @@ impl MirrorSet {
             report.blocks += n;
             lba += n;
         }
+        self.scrub_meta(&mut report);
         Ok(report)
+    }
+
+    /// Checks that every healthy mirror holds the current metadata record in its slot and
+    /// rewrites it where it does not (counted like a block copy). The older slot is not
+    /// compared: it may hold a previous generation or nothing, and is never read while
+    /// the current one verifies.
+    fn scrub_meta(&self, report: &mut ScrubReport) {
+        let rec = self.record();
+        let Some(r) = rec.as_ref() else {
+            return;
+        };
+        let mut buf = vec![0u8; META_SLOT as usize];
+        for i in 0..self.mirrors.len() {
+            if !self.healthy(i) {
+                continue;
+            }
+            if let Err(e) = self.mirrors[i].read_at(&mut buf, self.slot_off(r.generation)) {
+                self.fail(i, format!("scrub metadata read error: {e}"));
+                continue;
+            }
+            if parse_meta(&buf).as_ref() == Some(r) {
+                continue;
+            }
+            report.mismatches += 1;
+            warn!(mirror = %self.mirrors[i].path.display(), generation = r.generation, "metadata record damaged");
+            match self.write_record(i, r) {
+                Ok(()) => {
+                    report.repaired += 1;
+                    self.repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => self.fail(i, format!("metadata write error: {e}")),
+            }
+        }
     }
 
     /// Per-mirror state.
@@ -815,5 +1082,252 @@ mod tests {
         assert!(e.to_string().contains("another set"), "{e}");
         let _ = std::fs::remove_dir_all(d);
         let _ = std::fs::remove_dir_all(other);
+    }
+
+    #[test]
+    fn a_version_1_mirror_is_refused_by_name_and_version() {
+        let d = dir("v1");
+        let (s, paths) = set(&d);
+        drop(s);
+        // A version 1 header, crc and all, as an older build wrote it.
+        let mut h = header(&[7; 16], 0, 512, 256, 1);
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&h[..HEADER_BODY]);
+        h[HEADER_BODY..HEADER_BODY + 4].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&paths[0], &h).expect("write");
+        let e = MirrorSet::open(&paths, 256, 512).err().expect("refused");
+        assert!(
+            e.to_string().contains("a.mir") && e.to_string().contains("version 1"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    /// Offset of metadata slot `k` (0 = A, 1 = B) in the test sets' files.
+    fn slot(k: u64) -> u64 {
+        let (meta_off, _) = layout(256, 512).expect("layout");
+        meta_off + k * META_SLOT
+    }
+
+    fn flip(path: &Path, off: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open");
+        let mut one = [0u8; 1];
+        f.read_exact_at(&mut one, off).expect("read");
+        f.write_all_at(&[one[0] ^ 0x5a], off).expect("write");
+    }
+
+    #[test]
+    fn layout_puts_the_metadata_area_after_the_crcs_on_a_4096_boundary() {
+        // 256 blocks of 512: header 4096, data 131072, crcs 1024 -> 136192, rounded up.
+        assert_eq!(layout(256, 512), Some((139_264, 139_264 + 2 * META_SLOT)));
+        // 1 GiB of 4096-byte blocks: the crc area ends on a boundary already.
+        assert_eq!(
+            layout(262_144, 4096),
+            Some((
+                4096 + (1 << 30) + (1 << 20),
+                4096 + (1 << 30) + (1 << 20) + 2 * META_SLOT
+            ))
+        );
+        assert_eq!(layout(u64::MAX / 2, 4096), None);
+    }
+
+    #[test]
+    fn meta_round_trip_and_limits() {
+        let d = dir("meta-rt");
+        let (s, paths) = set(&d);
+        assert_eq!(s.read_meta(), None, "a new set has no record");
+        s.write_meta(b"first").expect("write");
+        assert_eq!(s.read_meta().as_deref(), Some(&b"first"[..]));
+        s.write_meta(b"second").expect("write");
+        assert_eq!(s.read_meta().as_deref(), Some(&b"second"[..]));
+        s.write_meta(b"").expect("an empty record is a record");
+        assert_eq!(s.read_meta(), Some(Vec::new()));
+        let big = vec![1u8; META_MAX];
+        s.write_meta(&big).expect("a full slot");
+        assert_eq!(s.read_meta(), Some(big));
+        assert!(matches!(
+            s.write_meta(&vec![1u8; META_MAX + 1]),
+            Err(MediaError::MetaTooLarge { .. })
+        ));
+        // The data blocks are untouched by all this.
+        s.write(0, &pattern(4)).expect("write");
+        let mut b = vec![0u8; 4096];
+        s.read(0, &mut b).expect("read");
+        assert_eq!(b, pattern(4));
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+        drop(s);
+        let len = std::fs::metadata(&paths[0]).expect("stat").len();
+        assert_eq!(Some(len), layout(256, 512).map(|l| l.1), "file length");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn meta_survives_reopen() {
+        let d = dir("meta-reopen");
+        let (s, paths) = set(&d);
+        for k in 0..5u8 {
+            s.write_meta(&[k; 100]).expect("write");
+        }
+        drop(s);
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(s.read_meta(), Some(vec![4; 100]));
+        // Generations go on from where they were: the next record wins after a reopen.
+        s.write_meta(b"later").expect("write");
+        drop(s);
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(s.read_meta().as_deref(), Some(&b"later"[..]));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_torn_newest_slot_falls_back_to_the_previous_generation() {
+        let d = dir("meta-torn");
+        let (s, paths) = set(&d);
+        s.write_meta(b"old").expect("generation 1, slot B");
+        s.write_meta(b"new").expect("generation 2, slot A");
+        drop(s);
+        // Damage the newest record's payload on every mirror.
+        for p in &paths {
+            flip(p, slot(0) + META_HEAD as u64 + 1);
+        }
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(s.read_meta().as_deref(), Some(&b"old"[..]));
+        assert!(s.status().iter().all(|m| m.state == MirrorState::Healthy));
+        // The next record overwrites the damaged slot; the fallback record stays.
+        s.write_meta(b"newer").expect("write");
+        drop(s);
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(s.read_meta().as_deref(), Some(&b"newer"[..]));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_damaged_copy_on_one_mirror_is_repaired_at_open_and_by_scrub() {
+        let d = dir("meta-one");
+        let (s, paths) = set(&d);
+        s.write_meta(b"old").expect("write");
+        s.write_meta(b"new").expect("write");
+        drop(s);
+        flip(&paths[1], slot(0) + 3);
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(
+            s.read_meta().as_deref(),
+            Some(&b"new"[..]),
+            "the good copy wins"
+        );
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0, "copied at open");
+        // Damage under a running set: the scrub finds and rewrites it.
+        flip(&paths[0], slot(0) + META_HEAD as u64);
+        let r = s.scrub().expect("scrub");
+        assert_eq!((r.mismatches, r.repaired), (1, 1));
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+        // Both copies good again: either mirror alone gives the record.
+        drop(s);
+        std::fs::remove_file(&paths[1]).expect("lose b");
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(s.read_meta().as_deref(), Some(&b"new"[..]));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_failed_mirror_does_not_stop_write_meta() {
+        let d = dir("meta-eio");
+        let (s, paths) = set(&d);
+        s.write_meta(b"both").expect("write");
+        s.inject_eio(1, true);
+        s.write_meta(b"survivor")
+            .expect("the healthy mirror takes it");
+        assert!(matches!(s.status()[1].state, MirrorState::Failed(_)));
+        assert_eq!(s.read_meta().as_deref(), Some(&b"survivor"[..]));
+        s.inject_eio(0, true);
+        assert!(
+            s.write_meta(b"nowhere").is_err(),
+            "no mirror left to take it"
+        );
+        assert_eq!(
+            s.read_meta().as_deref(),
+            Some(&b"survivor"[..]),
+            "a failed write changes nothing"
+        );
+        drop(s);
+        // After a restart the stale mirror b is not read; a has the newest record.
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert!(matches!(s.status()[1].state, MirrorState::Failed(_)));
+        assert_eq!(s.read_meta().as_deref(), Some(&b"survivor"[..]));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn rebuild_carries_the_metadata_to_the_new_mirror() {
+        let d = dir("meta-rebuild");
+        let (s, paths) = set(&d);
+        s.write_meta(b"one").expect("write");
+        drop(s);
+        // Mirror b is replaced by an empty file: a new mirror with no record at all.
+        std::fs::remove_file(&paths[1]).expect("lose b");
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert!(matches!(s.status()[1].state, MirrorState::Failed(_)));
+        s.write_meta(b"two").expect("written to a only");
+        s.rebuild(1, 0, |_, _| {}).expect("rebuild");
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+        drop(s);
+        // Now lose a: b alone must give the newest record.
+        std::fs::remove_file(&paths[0]).expect("lose a");
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        assert_eq!(s.status()[1].state, MirrorState::Healthy);
+        assert_eq!(s.read_meta().as_deref(), Some(&b"two"[..]));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    /// A power cut at every step of a `write_meta` (two mirrors: two writes, two syncs),
+    /// each with a few write-back outcomes: after the reboot the record is the old one or
+    /// the new one, never missing, and the new one whenever the call returned.
+    #[test]
+    fn power_loss_during_write_meta_keeps_the_old_or_the_new_record() {
+        use super::super::disk::SimFs;
+        let open = |fs: &SimFs| {
+            let disks: Vec<(PathBuf, Box<dyn Disk>)> = ["a", "b"]
+                .iter()
+                .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
+                .collect();
+            MirrorSet::open_disks(disks, 64, 512)
+        };
+        let (mut old, mut new, mut acked) = (0, 0, 0);
+        for ops in 0..6 {
+            for seed in 0..8 {
+                let fs = SimFs::new(seed);
+                let s = open(&fs).expect("open");
+                // Header and payload span three sectors: a cut before the syncs keeps
+                // all, some or none of them, so some records come back whole, some torn.
+                s.write_meta(&[1u8; 1000]).expect("old record");
+                fs.arm(ops);
+                let returned = s.write_meta(&[2u8; 1000]).is_ok();
+                let snap = fs.snapshot();
+                let fs = SimFs::from_snapshot(seed, snap);
+                let s = open(&fs).expect("reopen after the cut");
+                let got = s.read_meta().expect("a record survives");
+                assert!(
+                    got == [2u8; 1000] || (!returned && got == [1u8; 1000]),
+                    "ops {ops} seed {seed}: returned {returned}, got {:?}",
+                    &got[..4]
+                );
+                // Whatever won is now on every healthy mirror.
+                assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+                acked += usize::from(returned);
+                if got == [1u8; 1000] {
+                    old += 1;
+                } else {
+                    new += 1;
+                }
+            }
+        }
+        assert!(
+            old > 0 && new > acked && acked > 0,
+            "cuts before, during and after: {old} old, {new} new, {acked} acknowledged"
+        );
     }
 }

@@ -51,6 +51,14 @@ pub enum MediaError {
     /// The store cannot take the write now, but may later (BUSY / TASK SET FULL).
     #[error("store is full, try again")]
     Full,
+    /// A metadata record larger than a mirror set's metadata slot.
+    #[error("metadata record of {len} bytes: a slot holds at most {max}")]
+    MetaTooLarge {
+        /// Bytes asked to store.
+        len: usize,
+        /// The most a slot takes.
+        max: usize,
+    },
 }
 
 /// Whether a range of blocks has storage behind it (SBC-3 4.7 logical block provisioning).

@@ -6,9 +6,11 @@
 //! name plus ISID, the TransportID "name,i,0x<isid>") and its target port (the portal
 //! group), not to a session: a node that logs in again with the same ISID finds its key,
 //! and one that logs in with a new ISID is a different I_T nexus. With APTPL the state is
-//! kept in a file per LUN and survives a restart.
+//! kept where [`PrStore`] says (the metadata area of the LUN's mirror set, or a file of
+//! its own for a LUN on a plain file) and survives a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ftss_proto::cdb::be;
 use ftss_proto::sense::{common, key, Sense};
@@ -16,6 +18,7 @@ use ftss_proto::sense::{common, key, Sense};
 use super::lun::Lun;
 use super::target::{status, CmdResult, Ctx, Reply};
 use super::ItNexus;
+use crate::media::mirror::MirrorSet;
 
 /// Opcodes this module executes.
 pub(crate) mod op {
@@ -170,14 +173,66 @@ impl PrState {
     }
 }
 
+/// Where a LUN keeps its persistent reservation state while APTPL is set.
+#[derive(Clone)]
+pub(crate) enum PrStore {
+    /// A file of its own, replaced atomically; removed when APTPL is cleared. For LUNs on
+    /// a plain file, which is no fault-tolerant media either.
+    File(PathBuf),
+    /// The metadata area of the LUN's mirror set, so the state has the same redundancy
+    /// as the data and survives losing a mirror. An empty record: no APTPL state.
+    Mirror(Arc<MirrorSet>),
+}
+
+impl PrStore {
+    /// Where the state is, for messages.
+    fn describe(&self) -> String {
+        match self {
+            PrStore::File(f) => f.display().to_string(),
+            PrStore::Mirror(set) => {
+                let paths: Vec<String> = set
+                    .status()
+                    .iter()
+                    .map(|m| m.path.display().to_string())
+                    .collect();
+                format!("metadata area of mirror set {}", paths.join(" + "))
+            }
+        }
+    }
+
+    /// What an earlier run saved; `None` if nothing.
+    fn load(&self) -> std::io::Result<Option<Vec<u8>>> {
+        match self {
+            PrStore::File(f) => match std::fs::read(f) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+            // Read at open from the healthy mirrors; empty once APTPL was cleared.
+            PrStore::Mirror(set) => Ok(set.read_meta().filter(|r| !r.is_empty())),
+        }
+    }
+
+    /// Makes `state` durable, or with `None` durably forgets what was saved.
+    fn save(&self, state: Option<&[u8]>) -> Result<(), String> {
+        match (self, state) {
+            (PrStore::File(f), Some(bytes)) => write_atomic(f, bytes).map_err(|e| e.to_string()),
+            (PrStore::File(f), None) => remove_durable(f).map_err(|e| e.to_string()),
+            (PrStore::Mirror(set), bytes) => set
+                .write_meta(bytes.unwrap_or_default())
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Reservation state of one LUN: persistent, SPC-2, and where APTPL state is kept.
 #[derive(Default)]
 pub(crate) struct Reservations {
     pr: std::sync::Mutex<PrState>,
     /// SPC-2 reservation holder (nexus id).
     spc2: std::sync::Mutex<Option<u64>>,
-    /// File the state is kept in while APTPL is set; `None`: no persistence available.
-    file: std::sync::Mutex<Option<PathBuf>>,
+    /// Where the state is kept while APTPL is set; `None`: no persistence available.
+    store: std::sync::Mutex<Option<PrStore>>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -186,17 +241,15 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Reservations {
-    /// Keeps APTPL state in `file`, loading what a previous run left there.
-    pub(crate) fn attach_file(&self, file: PathBuf) -> Result<(), String> {
-        match std::fs::read(&file) {
-            Ok(bytes) => {
-                let st = decode(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
-                *lock(&self.pr) = st;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", file.display())),
+    /// Keeps APTPL state in `store`, loading what a previous run left there. State that
+    /// does not decode is an error: starting without it would silently drop reservations
+    /// a cluster relies on.
+    pub(crate) fn attach(&self, store: PrStore) -> Result<(), String> {
+        let at = || store.describe();
+        if let Some(bytes) = store.load().map_err(|e| format!("{}: {e}", at()))? {
+            *lock(&self.pr) = decode(&bytes).map_err(|e| format!("{}: {e}", at()))?;
         }
-        *lock(&self.file) = Some(file);
+        *lock(&self.store) = Some(store);
         Ok(())
     }
 
@@ -221,23 +274,19 @@ impl Reservations {
     }
 
     fn persist(&self, st: &PrState) -> Result<(), Sense> {
-        let file = lock(&self.file).clone();
-        let Some(file) = file else {
+        let store = lock(&self.store).clone();
+        let Some(store) = store else {
             return Ok(());
         };
-        let r = if st.aptpl {
-            write_atomic(&file, &encode(st))
-        } else {
-            remove_durable(&file)
-        };
-        r.map_err(|e| {
-            tracing::error!(file = %file.display(), "persistent reservation state: {e}");
+        let bytes = st.aptpl.then(|| encode(st));
+        store.save(bytes.as_deref()).map_err(|e| {
+            tracing::error!(at = %store.describe(), "persistent reservation state: {e}");
             common::LOGICAL_UNIT_FAILURE
         })
     }
 
     fn can_persist(&self) -> bool {
-        lock(&self.file).is_some()
+        lock(&self.store).is_some()
     }
 }
 
@@ -961,23 +1010,23 @@ impl Rd<'_> {
 
 fn decode(f: &[u8]) -> Result<PrState, String> {
     if f.len() < MAGIC.len() + 10 || &f[..MAGIC.len()] != MAGIC {
-        return Err("not a persistent reservation file (bad magic)".into());
+        return Err("not a persistent reservation record (bad magic)".into());
     }
     let (body, crc) = f.split_at(f.len() - 4);
     let want = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
     if crc32c::crc32c(body) != want {
-        return Err("persistent reservation file damaged (crc32c mismatch)".into());
+        return Err("persistent reservation record damaged (crc32c mismatch)".into());
     }
     let mut rd = Rd(&body[MAGIC.len()..]);
     let version = rd.u16()?;
     if version != VERSION {
         return Err(format!(
-            "persistent reservation file version {version} unsupported"
+            "persistent reservation record version {version} unsupported"
         ));
     }
     let len = rd.u32()? as usize;
     if rd.0.len() != len {
-        return Err("persistent reservation file length mismatch".into());
+        return Err("persistent reservation record length mismatch".into());
     }
     let generation = rd.u32()?;
     let aptpl = rd.u8()? != 0;
@@ -1081,6 +1130,53 @@ mod tests {
         assert!(decode(&bad).expect_err("damaged").contains("crc32c"));
         assert!(decode(&f[..f.len() - 1]).is_err());
         assert!(decode(b"nonsense").is_err());
+    }
+
+    #[test]
+    fn mirror_store_keeps_aptpl_state_and_clears_it_with_an_empty_record() {
+        let d = std::env::temp_dir().join(format!("ftss-pr-mirror-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        let paths = vec![d.join("a.mir"), d.join("b.mir")];
+        let open = || Arc::new(MirrorSet::open(&paths, 64, 512).expect("mirror set"));
+        let st = PrState {
+            generation: 3,
+            regs: vec![reg("iqn.a", 9)],
+            res: Some(Held {
+                kind: ty::WE,
+                holder: 0,
+            }),
+            aptpl: true,
+        };
+        let r = Reservations::default();
+        r.attach(PrStore::Mirror(open()))
+            .expect("attach to an empty set");
+        assert_eq!(r.snapshot(), PrState::default());
+        assert!(r.can_persist());
+        r.persist(&st).expect("persist");
+        drop(r);
+        // A later run finds it on the set.
+        let r = Reservations::default();
+        let set = open();
+        r.attach(PrStore::Mirror(Arc::clone(&set))).expect("attach");
+        assert_eq!(r.snapshot(), st);
+        // APTPL cleared: the record empties, the next run starts with nothing.
+        r.persist(&PrState::default()).expect("clear");
+        assert_eq!(set.read_meta(), Some(Vec::new()));
+        drop((r, set));
+        let r = Reservations::default();
+        r.attach(PrStore::Mirror(open())).expect("attach");
+        assert_eq!(r.snapshot(), PrState::default());
+        // A record that is not reservation state stops the attach, naming where it is.
+        open().write_meta(b"something else").expect("write");
+        let e = Reservations::default()
+            .attach(PrStore::Mirror(open()))
+            .expect_err("refused");
+        assert!(
+            e.contains("metadata area") && e.contains("bad magic"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]

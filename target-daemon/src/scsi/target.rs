@@ -8,7 +8,9 @@ use ftss_proto::cdb::op;
 use ftss_proto::sense::{common, Sense};
 
 use super::lun::Lun;
+use super::pr::PrStore;
 use super::{defect, pr, sbc, spc, xcopy, ItNexus, ScsiCommand, ScsiOutcome};
+use crate::media::mirror::MirrorSet;
 use crate::media::BlockStore;
 
 /// SCSI status codes.
@@ -152,14 +154,23 @@ impl ScsiTarget {
         self.luns.contains_key(&lun)
     }
 
-    /// Keeps each LUN's persistent reservations in `dir` while APTPL is set (one file per
-    /// LUN, named by its serial number), loading what an earlier run saved there. Without
-    /// this call APTPL is refused (REPORT CAPABILITIES clears PTPL_C).
-    pub fn persist_reservations_in(&self, dir: &std::path::Path) -> Result<(), ScsiError> {
+    /// Keeps each LUN's persistent reservations while APTPL is set, loading what an
+    /// earlier run saved: a LUN found in `mirrored` (by LUN number) keeps them in the
+    /// metadata area of that mirror set, with the same redundancy as its data; any other
+    /// LUN in a file in `dir` named by its serial number. Without this call APTPL is
+    /// refused (REPORT CAPABILITIES clears PTPL_C).
+    pub fn persist_reservations(
+        &self,
+        dir: &std::path::Path,
+        mirrored: &HashMap<u64, Arc<MirrorSet>>,
+    ) -> Result<(), ScsiError> {
         for l in self.luns.values() {
-            let file = dir.join(format!("pr-{}.state", l.serial));
+            let store = match mirrored.get(&l.number) {
+                Some(set) => PrStore::Mirror(Arc::clone(set)),
+                None => PrStore::File(dir.join(format!("pr-{}.state", l.serial))),
+            };
             l.reservations
-                .attach_file(file)
+                .attach(store)
                 .map_err(|msg| ScsiError::Reservations { lun: l.number, msg })?;
         }
         Ok(())
