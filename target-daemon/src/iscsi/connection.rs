@@ -45,8 +45,8 @@ const IMMEDIATE_TASKS_MAX: usize = 32;
 const READ_QUEUE_PDUS_MAX: usize = 64;
 /// Text one text negotiation may accumulate across continuation PDUs.
 const TEXT_BYTES_MAX: usize = 64 << 10;
-/// How long a closed connection waits for its commands still executing before its nexus
-/// goes anyway (a stuck backing store).
+/// How long a closed connection keeps answering aborts for its commands still executing
+/// (a stuck backing store is given up on after this).
 const DRAIN_MAX: Duration = Duration::from_secs(60);
 
 /// What the SCSI layer asks of a connection, outside the initiator's PDUs.
@@ -62,7 +62,7 @@ pub(crate) struct ConnAborter(mpsc::UnboundedSender<Control>);
 impl TaskAborter for ConnAborter {
     fn abort_lun_tasks(&self, lun: u64, wait: AbortWait) {
         // A connection already gone drops the request, and `wait` with it: none of its
-        // tasks is left (it waits for them before it lets go of this channel).
+        // tasks is left (it keeps this channel until they have ended).
         let _ = self.0.send(Control::AbortLun { lun, wait });
     }
 }
@@ -179,8 +179,11 @@ pub(crate) async fn run(
     conn.event_loop(&mut pdu_rx, &mut done_rx, &mut ctl_rx, writer)
         .await;
     reader_task.abort();
-    conn.drain(&mut done_rx, &mut ctl_rx).await;
     conn.ctx.connection_closed();
+    conn.drain(&mut done_rx, &mut ctl_rx).await;
+    if let SessionKind::Normal(scsi) = &conn.ctx.kind {
+        scsi.remove_task_aborter(conn.ctx.nexus.id);
+    }
 }
 
 struct Conn {
@@ -814,10 +817,17 @@ impl Conn {
     /// TASK SET, but each task ends with TASK ABORTED status (TAS=1), and `wait` stays
     /// with every task still executing until it has returned.
     fn abort_lun(&mut self, lun: u64, wait: &AbortWait) {
+        // The routing agent's vendor commands leave the LUN's medium alone, which is what
+        // the abort protects; a RECEIVE long-polls for up to 20 s and would hold the
+        // preempter that long. They complete as usual.
         let hit: Vec<u32> = self
             .tasks
             .iter()
             .filter(|(_, t)| t.cmd.lun.number() == Some(lun))
+            .filter(|(_, t)| {
+                let opcode = t.cmd.cdb.first().copied().unwrap_or(0);
+                crate::link_unit::unit_for(opcode) == crate::link_unit::Unit::FileOperations
+            })
             .map(|(&itt, _)| itt)
             .collect();
         let mut ended = 0usize;
@@ -872,10 +882,9 @@ impl Conn {
         self.activate_parked();
     }
 
-    /// The connection is over: tasks still collecting data end, and those executing are
-    /// waited for (bounded by [`DRAIN_MAX`]), so the nexus is removed only once nothing it
-    /// sent can still reach the medium. An abort from another nexus meanwhile waits for
-    /// them as well.
+    /// The connection and its nexus are gone: tasks still collecting data end, and those
+    /// still executing are waited for (bounded by [`DRAIN_MAX`]) while aborts from other
+    /// nexuses keep being answered, so a PREEMPT AND ABORT meanwhile waits for them too.
     async fn drain(
         &mut self,
         done_rx: &mut mpsc::UnboundedReceiver<Done>,

@@ -181,7 +181,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let (aborter, ctl_rx) = connection::control_channel();
     if let session::SessionKind::Normal(scsi) = &ctx.kind {
         scsi.nexus_added(&ctx.nexus);
-        scsi.set_task_aborter(ctx.nexus.id, Arc::new(aborter));
+        scsi.set_task_aborter(&ctx.nexus, Arc::new(aborter));
     }
     connection::run(
         ctx,

@@ -644,16 +644,15 @@ pub(crate) fn persistent_reserve_out(c: &Ctx<'_>) -> CmdResult {
 /// preempted nexus sends later, and those it sent that wait for CmdSN order, are not
 /// aborted: they meet the new reservation when they run.
 fn abort_preempted(c: &Ctx<'_>, preempted: &[Registration]) {
-    let mut ids = c
-        .target
-        .nexuses_where(|n| n.id != c.nexus.id && preempted.iter().any(|r| r.covers(n)));
-    ids.sort_unstable();
-    ids.dedup();
-    if ids.is_empty() {
-        return;
-    }
-    tracing::info!(lun = c.lun.number, nexuses = ?ids, "PREEMPT AND ABORT: aborting tasks");
-    if !c.target.abort_tasks(&ids, c.lun.number, ABORT_WAIT) {
+    // Nexuses whose connection closed but whose commands still execute count too.
+    let pick = |n: &ItNexus| n.id != c.nexus.id && preempted.iter().any(|r| r.covers(n));
+    let (asked, ended) = c.target.abort_tasks(pick, c.lun.number, ABORT_WAIT);
+    tracing::info!(
+        lun = c.lun.number,
+        nexuses = asked,
+        "PREEMPT AND ABORT: preempted nexuses' tasks aborted"
+    );
+    if !ended {
         // The reservation change already stands and is what the preempter asked for:
         // failing the command now would report it undone. Say loudly that a task of a
         // preempted nexus outlived the wait (a stuck backing store).

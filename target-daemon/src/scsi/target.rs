@@ -136,10 +136,14 @@ pub struct ScsiTarget {
     ua_clock: AtomicU64,
     /// Nexuses known to the target.
     nexuses: Mutex<HashMap<u64, ItNexus>>,
-    /// How to reach each nexus's transport to abort its tasks.
-    aborters: Mutex<HashMap<u64, Arc<dyn TaskAborter>>>,
+    /// How to reach each nexus's transport to abort its tasks, by nexus id. Kept past
+    /// the nexus's removal while commands it sent still execute.
+    aborters: Mutex<HashMap<u64, NexusAborter>>,
     vendor: Mutex<Option<Arc<dyn VendorHandler>>>,
 }
+
+/// A nexus and the way to abort its tasks.
+type NexusAborter = (ItNexus, Arc<dyn TaskAborter>);
 
 /// Pending unit attentions of one nexus on one LUN, oldest first, with the clock tick
 /// that established each.
@@ -220,19 +224,35 @@ impl ScsiTarget {
         }
     }
 
-    /// Registers how to abort `nexus`'s tasks (its connection); forgotten with the nexus.
-    pub fn set_task_aborter(&self, nexus: u64, aborter: Arc<dyn TaskAborter>) {
-        lock(&self.aborters).insert(nexus, aborter);
+    /// Registers how to abort `nexus`'s tasks (its connection). It outlives
+    /// [`Self::nexus_removed`] on purpose: commands of a closed connection may still be
+    /// executing, and an abort must wait for them too. The transport removes it with
+    /// [`Self::remove_task_aborter`] once they have ended.
+    pub fn set_task_aborter(&self, nexus: &ItNexus, aborter: Arc<dyn TaskAborter>) {
+        lock(&self.aborters).insert(nexus.id, (nexus.clone(), aborter));
     }
 
-    /// Aborts the tasks of `nexuses` for `lun` and waits, at most `timeout`, until every
-    /// one of them has ended. Returns whether they all ended in time. Nexuses without a
-    /// registered aborter have no tasks the target could abort.
-    pub(crate) fn abort_tasks(&self, nexuses: &[u64], lun: u64, timeout: Duration) -> bool {
-        let aborters: Vec<_> = {
-            let a = lock(&self.aborters);
-            nexuses.iter().filter_map(|n| a.get(n).cloned()).collect()
-        };
+    /// Nothing of `nexus` is left to abort.
+    pub fn remove_task_aborter(&self, nexus: u64) {
+        lock(&self.aborters).remove(&nexus);
+    }
+
+    /// Aborts the tasks for `lun` of every nexus `pick` selects, live or closed with
+    /// commands still executing, and waits, at most `timeout`, until each of them has
+    /// ended. Returns how many nexuses were asked and whether all their tasks ended in
+    /// time.
+    pub(crate) fn abort_tasks(
+        &self,
+        pick: impl Fn(&ItNexus) -> bool,
+        lun: u64,
+        timeout: Duration,
+    ) -> (usize, bool) {
+        let aborters: Vec<_> = lock(&self.aborters)
+            .values()
+            .filter(|(n, _)| pick(n))
+            .map(|(_, a)| Arc::clone(a))
+            .collect();
+        let asked = aborters.len();
         let (tx, rx) = std::sync::mpsc::channel();
         for a in aborters {
             a.abort_lun_tasks(lun, AbortWait { _held: tx.clone() });
@@ -244,8 +264,8 @@ impl ScsiTarget {
             match rx.recv_timeout(left) {
                 // Nothing sends; tolerate it anyway.
                 Ok(()) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return true,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return false,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return (asked, true),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return (asked, false),
             }
         }
     }
@@ -256,7 +276,6 @@ impl ScsiTarget {
             h.nexus_removed(nexus);
         }
         lock(&self.nexuses).remove(&nexus.id);
-        lock(&self.aborters).remove(&nexus.id);
         lock(&self.ua).retain(|(n, _), _| *n != nexus.id);
         for l in self.luns.values() {
             l.nexus_removed(nexus.id);
@@ -889,17 +908,26 @@ mod tests {
     #[test]
     fn abort_waits_for_every_task_and_gives_up_after_the_timeout() {
         let t = target();
+        let nexus = |id: u64| ItNexus {
+            id,
+            initiator_name: Arc::from("iqn.2026-11.org.ftss:i"),
+            isid: [0x40, 0, 0, 0, 0, id as u8],
+            tpgt: 1,
+        };
         let ended = Arc::new(AtomicBool::new(false));
-        t.set_task_aborter(1, Arc::new(EndsLater(Arc::clone(&ended))));
-        t.set_task_aborter(2, Arc::new(Stuck(Mutex::new(Vec::new()))));
-        // No aborter, nothing to wait for.
-        assert!(t.abort_tasks(&[7], 0, Duration::from_secs(5)));
-        assert!(t.abort_tasks(&[1], 0, Duration::from_secs(5)));
+        t.set_task_aborter(&nexus(1), Arc::new(EndsLater(Arc::clone(&ended))));
+        t.set_task_aborter(&nexus(2), Arc::new(Stuck(Mutex::new(Vec::new()))));
+        let secs = Duration::from_secs(5);
+        assert_eq!(t.abort_tasks(|n| n.id == 7, 0, secs), (0, true), "nobody");
+        assert_eq!(t.abort_tasks(|n| n.id == 1, 0, secs), (1, true));
         assert!(
             ended.load(Ordering::SeqCst),
             "returned before the task ended"
         );
-        assert!(!t.abort_tasks(&[1, 2], 0, Duration::from_millis(100)));
+        let short = Duration::from_millis(100);
+        assert_eq!(t.abort_tasks(|_| true, 0, short), (2, false), "stuck");
+        t.remove_task_aborter(2);
+        assert_eq!(t.abort_tasks(|_| true, 0, short), (1, true));
     }
 
     #[test]
