@@ -1,17 +1,20 @@
 //! Reservations end to end: the SCSI-3 persistent reservation sequence Windows failover
 //! cluster validation runs, APTPL state across a daemon restart for a plain-file LUN (a
 //! state file) and a mirrored LUN (the mirror set's metadata area, surviving the loss of
-//! either mirror), damaged state refusing the start, and an SPC-2 reservation released
-//! when its session logs out.
+//! either mirror), damaged state refusing the start, an SPC-2 reservation released when
+//! its session logs out, and PREEMPT AND ABORT ending a preempted node's queued write
+//! where plain PREEMPT does not.
 
 mod common;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{daemon, Daemon, TARGET};
+use common::{daemon, Daemon, Raw, TARGET, TUR};
 use ftss_initiator::{ScsiResult, Session, SessionConfig};
+use ftss_proto::pdu::{DataOut, Itt, Lun, Pdu, R2t};
 use ftss_proto::sense::Sense;
+use ftss_proto::serial::DataSn;
 use ftss_target::config::Config;
 use ftss_target::iscsi::Server;
 use ftss_target::media::mirror::{MirrorSet, MirrorState};
@@ -26,7 +29,9 @@ const REGISTER: u8 = 0;
 const RESERVE: u8 = 1;
 const RELEASE: u8 = 2;
 const PREEMPT: u8 = 4;
+const PREEMPT_AND_ABORT: u8 = 5;
 const REGISTER_AND_IGNORE: u8 = 6;
+const TASK_ABORTED: u8 = 0x40;
 const WE: u8 = 1;
 const WE_RO: u8 = 5;
 const EA_RO: u8 = 6;
@@ -456,4 +461,197 @@ async fn spc2_reservation_released_on_logout() {
     assert_eq!(write1(&b).await, GOOD);
     assert_eq!(run(&b, &release6, None, 0).await.status, GOOD);
     b.logout().await.expect("logout");
+}
+
+// ---- a raw initiator whose writes wait for R2Ts, for PREEMPT AND ABORT ----
+
+/// Logs in over a raw connection with InitialR2T=Yes and ImmediateData=No, so every
+/// write waits for an R2T and a test can hold one between its R2T and its data. Clears
+/// the power-on unit attention.
+async fn raw_login(addr: std::net::SocketAddr, isid: [u8; 6]) -> Raw {
+    let mut c = Raw::connect(addr).await;
+    let (r, _) = c
+        .login_with(isid, 1, &[("InitialR2T", "Yes"), ("ImmediateData", "No")])
+        .await;
+    assert_eq!((r.status_class, r.status_detail), (0, 0), "raw login");
+    let tur = c.command(&TUR, 0, false, false, Bytes::new());
+    let (status, ..) = c.run(tur).await;
+    assert!(status == GOOD || status == CHECK_CONDITION);
+    c
+}
+
+/// Sends a write command carrying no data and waits for its (only) R2T.
+async fn raw_start_write(c: &mut Raw, cdb: &[u8], len: u32) -> (Itt, R2t) {
+    let cmd = c.command(cdb, len, false, true, Bytes::new());
+    let itt = cmd.itt;
+    c.send(&Pdu::ScsiCommand(cmd)).await;
+    loop {
+        match c.recv().await {
+            Pdu::R2t(r) if r.itt == itt => {
+                assert_eq!(r.desired_len, len, "one R2T for the whole write");
+                return (itt, r);
+            }
+            Pdu::NopIn(_) => {}
+            other => panic!("expected an R2T, got {other:?}"),
+        }
+    }
+}
+
+/// Answers `r2t` with `data` in one Data-Out PDU.
+async fn raw_data_out(c: &mut Raw, r2t: &R2t, data: &[u8]) {
+    let p = Pdu::DataOut(DataOut {
+        final_: true,
+        lun: Lun::from_number(0),
+        itt: r2t.itt,
+        ttt: r2t.ttt,
+        exp_stat_sn: c.exp_stat_sn,
+        data_sn: DataSn(0),
+        buffer_offset: r2t.buffer_offset,
+        data: Bytes::copy_from_slice(data),
+    });
+    c.send(&p).await;
+}
+
+/// The SCSI Response for `itt`: status and sense. Anything else but a ping fails.
+async fn raw_status(c: &mut Raw, itt: Itt) -> (u8, Bytes) {
+    loop {
+        match c.recv().await {
+            Pdu::ScsiResponse(r) if r.itt == itt => return (r.status, r.sense),
+            Pdu::NopIn(_) => {}
+            other => panic!("expected the response to {itt:?}, got {other:?}"),
+        }
+    }
+}
+
+/// A whole write: command, R2T, data, status.
+async fn raw_write(c: &mut Raw, cdb: &[u8], data: &[u8]) -> (u8, Bytes) {
+    let (itt, r2t) = raw_start_write(c, cdb, data.len() as u32).await;
+    raw_data_out(c, &r2t, data).await;
+    raw_status(c, itt).await
+}
+
+/// PERSISTENT RESERVE OUT over the raw connection; returns the status.
+async fn raw_prout(c: &mut Raw, sa: u8, ty: u8, key: u64, sa_key: u64) -> u8 {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    let cdb = [0x5f, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+    let (status, sense) = raw_write(c, &cdb, &p).await;
+    assert!(
+        status != CHECK_CONDITION,
+        "PR OUT {sa}: {:?}",
+        Sense::parse(&sense)
+    );
+    status
+}
+
+/// The block both preempt tests fight over.
+const LBA: u32 = 40;
+
+async fn read_block(s: &Session) -> Vec<u8> {
+    let r = run(s, &common::read10(LBA, 1), None, 512).await;
+    assert_eq!(r.status, GOOD, "read: {:?}", sense(&r));
+    r.data_in.to_vec()
+}
+
+/// A (a userspace session) and B (raw, writes wait for R2Ts) both registered, B holding
+/// Write Exclusive; the block holds 0x11 bytes. Returns A, B and their keys.
+async fn two_nodes_b_reserved(d: &Daemon, tag: u8) -> (Session, Raw, u64, u64) {
+    let (ka, kb) = (0xa1a1_0000_0000_00a1u64, 0xb2b2_0000_0000_00b2);
+    let a = login(d.addr, NODE_A, [0x40, 0, 0, 0, 0xa0, tag]).await;
+    let w = run(&a, &common::write10(LBA, 1), Some(vec![0x11; 512]), 0).await;
+    assert_eq!(w.status, GOOD, "initial write: {:?}", sense(&w));
+    let mut b = raw_login(d.addr, [0x40, 0, 0, 0, 0xb0, tag]).await;
+    assert_eq!(prout(&a, REGISTER_AND_IGNORE, 0, 0, ka, false).await, GOOD);
+    assert_eq!(raw_prout(&mut b, REGISTER, 0, 0, kb).await, GOOD);
+    assert_eq!(raw_prout(&mut b, RESERVE, WE, kb, 0).await, GOOD);
+    assert_eq!(reservation(&prin(&a, 1).await), Some((kb, WE)));
+    (a, b, ka, kb)
+}
+
+#[tokio::test]
+async fn preempt_and_abort_ends_the_preempted_nodes_queued_write() {
+    let d = daemon("pr-abort").await;
+    let (a, mut b, ka, kb) = two_nodes_b_reserved(&d, 4).await;
+    // B's write waits for its data when A preempts B's key and aborts B's tasks.
+    let (itt, r2t) = raw_start_write(&mut b, &common::write10(LBA, 1), 512).await;
+    assert_eq!(
+        prout(&a, PREEMPT_AND_ABORT, WE, ka, kb, false).await,
+        GOOD,
+        "PREEMPT AND ABORT"
+    );
+    assert_eq!(reservation(&prin(&a, 1).await), Some((ka, WE)));
+    assert_eq!(keys(&prin(&a, 0).await), vec![ka]);
+    // The Control mode page says how aborted tasks end: TAS=1, with TASK ABORTED status.
+    let ms = run(&a, &[0x1a, 0x08, 0x0a, 0, 255, 0], None, 255).await;
+    assert_eq!(ms.status, GOOD, "MODE SENSE: {:?}", sense(&ms));
+    assert_eq!(ms.data_in[4] & 0x3f, 0x0a, "Control mode page");
+    assert_eq!(ms.data_in[4 + 5] & 0x40, 0x40, "TAS");
+    // The write ended before A heard GOOD: TASK ABORTED, no sense.
+    let (status, sense_data) = raw_status(&mut b, itt).await;
+    assert_eq!(
+        status,
+        TASK_ABORTED,
+        "B's write: {:?}",
+        Sense::parse(&sense_data)
+    );
+    assert!(sense_data.is_empty());
+
+    // B's data arrives late: dropped without a word (the next PDU B sees answers its
+    // next command; a Reject would fail Raw::run).
+    raw_data_out(&mut b, &r2t, &[0x99; 512]).await;
+    let tur = b.command(&TUR, 0, false, false, Bytes::new());
+    let (status, _, _, sense_data) = b.run(tur).await;
+    assert_eq!(status, CHECK_CONDITION);
+    assert_eq!(
+        Sense::parse(&sense_data),
+        Some((0x06, 0x2a, 0x05)),
+        "REGISTRATIONS PREEMPTED"
+    );
+    // B is fenced: unregistered under A's Write Exclusive.
+    let (status, _) = raw_write(&mut b, &common::write10(LBA, 1), &[0x77; 512]).await;
+    assert_eq!(status, CONFLICT);
+    assert_eq!(
+        read_block(&a).await,
+        vec![0x11; 512],
+        "no write of B landed"
+    );
+    a.logout().await.expect("logout");
+}
+
+/// Plain PREEMPT aborts nothing: B's queued write completes when its data arrives. It is
+/// checked against the reservation when it runs, after the preempt, so it meets A's
+/// Write Exclusive as an unregistered nexus: RESERVATION CONFLICT (SPC-4 5.9.1 lets a new
+/// reservation apply to tasks already in the task set; applying it is what keeps a
+/// preempted node off the medium). The unit attention was established after the write
+/// arrived, so the write does not take it; B's next command does (SAM-5 5.14).
+#[tokio::test]
+async fn plain_preempt_leaves_the_queued_write_to_the_new_reservation() {
+    let d = daemon("pr-preempt").await;
+    let (a, mut b, ka, kb) = two_nodes_b_reserved(&d, 5).await;
+    let (itt, r2t) = raw_start_write(&mut b, &common::write10(LBA, 1), 512).await;
+    assert_eq!(prout(&a, PREEMPT, WE, ka, kb, false).await, GOOD);
+    assert_eq!(reservation(&prin(&a, 1).await), Some((ka, WE)));
+    raw_data_out(&mut b, &r2t, &[0x99; 512]).await;
+    let (status, sense_data) = raw_status(&mut b, itt).await;
+    assert_eq!(
+        status,
+        CONFLICT,
+        "B's queued write: {:?}",
+        Sense::parse(&sense_data)
+    );
+    let tur = b.command(&TUR, 0, false, false, Bytes::new());
+    let (status, _, _, sense_data) = b.run(tur).await;
+    assert_eq!(status, CHECK_CONDITION);
+    assert_eq!(
+        Sense::parse(&sense_data),
+        Some((0x06, 0x2a, 0x05)),
+        "REGISTRATIONS PREEMPTED"
+    );
+    assert_eq!(
+        read_block(&a).await,
+        vec![0x11; 512],
+        "B's write did not land"
+    );
+    a.logout().await.expect("logout");
 }

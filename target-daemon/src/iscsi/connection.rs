@@ -7,7 +7,7 @@
 //! it rises monotonically on the wire.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -27,11 +27,13 @@ use tracing::{debug, info, warn};
 use super::session::{SessionCtx, SessionKind};
 use super::transfer::{data_in_pieces, WriteCollect, XferError, XferLimits};
 use crate::media::cache::defer_commits;
-use crate::scsi::{ScsiCommand as ExecCmd, ScsiOutcome, TaskAttr};
+use crate::scsi::{AbortWait, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter, TaskAttr};
 
 /// SCSI status values the transport itself produces.
 const STATUS_GOOD: u8 = 0x00;
 const STATUS_CHECK_CONDITION: u8 = 0x02;
+/// For tasks another I_T nexus aborted, with TAS=1 in the Control mode page (SAM-5 5.6).
+const STATUS_TASK_ABORTED: u8 = 0x40;
 
 /// Largest write one command may carry; bigger ones get CHECK CONDITION without any
 /// buffer being allocated.
@@ -44,6 +46,34 @@ const IMMEDIATE_TASKS_MAX: usize = 32;
 const READ_QUEUE_PDUS_MAX: usize = 64;
 /// Text one text negotiation may accumulate across continuation PDUs.
 const TEXT_BYTES_MAX: usize = 64 << 10;
+/// How long a closed connection keeps answering aborts for its commands still executing
+/// (a stuck backing store is given up on after this).
+const DRAIN_MAX: Duration = Duration::from_secs(60);
+
+/// What the SCSI layer asks of a connection, outside the initiator's PDUs.
+pub(crate) enum Control {
+    /// Abort every task for this LUN as if another nexus's ABORT TASK SET hit them
+    /// (PREEMPT AND ABORT); `wait` goes with each task until it has ended.
+    AbortLun { lun: u64, wait: AbortWait },
+}
+
+/// The connection of one nexus as the SCSI layer's [`TaskAborter`] sees it.
+pub(crate) struct ConnAborter(mpsc::UnboundedSender<Control>);
+
+impl TaskAborter for ConnAborter {
+    fn abort_lun_tasks(&self, lun: u64, wait: AbortWait) {
+        // A connection already gone drops the request, and `wait` with it: none of its
+        // tasks is left (it keeps this channel until they have ended).
+        let _ = self.0.send(Control::AbortLun { lun, wait });
+    }
+}
+
+/// A control channel for a new connection: the aborter to register with the SCSI target
+/// and the receiver [`run`] takes.
+pub(crate) fn control_channel() -> (ConnAborter, mpsc::UnboundedReceiver<Control>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (ConnAborter(tx), rx)
+}
 
 /// Negotiated parameters of a connection entering the full feature phase.
 #[derive(Clone, Copy, Debug)]
@@ -74,12 +104,24 @@ enum TaskState {
     Running,
 }
 
+/// Lives as long as a command executes on its blocking thread, holding what waits for
+/// that end (see [`AbortWait`]).
+#[derive(Default)]
+struct TaskEnd(Mutex<Vec<AbortWait>>);
+
 struct Task {
     cmd: pdu::ScsiCommand,
     generation: u64,
     state: TaskState,
+    /// Ended without its normal response (ABORT TASK and the like, or another nexus).
     aborted: bool,
+    /// Aborted by another nexus: ends with TASK ABORTED status rather than silently.
+    report_abort: bool,
     r2ts_sent: u32,
+    /// Unit attention clock when the command was delivered.
+    arrived: u64,
+    /// The execution of a running task, while it lasts.
+    end: Weak<TaskEnd>,
 }
 
 /// A task management response waiting for aborted commands to finish.
@@ -108,11 +150,12 @@ pub(crate) async fn run(
     stat_sn: StatSn,
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
+    mut ctl_rx: mpsc::UnboundedReceiver<Control>,
 ) {
-    let (pdu_tx, pdu_rx) = mpsc::channel(READ_QUEUE_PDUS_MAX);
+    let (pdu_tx, mut pdu_rx) = mpsc::channel(READ_QUEUE_PDUS_MAX);
     let framing = params.framing;
     let reader_task = tokio::spawn(read_loop(reader, framing, pdu_tx));
-    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         window: CmdWindow::new(exp_cmd_sn, ctx.cmd_window),
         stat_sn,
@@ -134,9 +177,14 @@ pub(crate) async fn run(
         close: false,
         ping: None,
     };
-    conn.event_loop(pdu_rx, done_rx, writer).await;
+    conn.event_loop(&mut pdu_rx, &mut done_rx, &mut ctl_rx, writer)
+        .await;
     reader_task.abort();
     conn.ctx.connection_closed();
+    conn.drain(&mut done_rx, &mut ctl_rx).await;
+    if let SessionKind::Normal(scsi) = &conn.ctx.kind {
+        scsi.remove_task_aborter(conn.ctx.nexus.id);
+    }
 }
 
 struct Conn {
@@ -235,8 +283,9 @@ fn transport_sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
 impl Conn {
     async fn event_loop(
         &mut self,
-        mut pdu_rx: mpsc::Receiver<ReadEvent>,
-        mut done_rx: mpsc::UnboundedReceiver<Done>,
+        pdu_rx: &mut mpsc::Receiver<ReadEvent>,
+        done_rx: &mut mpsc::UnboundedReceiver<Done>,
+        ctl_rx: &mut mpsc::UnboundedReceiver<Control>,
         mut wr: OwnedWriteHalf,
     ) {
         let interval = Duration::from_secs(u64::from(self.ctx.nop_interval_s));
@@ -257,6 +306,7 @@ impl Conn {
                     None => break,
                 },
                 Some(d) = done_rx.recv() => self.on_done(d),
+                Some(c) = ctl_rx.recv() => self.on_control(c),
                 () = tokio::time::sleep_until(ping_at) => {
                     if self.ping.is_some() {
                         warn!(initiator = %self.ctx.nexus.initiator_name, "no answer to NOP-In within {timeout:?}: dropping the connection");
@@ -480,12 +530,19 @@ impl Conn {
         }
         self.generation += 1;
         let data = std::mem::take(&mut c.data);
+        let arrived = match &self.ctx.kind {
+            SessionKind::Normal(scsi) => scsi.arrival(),
+            SessionKind::Discovery => 0,
+        };
         let mut task = Task {
             cmd: c,
             generation: self.generation,
             state: TaskState::Running,
             aborted: false,
+            report_abort: false,
             r2ts_sent: 0,
+            arrived,
+            end: Weak::new(),
         };
         let itt = task.cmd.itt.0;
         if task.cmd.write && task.cmd.edtl > 0 {
@@ -684,9 +741,14 @@ impl Conn {
         let expected_len = task.cmd.edtl;
         let at = attr(task.cmd.attr);
         let generation = task.generation;
+        let arrived = task.arrived;
+        let end = Arc::new(TaskEnd::default());
+        task.end = Arc::downgrade(&end);
         let tx = self.done_tx.clone();
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
+            // Dropped when this thread is done with the command, however it ends.
+            let _end = end;
             let cmd = ExecCmd {
                 lun,
                 cdb: &cdb,
@@ -696,7 +758,7 @@ impl Conn {
             };
             // Writes append to the write cache here; the wait for their commit happens
             // on the async side, so queue-deep writers do not each hold a thread.
-            let (outcome, commits) = defer_commits(|| scsi.execute(&nexus, &cmd));
+            let (outcome, commits) = defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived));
             if commits.is_empty() {
                 let _ = tx.send(Done {
                     itt,
@@ -750,10 +812,126 @@ impl Conn {
             self.finish_request(c.immediate);
             let data = &o.data_in[..send as usize];
             self.respond_scsi(&task, o.status, o.sense, data, residual, task.r2ts_sent);
+        } else if task.report_abort {
+            self.finish_request(task.cmd.immediate);
+            let residual = Residual::of(task.cmd.edtl, 0);
+            self.respond_scsi(
+                &task,
+                STATUS_TASK_ABORTED,
+                None,
+                &[],
+                residual,
+                task.r2ts_sent,
+            );
         } else {
             self.finish_request(task.cmd.immediate);
         }
         self.tmf_task_done(d.itt);
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::AbortLun { lun, wait } => self.abort_lun(lun, &wait),
+        }
+    }
+
+    /// Another nexus aborted this nexus's tasks for `lun` (PREEMPT AND ABORT): like ABORT
+    /// TASK SET, but each task ends with TASK ABORTED status (TAS=1), and `wait` stays
+    /// with every task still executing until it has returned.
+    fn abort_lun(&mut self, lun: u64, wait: &AbortWait) {
+        // The routing agent's vendor commands leave the LUN's medium alone, which is what
+        // the abort protects; a RECEIVE long-polls for up to 20 s and would hold the
+        // preempter that long. They complete as usual.
+        let hit: Vec<u32> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.cmd.lun.number() == Some(lun))
+            .filter(|(_, t)| {
+                let opcode = t.cmd.cdb.first().copied().unwrap_or(0);
+                crate::link_unit::unit_for(opcode) == crate::link_unit::Unit::FileOperations
+            })
+            .map(|(&itt, _)| itt)
+            .collect();
+        let mut ended = 0usize;
+        for itt in hit {
+            let running = matches!(
+                self.tasks.get(&itt),
+                Some(Task {
+                    state: TaskState::Running,
+                    ..
+                })
+            );
+            if running {
+                let Some(task) = self.tasks.get_mut(&itt) else {
+                    continue;
+                };
+                // Its execution already returned (the result is on its way): it ended
+                // before the abort, and its own status stands.
+                let Some(end) = task.end.upgrade() else {
+                    continue;
+                };
+                // Even a task its own initiator already aborted may still be writing:
+                // the preempter waits for it too.
+                end.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(wait.clone());
+                if !task.aborted {
+                    task.aborted = true;
+                    task.report_abort = true;
+                }
+            } else if let Some(task) = self.tasks.remove(&itt) {
+                // Still waiting for Data-Out: it never reached the device server, so it
+                // ends now. Data-Out that still arrives for it finds no task and is
+                // dropped (on_data_out).
+                self.release_write_budget(&task);
+                self.finish_request(task.cmd.immediate);
+                let residual = Residual::of(task.cmd.edtl, 0);
+                self.respond_scsi(
+                    &task,
+                    STATUS_TASK_ABORTED,
+                    None,
+                    &[],
+                    residual,
+                    task.r2ts_sent,
+                );
+                ended += 1;
+            }
+        }
+        info!(initiator = %self.ctx.nexus.initiator_name, lun, ended, "tasks aborted by another nexus");
+        let tasks = &self.tasks;
+        self.parked.retain(|itt| tasks.contains_key(itt));
+        self.activate_parked();
+    }
+
+    /// The connection and its nexus are gone: tasks still collecting data end, and those
+    /// still executing are waited for (bounded by [`DRAIN_MAX`]) while aborts from other
+    /// nexuses keep being answered, so a PREEMPT AND ABORT meanwhile waits for them too.
+    async fn drain(
+        &mut self,
+        done_rx: &mut mpsc::UnboundedReceiver<Done>,
+        ctl_rx: &mut mpsc::UnboundedReceiver<Control>,
+    ) {
+        // No one is left to answer, and a pending TMF (a cold reset too) dies with the
+        // connection that asked for it.
+        self.tmfs.clear();
+        self.tasks
+            .retain(|_, t| matches!(t.state, TaskState::Running));
+        for t in self.tasks.values_mut() {
+            t.aborted = true;
+            t.report_abort = false;
+        }
+        let deadline = Instant::now() + DRAIN_MAX;
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(d) = done_rx.recv() => self.on_done(d),
+                Some(c) = ctl_rx.recv() => self.on_control(c),
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(initiator = %self.ctx.nexus.initiator_name, tasks = self.tasks.len(), "commands still executing {DRAIN_MAX:?} after the connection closed");
+                    break;
+                }
+            }
+        }
     }
 
     /// Sends Data-In (with phase-collapsed status when possible) and/or a SCSI Response.

@@ -178,10 +178,21 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         nop_timeout_s: shared.config.server.nop_timeout_s,
         shutdown: done.shutdown,
     });
+    let (aborter, ctl_rx) = connection::control_channel();
     if let session::SessionKind::Normal(scsi) = &ctx.kind {
         scsi.nexus_added(&ctx.nexus);
+        scsi.set_task_aborter(&ctx.nexus, Arc::new(aborter));
     }
-    connection::run(ctx, done.params, done.exp_cmd_sn, done.stat_sn, rd, wr).await;
+    connection::run(
+        ctx,
+        done.params,
+        done.exp_cmd_sn,
+        done.stat_sn,
+        rd,
+        wr,
+        ctl_rx,
+    )
+    .await;
 }
 
 /// Answers a full-feature Text Request: SendTargets; every other key is answered as the

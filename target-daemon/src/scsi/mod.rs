@@ -74,4 +74,6 @@ pub(crate) mod spc;
 pub mod target;
 pub(crate) mod xcopy;
 
-pub use target::{LunSpec, ScsiError, ScsiTarget, TargetIdentity, VendorHandler};
+pub use target::{
+    AbortWait, LunSpec, ScsiError, ScsiTarget, TargetIdentity, TaskAborter, VendorHandler,
+};

@@ -573,7 +573,15 @@ fn parse_transport_id(t: &[u8], at: u16) -> Result<Port, Sense> {
 struct Effects {
     /// (registration as it was, sense) for each I_T nexus to notify.
     ua: Vec<(Registration, Sense)>,
+    /// Registrations a preempt removed (not the preempter's own): their I_T nexuses'
+    /// tasks are what PREEMPT AND ABORT aborts.
+    preempted: Vec<Registration>,
 }
+
+/// How long PREEMPT AND ABORT waits for the preempted nexuses' running tasks to end. A
+/// task runs one command against the medium, so seconds are plenty; it stays below the
+/// 30 s command timeout initiators commonly use, so the preempter hears back in time.
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub(crate) fn persistent_reserve_out(c: &Ctx<'_>) -> CmdResult {
     let cdb = c.cmd.cdb;
@@ -666,7 +674,42 @@ pub(crate) fn persistent_reserve_out(c: &Ctx<'_>) -> CmdResult {
             c.target.queue_ua(n, c.lun.number, s);
         }
     }
+    if action == sa::PREEMPT_AND_ABORT && !fx.preempted.is_empty() {
+        abort_preempted(c, &fx.preempted);
+    }
     Ok(reply)
+}
+
+/// PREEMPT AND ABORT (SPC-4 5.15.11.2.6): every task of the preempted I_T nexuses on this
+/// LUN is aborted, and the command completes only once they have ended, so none of them
+/// can still change the medium after the preempter hears GOOD. Tasks not yet handed to
+/// the device server (a write waiting for Data-Out) end at once; running ones finish
+/// their execution first. How aborted tasks end (TASK ABORTED status, TAS=1) is the
+/// transport's part; see the Control mode page in spc.rs for why TAS is one.
+///
+/// The unit attentions are already queued, so an initiator that retries an aborted
+/// command hears REGISTRATIONS PREEMPTED first. The preempter's own tasks are left
+/// alone: its registration stays even when it preempts its own key. Commands a
+/// preempted nexus sends later, and those it sent that wait for CmdSN order, are not
+/// aborted: they meet the new reservation when they run.
+fn abort_preempted(c: &Ctx<'_>, preempted: &[Registration]) {
+    // Nexuses whose connection closed but whose commands still execute count too.
+    let pick = |n: &ItNexus| n.id != c.nexus.id && preempted.iter().any(|r| r.covers(n));
+    let (asked, ended) = c.target.abort_tasks(pick, c.lun.number, ABORT_WAIT);
+    tracing::info!(
+        lun = c.lun.number,
+        nexuses = asked,
+        "PREEMPT AND ABORT: preempted nexuses' tasks aborted"
+    );
+    if !ended {
+        // The reservation change already stands and is what the preempter asked for:
+        // failing the command now would report it undone. Say loudly that a task of a
+        // preempted nexus outlived the wait (a stuck backing store).
+        tracing::error!(
+            lun = c.lun.number,
+            "PREEMPT AND ABORT: aborted tasks still running after {ABORT_WAIT:?}"
+        );
+    }
 }
 
 /// Applies one service action to `st`. `Ok(false)`: RESERVATION CONFLICT.
@@ -781,8 +824,8 @@ fn apply(
             st.generation = st.generation.wrapping_add(1);
         }
         sa::PREEMPT | sa::PREEMPT_AND_ABORT => {
-            // PREEMPT AND ABORT also aborts the preempted nexuses' tasks: commands run to
-            // completion here as they arrive, so no task of theirs is left to abort.
+            // The state change is the same; PREEMPT AND ABORT then aborts the preempted
+            // nexuses' tasks once the new state stands (persistent_reserve_out).
             let Some(i) = me else { return Ok(false) };
             if st.regs[i].key != res_key {
                 return Ok(false);
@@ -873,6 +916,7 @@ fn remove_where(
     for r in std::mem::take(&mut st.regs) {
         if pick(&r) {
             if r != *me {
+                fx.preempted.push(r.clone());
                 fx.ua.push((r, REGISTRATIONS_PREEMPTED));
             }
         } else {

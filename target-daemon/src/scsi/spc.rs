@@ -40,7 +40,7 @@ pub(crate) fn ready(lun: &Lun) -> Result<(), Sense> {
 }
 
 pub(crate) fn request_sense_cmd(c: &Ctx<'_>) -> CmdResult {
-    let pending = c.target.take_ua(c.nexus.id, c.lun.number);
+    let pending = c.target.take_ua(c.nexus.id, c.lun.number, c.arrived);
     request_sense(Some(c.lun), c.cmd, pending)
 }
 
@@ -245,6 +245,18 @@ fn mode_page(l: &Lun, code: u8, pc: u8) -> Option<Vec<u8>> {
                     p[4] = if l.state().swp { 0x08 } else { 0 };
                 }
                 _ => p[3] = 0x10,
+            }
+            if pc != 1 {
+                // TAS (not changeable): a task aborted by another I_T nexus (PREEMPT AND
+                // ABORT) ends with TASK ABORTED status rather than silently. Linux
+                // (open-iscsi under the SCSI midlayer) retries a TASK ABORTED command at
+                // once, and the retry meets the unit attention and then the reservation
+                // conflict, so a fenced node fails its I/O within milliseconds. With
+                // TAS=0 the command would vanish: the initiator waits for its command
+                // timeout (30 s by default), then runs error recovery (ABORT TASK, LUN
+                // reset) against a LUN it no longer has access to. LIO defaults to
+                // TAS=1 (emulate_tas) for the same reason.
+                p[5] = 0x40;
             }
             p
         }

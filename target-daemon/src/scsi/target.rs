@@ -2,7 +2,9 @@
 //! each CDB to the command that executes it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ftss_proto::cdb::op;
 use ftss_proto::sense::{common, Sense};
@@ -75,6 +77,24 @@ pub trait VendorHandler: Send + Sync {
     fn nexus_removed(&self, _nexus: &ItNexus) {}
 }
 
+/// Held by every task an abort is waiting for, until that task has ended: the aborting
+/// side waits until all its clones are gone, so a task signals its end just by dropping
+/// its clone, even when it ends by unwinding or with its connection.
+#[derive(Clone, Debug)]
+pub struct AbortWait {
+    /// Never sent on: only the drop of the last clone matters.
+    _held: std::sync::mpsc::Sender<()>,
+}
+
+/// The transport side of one I_T nexus, through which the SCSI layer aborts that nexus's
+/// tasks (PREEMPT AND ABORT from another nexus, SPC-4 5.15.11.2.6).
+pub trait TaskAborter: Send + Sync {
+    /// Aborts every task of the nexus for `lun`: tasks not yet handed to the device server
+    /// end at once; running ones end when their execution returns. The transport keeps a
+    /// clone of `wait` with each task until it has ended, then drops it.
+    fn abort_lun_tasks(&self, lun: u64, wait: AbortWait);
+}
+
 /// What a command returns before the transport sees it.
 pub(crate) struct Reply {
     pub(crate) status: u8,
@@ -103,18 +123,33 @@ pub(crate) struct Ctx<'a> {
     pub(crate) nexus: &'a ItNexus,
     pub(crate) lun: &'a Lun,
     pub(crate) cmd: &'a ScsiCommand<'a>,
+    /// Unit attention clock when the command arrived (see [`ScsiTarget::arrival`]).
+    pub(crate) arrived: u64,
 }
 
 /// A SCSI target device with its logical units.
 pub struct ScsiTarget {
     pub(crate) identity: TargetIdentity,
     pub(crate) luns: BTreeMap<u64, Lun>,
-    /// Pending unit attentions per (nexus id, LUN), oldest first.
-    ua: Mutex<HashMap<(u64, u64), VecDeque<Sense>>>,
+    /// Pending unit attentions per (nexus id, LUN), ticked by [`Self::ua_clock`].
+    ua: Mutex<HashMap<(u64, u64), UaQueue>>,
+    /// Ticks once per unit attention established: a command reports only those older than
+    /// its arrival.
+    ua_clock: AtomicU64,
     /// Nexuses known to the target.
     nexuses: Mutex<HashMap<u64, ItNexus>>,
+    /// How to reach each nexus's transport to abort its tasks, by nexus id. Kept past
+    /// the nexus's removal while commands it sent still execute.
+    aborters: Mutex<HashMap<u64, NexusAborter>>,
     vendor: Mutex<Option<Arc<dyn VendorHandler>>>,
 }
+
+/// A nexus and the way to abort its tasks.
+type NexusAborter = (ItNexus, Arc<dyn TaskAborter>);
+
+/// Pending unit attentions of one nexus on one LUN, oldest first, with the clock tick
+/// that established each.
+type UaQueue = VecDeque<(Sense, u64)>;
 
 /// Unit attentions kept per nexus and LUN; older ones are dropped past this.
 const UA_QUEUE_MAX: usize = 16;
@@ -139,7 +174,9 @@ impl ScsiTarget {
             identity,
             luns: map,
             ua: Mutex::new(HashMap::new()),
+            ua_clock: AtomicU64::new(0),
             nexuses: Mutex::new(HashMap::new()),
+            aborters: Mutex::new(HashMap::new()),
             vendor: Mutex::new(None),
         })
     }
@@ -192,9 +229,55 @@ impl ScsiTarget {
             h.nexus_added(nexus);
         }
         lock(&self.nexuses).insert(nexus.id, nexus.clone());
-        let mut ua = lock(&self.ua);
         for &l in self.luns.keys() {
-            ua.insert((nexus.id, l), VecDeque::from([common::POWER_ON_RESET]));
+            lock(&self.ua).remove(&(nexus.id, l));
+            self.queue_ua(nexus.id, l, common::POWER_ON_RESET);
+        }
+    }
+
+    /// Registers how to abort `nexus`'s tasks (its connection). It outlives
+    /// [`Self::nexus_removed`] on purpose: commands of a closed connection may still be
+    /// executing, and an abort must wait for them too. The transport removes it with
+    /// [`Self::remove_task_aborter`] once they have ended.
+    pub fn set_task_aborter(&self, nexus: &ItNexus, aborter: Arc<dyn TaskAborter>) {
+        lock(&self.aborters).insert(nexus.id, (nexus.clone(), aborter));
+    }
+
+    /// Nothing of `nexus` is left to abort.
+    pub fn remove_task_aborter(&self, nexus: u64) {
+        lock(&self.aborters).remove(&nexus);
+    }
+
+    /// Aborts the tasks for `lun` of every nexus `pick` selects, live or closed with
+    /// commands still executing, and waits, at most `timeout`, until each of them has
+    /// ended. Returns how many nexuses were asked and whether all their tasks ended in
+    /// time.
+    pub(crate) fn abort_tasks(
+        &self,
+        pick: impl Fn(&ItNexus) -> bool,
+        lun: u64,
+        timeout: Duration,
+    ) -> (usize, bool) {
+        let aborters: Vec<_> = lock(&self.aborters)
+            .values()
+            .filter(|(n, _)| pick(n))
+            .map(|(_, a)| Arc::clone(a))
+            .collect();
+        let asked = aborters.len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for a in aborters {
+            a.abort_lun_tasks(lun, AbortWait { _held: tx.clone() });
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                // Nothing sends; tolerate it anyway.
+                Ok(()) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return (asked, true),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return (asked, false),
+            }
         }
     }
 
@@ -244,12 +327,22 @@ impl ScsiTarget {
     pub(crate) fn queue_ua(&self, nexus: u64, lun: u64, s: Sense) {
         let mut ua = lock(&self.ua);
         let q = ua.entry((nexus, lun)).or_default();
-        if !q.contains(&s) {
+        if !q.iter().any(|(p, _)| *p == s) {
             if q.len() == UA_QUEUE_MAX {
                 q.pop_front();
             }
-            q.push_back(s);
+            // Ticked under the lock, so each queue stays in clock order.
+            let tick = self.ua_clock.fetch_add(1, Ordering::SeqCst) + 1;
+            q.push_back((s, tick));
         }
+    }
+
+    /// The unit attention clock now: what the transport records when a command arrives
+    /// (is delivered in CmdSN order) and later gives to [`Self::execute_arrived`]. SAM-5
+    /// reports a unit attention to commands received after it was established; a write
+    /// that waits for its data meanwhile must not take it (the next command does).
+    pub fn arrival(&self) -> u64 {
+        self.ua_clock.load(Ordering::SeqCst)
     }
 
     /// Unit attention for every nexus but `except` on `lun` (e.g. mode parameters changed).
@@ -264,10 +357,15 @@ impl ScsiTarget {
         }
     }
 
-    pub(crate) fn take_ua(&self, nexus: u64, lun: u64) -> Option<Sense> {
-        lock(&self.ua)
-            .get_mut(&(nexus, lun))
-            .and_then(VecDeque::pop_front)
+    /// The oldest unit attention pending for `nexus` on `lun` that a command which
+    /// arrived at clock `arrived` may report, now reported (cleared).
+    pub(crate) fn take_ua(&self, nexus: u64, lun: u64, arrived: u64) -> Option<Sense> {
+        let mut ua = lock(&self.ua);
+        let q = ua.get_mut(&(nexus, lun))?;
+        match q.front() {
+            Some(&(_, tick)) if tick <= arrived => q.pop_front().map(|(s, _)| s),
+            _ => None,
+        }
     }
 
     fn fail(&self, lun: Option<&Lun>, s: Sense) -> ScsiOutcome {
@@ -286,8 +384,19 @@ impl ScsiTarget {
         self.fail(self.luns.get(&lun), super::sbc::media(e, true))
     }
 
-    /// Executes one command. Blocking; many may run at once.
+    /// Executes one command that arrives now. Blocking; many may run at once.
     pub fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
+        self.execute_arrived(nexus, cmd, u64::MAX)
+    }
+
+    /// Executes one command that arrived when [`Self::arrival`] said `arrived`: unit
+    /// attentions established since are left for later commands. Blocking.
+    pub fn execute_arrived(
+        &self,
+        nexus: &ItNexus,
+        cmd: &ScsiCommand<'_>,
+        arrived: u64,
+    ) -> ScsiOutcome {
         let Some(&opcode) = cmd.cdb.first() else {
             return self.fail(None, common::INVALID_OPCODE);
         };
@@ -340,7 +449,7 @@ impl ScsiTarget {
             );
         }
         if !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE) {
-            if let Some(ua) = self.take_ua(nexus.id, cmd.lun) {
+            if let Some(ua) = self.take_ua(nexus.id, cmd.lun, arrived) {
                 return self.fail(Some(lun), ua);
             }
         }
@@ -356,6 +465,7 @@ impl ScsiTarget {
             nexus,
             lun,
             cmd,
+            arrived,
         };
         match (entry.run)(&ctx) {
             Ok(r) => outcome(r),
@@ -773,5 +883,78 @@ const fn pr_out(sa: u8) -> Command {
         cdb_len: 10,
         usage: &[0xff, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x04],
         run: pr::persistent_reserve_out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Ends its "task" on a thread of its own, flagging the end just before it lets go
+    /// of the wait.
+    struct EndsLater(Arc<AtomicBool>);
+
+    impl TaskAborter for EndsLater {
+        fn abort_lun_tasks(&self, _lun: u64, wait: AbortWait) {
+            let ended = Arc::clone(&self.0);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                ended.store(true, Ordering::SeqCst);
+                drop(wait);
+            });
+        }
+    }
+
+    /// Never lets go of the wait: a task stuck in its backing store.
+    struct Stuck(Mutex<Vec<AbortWait>>);
+
+    impl TaskAborter for Stuck {
+        fn abort_lun_tasks(&self, _lun: u64, wait: AbortWait) {
+            lock(&self.0).push(wait);
+        }
+    }
+
+    fn target() -> ScsiTarget {
+        let id = TargetIdentity {
+            iqn: "iqn.2026-11.org.ftss:t".into(),
+        };
+        ScsiTarget::new(id, Vec::new()).expect("target")
+    }
+
+    #[test]
+    fn abort_waits_for_every_task_and_gives_up_after_the_timeout() {
+        let t = target();
+        let nexus = |id: u64| ItNexus {
+            id,
+            initiator_name: Arc::from("iqn.2026-11.org.ftss:i"),
+            isid: [0x40, 0, 0, 0, 0, id as u8],
+            tpgt: 1,
+        };
+        let ended = Arc::new(AtomicBool::new(false));
+        t.set_task_aborter(&nexus(1), Arc::new(EndsLater(Arc::clone(&ended))));
+        t.set_task_aborter(&nexus(2), Arc::new(Stuck(Mutex::new(Vec::new()))));
+        let secs = Duration::from_secs(5);
+        assert_eq!(t.abort_tasks(|n| n.id == 7, 0, secs), (0, true), "nobody");
+        assert_eq!(t.abort_tasks(|n| n.id == 1, 0, secs), (1, true));
+        assert!(
+            ended.load(Ordering::SeqCst),
+            "returned before the task ended"
+        );
+        let short = Duration::from_millis(100);
+        assert_eq!(t.abort_tasks(|_| true, 0, short), (2, false), "stuck");
+        t.remove_task_aborter(2);
+        assert_eq!(t.abort_tasks(|_| true, 0, short), (1, true));
+    }
+
+    #[test]
+    fn a_unit_attention_waits_for_commands_that_arrive_after_it() {
+        let t = target();
+        let before = t.arrival();
+        t.queue_ua(1, 0, common::POWER_ON_RESET);
+        assert_eq!(t.take_ua(1, 0, before), None, "older command");
+        let after = t.arrival();
+        assert_eq!(t.take_ua(1, 0, after), Some(common::POWER_ON_RESET));
+        assert_eq!(t.take_ua(1, 0, u64::MAX), None, "reported once");
     }
 }
