@@ -160,6 +160,11 @@ pub struct MediaConfig {
     /// loss); "volatile": GOOD on reaching the cache, durable after SYNCHRONIZE CACHE/FUA.
     #[serde(default = "default_cache_mode")]
     pub cache: String,
+    /// How records enter the mapped cache file: "write" (`pwrite`, for ordinary file
+    /// systems; the default) or "map" (CPU stores through the map, for a DAX file on
+    /// persistent memory). Commits are the same msync either way.
+    #[serde(default = "default_cache_writes")]
+    pub cache_writes: String,
     /// Bytes per second a mirror rebuild copies unless the admin command says otherwise,
     /// so a rebuild does not starve the LUN's own I/O.
     #[serde(default = "default_rebuild_rate")]
@@ -172,6 +177,7 @@ impl Default for MediaConfig {
             cache_path: default_cache_path(),
             cache_size: default_cache_size(),
             cache: default_cache_mode(),
+            cache_writes: default_cache_writes(),
             rebuild_rate: default_rebuild_rate(),
         }
     }
@@ -185,6 +191,9 @@ fn default_cache_size() -> String {
 }
 fn default_cache_mode() -> String {
     "nonvolatile".into()
+}
+fn default_cache_writes() -> String {
+    "write".into()
 }
 fn default_rebuild_rate() -> String {
     "64MiB".into()
@@ -393,6 +402,12 @@ impl Config {
             return Err(invalid(
                 "media.cache",
                 format!("{:?}: want \"nonvolatile\" or \"volatile\"", m.cache),
+            ));
+        }
+        if m.cache_writes != "write" && m.cache_writes != "map" {
+            return Err(invalid(
+                "media.cache_writes",
+                format!("{:?}: want \"write\" or \"map\"", m.cache_writes),
             ));
         }
         if let Some(p) = &self.packets {
@@ -649,6 +664,9 @@ mod tests {
                 .contains("target[0].lun[0].path")
         );
         assert!(err(&format!("[media]\ncache=\"sometimes\"\n{base}")).contains("media.cache"));
+        assert!(
+            err(&format!("[media]\ncache_writes=\"dma\"\n{base}")).contains("media.cache_writes")
+        );
         assert!(err("[server]\nportals=[\"nope\"]\n").contains("server.portals[0]"));
         assert!(err(&format!(
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nblock_size=1000\n"

@@ -116,7 +116,13 @@ pub(crate) fn open_targets(
         })?;
         let path = resolve(dir, &m.cache_path);
         Some(
-            WriteCache::open(&path, size, volumes.clone()).map_err(|e| ServerError::Lun {
+            WriteCache::open_with(
+                &path,
+                size,
+                volumes.clone(),
+                config.media.cache_writes == "map",
+            )
+            .map_err(|e| ServerError::Lun {
                 iqn: String::new(),
                 lun: 0,
                 msg: format!("write cache {}: {e}", path.display()),

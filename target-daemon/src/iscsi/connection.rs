@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::session::{SessionCtx, SessionKind};
 use super::transfer::{data_in_pieces, WriteCollect, XferError, XferLimits};
-use crate::media::cache::defer_commits;
+use crate::media::cache::{self, defer_commits, PendingCommits};
 use crate::scsi::{AbortWait, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter, TaskAttr};
 
 /// SCSI status values the transport itself produces.
@@ -278,6 +278,44 @@ fn transport_sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
     s[12] = asc;
     s[13] = ascq;
     s
+}
+
+/// Hands a command's outcome to its connection once the writes it made are committed
+/// (at once when it made none). A commit that fails turns GOOD into CHECK CONDITION.
+#[allow(clippy::too_many_arguments)]
+fn complete(
+    rt: &tokio::runtime::Handle,
+    tx: mpsc::UnboundedSender<Done>,
+    scsi: Arc<crate::scsi::ScsiTarget>,
+    lun: u64,
+    itt: u32,
+    generation: u64,
+    outcome: ScsiOutcome,
+    commits: PendingCommits,
+) {
+    if commits.is_empty() {
+        let _ = tx.send(Done {
+            itt,
+            generation,
+            outcome,
+        });
+        return;
+    }
+    rt.spawn(async move {
+        let outcome = match commits.wait().await {
+            // A command that failed anyway keeps its own sense.
+            Err(e) if outcome.status == STATUS_GOOD => {
+                warn!("write not committed: {e}");
+                scsi.commit_failed(lun, e)
+            }
+            _ => outcome,
+        };
+        let _ = tx.send(Done {
+            itt,
+            generation,
+            outcome,
+        });
+    });
 }
 
 impl Conn {
@@ -746,6 +784,24 @@ impl Conn {
         task.end = Arc::downgrade(&end);
         let tx = self.done_tx.clone();
         let rt = tokio::runtime::Handle::current();
+        if scsi.runs_inline(lun, &cdb, data.len()) {
+            let cmd = ExecCmd {
+                lun,
+                cdb: &cdb,
+                data_out: &data,
+                expected_len,
+                attr: at,
+            };
+            let inline =
+                cache::run_inline(|| defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived)));
+            if let Some((outcome, commits)) = inline {
+                // Ran to its end here: nothing of it is left for an abort to wait for.
+                drop(end);
+                complete(&rt, tx, scsi, lun, itt, generation, outcome, commits);
+                self.activate_parked();
+                return;
+            }
+        }
         tokio::task::spawn_blocking(move || {
             // Dropped when this thread is done with the command, however it ends.
             let _end = end;
@@ -759,29 +815,7 @@ impl Conn {
             // Writes append to the write cache here; the wait for their commit happens
             // on the async side, so queue-deep writers do not each hold a thread.
             let (outcome, commits) = defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived));
-            if commits.is_empty() {
-                let _ = tx.send(Done {
-                    itt,
-                    generation,
-                    outcome,
-                });
-                return;
-            }
-            rt.spawn(async move {
-                let outcome = match commits.wait().await {
-                    // A command that failed anyway keeps its own sense.
-                    Err(e) if outcome.status == STATUS_GOOD => {
-                        warn!("write not committed: {e}");
-                        scsi.commit_failed(lun, e)
-                    }
-                    _ => outcome,
-                };
-                let _ = tx.send(Done {
-                    itt,
-                    generation,
-                    outcome,
-                });
-            });
+            complete(&rt, tx, scsi, lun, itt, generation, outcome, commits);
         });
         self.activate_parked();
     }

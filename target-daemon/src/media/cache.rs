@@ -87,6 +87,8 @@ struct Inner {
     /// End position and last sequence covered by flushes started so far.
     claimed_pos: u64,
     claimed_seq: u64,
+    /// Highest sequence number any waiter has asked to see committed.
+    wanted_seq: u64,
     /// Flushes running, oldest first: (end position, last sequence, finished).
     inflight: VecDeque<(u64, u64, bool)>,
     /// Ids are positions in `inflight` offset by this (ids of popped flights are gone).
@@ -144,8 +146,8 @@ impl WriteCache {
     }
 
     /// Copies `data` into the map at byte `off`.
-    fn put(&self, off: u64, data: &[u8]) {
-        self.map.put(off as usize, data);
+    fn put(&self, off: u64, data: &[u8]) -> Result<(), MediaError> {
+        self.map.put(off as usize, data).map_err(MediaError::Io)
     }
 
     /// Copies bytes out of the map at byte `off`.
@@ -168,11 +170,23 @@ impl WriteCache {
     }
 
     /// Opens the cache file (creating it with `size` bytes), recovers committed records
-    /// into the mirror sets, and starts the destage thread.
+    /// into the mirror sets, and starts the destage thread. Records go in with `pwrite`
+    /// ([`Stores::Write`](super::disk::Stores)).
     pub fn open(
         path: &Path,
         size: u64,
         volumes: HashMap<u32, Arc<MirrorSet>>,
+    ) -> Result<Arc<Self>, MediaError> {
+        Self::open_with(path, size, volumes, false)
+    }
+
+    /// [`open`](Self::open), storing records through the map when `map_stores` is set
+    /// ([`Stores::Map`](super::disk::Stores), for DAX files).
+    pub fn open_with(
+        path: &Path,
+        size: u64,
+        volumes: HashMap<u32, Arc<MirrorSet>>,
+        map_stores: bool,
     ) -> Result<Arc<Self>, MediaError> {
         if size < RING_START + (1 << 20) {
             return Err(MediaError::Failed(format!(
@@ -197,7 +211,7 @@ impl WriteCache {
         if fresh {
             preallocate(&f, size)?;
         }
-        let map = MmapRegion::new(&f)?;
+        let map = MmapRegion::new(&f, map_stores)?;
         Self::open_region(Box::new(map), fresh, &path.display().to_string(), volumes)
     }
 
@@ -222,6 +236,7 @@ impl WriteCache {
                 durable_pos: 0,
                 claimed_pos: 0,
                 claimed_seq: 0,
+                wanted_seq: 0,
                 inflight: VecDeque::new(),
                 inflight_base: 0,
                 queue: VecDeque::new(),
@@ -265,7 +280,7 @@ impl WriteCache {
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         let slot = (sb_seq % 2) * SB_LEN;
-        self.put(slot, &b);
+        self.put(slot, &b)?;
         self.map
             .flush_range(slot as usize, SB_LEN as usize)
             .map_err(MediaError::Io)
@@ -410,9 +425,11 @@ impl WriteCache {
             if g.head + need - g.tail <= self.ring {
                 if room_to_end < len {
                     let seq = g.next_seq;
-                    g.next_seq += 1;
                     let hdr = self.header(KIND_WRAP, seq, 0, 0, &[]);
-                    self.put(self.phys(g.head), &hdr);
+                    // A sequence number is used up only by a record that is in: recovery
+                    // stops at a gap.
+                    self.put(self.phys(g.head), &hdr)?;
+                    g.next_seq += 1;
                     let (pos, end) = (g.head, g.head + room_to_end);
                     g.queue.push_back(Pending {
                         seq,
@@ -428,7 +445,7 @@ impl WriteCache {
                 break;
             }
             let now = Instant::now();
-            if now >= deadline || self.stop.load(Ordering::Relaxed) {
+            if now >= deadline || self.stop.load(Ordering::Relaxed) || refuse_wait() {
                 return Err(MediaError::Full);
             }
             g = self
@@ -438,11 +455,13 @@ impl WriteCache {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         let seq = g.next_seq;
-        g.next_seq += 1;
         let pos = g.head;
         let hdr = self.header(KIND_BLOCKS, seq, volume, lba, data);
-        self.put(self.phys(pos), &hdr);
-        self.put(self.phys(pos) + HDR_LEN, data);
+        // Head moves only once both parts are in: a failed store leaves no record, and the
+        // next append overwrites what it left.
+        self.put(self.phys(pos), &hdr)?;
+        self.put(self.phys(pos) + HDR_LEN, data)?;
+        g.next_seq += 1;
         g.head = pos + len;
         g.appended_seq = seq;
         for (k, _) in data.chunks(bs as usize).enumerate() {
@@ -546,6 +565,23 @@ impl WriteCache {
         Ok(())
     }
 
+    /// Runs `f`, then at once the next flush for whatever waiters have asked for in the
+    /// meantime: a queue-deep writer then finds the device busy with back-to-back commits
+    /// instead of idle while a new flusher is woken.
+    fn fly_on(&self, mut f: Flight) {
+        loop {
+            if self.fly(f).is_err() {
+                return;
+            }
+            let mut g = lock(&self.inner);
+            let wanted = g.wanted_seq;
+            match self.claim(&mut g, wanted) {
+                Some(next) => f = next,
+                None => return,
+            }
+        }
+    }
+
     /// Waits until record `seq` is committed, blocking the thread. A waiter whose record
     /// no running flush covers runs one itself for everything appended so far.
     pub fn wait_durable(&self, seq: u64) -> Result<(), MediaError> {
@@ -557,6 +593,7 @@ impl WriteCache {
             if self.stop_commits.load(Ordering::Relaxed) {
                 return Err(MediaError::Failed("write cache stopped".into()));
             }
+            g.wanted_seq = g.wanted_seq.max(seq);
             if let Some(f) = self.claim(&mut g, seq) {
                 drop(g);
                 self.fly(f)?;
@@ -584,11 +621,12 @@ impl WriteCache {
                 if self.stop_commits.load(Ordering::Relaxed) {
                     return Err(MediaError::Failed("write cache stopped".into()));
                 }
+                g.wanted_seq = g.wanted_seq.max(seq);
                 if let Some(f) = self.claim(&mut g, seq) {
                     drop(g);
                     let c = Arc::clone(self);
                     // The outcome reaches every waiter through `durable_tx`.
-                    tokio::task::spawn_blocking(move || c.fly(f));
+                    tokio::task::spawn_blocking(move || c.fly_on(f));
                 }
             }
             if rx.changed().await.is_err() {
@@ -828,6 +866,44 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// Set by [`run_inline`]: `Some(false)` while a command runs on an async worker,
+    /// `Some(true)` once an append found the ring full and gave up instead of waiting.
+    static NO_WAIT: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (one write command) on the calling async worker: an append that would have
+/// to wait for ring space fails instead, and then `None` says to discard the outcome and
+/// run the command again on a blocking thread. Only for commands whose single append is
+/// their first and only effect, so a refused one has changed nothing. A write that fits
+/// is a copy into the map; running it in place saves the thread handoff that otherwise
+/// dominates a small write's cost.
+pub fn run_inline<R>(f: impl FnOnce() -> R) -> Option<R> {
+    struct Scope(Option<bool>);
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            NO_WAIT.with(|n| n.set(self.0));
+        }
+    }
+    let _scope = Scope(NO_WAIT.with(|n| n.replace(Some(false))));
+    let r = f();
+    match NO_WAIT.with(std::cell::Cell::get) {
+        Some(true) => None,
+        _ => Some(r),
+    }
+}
+
+/// In a [`run_inline`] scope: notes that the command would have blocked. `false` outside.
+fn refuse_wait() -> bool {
+    NO_WAIT.with(|n| match n.get() {
+        Some(_) => {
+            n.set(Some(true));
+            true
+        }
+        None => false,
+    })
+}
+
 /// Commits that a command's writes still need before it may be acknowledged.
 #[derive(Default)]
 pub struct PendingCommits(Waits);
@@ -950,6 +1026,10 @@ impl BlockStore for CachedVolume {
         self.mode
     }
 
+    fn writes_in_memory(&self) -> bool {
+        true
+    }
+
     fn health(&self) -> Result<(), MediaError> {
         if self
             .mirrors
@@ -1057,7 +1137,8 @@ mod tests {
                 c.wait_durable(s).expect("commit");
             }
             positions = lock(&c.inner).queue.iter().map(|p| p.pos).collect();
-            c.put(c.phys(positions[0]) + HDR_LEN + 3, &[0x55]);
+            c.put(c.phys(positions[0]) + HDR_LEN + 3, &[0x55])
+                .expect("put");
             c.map.flush_range(0, c.map.size()).expect("flush");
         }
         drop(vols);
@@ -1108,7 +1189,7 @@ mod tests {
             c.wait_durable(s).expect("commit");
             let pos = lock(&c.inner).queue.back().map(|p| p.pos).expect("queued");
             let off = c.phys(pos) + HDR_LEN + 7;
-            c.put(off, &[0xee]);
+            c.put(off, &[0xee]).expect("put");
             c.map.flush_range(0, c.map.size()).expect("flush");
         }
         drop(vols);

@@ -52,7 +52,7 @@ pub trait Region: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> usize;
     /// Copies `data` in at `off`. The caller owns that range (no concurrent writer).
-    fn put(&self, off: usize, data: &[u8]);
+    fn put(&self, off: usize, data: &[u8]) -> io::Result<()>;
     /// Copies bytes out at `off`.
     fn get(&self, off: usize, buf: &mut [u8]);
     /// Makes the range durable (msync MS_SYNC).
@@ -62,13 +62,33 @@ pub trait Region: Send + Sync {
 /// A file mapped shared with memmap2.
 pub struct MmapRegion {
     map: MmapRaw,
+    stores: Stores,
+}
+
+/// How bytes get into the mapped cache file. Either way they land in the same page-cache
+/// pages the map shows, and a commit is the same `msync(MS_SYNC)` of the map's range.
+#[derive(Debug)]
+pub enum Stores {
+    /// `pwrite` on the file. The pages never get writable entries in this process's page
+    /// tables, so the msync that cleans them needs no TLB shootdown on the other CPUs
+    /// running the daemon's threads: on the test machine (2 vCPUs) that halved the commit
+    /// time (see docs/design.md). The default for ordinary file systems.
+    Write(File),
+    /// CPU stores through the map: for a DAX (persistent memory) file, where the map is the
+    /// memory itself and there is no page cache to write through.
+    Map,
 }
 
 impl MmapRegion {
-    /// Maps all of `file`.
-    pub fn new(file: &File) -> io::Result<Self> {
+    /// Maps all of `file`; `map_stores` chooses [`Stores::Map`], else [`Stores::Write`].
+    pub fn new(file: &File, map_stores: bool) -> io::Result<Self> {
         Ok(Self {
             map: MmapRaw::map_raw(file)?,
+            stores: if map_stores {
+                Stores::Map
+            } else {
+                Stores::Write(file.try_clone()?)
+            },
         })
     }
 }
@@ -77,8 +97,12 @@ impl Region for MmapRegion {
     fn size(&self) -> usize {
         self.map.len()
     }
-    fn put(&self, off: usize, data: &[u8]) {
+    fn put(&self, off: usize, data: &[u8]) -> io::Result<()> {
         assert!(off + data.len() <= self.map.len(), "write past the map");
+        if let Stores::Write(f) = &self.stores {
+            use std::os::unix::fs::FileExt;
+            return f.write_all_at(data, off as u64);
+        }
         // SAFETY: inside the mapping (asserted). The write cache reserves every range it
         // writes under its lock for exactly one writer, and readers only read published
         // records, which are not rewritten until destage has moved the tail past them.
@@ -89,6 +113,7 @@ impl Region for MmapRegion {
                 data.len(),
             );
         }
+        Ok(())
     }
     fn get(&self, off: usize, buf: &mut [u8]) {
         assert!(off + buf.len() <= self.map.len(), "read past the map");
@@ -347,9 +372,10 @@ impl Region for SimDisk {
         let s = self.fs.lock();
         s.files.get(&self.name).map_or(0, |f| f.current.len())
     }
-    fn put(&self, off: usize, data: &[u8]) {
+    fn put(&self, off: usize, data: &[u8]) -> io::Result<()> {
         // Stores into a map cannot fail; after the cut they simply never reach the disk.
         let _ = Disk::write_at(self, data, off as u64);
+        Ok(())
     }
     fn get(&self, off: usize, buf: &mut [u8]) {
         let s = self.fs.lock();

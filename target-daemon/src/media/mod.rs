@@ -132,6 +132,13 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Write acknowledgement semantics.
     fn cache_mode(&self) -> CacheMode;
 
+    /// Whether a write is only a copy into memory, with any wait for durability deferred
+    /// (see [`cache::defer_commits`]) and no other blocking than a full cache, which
+    /// [`cache::run_inline`] turns into a refusal. Such writes may run on an async worker.
+    fn writes_in_memory(&self) -> bool {
+        false
+    }
+
     /// `Ok` while the store can serve I/O. A failed backing store makes TEST UNIT READY
     /// fail, which multipath checkers rely on.
     fn health(&self) -> Result<(), MediaError>;

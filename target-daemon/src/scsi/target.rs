@@ -378,6 +378,23 @@ impl ScsiTarget {
         }
     }
 
+    /// Whether the command may run on the connection's async worker rather than a
+    /// blocking thread: a plain WRITE of at most `INLINE_BYTES_MAX` to a LUN whose writes
+    /// are copies into the write cache (see [`crate::media::cache::run_inline`]).
+    pub fn runs_inline(&self, lun: u64, cdb: &[u8], data_len: usize) -> bool {
+        const INLINE_BYTES_MAX: usize = 128 << 10;
+        let write = matches!(
+            cdb.first(),
+            Some(&(op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16))
+        );
+        write
+            && data_len <= INLINE_BYTES_MAX
+            && self
+                .luns
+                .get(&lun)
+                .is_some_and(|l| l.store.writes_in_memory())
+    }
+
     /// The outcome of a command whose writes did not commit (see
     /// [`crate::media::cache::defer_commits`]): it must not report GOOD.
     pub fn commit_failed(&self, lun: u64, e: crate::media::MediaError) -> ScsiOutcome {
