@@ -459,8 +459,9 @@ impl WriteCache {
         let hdr = self.header(KIND_BLOCKS, seq, volume, lba, data);
         // Head moves only once both parts are in: a failed store leaves no record, and the
         // next append overwrites what it left.
-        self.put(self.phys(pos), &hdr)?;
-        self.put(self.phys(pos) + HDR_LEN, data)?;
+        self.map
+            .put_parts(self.phys(pos) as usize, &[&hdr, data])
+            .map_err(MediaError::Io)?;
         g.next_seq += 1;
         g.head = pos + len;
         g.appended_seq = seq;
@@ -1073,8 +1074,17 @@ mod tests {
 
     #[test]
     fn writes_read_back_before_and_after_destage() {
-        let (d, vols) = setup("rw", 2);
-        let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("open");
+        for map_stores in [false, true] {
+            writes_read_back(map_stores);
+        }
+    }
+
+    /// Both ways records enter the file (pwrite, stores through the map) are read back
+    /// through the map, from the ring and after destage, and recovered after a reopen.
+    fn writes_read_back(map_stores: bool) {
+        let (d, vols) = setup(if map_stores { "rw-map" } else { "rw" }, 2);
+        let c =
+            WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), map_stores).expect("open");
         let v = CachedVolume::new(
             Arc::clone(&c),
             Arc::clone(&vols[&0]),
@@ -1091,6 +1101,21 @@ mod tests {
         let mut raw = vec![0u8; 512];
         vols[&0].read(63, &mut raw).expect("mirror read");
         assert_eq!(raw, block(63), "destaged to the mirrors");
+        // Committed but not destaged: replayed from the file after a reopen.
+        for i in 0..16u64 {
+            v.write_blocks(100 + i, &block(1000 + i), false)
+                .expect("write");
+        }
+        c.shutdown();
+        drop(v);
+        drop(c);
+        let vols = open_volumes(&d);
+        let c = WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), map_stores)
+            .expect("reopen");
+        for i in 0..16u64 {
+            c.read(0, 100 + i, &mut b).expect("read");
+            assert_eq!(b, block(1000 + i), "block {} after reopen", 100 + i);
+        }
         c.shutdown();
         let _ = std::fs::remove_dir_all(d);
     }

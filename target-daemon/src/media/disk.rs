@@ -53,6 +53,15 @@ pub trait Region: Send + Sync {
     fn size(&self) -> usize;
     /// Copies `data` in at `off`. The caller owns that range (no concurrent writer).
     fn put(&self, off: usize, data: &[u8]) -> io::Result<()>;
+    /// Copies `parts`, back to back, in at `off` (one system call where stores are writes).
+    fn put_parts(&self, off: usize, parts: &[&[u8]]) -> io::Result<()> {
+        let mut at = off;
+        for p in parts {
+            self.put(at, p)?;
+            at += p.len();
+        }
+        Ok(())
+    }
     /// Copies bytes out at `off`.
     fn get(&self, off: usize, buf: &mut [u8]);
     /// Makes the range durable (msync MS_SYNC).
@@ -97,6 +106,52 @@ impl Region for MmapRegion {
     fn size(&self) -> usize {
         self.map.len()
     }
+    fn put_parts(&self, off: usize, parts: &[&[u8]]) -> io::Result<()> {
+        let Stores::Write(f) = &self.stores else {
+            let mut at = off;
+            for p in parts {
+                self.put(at, p)?;
+                at += p.len();
+            }
+            return Ok(());
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(off + total <= self.map.len(), "write past the map");
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        use std::os::fd::AsRawFd;
+        // SAFETY: every iovec points into a live slice of `parts` for the call's duration.
+        let n = unsafe {
+            libc::pwritev(
+                f.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // A short write (not expected for a regular file) finishes part by part.
+        let mut done = n as usize;
+        let mut at = off;
+        for p in parts {
+            if done >= p.len() {
+                done -= p.len();
+            } else {
+                self.put(at + done, &p[done..])?;
+                done = 0;
+            }
+            at += p.len();
+        }
+        Ok(())
+    }
+
     fn put(&self, off: usize, data: &[u8]) -> io::Result<()> {
         assert!(off + data.len() <= self.map.len(), "write past the map");
         if let Stores::Write(f) = &self.stores {
