@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # LUN I/O benchmark, ftss-target beside Debian's tgt in one run, same LUN size on the same
 # disk: 4 KiB random reads at queue depth 32 (iscsi-perf -m 32 -b 8) and 4 KiB writes and
-# reads at depth 32 (qemu-img bench). ftss runs three ways: mirrored LUN behind the write
-# cache in nonvolatile mode (GOOD only after the commit msync), the same in volatile mode,
-# and a plain file (page cache, like tgt). Prints IOPS and the ratios to tgt.
+# reads at depth 32 (qemu-img bench). ftss runs four ways: mirrored LUN behind the write
+# cache in nonvolatile mode (GOOD only after the commit msync), the same with records
+# stored through the map instead of pwrite (media.cache_writes = "map", the DAX setting),
+# the same in volatile mode, and a plain file (page cache, like tgt). Prints IOPS and the
+# ratios to tgt.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need iscsi-perf libiscsi-bin
@@ -15,12 +17,14 @@ work=$(mktemp -d)
 trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build
 fp=$(free_port)
+mp=$(free_port)
 vp=$(free_port)
 tp=$(free_port)
 cp=$(tgt_control_index)
 T=iqn.2026-11.org.ftss:bench
-for mode in nonvolatile volatile; do
-  port=$fp
+for mode in nonvolatile nvmap volatile; do
+  port=$fp writes=write cache=$mode
+  [ "$mode" = nvmap ] && port=$mp writes=map cache=nonvolatile
   [ "$mode" = volatile ] && port=$vp
   mkdir -p "$work/$mode"
   cat >"$work/$mode.toml" <<CONF
@@ -29,7 +33,8 @@ portals = ["127.0.0.1:$port"]
 data_dir = "$work/$mode"
 [media]
 cache_size = "256MiB"
-cache = "$mode"
+cache = "$cache"
+cache_writes = "$writes"
 [[target]]
 iqn = "$T"
 [[target.lun]]
@@ -43,6 +48,7 @@ size = "1GiB"
 CONF
 done
 RUST_LOG=info ftss_start "$work/nonvolatile.toml" "$CI_OUT/bench-ftss-nonvolatile.log" "$fp"
+RUST_LOG=info ftss_start "$work/nvmap.toml" "$CI_OUT/bench-ftss-nvmap.log" "$mp"
 RUST_LOG=info ftss_start "$work/volatile.toml" "$CI_OUT/bench-ftss-volatile.log" "$vp"
 truncate -s 1G "$work/tgt.img"
 tgtd_start "$tp" "$cp" "$CI_OUT/bench-tgtd.log"
@@ -50,12 +56,13 @@ tgtadm -C "$cp" --lld iscsi --op new --mode target --tid 1 -T "$T"
 tgtadm -C "$cp" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/tgt.img"
 tgtadm -C "$cp" --lld iscsi --op bind --mode target --tid 1 -I ALL
 nurl="iscsi://127.0.0.1:$fp/$T/0"
+murl="iscsi://127.0.0.1:$mp/$T/0"
 vurl="iscsi://127.0.0.1:$vp/$T/0"
 furl="iscsi://127.0.0.1:$fp/$T/1"
 turl="iscsi://127.0.0.1:$tp/$T/1"
 # Fill the first 256 MiB of every LUN so reads hit written blocks, not holes.
 head -c $((256 << 20)) /dev/urandom >"$work/fill"
-for u in "$nurl" "$vurl" "$furl" "$turl"; do
+for u in "$nurl" "$murl" "$vurl" "$furl" "$turl"; do
   qemu-img convert -n -f raw -O raw "$work/fill" "$u"
 done
 
@@ -71,21 +78,23 @@ qbench() { # url, extra args -> IOPS
   secs=$(echo "$out" | grep -oE 'completed in [0-9.]+' | grep -oE '[0-9.]+$')
   python3 -c "print(int($COUNT / $secs))"
 }
-row() { # label, nonvolatile, volatile, file, tgt
+row() { # label, nonvolatile, nonvolatile-map, volatile, file, tgt
   python3 -c "
-n, v, f, t = $2, $3, $4, $5
+n, m, v, f, t = $2, $3, $4, $5, $6
 r = lambda x: f'{x / t:.2f}' if t else 'n/a'
-print(f'{\"$1\":36} {n:>9} {v:>9} {f:>9} {t:>9} {r(n):>7} {r(f):>7}')"
+print(f'{\"$1\":36} {n:>9} {m:>9} {v:>9} {f:>9} {t:>9} {r(n):>7} {r(f):>7}')"
 }
-all() { # label, function, args -> one row over the four LUNs
+all() { # label, function, args -> one row over the five LUNs
   local label=$1 fn=$2
   shift 2
-  row "$label" "$($fn "$nurl" "$@")" "$($fn "$vurl" "$@")" "$($fn "$furl" "$@")" "$($fn "$turl" "$@")"
+  row "$label" "$($fn "$nurl" "$@")" "$($fn "$murl" "$@")" "$($fn "$vurl" "$@")" \
+    "$($fn "$furl" "$@")" "$($fn "$turl" "$@")"
 }
 {
   echo "LUN benchmark: 1 GiB LUNs, 4 KiB I/O at queue depth 32, loopback, $(nproc) cores"
-  echo "ftss-nv: mirrored + write cache, nonvolatile; ftss-vol: same, volatile; ftss-file: plain file"
-  printf '%-36s %9s %9s %9s %9s %7s %7s\n' "test (IOPS)" "ftss-nv" "ftss-vol" "ftss-file" "tgt" "nv/tgt" "file/tgt"
+  echo "ftss-nv: mirrored + write cache, nonvolatile; nv-map: same, records stored through the map;"
+  echo "ftss-vol: same as ftss-nv, volatile; ftss-file: plain file"
+  printf '%-36s %9s %9s %9s %9s %9s %7s %7s\n' "test (IOPS)" "ftss-nv" "nv-map" "ftss-vol" "ftss-file" "tgt" "nv/tgt" "file/tgt"
   all "iscsi-perf random read -m 32 -b 8" perf
   all "qemu-img bench write -d 32 -s 4k" qbench -w
   all "qemu-img bench read -d 32 -s 4k" qbench
