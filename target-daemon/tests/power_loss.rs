@@ -8,6 +8,8 @@
 //! - volatile mode: every write completed before a SYNCHRONIZE CACHE that returned reads
 //!   back, or something written after it;
 //! - the same after a second cut in the middle of recovery (every other seed);
+//! - on odd seeds the writers wait for commits the way the iSCSI connection does
+//!   (`defer_commits`, then the async `committed`), on even seeds in the blocking call;
 //! - every block holds exactly one version that some writer wrote (never garbage), and a
 //!   scrub of the mirrors finds no disagreement.
 //!
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use ftss_target::media::cache::{CachedVolume, WriteCache};
+use ftss_target::media::cache::{defer_commits, CachedVolume, WriteCache};
 use ftss_target::media::disk::{Disk, SimFs};
 use ftss_target::media::mirror::MirrorSet;
 use ftss_target::media::{BlockStore, CacheMode};
@@ -106,6 +108,13 @@ fn open_media(fs: &SimFs, fresh: bool) -> (Arc<WriteCache>, Arc<MirrorSet>) {
 /// number of guaranteed block versions checked.
 fn run(seed: u64, mode: CacheMode) -> u64 {
     let t0 = std::time::Instant::now();
+    let deferred = seed % 2 == 1;
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime"),
+    );
     let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
     let fs = SimFs::new(seed);
     let (cache, set) = open_media(&fs, true);
@@ -119,8 +128,16 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
     fs.arm(200 + rng.next() % 12_000);
     let mut handles = Vec::new();
     for w in 0..WRITERS {
-        let (vol, log) = (Arc::clone(&vol), Arc::clone(&log));
+        let (vol, log, rt) = (Arc::clone(&vol), Arc::clone(&log), Arc::clone(&rt));
         let mut r = Rng(rng.next() | 1);
+        // A store call as the connection makes it: run it, then wait for its commits.
+        let store = move |f: &dyn Fn() -> bool| -> bool {
+            if !deferred {
+                return f();
+            }
+            let (ok, commits) = defer_commits(f);
+            ok && rt.block_on(commits.wait()).is_ok()
+        };
         handles.push(thread::spawn(move || {
             let base = w * PER_WRITER;
             // Versions already written by this writer but not yet covered by a sync.
@@ -128,7 +145,7 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
             for _ in 0..600 {
                 if mode == CacheMode::Volatile && r.next().is_multiple_of(8) {
                     // SYNCHRONIZE CACHE: everything completed before it must survive.
-                    if vol.flush().is_err() {
+                    if !store(&|| vol.flush().is_ok()) {
                         return;
                     }
                     let mut l = log.lock().expect("log");
@@ -152,7 +169,7 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
                     }
                 }
                 let fua = mode == CacheMode::Volatile && r.next().is_multiple_of(16);
-                if vol.write_blocks(lba, &data, fua).is_err() {
+                if !store(&|| vol.write_blocks(lba, &data, fua).is_ok()) {
                     return; // the power is out
                 }
                 let durable = mode == CacheMode::Nonvolatile || fua;
