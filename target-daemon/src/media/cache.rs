@@ -1278,6 +1278,41 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_write_that_would_wait_for_ring_space_is_refused_without_effect() {
+        let (d, vols) = setup("inline", 2);
+        let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("open");
+        let v = CachedVolume::new(
+            Arc::clone(&c),
+            Arc::clone(&vols[&0]),
+            0,
+            CacheMode::Volatile,
+        );
+        // Both mirrors fail, so destage cannot free the ring: it fills up.
+        vols[&0].inject_eio(0, true);
+        vols[&0].inject_eio(1, true);
+        let mut refused = None;
+        for i in 0..10_000u64 {
+            let before = c.appended_seq();
+            match run_inline(|| v.write_blocks(i % 4096, &block(i), false)) {
+                Some(r) => r.expect("a write with room succeeds"),
+                None => {
+                    refused = Some((i, before));
+                    break;
+                }
+            }
+        }
+        let (i, before) = refused.expect("the ring filled up and an inline write was refused");
+        assert!(i > 1000, "refused only when full, after {i} writes");
+        assert_eq!(c.appended_seq(), before, "a refused write appends nothing");
+        // Outside the scope the same write would wait for space instead (not run here: it
+        // would wait out SPACE_WAIT); inside a new scope it is refused again.
+        assert!(run_inline(|| v.write_blocks(0, &block(0), false)).is_none());
+        assert!(run_inline(|| 7).is_some());
+        c.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
     fn deferred_writes_are_committed_by_async_waiters_and_survive_a_reopen() {
         let (d, vols) = setup("defer", 16);
         let c = WriteCache::open(&d.join("wc"), 16 << 20, vols.clone()).expect("open");
