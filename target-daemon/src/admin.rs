@@ -108,16 +108,25 @@ impl MediaHandles {
                     Some(Ok(r)) => r,
                     Some(Err(_)) => return "error rate must be bytes per second\n".into(),
                 };
-                let (v, name) = (Arc::clone(v), (*name).to_owned());
+                // Visible as rebuilding before the answer, so a status right after it
+                // never shows the old failed state.
+                if let Err(e) = v.begin_rebuild(i) {
+                    return format!("error cannot start the rebuild: {e}\n");
+                }
+                let (set, name) = (Arc::clone(v), (*name).to_owned());
                 let spawned = std::thread::Builder::new()
                     .name("ftss-rebuild".into())
-                    .spawn(move || match v.rebuild(i, rate, |_, _| {}) {
+                    .spawn(move || match set.rebuild(i, rate, |_, _| {}) {
                         Ok(()) => info!(volume = %name, mirror = i, "rebuild done"),
                         Err(e) => warn!(volume = %name, mirror = i, "rebuild failed: {e}"),
                     });
                 match spawned {
                     Ok(_) => format!("ok rebuild of mirror {i} started at {rate} bytes/s\n"),
-                    Err(e) => format!("error cannot start the rebuild: {e}\n"),
+                    Err(e) => {
+                        // Out of service again: no copy is running to make it whole.
+                        v.fail(i, format!("rebuild not started: {e}"));
+                        format!("error cannot start the rebuild: {e}\n")
+                    }
                 }
             }
             ["scrub", name] => {

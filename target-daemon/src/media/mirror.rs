@@ -535,7 +535,7 @@ impl MirrorSet {
 
     /// Takes mirror `i` out of service and raises the survivors' epoch, so it is not
     /// trusted again after a restart until rebuilt.
-    fn fail(&self, i: usize, why: String) {
+    pub(crate) fn fail(&self, i: usize, why: String) {
         {
             let mut s = self.mirrors[i].state();
             if matches!(*s, MirrorState::Failed(_)) {
@@ -694,6 +694,20 @@ impl MirrorSet {
         m.sync()
     }
 
+    /// Puts mirror `target` into service for a rebuild: writers reach it from now on and
+    /// status shows it rebuilding, before the copy starts on its own thread.
+    pub fn begin_rebuild(&self, target: usize) -> Result<(), MediaError> {
+        let m = self
+            .mirrors
+            .get(target)
+            .ok_or_else(|| MediaError::Failed(format!("no mirror {target}")))?;
+        // The replaced disk works before writers may reach it: cleared the other way
+        // round, a write landing in between would fail the mirror again at once.
+        m.inject_eio.store(false, Ordering::Relaxed);
+        *m.state() = MirrorState::Rebuilding(0);
+        Ok(())
+    }
+
     /// Copies every block from a healthy mirror onto mirror `target`, `rate_bytes_s` at
     /// most, while I/O continues, then the current metadata record; `progress(done,
     /// total)` is called per chunk. A write error leaves the mirror failed.
@@ -703,13 +717,7 @@ impl MirrorSet {
         rate_bytes_s: u64,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(), MediaError> {
-        if target >= self.mirrors.len() {
-            return Err(MediaError::Failed(format!("no mirror {target}")));
-        }
-        *self.mirrors[target].state() = MirrorState::Rebuilding(0);
-        self.mirrors[target]
-            .inject_eio
-            .store(false, Ordering::Relaxed);
+        self.begin_rebuild(target)?;
         info!(mirror = %self.mirrors[target].path.display(), "rebuild started");
         let bs = u64::from(self.block_size);
         let chunk = (1u64 << 20) / bs;
