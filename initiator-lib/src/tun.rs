@@ -209,7 +209,7 @@ where
         let mut receiver = Receiver::new(recv_client)
             .starting_after(handed.load(Ordering::Relaxed))
             .with_wait(Duration::from_secs(2));
-        let recv_task = tokio::spawn(async move {
+        let mut recv_task = tokio::spawn(async move {
             loop {
                 let r = receiver.poll().await;
                 recv_handed.fetch_max(receiver.last_seq(), Ordering::Relaxed);
@@ -234,11 +234,22 @@ where
             }
         });
         // Send side: whatever the reader has queued goes out as one SEND.
+        let mut recv_ended = false;
         let broken = loop {
             let mut batch = match unanswered.take() {
                 Some(b) => b,
                 None => {
-                    let Some(first) = rx.recv().await else {
+                    // A node that mostly receives may have nothing to send for a long
+                    // time: the receive side ending (the session is gone) must wake this
+                    // loop too, or the bridge would reconnect only at its next packet out.
+                    let first = tokio::select! {
+                        p = rx.recv() => p,
+                        _ = &mut recv_task => {
+                            recv_ended = true;
+                            break Error::ConnectionClosed;
+                        }
+                    };
+                    let Some(first) = first else {
                         recv_task.abort();
                         return Ok(());
                     };
@@ -286,8 +297,10 @@ where
             }
         };
         warn!("session lost ({broken}); reconnecting");
-        recv_task.abort();
-        let _ = recv_task.await;
+        if !recv_ended {
+            recv_task.abort();
+            let _ = recv_task.await;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
