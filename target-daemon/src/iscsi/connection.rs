@@ -280,41 +280,31 @@ fn transport_sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
     s
 }
 
-/// Hands a command's outcome to its connection once the writes it made are committed
-/// (at once when it made none). A commit that fails turns GOOD into CHECK CONDITION.
-#[allow(clippy::too_many_arguments)]
+/// Hands a command's outcome (`done`, for a command of `lun`) to its connection once the
+/// writes it made are committed (at once when it made none). A commit that fails turns
+/// GOOD into CHECK CONDITION.
 fn complete(
     rt: &tokio::runtime::Handle,
     tx: mpsc::UnboundedSender<Done>,
     scsi: Arc<crate::scsi::ScsiTarget>,
     lun: u64,
-    itt: u32,
-    generation: u64,
-    outcome: ScsiOutcome,
+    mut done: Done,
     commits: PendingCommits,
 ) {
     if commits.is_empty() {
-        let _ = tx.send(Done {
-            itt,
-            generation,
-            outcome,
-        });
+        let _ = tx.send(done);
         return;
     }
     rt.spawn(async move {
-        let outcome = match commits.wait().await {
+        match commits.wait().await {
             // A command that failed anyway keeps its own sense.
-            Err(e) if outcome.status == STATUS_GOOD => {
+            Err(e) if done.outcome.status == STATUS_GOOD => {
                 warn!("write not committed: {e}");
-                scsi.commit_failed(lun, e)
+                done.outcome = scsi.commit_failed(lun, e);
             }
-            _ => outcome,
-        };
-        let _ = tx.send(Done {
-            itt,
-            generation,
-            outcome,
-        });
+            _ => {}
+        }
+        let _ = tx.send(done);
     });
 }
 
@@ -797,7 +787,12 @@ impl Conn {
             if let Some((outcome, commits)) = inline {
                 // Ran to its end here: nothing of it is left for an abort to wait for.
                 drop(end);
-                complete(&rt, tx, scsi, lun, itt, generation, outcome, commits);
+                let done = Done {
+                    itt,
+                    generation,
+                    outcome,
+                };
+                complete(&rt, tx, scsi, lun, done, commits);
                 self.activate_parked();
                 return;
             }
@@ -815,7 +810,12 @@ impl Conn {
             // Writes append to the write cache here; the wait for their commit happens
             // on the async side, so queue-deep writers do not each hold a thread.
             let (outcome, commits) = defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived));
-            complete(&rt, tx, scsi, lun, itt, generation, outcome, commits);
+            let done = Done {
+                itt,
+                generation,
+                outcome,
+            };
+            complete(&rt, tx, scsi, lun, done, commits);
         });
         self.activate_parked();
     }
@@ -847,20 +847,25 @@ impl Conn {
             let data = &o.data_in[..send as usize];
             self.respond_scsi(&task, o.status, o.sense, data, residual, task.r2ts_sent);
         } else if task.report_abort {
-            self.finish_request(task.cmd.immediate);
-            let residual = Residual::of(task.cmd.edtl, 0);
-            self.respond_scsi(
-                &task,
-                STATUS_TASK_ABORTED,
-                None,
-                &[],
-                residual,
-                task.r2ts_sent,
-            );
+            self.respond_aborted(&task);
         } else {
             self.finish_request(task.cmd.immediate);
         }
         self.tmf_task_done(d.itt);
+    }
+
+    /// Ends a task another nexus aborted with TASK ABORTED status (TAS=1), no data.
+    fn respond_aborted(&mut self, task: &Task) {
+        self.finish_request(task.cmd.immediate);
+        let residual = Residual::of(task.cmd.edtl, 0);
+        self.respond_scsi(
+            task,
+            STATUS_TASK_ABORTED,
+            None,
+            &[],
+            residual,
+            task.r2ts_sent,
+        );
     }
 
     fn on_control(&mut self, c: Control) {
@@ -919,16 +924,7 @@ impl Conn {
                 // ends now. Data-Out that still arrives for it finds no task and is
                 // dropped (on_data_out).
                 self.release_write_budget(&task);
-                self.finish_request(task.cmd.immediate);
-                let residual = Residual::of(task.cmd.edtl, 0);
-                self.respond_scsi(
-                    &task,
-                    STATUS_TASK_ABORTED,
-                    None,
-                    &[],
-                    residual,
-                    task.r2ts_sent,
-                );
+                self.respond_aborted(&task);
                 ended += 1;
             }
         }

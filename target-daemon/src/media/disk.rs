@@ -55,17 +55,22 @@ pub trait Region: Send + Sync {
     fn put(&self, off: usize, data: &[u8]) -> io::Result<()>;
     /// Copies `parts`, back to back, in at `off` (one system call where stores are writes).
     fn put_parts(&self, off: usize, parts: &[&[u8]]) -> io::Result<()> {
-        let mut at = off;
-        for p in parts {
-            self.put(at, p)?;
-            at += p.len();
-        }
-        Ok(())
+        put_each(self, off, parts)
     }
     /// Copies bytes out at `off`.
     fn get(&self, off: usize, buf: &mut [u8]);
     /// Makes the range durable (msync MS_SYNC).
     fn flush_range(&self, off: usize, len: usize) -> io::Result<()>;
+}
+
+/// [`Region::put_parts`] as one [`Region::put`] per part.
+fn put_each<R: Region + ?Sized>(r: &R, off: usize, parts: &[&[u8]]) -> io::Result<()> {
+    let mut at = off;
+    for p in parts {
+        r.put(at, p)?;
+        at += p.len();
+    }
+    Ok(())
 }
 
 /// A file mapped shared with memmap2.
@@ -108,12 +113,7 @@ impl Region for MmapRegion {
     }
     fn put_parts(&self, off: usize, parts: &[&[u8]]) -> io::Result<()> {
         let Stores::Write(f) = &self.stores else {
-            let mut at = off;
-            for p in parts {
-                self.put(at, p)?;
-                at += p.len();
-            }
-            return Ok(());
+            return put_each(self, off, parts);
         };
         let total: usize = parts.iter().map(|p| p.len()).sum();
         assert!(off + total <= self.map.len(), "write past the map");
