@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # LUN I/O benchmark, ftss-target beside Debian's tgt in one run, same LUN size on the same
 # disk: 4 KiB random reads at queue depth 32 (iscsi-perf -m 32 -b 8) and 4 KiB writes and
-# reads at depth 32 (qemu-img bench). ftss runs four ways: mirrored LUN behind the write
+# reads at depth 32 (qemu-img bench). ftss runs five ways: mirrored LUN behind the write
 # cache in nonvolatile mode (GOOD only after the commit msync), the same with records
 # stored through the map instead of pwrite (media.cache_writes = "map", the DAX setting),
-# the same in volatile mode, and a plain file (page cache, like tgt). Prints IOPS and the
-# ratios to tgt.
+# the same map setting with the cache file on tmpfs (nv-mem: a memory-speed stand-in for a
+# persistent-memory cache device; it survives kill -9 but not power loss, so it shows what
+# the commit costs on this machine's disk, not a durable configuration), the nonvolatile
+# setup in volatile mode, and a plain file (page cache, like tgt). The mirrors are on the
+# disk in every case. Prints IOPS, the ratios to tgt, and the commit figures of ftss-nv.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need iscsi-perf libiscsi-bin
@@ -14,17 +17,20 @@ need qemu-img qemu-utils
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 COUNT=${COUNT:-200000}
 work=$(mktemp -d)
-trap 'ci_cleanup; rm -rf "$work"' EXIT
+shm=$(mktemp -d /dev/shm/ftss-bench.XXXXXX)
+trap 'ci_cleanup; rm -rf "$work" "$shm"' EXIT
 ftss_build
 fp=$(free_port)
 mp=$(free_port)
+xp=$(free_port)
 vp=$(free_port)
 tp=$(free_port)
 cp=$(tgt_control_index)
 T=iqn.2026-11.org.ftss:bench
-for mode in nonvolatile nvmap volatile; do
-  port=$fp writes=write cache=$mode
+for mode in nonvolatile nvmap nvmem volatile; do
+  port=$fp writes=write cache=$mode cpath="$work/$mode/cache.bin"
   [ "$mode" = nvmap ] && port=$mp writes=map cache=nonvolatile
+  [ "$mode" = nvmem ] && port=$xp writes=map cache=nonvolatile cpath="$shm/cache.bin"
   [ "$mode" = volatile ] && port=$vp
   mkdir -p "$work/$mode"
   cat >"$work/$mode.toml" <<CONF
@@ -33,6 +39,7 @@ portals = ["127.0.0.1:$port"]
 data_dir = "$work/$mode"
 [media]
 cache_size = "256MiB"
+cache_path = "$cpath"
 cache = "$cache"
 cache_writes = "$writes"
 [[target]]
@@ -49,6 +56,7 @@ CONF
 done
 RUST_LOG=info ftss_start "$work/nonvolatile.toml" "$CI_OUT/bench-ftss-nonvolatile.log" "$fp"
 RUST_LOG=info ftss_start "$work/nvmap.toml" "$CI_OUT/bench-ftss-nvmap.log" "$mp"
+RUST_LOG=info ftss_start "$work/nvmem.toml" "$CI_OUT/bench-ftss-nvmem.log" "$xp"
 RUST_LOG=info ftss_start "$work/volatile.toml" "$CI_OUT/bench-ftss-volatile.log" "$vp"
 truncate -s 1G "$work/tgt.img"
 tgtd_start "$tp" "$cp" "$CI_OUT/bench-tgtd.log"
@@ -57,12 +65,13 @@ tgtadm -C "$cp" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$wor
 tgtadm -C "$cp" --lld iscsi --op bind --mode target --tid 1 -I ALL
 nurl="iscsi://127.0.0.1:$fp/$T/0"
 murl="iscsi://127.0.0.1:$mp/$T/0"
+xurl="iscsi://127.0.0.1:$xp/$T/0"
 vurl="iscsi://127.0.0.1:$vp/$T/0"
 furl="iscsi://127.0.0.1:$fp/$T/1"
 turl="iscsi://127.0.0.1:$tp/$T/1"
 # Fill the first 256 MiB of every LUN so reads hit written blocks, not holes.
 head -c $((256 << 20)) /dev/urandom >"$work/fill"
-for u in "$nurl" "$murl" "$vurl" "$furl" "$turl"; do
+for u in "$nurl" "$murl" "$xurl" "$vurl" "$furl" "$turl"; do
   qemu-img convert -n -f raw -O raw "$work/fill" "$u"
 done
 
@@ -78,25 +87,40 @@ qbench() { # url, extra args -> IOPS
   secs=$(echo "$out" | grep -oE 'completed in [0-9.]+' | grep -oE '[0-9.]+$')
   python3 -c "print(int($COUNT / $secs))"
 }
-row() { # label, nonvolatile, nonvolatile-map, volatile, file, tgt
+row() { # label, nonvolatile, nonvolatile-map, nonvolatile-mem, volatile, file, tgt
   python3 -c "
-n, m, v, f, t = $2, $3, $4, $5, $6
-r = lambda x: f'{x / t:.2f}' if t else 'n/a'
-print(f'{\"$1\":36} {n:>9} {m:>9} {v:>9} {f:>9} {t:>9} {r(n):>7} {r(f):>7}')"
+n, m, x, v, f, t = $2, $3, $4, $5, $6, $7
+r = lambda a: f'{a / t:.2f}' if t else 'n/a'
+print(f'{\"$1\":36} {n:>9} {m:>9} {x:>9} {v:>9} {f:>9} {t:>9} {r(n):>7} {r(x):>7}')"
 }
-all() { # label, function, args -> one row over the five LUNs
+all() { # label, function, args -> one row over the six LUNs
   local label=$1 fn=$2
   shift 2
-  row "$label" "$($fn "$nurl" "$@")" "$($fn "$murl" "$@")" "$($fn "$vurl" "$@")" \
-    "$($fn "$furl" "$@")" "$($fn "$turl" "$@")"
+  row "$label" "$($fn "$nurl" "$@")" "$($fn "$murl" "$@")" "$($fn "$xurl" "$@")" \
+    "$($fn "$vurl" "$@")" "$($fn "$furl" "$@")" "$($fn "$turl" "$@")"
+}
+cache_status() { # config -> the "cache ..." line of the daemon's admin status
+  "$CI_ROOT/target/release/ftss-target" --config "$1" admin status | grep '^cache '
+}
+commits() { # status line before, after -> the group commits between them
+  python3 -c "
+import re, sys
+a, b = (dict(re.findall(r'(\w+)=(\d+)', x)) for x in sys.argv[1:3])
+d = lambda k: int(b[k]) - int(a[k])
+r, n, us = d('records'), d('commit_flushes'), d('commit_flush_us')
+print(f'{r} records in {n} commit msyncs ({r / max(n, 1):.1f} per msync), msync avg {us // max(n, 1)} us')" "$1" "$2"
 }
 {
   echo "LUN benchmark: 1 GiB LUNs, 4 KiB I/O at queue depth 32, loopback, $(nproc) cores"
   echo "ftss-nv: mirrored + write cache, nonvolatile; nv-map: same, records stored through the map;"
-  echo "ftss-vol: same as ftss-nv, volatile; ftss-file: plain file"
-  printf '%-36s %9s %9s %9s %9s %9s %7s %7s\n' "test (IOPS)" "ftss-nv" "nv-map" "ftss-vol" "ftss-file" "tgt" "nv/tgt" "file/tgt"
+  echo "nv-mem: nv-map with the cache file on tmpfs (stand-in for persistent memory, not durable"
+  echo "across power loss); ftss-vol: same as ftss-nv, volatile; ftss-file: plain file"
+  printf '%-36s %9s %9s %9s %9s %9s %9s %7s %7s\n' "test (IOPS)" "ftss-nv" "nv-map" "nv-mem" "ftss-vol" "ftss-file" "tgt" "nv/tgt" "mem/tgt"
   all "iscsi-perf random read -m 32 -b 8" perf
+  before=$(cache_status "$work/nonvolatile.toml")
   all "qemu-img bench write -d 32 -s 4k" qbench -w
+  after=$(cache_status "$work/nonvolatile.toml")
   all "qemu-img bench read -d 32 -s 4k" qbench
+  echo "ftss-nv commits in its write test: $(commits "$before" "$after")"
   echo "fsync limit of this disk (one 4 KiB msync): $(fsync_limit "$work")"
 } | tee "$CI_OUT/bench-lun.txt"

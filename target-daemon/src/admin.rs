@@ -50,12 +50,13 @@ impl MediaHandles {
         if let Some(c) = &self.cache {
             let s = c.stats();
             out.push_str(&format!(
-                "cache mode={} ring_bytes={} dirty_bytes={} records={} commit_flushes={} recovered_records={} recovery_ms={}\n",
+                "cache mode={} ring_bytes={} dirty_bytes={} records={} commit_flushes={} commit_flush_us={} recovered_records={} recovery_ms={}\n",
                 self.cache_mode,
                 s.ring_bytes,
                 s.dirty_bytes,
                 s.records,
                 s.commit_flushes,
+                s.commit_flush_us,
                 s.recovered_records,
                 s.recovery_ms
             ));
