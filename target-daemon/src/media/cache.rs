@@ -50,7 +50,8 @@ pub struct CacheStats {
     /// Microseconds those msyncs took in all: with `commit_flushes` and `records`, the
     /// cost of a commit on this device and how many records share one.
     pub commit_flush_us: u64,
-    /// Records committed.
+    /// Records appended (each committed before its write is acknowledged in nonvolatile
+    /// mode; in volatile mode only by a later flush or destage).
     pub records: u64,
     /// Records replayed at the last start.
     pub recovered_records: u64,
