@@ -13,7 +13,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need iscsi-perf libiscsi-bin
 need tgtd tgt
-need qemu-img qemu-utils
+need_qemu
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 COUNT=${COUNT:-200000}
 work=$(mktemp -d)

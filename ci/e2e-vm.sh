@@ -29,7 +29,7 @@ fi
   echo "vm-initiator not found (set VM_INITIATOR)" >&2
   exit 2
 }
-need qemu-system-x86_64 qemu-system-x86
+need_qemu
 
 IQN=iqn.2026-11.org.ftss:e2e
 HOST_IQN=iqn.2026-11.org.ftss:host-node

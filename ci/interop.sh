@@ -5,12 +5,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need iscsi-ls libiscsi-bin
-need qemu-img qemu-utils
-# qemu-img lists iscsi among its formats even when the module is absent; look for the file.
-if ! ls /usr/lib/*/qemu/block-iscsi.so >/dev/null 2>&1; then
-  echo "installing qemu-block-extra for qemu-img's iscsi driver"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades qemu-utils qemu-block-extra >/dev/null
-fi
+need_qemu
 work=$(mktemp -d)
 trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build

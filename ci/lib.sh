@@ -41,11 +41,24 @@ wait_port() {
 }
 
 # Installs Debian packages when a command is missing (CI runs as root).
+# qemu packages go through need_qemu: the image may hold qemu-utils 10 from
+# bookworm-backports, beside which bookworm's qemu-system-x86 does not install.
 need() {
   local cmd=$1 pkg=$2
   if ! command -v "$cmd" >/dev/null 2>&1; then
     echo "installing $pkg for $cmd"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+  fi
+}
+
+# need_qemu: qemu-img with its iscsi driver and qemu-system-x86_64, the bookworm versions
+# together (--allow-downgrades replaces a backports qemu-utils).
+need_qemu() {
+  if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1 ||
+    ! ls /usr/lib/*/qemu/block-iscsi.so >/dev/null 2>&1; then
+    echo "installing qemu-utils/bookworm qemu-block-extra/bookworm qemu-system-x86"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades \
+      qemu-utils/bookworm qemu-block-extra/bookworm qemu-system-x86 >/dev/null
   fi
 }
 

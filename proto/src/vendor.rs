@@ -69,6 +69,9 @@ pub mod asc {
     pub const DESTINATION_DOWN: u8 = 0x03;
     /// ASCQ: the destination node is in maintenance.
     pub const DESTINATION_MAINTENANCE: u8 = 0x04;
+    /// ASCQ: the destination node holds its quota of unacknowledged packets (bytes or
+    /// records); nothing was stored for it. Retry once it has acknowledged some.
+    pub const DESTINATION_QUEUE_FULL: u8 = 0x05;
     /// ASCQ: the packets of the batch had different outcomes; read SEND RESULTS.
     pub const MIXED: u8 = 0x10;
     /// ASCQ, with ILLEGAL REQUEST: the session belongs to no node (no `[[node]]` for its
@@ -285,16 +288,19 @@ pub enum Outcome {
     DestinationDown,
     /// The destination node is in maintenance.
     DestinationMaintenance,
+    /// The destination node's queue is at its quota: not stored, retry later.
+    DestinationQueueFull,
 }
 
 impl Outcome {
     /// Every outcome, in code order.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Delivered,
         Outcome::Accepted,
         Outcome::UnknownDestination,
         Outcome::DestinationDown,
         Outcome::DestinationMaintenance,
+        Outcome::DestinationQueueFull,
     ];
 
     /// The code SEND RESULTS carries; equal to the ASCQ for every outcome but GOOD.
@@ -306,6 +312,7 @@ impl Outcome {
             Outcome::UnknownDestination => asc::UNKNOWN_DESTINATION,
             Outcome::DestinationDown => asc::DESTINATION_DOWN,
             Outcome::DestinationMaintenance => asc::DESTINATION_MAINTENANCE,
+            Outcome::DestinationQueueFull => asc::DESTINATION_QUEUE_FULL,
         }
     }
 

@@ -643,6 +643,7 @@ fn describe(o: Outcome) -> &'static str {
         Outcome::UnknownDestination => "undeliverable: unknown destination",
         Outcome::DestinationDown => "undeliverable: destination down",
         Outcome::DestinationMaintenance => "undeliverable: destination in maintenance",
+        Outcome::DestinationQueueFull => "not stored: destination queue at its quota, retry later",
     }
 }
 
