@@ -227,6 +227,25 @@ impl WriteCache {
         name: &str,
         volumes: HashMap<u32, Arc<MirrorSet>>,
     ) -> Result<Arc<Self>, MediaError> {
+        let cache = Self::open_region_without_destage(map, fresh, name, volumes)?;
+        let c = Arc::clone(&cache);
+        std::thread::Builder::new()
+            .name("ftss-destage".into())
+            .spawn(move || c.destage_loop())
+            .map_err(MediaError::Io)?;
+        Ok(cache)
+    }
+
+    /// [`open_region`](Self::open_region) without the destage thread: the caller moves
+    /// committed records to the mirrors with [`destage_committed`](Self::destage_committed).
+    /// For the deterministic simulations, where a thread's timing must not decide which
+    /// file operation a power cut lands on.
+    pub fn open_region_without_destage(
+        map: Box<dyn Region>,
+        fresh: bool,
+        name: &str,
+        volumes: HashMap<u32, Arc<MirrorSet>>,
+    ) -> Result<Arc<Self>, MediaError> {
         let size = map.size() as u64;
         let cache = WriteCache {
             map,
@@ -264,13 +283,25 @@ impl WriteCache {
             cache.write_superblock(0, 1, 1)?;
             lock(&cache.inner).sb_seq = 1;
         }
-        let cache = Arc::new(cache);
-        let c = Arc::clone(&cache);
-        std::thread::Builder::new()
-            .name("ftss-destage".into())
-            .spawn(move || c.destage_loop())
-            .map_err(MediaError::Io)?;
-        Ok(cache)
+        Ok(Arc::new(cache))
+    }
+
+    /// Destages every committed record now, in the calling thread (what the destage
+    /// thread does in batches); for caches opened without that thread.
+    pub fn destage_committed(&self) -> Result<(), MediaError> {
+        let batch: Vec<(u64, u64, u32, u64, u32)> = {
+            let g = lock(&self.inner);
+            let durable = g.durable_seq;
+            g.queue
+                .iter()
+                .take_while(|p| p.seq <= durable)
+                .map(|p| (p.seq, p.pos, p.volume, p.lba, p.len))
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.destage(&batch)
     }
 
     fn write_superblock(&self, tail: u64, tail_seq: u64, sb_seq: u64) -> Result<(), MediaError> {

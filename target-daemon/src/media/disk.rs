@@ -225,6 +225,17 @@ struct SimState {
     /// Chance (per mille) that an unsynced sector was written back before the cut.
     writeback_permille: u64,
     snapshot: Option<HashMap<String, Vec<u8>>>,
+    /// Injected failures per file name: (writes, syncs) left to fail with EIO.
+    faults: HashMap<String, (u64, u64)>,
+}
+
+/// Which operation [`SimFs::fail_next`] makes fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimFault {
+    /// `write_at`, or a store into the region (a failed `pwrite` into the mapped file).
+    Write,
+    /// `sync`, or `flush_range` (a failed fdatasync or msync).
+    Sync,
 }
 
 /// A simulated file system for power-loss tests. Cloning shares it.
@@ -251,6 +262,7 @@ impl SimFs {
                 rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
                 writeback_permille: 500,
                 snapshot: None,
+                faults: HashMap::new(),
             })),
         }
     }
@@ -289,6 +301,33 @@ impl SimFs {
     pub fn crash(&self) {
         let mut s = self.lock();
         Self::cut(&mut s);
+    }
+
+    /// Makes the next `n` operations of kind `what` on file `name` fail with EIO (the
+    /// data of a failed write does not reach the file). The power stays on.
+    pub fn fail_next(&self, name: &str, what: SimFault, n: u64) {
+        let mut s = self.lock();
+        let f = s.faults.entry(name.to_string()).or_default();
+        match what {
+            SimFault::Write => f.0 = n,
+            SimFault::Sync => f.1 = n,
+        }
+    }
+
+    /// Consumes one injected failure of kind `what` on `name`, if one is left.
+    fn injected(s: &mut SimState, name: &str, what: SimFault) -> bool {
+        let Some(f) = s.faults.get_mut(name) else {
+            return false;
+        };
+        let left = match what {
+            SimFault::Write => &mut f.0,
+            SimFault::Sync => &mut f.1,
+        };
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
     }
 
     /// Whether the power has been cut.
@@ -366,8 +405,20 @@ pub struct SimDisk {
 
 impl SimDisk {
     fn with<R>(&self, f: impl FnOnce(&mut SimFile) -> io::Result<R>) -> io::Result<R> {
+        self.with_fault(None, f)
+    }
+
+    /// [`with`](Self::with) for an operation that an injected `fault` can fail.
+    fn with_fault<R>(
+        &self,
+        fault: Option<SimFault>,
+        f: impl FnOnce(&mut SimFile) -> io::Result<R>,
+    ) -> io::Result<R> {
         let mut s = self.fs.lock();
         SimFs::op(&mut s)?;
+        if fault.is_some_and(|w| SimFs::injected(&mut s, &self.name, w)) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let file = s
             .files
             .get_mut(&self.name)
@@ -401,7 +452,7 @@ impl Disk for SimDisk {
         })
     }
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
-        self.with(|f| {
+        self.with_fault(Some(SimFault::Write), |f| {
             let end = off as usize + data.len();
             if end > f.current.len() {
                 f.current.resize(end, 0);
@@ -414,7 +465,7 @@ impl Disk for SimDisk {
         })
     }
     fn sync(&self) -> io::Result<()> {
-        self.with(|f| {
+        self.with_fault(Some(SimFault::Sync), |f| {
             let n = f.current.len() as u64;
             f.sync_range(0, n);
             Ok(())
@@ -428,9 +479,12 @@ impl Region for SimDisk {
         s.files.get(&self.name).map_or(0, |f| f.current.len())
     }
     fn put(&self, off: usize, data: &[u8]) -> io::Result<()> {
-        // Stores into a map cannot fail; after the cut they simply never reach the disk.
-        let _ = Disk::write_at(self, data, off as u64);
-        Ok(())
+        // After the cut stores simply never reach the disk; only an injected failure (a
+        // failed pwrite into the mapped file) is reported.
+        match Disk::write_at(self, data, off as u64) {
+            Err(e) if !self.fs.is_dead() => Err(e),
+            _ => Ok(()),
+        }
     }
     fn get(&self, off: usize, buf: &mut [u8]) {
         let s = self.fs.lock();
@@ -441,7 +495,7 @@ impl Region for SimDisk {
         }
     }
     fn flush_range(&self, off: usize, len: usize) -> io::Result<()> {
-        self.with(|f| {
+        self.with_fault(Some(SimFault::Sync), |f| {
             f.sync_range(off as u64, len as u64);
             Ok(())
         })

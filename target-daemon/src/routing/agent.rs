@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ftss_proto::sense::{common, key, Sense};
 use ftss_proto::vendor::{
@@ -16,6 +16,7 @@ use ftss_proto::vendor::{
 };
 use tracing::{error, info, warn};
 
+use super::clock::{Clock, SystemClock};
 use super::external::ExternalPort;
 use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError};
 use super::table::{RegisterError, RoutingTable};
@@ -45,6 +46,8 @@ pub struct RoutingAgent {
     /// Last SEND's per-packet outcomes, per nexus.
     results: Mutex<HashMap<u64, (u64, Vec<PacketResult>)>>,
     delivery_timeout: Duration,
+    /// Delivery timeouts read it (a fake one in the packet simulation).
+    clock: Arc<dyn Clock>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,26 +106,10 @@ fn record_size(n: usize) -> usize {
     vendor::DELIVERED_HEADER_LEN + n.div_ceil(4) * 4
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl RoutingAgent {
     /// An agent over `queue`; starts its housekeeping and external-port threads.
     pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> std::io::Result<Arc<Self>> {
-        let external = match &cfg.external {
-            Some((bind, peers)) => Some(ExternalPort::open(*bind, peers)?),
-            None => None,
-        };
-        let agent = Arc::new(RoutingAgent {
-            table: Mutex::new(RoutingTable::new(&cfg.nodes)),
-            queue,
-            external,
-            results: Mutex::new(HashMap::new()),
-            delivery_timeout: cfg.delivery_timeout,
-        });
+        let agent = Self::without_threads(queue, cfg, Arc::new(SystemClock))?;
         let weak = Arc::downgrade(&agent);
         std::thread::Builder::new()
             .name("ftss-routing".into())
@@ -134,6 +121,29 @@ impl RoutingAgent {
                 .spawn(move || external_in(&weak))?;
         }
         Ok(agent)
+    }
+
+    /// An agent over `queue` reading the time from `clock`, with no threads: the caller
+    /// runs [`tick`](Self::tick) itself, and nothing arriving at the external port (if
+    /// configured) is taken in. For the deterministic packet simulation, where a thread's
+    /// timing must not decide anything.
+    pub fn without_threads(
+        queue: Arc<PacketQueue>,
+        cfg: AgentConfig,
+        clock: Arc<dyn Clock>,
+    ) -> std::io::Result<Arc<Self>> {
+        let external = match &cfg.external {
+            Some((bind, peers)) => Some(ExternalPort::open(*bind, peers)?),
+            None => None,
+        };
+        Ok(Arc::new(RoutingAgent {
+            table: Mutex::new(RoutingTable::new(&cfg.nodes)),
+            queue,
+            external,
+            results: Mutex::new(HashMap::new()),
+            delivery_timeout: cfg.delivery_timeout,
+            clock,
+        }))
     }
 
     /// The external port's receiving address, when there is one.
@@ -496,15 +506,19 @@ impl RoutingAgent {
     }
 
     /// Sends failure notices for packets whose destination stayed down too long, and
-    /// lets retention expire acknowledged packets.
-    fn tick(&self) {
+    /// lets retention expire acknowledged packets. The housekeeping thread runs it every
+    /// second.
+    pub fn tick(&self) {
         let down: Vec<(NodeAddr, NodeAddr)> = lock(&self.table)
             .nodes()
             .iter()
             .filter(|n| n.state() == RouteState::Down)
             .map(|n| (n.key(), n.source()))
             .collect();
-        let cutoff = now_ms().saturating_sub(self.delivery_timeout.as_millis() as u64);
+        let cutoff = self
+            .clock
+            .now_ms()
+            .saturating_sub(self.delivery_timeout.as_millis() as u64);
         let mut notices = Vec::new();
         for (key, addr) in down {
             for (sender, id, _seq) in self.queue.overdue(key, cutoff) {

@@ -2,6 +2,7 @@
 //! routing table, the packet queue on the fault-tolerant media, and the external port.
 
 pub mod agent;
+pub mod clock;
 pub mod external;
 pub mod packet_queue;
 pub mod table;

@@ -19,11 +19,12 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ftss_proto::vendor::{NodeAddr, Outcome};
 use tracing::{info, warn};
 
+use super::clock::{Clock, SystemClock};
 use crate::media::cache::WriteCache;
 use crate::media::MediaError;
 
@@ -206,12 +207,8 @@ pub struct PacketQueue {
     inner: Mutex<Inner>,
     /// Signalled when records become deliverable.
     cond: Condvar,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    /// Timestamps and retention read it (a fake one in the packet simulation).
+    clock: Arc<dyn Clock>,
 }
 
 fn le64(b: &[u8], o: usize) -> u64 {
@@ -328,6 +325,18 @@ impl PacketQueue {
         bs: u32,
         opts: QueueOptions,
     ) -> Result<Arc<Self>, QueueError> {
+        Self::open_with_clock(cache, volume, blocks, bs, opts, Arc::new(SystemClock))
+    }
+
+    /// [`open`](Self::open) reading the time from `clock`.
+    pub fn open_with_clock(
+        cache: Arc<WriteCache>,
+        volume: u32,
+        blocks: u64,
+        bs: u32,
+        opts: QueueOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, QueueError> {
         let QueueOptions {
             retain,
             dedup_window,
@@ -356,9 +365,15 @@ impl PacketQueue {
                 dedup_order: VecDeque::new(),
             }),
             cond: Condvar::new(),
+            clock,
         };
         q.recover()?;
         Ok(Arc::new(q))
+    }
+
+    /// Now, by the queue's clock.
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     fn lba(&self, pos: u64) -> u64 {
@@ -560,7 +575,7 @@ impl PacketQueue {
     /// that are acknowledged (and past their retention, unless room is short). Appends a
     /// superblock when the tail moved, before anything reuses the space.
     fn make_room(&self, g: &mut Inner, need: u64) -> Result<(), QueueError> {
-        let now = now_ms();
+        let now = self.now_ms();
         let retain_ms = self.retain.as_millis() as u64;
         let mut moved = false;
         loop {
@@ -682,7 +697,7 @@ impl PacketQueue {
         if packets.is_empty() {
             return Ok(Vec::new());
         }
-        let ts = now_ms();
+        let ts = self.now_ms();
         let (cache_seq, seqs, last, had_dups) = {
             let mut g = lock(&self.inner);
             // Decided for the whole batch before any of it is indexed: the copies of one
