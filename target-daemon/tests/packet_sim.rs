@@ -58,11 +58,12 @@ use ftss_target::scsi::{ItNexus, ScsiCommand, ScsiOutcome, TaskAttr, VendorHandl
 /// - 4: NODE REGISTER refuses ff..ff, multicast and empty lists (step `BadRegister`);
 /// - 6: node ownership survives restarts (step `Steal`: another initiator registers a
 ///   node's address).
-const PENDING_RULES: &[u8] = &[];
+const PENDING_RULES: &[u8] = &[1, 2, 4, 6];
 
 const VOL: u32 = 3;
 const BS: u32 = 512;
-const CACHE_BYTES: u64 = 8192 + (1 << 20);
+/// Small (open_region takes any size) so a snapshot at each power cut copies little.
+const CACHE_BYTES: u64 = 8192 + (256 << 10);
 const ALLOC_BIG: u32 = 1 << 20;
 /// Fake clock start: 2026-12-01.
 const T0_MS: u64 = 1_796_083_200_000;
@@ -293,8 +294,20 @@ fn generate(seed: u64, rules: &BTreeSet<u8>) -> (Cfg, Vec<Op>) {
             840..=939 => Op::Destage,
             940..=954 if rules.contains(&1) => Op::FailWrite { n: 1 + r.below(2) },
             955..=959 if rules.contains(&2) => {
-                crash_due.get_or_insert(ops.len() + 2 + r.below(8) as usize);
-                Op::FailSync
+                // The commit of a SEND fails, and the sender retries it on its other
+                // path before the daemon restarts.
+                crash_due.get_or_insert(ops.len() + 3 + r.below(8) as usize);
+                ops.push(Op::FailSync);
+                let to = vec![(
+                    Dest::Node(r.below(nodes as u64) as usize, 0),
+                    r.below(600) as u16,
+                )];
+                ops.push(Op::Send { node, path, to });
+                Op::Retry {
+                    node,
+                    path: 1 - path,
+                    back: 0,
+                }
             }
             960..=974 => Op::Crash,
             975..=989 => Op::CutIn { ops: r.below(60) },
