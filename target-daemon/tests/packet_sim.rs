@@ -1259,10 +1259,9 @@ impl<'a> Sim<'a> {
     /// Applies an ACK's answer to the copies of `node` whose numbers `covered` says.
     fn acked(&mut self, node: usize, covered: impl Fn(u64) -> bool, o: &ScsiOutcome) -> Check {
         let good = o.status == vendor::status::GOOD;
-        if !good
-            && !(o.status == vendor::status::CHECK_CONDITION && sense_of(o) == Some(HW_ERROR))
-            && o.status != vendor::status::TASK_SET_FULL
-        {
+        let media = o.status == vendor::status::TASK_SET_FULL
+            || (o.status == vendor::status::CHECK_CONDITION && sense_of(o) == Some(HW_ERROR));
+        if !good && !media {
             return Err(self.fail("status", format!("ACK answered {}", show(o))));
         }
         for (k, c) in self.m.copies.iter_mut() {
