@@ -445,6 +445,8 @@ struct Sys {
     agent: Arc<RoutingAgent>,
 }
 
+// Options added later (quotas) take their defaults.
+#[allow(clippy::needless_update)]
 fn open_sys(fs: &SimFs, fresh: bool, cfg: &Cfg, clock: &Arc<FakeClock>) -> Result<Sys, String> {
     let disks: Vec<(PathBuf, Box<dyn Disk>)> = ["a.mirror", "b.mirror"]
         .iter()
@@ -471,6 +473,7 @@ fn open_sys(fs: &SimFs, fresh: bool, cfg: &Cfg, clock: &Arc<FakeClock>) -> Resul
             retain: Duration::from_millis(cfg.retain_ms),
             dedup_window: cfg.dedup_window,
             index_max: cfg.index_max,
+            ..QueueOptions::default()
         },
         Arc::clone(clock) as Arc<dyn Clock>,
     )

@@ -546,6 +546,31 @@ mod tests {
     }
 
     #[test]
+    fn injected_failures_hit_only_their_file_and_kind_and_leave_the_power_on() {
+        let fs = SimFs::new(3);
+        let (d, e) = (fs.file("d"), fs.file("e"));
+        d.set_size(4 * SIM_SECTOR).expect("len");
+        fs.fail_next("d", SimFault::Write, 2);
+        fs.fail_next("d", SimFault::Sync, 1);
+        e.write_at(b"e", 0).expect("another file is not affected");
+        assert!(d.write_at(b"x", 0).is_err(), "first write fails");
+        assert!(
+            Region::put(&d, 1, b"y").is_err(),
+            "a store into the map fails too"
+        );
+        d.write_at(b"z", 2).expect("the third write succeeds");
+        assert!(Region::flush_range(&d, 0, 512).is_err(), "the msync fails");
+        d.sync().expect("the next sync succeeds");
+        assert!(!fs.is_dead());
+        let snap = fs.snapshot();
+        assert_eq!(
+            &snap["d"][..3],
+            b"\0\0z",
+            "failed writes never reached the file"
+        );
+    }
+
+    #[test]
     fn the_power_cut_lands_after_the_armed_number_of_operations() {
         let fs = SimFs::new(1);
         let d = fs.file("f");
