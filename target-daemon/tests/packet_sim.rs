@@ -1628,7 +1628,10 @@ impl<'a> Sim<'a> {
                 lo_b += len;
             }
             let n = if c.may_renew { 2 } else { 1 };
-            if c.owe || c.acked.is_empty() || c.may_renew {
+            // Unacknowledged as far as the model knows: never seen, or seen last under
+            // a number no durable ACK covers (a packet stored again after its release).
+            let unacked = c.seq.is_none_or(|q| !c.acked.contains(&q));
+            if c.owe || unacked || c.may_renew {
                 hi += n;
                 hi_b += n * len;
             }
