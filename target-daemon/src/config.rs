@@ -84,6 +84,11 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
 }
 
+/// Largest packet payload, as a quota floor.
+fn vendor_payload_max() -> u64 {
+    ftss_proto::vendor::PAYLOAD_MAX as u64
+}
+
 /// `[packets]`: where packets are stored and how long they are kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +109,15 @@ pub struct PacketsConfig {
     /// Packet ids remembered per daemon for duplicate suppression (most recent first).
     #[serde(default = "default_dedup_window")]
     pub dedup_window: usize,
+    /// Unacknowledged payload bytes one destination node may hold, with a unit; default
+    /// a quarter of `size`. A node at its quota gets no more packets (senders see
+    /// DESTINATION QUEUE FULL) while every other node's traffic goes on.
+    #[serde(default)]
+    pub node_quota_bytes: Option<String>,
+    /// Unacknowledged packets one destination node may hold; default: as many
+    /// one-block (512-byte) records as a quarter of `size` holds.
+    #[serde(default)]
+    pub node_quota_records: Option<u64>,
     /// The external network port.
     #[serde(default)]
     pub external: Option<ExternalConfig>,
@@ -420,6 +434,18 @@ impl Config {
             }
             if p.dedup_window == 0 {
                 return Err(invalid("packets.dedup_window", "must be at least 1"));
+            }
+            if let Some(q) = &p.node_quota_bytes {
+                let q = parse_size(q).map_err(|e| invalid("packets.node_quota_bytes", e))?;
+                if q < vendor_payload_max() || q > size {
+                    return Err(invalid(
+                        "packets.node_quota_bytes",
+                        "must hold one largest packet (64KiB) and fit in packets.size",
+                    ));
+                }
+            }
+            if p.node_quota_records == Some(0) {
+                return Err(invalid("packets.node_quota_records", "must be at least 1"));
             }
             if let Some(x) = &p.external {
                 x.bind

@@ -17,8 +17,10 @@ use ftss_proto::vendor::{
 use tracing::{error, info, warn};
 
 use super::external::ExternalPort;
-use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError};
-use super::table::{RegisterError, RoutingTable};
+use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError, StoreResult};
+use super::table::{RegisterError, RegistryError, RoutingTable};
+use crate::media::mirror::MirrorSet;
+use crate::media::MediaError;
 use crate::scsi::{ItNexus, ScsiCommand, ScsiOutcome, VendorHandler};
 
 /// Key the external port's packets are queued under: no node can have it (it is not a
@@ -26,6 +28,17 @@ use crate::scsi::{ItNexus, ScsiCommand, ScsiOutcome, VendorHandler};
 pub const EXTERNAL_KEY: NodeAddr = NodeAddr([0xff; 16]);
 /// Longest a RECEIVE waits, whatever its CDB asks: below initiators' command timeouts.
 const RECEIVE_WAIT_MAX: Duration = Duration::from_secs(20);
+
+/// How one record of a SEND is answered.
+enum Slot {
+    /// Decided without storing (a retry of a stored packet, or undeliverable).
+    Fixed(Outcome),
+    /// The same packet id earlier in the batch: answered as that record.
+    SameAs(usize),
+    /// Stored as these entries of the batch handed to the queue, with this outcome
+    /// unless the queue says otherwise.
+    Copies(std::ops::Range<usize>, Outcome),
+}
 
 /// Settings of the agent.
 pub struct AgentConfig {
@@ -35,6 +48,24 @@ pub struct AgentConfig {
     pub delivery_timeout: Duration,
     /// External port: bind address and gateways.
     pub external: Option<(SocketAddr, Vec<SocketAddr>)>,
+    /// Where registrations are kept durably: the metadata area of the packet queue's
+    /// mirror set. `None` keeps them in memory only (tests of other parts).
+    pub registry: Option<Arc<MirrorSet>>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A thread or the external port could not be set up.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The stored node registry is unreadable: starting without it would hand its
+    /// addresses to whoever registers first.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The packet queue failed while forwarding the external backlog.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }
 
 /// The routing agent.
@@ -45,6 +76,7 @@ pub struct RoutingAgent {
     /// Last SEND's per-packet outcomes, per nexus.
     results: Mutex<HashMap<u64, (u64, Vec<PacketResult>)>>,
     delivery_timeout: Duration,
+    registry: Option<Arc<MirrorSet>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,18 +143,29 @@ fn now_ms() -> u64 {
 
 impl RoutingAgent {
     /// An agent over `queue`; starts its housekeeping and external-port threads.
-    pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> std::io::Result<Arc<Self>> {
+    pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let external = match &cfg.external {
             Some((bind, peers)) => Some(ExternalPort::open(*bind, peers)?),
             None => None,
         };
+        let mut table = RoutingTable::new(&cfg.nodes);
+        if let Some(record) = cfg
+            .registry
+            .as_ref()
+            .and_then(|set| set.read_meta())
+            .filter(|r| !r.is_empty())
+        {
+            table.restore(&record)?;
+        }
         let agent = Arc::new(RoutingAgent {
-            table: Mutex::new(RoutingTable::new(&cfg.nodes)),
+            table: Mutex::new(table),
             queue,
             external,
             results: Mutex::new(HashMap::new()),
             delivery_timeout: cfg.delivery_timeout,
+            registry: cfg.registry,
         });
+        agent.forward_backlog()?;
         let weak = Arc::downgrade(&agent);
         std::thread::Builder::new()
             .name("ftss-routing".into())
@@ -134,6 +177,99 @@ impl RoutingAgent {
                 .spawn(move || external_in(&weak))?;
         }
         Ok(agent)
+    }
+
+    /// Packets for the outside that a crash left stored but not forwarded: they go out
+    /// now (or, with no external port configured any more, are dropped and counted, so
+    /// they never pin the log's tail).
+    fn forward_backlog(&self) -> Result<(), QueueError> {
+        let mut total = 0usize;
+        loop {
+            let (packets, _) =
+                self.queue
+                    .receive(EXTERNAL_KEY, 1024, 16 << 20, record_size, Duration::ZERO)?;
+            let Some(last) = packets.last().map(|p| p.seq) else {
+                break;
+            };
+            total += packets.len();
+            match &self.external {
+                Some(x) => {
+                    for p in &packets {
+                        if !x.send(p.dest, p.source, &p.payload) {
+                            warn!(seq = p.seq, "external backlog: no gateway took a packet");
+                        }
+                    }
+                }
+                None => warn!(
+                    count = packets.len(),
+                    "external backlog dropped: no external port configured"
+                ),
+            }
+            self.queue.ack(EXTERNAL_KEY, last, &[])?;
+        }
+        if total > 0 {
+            info!(packets = total, "external backlog forwarded");
+        }
+        Ok(())
+    }
+
+    /// Stores the registry (before a registration or retirement is answered).
+    fn persist(&self, table: &RoutingTable) -> Result<(), MediaError> {
+        match &self.registry {
+            Some(set) => set.write_meta(&table.registry()),
+            None => Ok(()),
+        }
+    }
+
+    /// Retires an initiator's run-time registrations (admin): its addresses become free
+    /// and the packets queued under them are discarded, so whoever registers them next
+    /// starts with an empty queue and no history. Returns the keys discarded.
+    pub fn retire(&self, initiator: &str) -> Result<Vec<NodeAddr>, String> {
+        let keys = {
+            let mut t = lock(&self.table);
+            let before = t.clone();
+            let keys = t.retire(initiator)?;
+            if let Err(e) = self.persist(&t) {
+                *t = before;
+                return Err(format!("registry not stored: {e}"));
+            }
+            keys
+        };
+        for k in &keys {
+            let s = self.queue.stats(*k);
+            if s.last_assigned > 0 {
+                self.queue
+                    .ack(*k, s.last_assigned, &[])
+                    .map_err(|e| format!("discarding the queue of {k}: {e}"))?;
+            }
+        }
+        info!(initiator, keys = keys.len(), "node retired");
+        Ok(keys)
+    }
+
+    /// The `admin nodes` listing: one line per node, then one per owned address.
+    pub fn nodes_report(&self) -> String {
+        let t = lock(&self.table);
+        let mut out = String::new();
+        for n in t.nodes() {
+            let s = self.queue.stats(n.key());
+            let addrs: Vec<String> = n.addrs.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "node {} initiator={} kind={} state={:?} sessions={} addrs={} queued_records={} queued_bytes={}\n",
+                n.id,
+                n.initiator.as_deref().unwrap_or("-"),
+                if n.registered { "registered" } else { "configured" },
+                n.state(),
+                n.nexuses.len(),
+                addrs.join(","),
+                s.queued_records,
+                s.queued_bytes
+            ));
+        }
+        for (a, i) in t.owners() {
+            out.push_str(&format!("owner {a} initiator={i}\n"));
+        }
+        out
     }
 
     /// The external port's receiving address, when there is one.
@@ -164,19 +300,23 @@ impl RoutingAgent {
         let Some((sender, source)) = self.node_key(nexus.id) else {
             return not_registered();
         };
-        // Decide every packet's fate first: the batch is stored whole or not at all.
-        let mut outcomes: Vec<Outcome> = Vec::with_capacity(list.records.len());
+        // Decide every packet's fate first, then store the batch in one go.
+        let mut slots: Vec<Slot> = Vec::with_capacity(list.records.len());
         let mut to_store: Vec<NewPacket> = Vec::new();
-        let mut in_batch: HashMap<u64, Outcome> = HashMap::new();
+        let mut in_batch: HashMap<u64, usize> = HashMap::new();
+        // A retry is answered with its original's outcome, once the original is durable.
+        let mut originals = 0u64;
         {
             let table = lock(&self.table);
-            for r in &list.records {
-                if let Some(o) = in_batch
-                    .get(&r.packet_id)
-                    .copied()
-                    .or_else(|| self.queue.duplicate(sender, r.packet_id))
-                {
-                    outcomes.push(o);
+            for (i, r) in list.records.iter().enumerate() {
+                if let Some(&first) = in_batch.get(&r.packet_id) {
+                    slots.push(Slot::SameAs(first));
+                    continue;
+                }
+                in_batch.insert(r.packet_id, i);
+                if let Some((o, seq)) = self.queue.duplicate(sender, r.packet_id) {
+                    originals = originals.max(seq);
+                    slots.push(Slot::Fixed(o));
                     continue;
                 }
                 let base = NewPacket {
@@ -188,6 +328,7 @@ impl RoutingAgent {
                     flags: 0,
                     payload: r.payload.clone(),
                 };
+                let first = to_store.len();
                 let o = if r.broadcast {
                     for n in table.nodes() {
                         if n.state() == RouteState::Available && n.key() != sender {
@@ -221,11 +362,10 @@ impl RoutingAgent {
                 } else {
                     Outcome::UnknownDestination
                 };
-                in_batch.insert(r.packet_id, o);
-                outcomes.push(o);
+                slots.push(Slot::Copies(first..to_store.len(), o));
             }
         }
-        let seqs = match self.queue.store(&to_store) {
+        let stored = match self.queue.store(&to_store) {
             Ok(s) => s,
             Err(QueueError::Full) => {
                 return ScsiOutcome {
@@ -237,7 +377,31 @@ impl RoutingAgent {
             }
             Err(e) => return media_failed(&e),
         };
-        self.forward_external(&to_store, &seqs);
+        if originals > 0 {
+            if let Err(e) = self.queue.wait_stored(originals) {
+                return media_failed(&e);
+            }
+        }
+        self.forward_external(&to_store, &stored);
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            let o = match slot {
+                Slot::Fixed(o) => *o,
+                Slot::SameAs(i) => outcomes[*i],
+                Slot::Copies(range, o) => {
+                    let copies = &stored[range.clone()];
+                    if copies.contains(&StoreResult::OverQuota) {
+                        Outcome::DestinationQueueFull
+                    } else if let Some(StoreResult::Duplicate(_, orig)) = copies.first() {
+                        // Its original raced it in on another path.
+                        *orig
+                    } else {
+                        *o
+                    }
+                }
+            };
+            outcomes.push(o);
+        }
         let results: Vec<PacketResult> = list
             .records
             .iter()
@@ -259,17 +423,20 @@ impl RoutingAgent {
 
     /// Hands stored packets for the outside to the external port; it acknowledges them
     /// (they have left), and a packet no gateway takes earns its sender a notice.
-    fn forward_external(&self, stored: &[NewPacket], seqs: &[Option<u64>]) {
+    fn forward_external(&self, stored: &[NewPacket], results: &[StoreResult]) {
         let Some(x) = &self.external else {
             return;
         };
         let mut acked = Vec::new();
         let mut notices = Vec::new();
-        for (p, &seq) in stored.iter().zip(seqs) {
-            // A retry (None) was forwarded with its original.
-            let Some(seq) = seq.filter(|_| p.node == EXTERNAL_KEY) else {
+        for (p, r) in stored.iter().zip(results) {
+            // A retry was forwarded with its original.
+            let StoreResult::Stored(seq) = *r else {
                 continue;
             };
+            if p.node != EXTERNAL_KEY {
+                continue;
+            }
             if !x.send(p.dest, p.source, &p.payload) {
                 notices.push(self.notice(p.sender, p.dest, p.packet_id, Outcome::DestinationDown));
             }
@@ -398,7 +565,23 @@ impl RoutingAgent {
                     Ok(l) => l,
                     Err(e) => return check(e.sense()),
                 };
-                let r = lock(&self.table).register(nexus.id, &nexus.initiator_name, &list.addrs);
+                let r = {
+                    let mut t = lock(&self.table);
+                    let before = t.clone();
+                    let r = t.register(nexus.id, &nexus.initiator_name, &list.addrs);
+                    if r.is_ok() && t.registry() != before.registry() {
+                        // Durable before GOOD: a restart must not hand these addresses
+                        // (and the packets queued under them) to another initiator.
+                        if let Err(e) = self.persist(&t) {
+                            *t = before;
+                            error!("node registry not stored: {e}");
+                            let mut out = check(Sense::new(key::HARDWARE_ERROR, 0x3e, 0x01));
+                            out.data_out_len = Some(param_len);
+                            return out;
+                        }
+                    }
+                    r
+                };
                 let mut out = match r {
                     Ok(key) => {
                         info!(initiator = %nexus.initiator_name, node = %key, "node registered");
@@ -542,7 +725,7 @@ impl RoutingAgent {
                 flags: flags::FROM_EXTERNAL,
                 payload,
             }])
-            .is_ok()
+            .is_ok_and(|r| matches!(r.as_slice(), [StoreResult::Stored(_)]))
     }
 }
 
