@@ -2347,8 +2347,13 @@ mod tests {
                 addrs.into_iter().filter(|a| !a.is_unspecified()).collect();
             let a = AckList { seqs };
             prop_assert_eq!(AckList::decode(&a.encode()), Ok(a));
+            // NODE REGISTER takes one to 64 unicast addresses; anything else is refused.
             let a = AddressList { addrs: addrs.clone() };
-            prop_assert_eq!(AddressList::decode(&a.encode()), Ok(a));
+            if !addrs.is_empty() && addrs.iter().all(NodeAddr::is_unicast) {
+                prop_assert_eq!(AddressList::decode(&a.encode()), Ok(a));
+            } else {
+                prop_assert!(AddressList::decode(&a.encode()).is_err());
+            }
             let n = NodeInfo {
                 state: if maint { NodeState::Maintenance } else { NodeState::Available },
                 total: addrs.len() as u16 + extra,
