@@ -1015,6 +1015,8 @@ async fn tun(cli: &Cli, portal: SocketAddr, name: &str) -> Result<()> {
                 received = report.received.load(Ordering::Relaxed),
                 refused = report.refused.load(Ordering::Relaxed),
                 sessions = report.sessions.load(Ordering::Relaxed),
+                dropped_source_in = report.dropped_source_in.load(Ordering::Relaxed),
+                dropped_source_out = report.dropped_source_out.load(Ordering::Relaxed),
                 "tun"
             );
         }
