@@ -148,7 +148,8 @@ enum Cmd {
         #[arg(long)]
         since_ms: Option<u64>,
     },
-    /// The target's routing table.
+    /// The target's routing table (answered to nodes only: give --node-addr, or be a
+    /// configured [[node]]).
     Nodes,
     /// This node's receive queue statistics.
     Stats,
