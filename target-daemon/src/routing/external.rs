@@ -292,3 +292,49 @@ impl ExternalPort {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_configured_peers_get_in_and_drops_are_counted_by_reason() {
+        let peer = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let stranger = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let port = ExternalPort::open(
+            "127.0.0.1:0".parse().expect("addr"),
+            &[peer.local_addr().expect("addr")],
+        )
+        .expect("open");
+        let to = port.local_addr().expect("addr");
+        let mut d = vec![1u8; 32];
+        d.extend_from_slice(b"payload");
+        stranger.send_to(&d, to).expect("send");
+        stranger.send_to(&d, to).expect("send");
+        peer.send_to(&d[..31], to).expect("send");
+        peer.send_to(&d, to).expect("send");
+        let wait = Duration::from_secs(2);
+        assert!(port.recv(wait).is_none(), "stranger");
+        assert!(
+            port.recv(wait).is_none(),
+            "stranger again (not logged again)"
+        );
+        assert!(port.recv(wait).is_none(), "too short");
+        let got = port.recv(wait).expect("from the peer");
+        assert_eq!(got.from, peer.local_addr().expect("addr"));
+        assert_eq!(got.payload, b"payload");
+        port.drop_datagram(DropReason::SpoofedSource, got.from);
+        let st = port.stats();
+        assert_eq!(
+            (
+                st.dropped_unknown_peer,
+                st.dropped_malformed,
+                st.dropped_spoofed_source,
+                st.dropped_undeliverable,
+                st.dropped()
+            ),
+            (2, 1, 1, 0, 4)
+        );
+        assert!(st.to_string().contains("dropped_unknown_peer=2"));
+    }
+}
