@@ -9,6 +9,8 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use common::{kv, Raw, INITIATOR, TARGET};
 use ftss_initiator::{ChapCredentials, Error, Session, SessionConfig};
 use ftss_proto::pdu::{Itt, LoginRequest, Lun, Pdu, Stage, TaskMgmtRequest, TmfFunction};
@@ -247,6 +249,12 @@ async fn tmf(c: &mut Raw, function: TmfFunction) -> u8 {
     }
 }
 
+/// TEST UNIT READY's status.
+async fn tur(c: &mut Raw) -> u8 {
+    let cmd = c.command(&common::TUR, 0, false, false, Bytes::new());
+    c.run(cmd).await.0
+}
+
 #[tokio::test]
 async fn target_resets_only_from_the_configured_initiators() {
     let d = daemon(
@@ -257,6 +265,12 @@ async fn target_resets_only_from_the_configured_initiators() {
     .await;
     let mut user = Raw::connect(d.addr).await;
     user.login().await;
+    // The power-on unit attention first, so a reset's unit attention would show.
+    for _ in 0..4 {
+        if tur(&mut user).await == 0 {
+            break;
+        }
+    }
     for f in [TmfFunction::TargetColdReset, TmfFunction::TargetWarmReset] {
         assert_eq!(
             tmf(&mut user, f).await,
@@ -264,7 +278,8 @@ async fn target_resets_only_from_the_configured_initiators() {
             "{f:?}: function authorization failed"
         );
     }
-    // Refused means not done: the session is still there and usable.
+    // Refused means not done: the session is still there, and no reset's unit attention.
+    assert_eq!(tur(&mut user).await, 0, "no unit attention");
     let nop = user.nop(b"still here").await;
     assert_eq!(&nop.data[..], b"still here");
     // The configured initiator may: its cold reset ends the other session too.
