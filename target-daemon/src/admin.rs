@@ -64,6 +64,9 @@ impl MediaHandles {
                 s.recovery_ms
             ));
         }
+        if let Some(x) = self.agent.as_ref().and_then(|a| a.external_stats()) {
+            out.push_str(&format!("{x}\n"));
+        }
         for (name, v) in &self.volumes {
             out.push_str(&format!(
                 "volume {name} blocks={} block_size={} repairs={}\n",

@@ -1078,9 +1078,23 @@ impl Conn {
             },
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
                 let cold = t.function == TmfFunction::TargetColdReset;
-                info!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset");
-                scsi.target_reset(&self.ctx.nexus, cold);
-                (0, self.tasks_where(|_| true), cold)
+                // A target reset reaches every session of the target (a cold one ends
+                // them all), so only the initiators the configuration names may send it.
+                let allowed = self.ctx.target_iqn.as_deref().is_some_and(|iqn| {
+                    self.ctx.shared.config.targets.iter().any(|c| {
+                        c.iqn.eq_ignore_ascii_case(iqn)
+                            && c.may_reset(&self.ctx.nexus.initiator_name)
+                    })
+                });
+                if allowed {
+                    info!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset");
+                    scsi.target_reset(&self.ctx.nexus, cold);
+                    (0, self.tasks_where(|_| true), cold)
+                } else {
+                    warn!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset refused: initiator not in reset_initiators");
+                    // RFC 7143 11.6.1: 6 = Function authorization failed.
+                    (6, Vec::new(), false)
+                }
             }
             TmfFunction::ClearAca => (5, Vec::new(), false),
             TmfFunction::TaskReassign => (4, Vec::new(), false),

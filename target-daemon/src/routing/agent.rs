@@ -16,7 +16,7 @@ use ftss_proto::vendor::{
 };
 use tracing::{error, info, warn};
 
-use super::external::ExternalPort;
+use super::external::{DropReason, ExternalPort, ExternalStats};
 use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError, StoreResult};
 use super::table::{RegisterError, RegistryError, RoutingTable};
 use crate::media::mirror::MirrorSet;
@@ -275,6 +275,11 @@ impl RoutingAgent {
     /// The external port's receiving address, when there is one.
     pub fn external_addr(&self) -> Option<SocketAddr> {
         self.external.as_ref().and_then(|x| x.local_addr().ok())
+    }
+
+    /// The external port's counters (for admin status), when there is a port.
+    pub fn external_stats(&self) -> Option<ExternalStats> {
+        self.external.as_ref().map(ExternalPort::stats)
     }
 
     /// The packet queue.
@@ -627,7 +632,15 @@ impl RoutingAgent {
                 )
             }
             NodeCdb::RoutingTable { alloc_len } => {
-                let entries = lock(&self.table).entries(nexus.id);
+                // The table lists every node's addresses and state: a map of the network
+                // is for its members only, as QUEUE STATS is.
+                let entries = {
+                    let table = lock(&self.table);
+                    if table.node_of(nexus.id).is_none() {
+                        return not_registered();
+                    }
+                    table.entries(nexus.id)
+                };
                 let fit = (alloc_len as usize).saturating_sub(vendor::LIST_HEADER_LEN)
                     / vendor::ROUTE_ENTRY_LEN;
                 good(
@@ -706,13 +719,24 @@ impl RoutingAgent {
     }
 
     /// A packet from outside: delivered if its destination is an available node, else
-    /// dropped (Figure 8).
-    fn deliver_incoming(&self, dest: NodeAddr, source: NodeAddr, payload: Vec<u8>) -> bool {
+    /// dropped (Figure 8). A packet whose source is a node's address is dropped too: it
+    /// would let the outside pose as that node to the others.
+    fn deliver_incoming(
+        &self,
+        dest: NodeAddr,
+        source: NodeAddr,
+        payload: Vec<u8>,
+    ) -> Result<(), DropReason> {
         let node = {
             let table = lock(&self.table);
+            // Checked before the destination, and against every node known, down or
+            // not: whether the source is spoofed does not depend on where it goes.
+            if table.lookup(&source).is_some() {
+                return Err(DropReason::SpoofedSource);
+            }
             match table.lookup(&dest) {
                 Some(n) if n.state() == RouteState::Available => n.key(),
-                _ => return false,
+                _ => return Err(DropReason::Undeliverable),
             }
         };
         self.queue
@@ -725,7 +749,12 @@ impl RoutingAgent {
                 flags: flags::FROM_EXTERNAL,
                 payload,
             }])
-            .is_ok_and(|r| matches!(r.as_slice(), [StoreResult::Stored(_)]))
+            .map_err(|_| DropReason::Undeliverable)
+            .and_then(|r| match r.as_slice() {
+                [StoreResult::Stored(_)] => Ok(()),
+                // The node's quota is full: dropped like any undeliverable packet.
+                _ => Err(DropReason::Undeliverable),
+            })
     }
 }
 
@@ -748,12 +777,13 @@ fn external_in(agent: &Weak<RoutingAgent>) {
             return;
         };
         if let Some(d) = x.recv(Duration::from_millis(500)) {
-            let counter = if a.deliver_incoming(d.dest, d.source, d.payload) {
-                &x.received
-            } else {
-                &x.dropped
-            };
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match a.deliver_incoming(d.dest, d.source, d.payload) {
+                Ok(()) => {
+                    x.received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(why) => x.drop_datagram(why, d.from),
+            }
         }
     }
 }
