@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ftss_proto::sense::{common, key, Sense};
 use ftss_proto::vendor::{
@@ -19,13 +19,16 @@ use tracing::{error, info, warn};
 use super::external::ExternalPort;
 use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError};
 use super::table::{RegisterError, RoutingTable};
-use crate::scsi::{ItNexus, ScsiCommand, ScsiOutcome, VendorHandler};
+use crate::scsi::{DataInSent, ItNexus, Park, ScsiCommand, ScsiOutcome, VendorHandler};
 
 /// Key the external port's packets are queued under: no node can have it (it is not a
 /// unicast address).
 pub const EXTERNAL_KEY: NodeAddr = NodeAddr([0xff; 16]);
 /// Longest a RECEIVE waits, whatever its CDB asks: below initiators' command timeouts.
 const RECEIVE_WAIT_MAX: Duration = Duration::from_secs(20);
+/// Largest RECEIVE or REPLAY response, whatever the allocation length allows: a response
+/// is built whole in memory, and the list's MORE flag tells the client to ask again.
+const RESPONSE_BYTES_MAX: u32 = 16 << 20;
 
 /// Settings of the agent.
 pub struct AgentConfig {
@@ -55,17 +58,15 @@ fn check(s: Sense) -> ScsiOutcome {
     ScsiOutcome {
         status: vendor::status::CHECK_CONDITION,
         sense: Some(s.encode(false)),
-        data_in: Vec::new(),
-        data_out_len: None,
+        ..ScsiOutcome::default()
     }
 }
 
 fn good(data_in: Vec<u8>) -> ScsiOutcome {
     ScsiOutcome {
         status: vendor::status::GOOD,
-        sense: None,
         data_in,
-        data_out_len: None,
+        ..ScsiOutcome::default()
     }
 }
 
@@ -230,9 +231,8 @@ impl RoutingAgent {
             Err(QueueError::Full) => {
                 return ScsiOutcome {
                     status: vendor::status::TASK_SET_FULL,
-                    sense: None,
-                    data_in: Vec::new(),
                     data_out_len: Some(param_len),
+                    ..ScsiOutcome::default()
                 }
             }
             Err(e) => return media_failed(&e),
@@ -310,44 +310,86 @@ impl RoutingAgent {
         })
     }
 
-    fn receive(&self, nexus: &ItNexus, c: vendor::ReceiveCdb) -> ScsiOutcome {
+    /// Room for a RECEIVE or REPLAY response: what the CDB allows, cut to what the
+    /// transport will carry (the Expected Data Transfer Length) and to
+    /// [`RESPONSE_BYTES_MAX`], so no record is built that could not reach the initiator.
+    fn response_room(alloc_len: u32, cmd: &ScsiCommand<'_>) -> usize {
+        alloc_len.min(cmd.expected_len).min(RESPONSE_BYTES_MAX) as usize
+    }
+
+    fn receive(
+        &self,
+        nexus: &ItNexus,
+        c: vendor::ReceiveCdb,
+        cmd: &ScsiCommand<'_>,
+    ) -> ScsiOutcome {
         let Some((key, _)) = self.node_key(nexus.id) else {
             return not_registered();
         };
         if c.alloc_len == 0 {
             return good(Vec::new());
         }
-        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let room = Self::response_room(c.alloc_len, cmd);
+        let budget = room.saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
         let max = if c.max_records == 0 {
             65_535
         } else {
             (c.max_records as usize).min(65_535)
         };
-        let wait = if c.wait {
-            Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX)
-        } else {
-            Duration::ZERO
+        let now = Instant::now();
+        let until = match cmd.resume_until {
+            Some(u) => u,
+            None if c.wait => now + Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX),
+            None => now,
         };
-        match self.queue.receive(key, max, budget, record_size, wait) {
-            Ok((packets, more)) => good(
-                RecordList {
-                    more,
-                    records: packets.into_iter().map(delivered).collect(),
-                }
-                .encode(),
-            ),
-            Err(e) => media_failed(&e),
+        // Subscribed before looking, so a store in between wakes the parked command.
+        let wake = (until > now).then(|| self.queue.subscribe(key));
+        let (packets, more) = match self.queue.receive(key, max, budget, record_size) {
+            Ok(x) => x,
+            Err(e) => return media_failed(&e),
+        };
+        if packets.is_empty() && !more {
+            if let Some(wake) = wake {
+                // Nothing yet: the transport waits without a thread and runs this again.
+                let mut out = good(RecordList::default().encode());
+                out.park = Some(Park { wake, until });
+                return out;
+            }
         }
+        // Where each record ends in the response, to know which were not sent whole.
+        let mut ends = Vec::with_capacity(packets.len());
+        let mut end = vendor::RECORD_LIST_HEADER_LEN;
+        for p in &packets {
+            end += record_size(p.payload.len());
+            ends.push((p.seq, end));
+        }
+        let data = RecordList {
+            more,
+            records: packets.into_iter().map(delivered).collect(),
+        }
+        .encode();
+        debug_assert_eq!(data.len(), end, "records are laid out as record_size says");
+        let mut out = good(data);
+        if !ends.is_empty() {
+            let queue = Arc::clone(&self.queue);
+            out.on_sent = Some(DataInSent::new(move |sent| {
+                if let Some(&(seq, _)) = ends.iter().find(|&&(_, end)| end > sent) {
+                    queue.undeliver(key, seq);
+                }
+            }));
+        }
+        out
     }
 
-    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb) -> ScsiOutcome {
+    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
         let Some((key, _)) = self.node_key(nexus.id) else {
             return not_registered();
         };
         if c.alloc_len == 0 {
             return good(Vec::new());
         }
-        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let room = Self::response_room(c.alloc_len, cmd);
+        let budget = room.saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
         let (seq, ms) = match c.from {
             ReplayFrom::Seq(s) => (s, 0),
             ReplayFrom::Time(t) => (0, t),
@@ -583,9 +625,9 @@ impl VendorHandler for RoutingAgent {
         };
         match c {
             VendorCdb::Send(s) => self.send(nexus, s.batch_tag, s.param_len, cmd.data_out),
-            VendorCdb::Receive(r) => self.receive(nexus, r),
+            VendorCdb::Receive(r) => self.receive(nexus, r, cmd),
             VendorCdb::Ack(a) => self.ack(nexus, a, cmd.data_out),
-            VendorCdb::Replay(r) => self.replay(nexus, r),
+            VendorCdb::Replay(r) => self.replay(nexus, r, cmd),
             VendorCdb::Node(n) => self.node(nexus, n, cmd.data_out),
             VendorCdb::SendResults(r) => self.send_results(nexus, r),
         }
