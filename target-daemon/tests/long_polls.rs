@@ -311,3 +311,40 @@ async fn a_receive_cut_by_its_expected_length_skips_no_record() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_whose_data_in_is_not_transferred_is_delivered_again() {
+    let dir = common::temp_dir("longpoll-unsent");
+    let config =
+        ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
+    let server = ftss_target::iscsi::Server::start(config)
+        .await
+        .expect("daemon");
+    let addr = server.local_addrs()[0];
+    let mut c = Raw::connect(addr).await;
+    c.login().await;
+    let sender = login(addr, 17).await;
+    for id in 1..=2u64 {
+        assert_eq!(
+            send_one(&sender, ip(19), id, b"for the raw node").await,
+            DELIVERED
+        );
+    }
+    // Without the R bit the transport carries no data-in: nothing reaches the initiator,
+    // so nothing may count as delivered.
+    let cmd = c.command(&receive_cdb(0, 4096), 4096, false, false, Bytes::new());
+    let (status, data, _, _) = c.run(cmd).await;
+    assert_eq!((status, data.len()), (0, 0));
+    let cmd = c.command(&receive_cdb(0, 4096), 4096, true, false, Bytes::new());
+    let (status, data, _, _) = c.run(cmd).await;
+    assert_eq!(status, 0);
+    let list = RecordList::decode(&data).expect("FR list");
+    let ids: Vec<u64> = list.records.iter().map(|r| r.packet_id).collect();
+    assert_eq!(
+        ids,
+        vec![1, 2],
+        "the records of the unsent response come again"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
