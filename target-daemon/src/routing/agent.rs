@@ -646,3 +646,130 @@ impl VendorHandler for RoutingAgent {
         lock(&self.results).remove(&nexus.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::cache::WriteCache;
+    use crate::media::mirror::MirrorSet;
+    use crate::routing::packet_queue::QueueOptions;
+    use crate::scsi::TaskAttr;
+    use std::net::Ipv4Addr;
+
+    const NAME: &str = "iqn.2026-11.org.ftss:agent-test";
+
+    fn a(x: u8) -> NodeAddr {
+        NodeAddr::from(Ipv4Addr::new(10, 0, 0, x))
+    }
+
+    fn nexus() -> ItNexus {
+        ItNexus {
+            id: 7,
+            initiator_name: NAME.into(),
+            isid: [0; 6],
+            tpgt: 1,
+        }
+    }
+
+    fn receive_cmd(cdb: &[u8], resume_until: Option<Instant>) -> ScsiCommand<'_> {
+        ScsiCommand {
+            lun: 0,
+            cdb,
+            data_out: &[],
+            expected_len: 1 << 20,
+            attr: TaskAttr::Simple,
+            resume_until,
+        }
+    }
+
+    fn receive_cdb(wait_100ms: u16) -> Vec<u8> {
+        vendor::ReceiveCdb {
+            wait: wait_100ms > 0,
+            max_records: 0,
+            alloc_len: 1 << 20,
+            timeout: wait_100ms,
+        }
+        .encode()
+    }
+
+    fn ids(o: &ScsiOutcome) -> Vec<u64> {
+        RecordList::decode(&o.data_in)
+            .expect("FR list")
+            .records
+            .iter()
+            .map(|r| r.packet_id)
+            .collect()
+    }
+
+    #[test]
+    fn receive_parks_when_empty_and_redelivers_what_was_not_sent() {
+        let dir = std::env::temp_dir().join(format!("ftss-agent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let blocks = 4096;
+        let set = Arc::new(
+            MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors"),
+        );
+        let cache = WriteCache::open(
+            &dir.join("cache"),
+            8192 + (2 << 20),
+            HashMap::from([(1, set)]),
+        )
+        .expect("cache");
+        let queue = PacketQueue::open(Arc::clone(&cache), 1, blocks, 512, QueueOptions::default())
+            .expect("queue");
+        let agent = RoutingAgent::start(
+            Arc::clone(&queue),
+            AgentConfig {
+                nodes: vec![(NAME.into(), vec![a(2)])],
+                delivery_timeout: Duration::from_secs(60),
+                external: None,
+            },
+        )
+        .expect("agent");
+        let n = nexus();
+        agent.nexus_added(&n);
+
+        // Nothing queued: a long poll parks, with its deadline, and answers an empty list
+        // to a transport that cannot park.
+        let cdb = receive_cdb(50);
+        let mut parked = agent.execute(&n, &receive_cmd(&cdb, None));
+        let park = parked.park.take().expect("parked");
+        assert!(park.until > Instant::now() + Duration::from_secs(4));
+        assert!(ids(&parked).is_empty());
+        let stored = queue
+            .store(&[NewPacket {
+                node: a(2),
+                dest: a(2),
+                source: a(1),
+                sender: a(1),
+                packet_id: 1,
+                flags: 0,
+                payload: vec![1; 10],
+            }])
+            .expect("store");
+        assert_eq!(stored.len(), 1);
+        assert!(park.wake.has_changed().expect("queue alive"), "woken");
+
+        // Run again after the wake: the record comes, with a hook.
+        let got = agent.execute(&n, &receive_cmd(&cdb, Some(park.until)));
+        assert!(got.park.is_none());
+        assert_eq!(ids(&got), vec![1]);
+        // The response never went out (aborted): the hook drops and the record comes
+        // again.
+        drop(got);
+        let mut again = agent.execute(&n, &receive_cmd(&receive_cdb(0), None));
+        assert_eq!(ids(&again), vec![1]);
+        // Sent whole this time: nothing comes again, and a poll past its deadline answers
+        // at once.
+        let len = again.data_in.len();
+        again.on_sent.take().expect("a hook").sent(len);
+        let past = Instant::now();
+        let done = agent.execute(&n, &receive_cmd(&cdb, Some(past)));
+        assert!(done.park.is_none());
+        assert!(ids(&done).is_empty());
+
+        cache.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
