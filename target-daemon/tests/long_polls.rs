@@ -37,6 +37,10 @@ fn init(n: usize) -> String {
 
 /// Nodes 1..=18: 1-16 poll, 17 sends, 18 receives. `common::INITIATOR` is node 19.
 fn config_text(dir: &Path, portal: &str) -> String {
+    config_sized(dir, portal, "16MiB")
+}
+
+fn config_sized(dir: &Path, portal: &str, packets_size: &str) -> String {
     let mut t = format!(
         r#"
 [server]
@@ -45,7 +49,7 @@ data_dir = "{}"
 cmd_window = 128
 nop_interval_s = 60
 [media]
-cache_size = "8MiB"
+cache_size = "64MiB"
 [[target]]
 iqn = "{TARGET}"
 [[target.lun]]
@@ -53,7 +57,7 @@ lun = 0
 mirrors = ["lun-a.mirror", "lun-b.mirror"]
 size = "4MiB"
 [packets]
-size = "16MiB"
+size = "{packets_size}"
 "#,
         dir.display()
     );
@@ -345,6 +349,69 @@ async fn a_receive_whose_data_in_is_not_transferred_is_delivered_again() {
         vec![1, 2],
         "the records of the unsent response come again"
     );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_response_is_capped_whatever_its_allocation_length() {
+    let dir = common::temp_dir("longpoll-cap");
+    let config = ftss_target::config::Config::parse(&config_sized(&dir, "127.0.0.1:0", "64MiB"))
+        .expect("config");
+    let server = ftss_target::iscsi::Server::start(config)
+        .await
+        .expect("daemon");
+    let addr = server.local_addrs()[0];
+    let sender = login(addr, 17).await;
+    let dest = login(addr, 18).await;
+    // 300 packets of 60,000 bytes: about 18 MB of records, more than the 16 MiB cap.
+    let payload = vec![0xa5u8; 60_000];
+    for batch in 0..10u64 {
+        let records = (0..30u64)
+            .map(|i| SendRecord {
+                dest: ip(18),
+                broadcast: false,
+                packet_id: 1 + batch * 30 + i,
+                payload: payload.clone(),
+            })
+            .collect();
+        let data = SendList { records }.encode();
+        let cdb = SendCdb {
+            batch_tag: batch,
+            param_len: data.len() as u32,
+        }
+        .encode();
+        let r = sender
+            .execute(0, &cdb, Some(Bytes::from(data)), 0)
+            .await
+            .expect("SEND");
+        assert_eq!(r.status, 0, "SEND {batch}: {:?}", r.sense);
+    }
+    let room = 64 << 20;
+    let first = dest
+        .execute(0, &receive_cdb(0, room), None, room)
+        .await
+        .expect("RECEIVE");
+    assert_eq!(first.status, 0);
+    assert!(
+        first.data_in.len() <= 16 << 20,
+        "{} bytes in one response",
+        first.data_in.len()
+    );
+    let first = RecordList::decode(&first.data_in).expect("FR list");
+    assert!(first.more, "the MORE flag says the rest is waiting");
+    let rest = dest
+        .execute(0, &receive_cdb(0, room), None, room)
+        .await
+        .expect("RECEIVE");
+    let rest = RecordList::decode(&rest.data_in).expect("FR list");
+    let ids: Vec<u64> = first
+        .records
+        .iter()
+        .chain(&rest.records)
+        .map(|r| r.packet_id)
+        .collect();
+    assert_eq!(ids, (1..=300).collect::<Vec<u64>>());
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
