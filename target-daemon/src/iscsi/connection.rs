@@ -146,9 +146,12 @@ struct Task {
     arrived: u64,
     /// The execution of a running task, while it lasts.
     end: Weak<TaskEnd>,
-    /// Bytes of the connection's write-buffer budget this task holds: from when its
-    /// buffer is granted until the task is gone (its buffer lives until it completes).
+    /// Bytes of the connection's write-buffer budget this task holds, never less than
+    /// its buffer: what data it was sent unasked while it waited for the budget, all of
+    /// `edtl` once granted, until the task is gone (its buffer lives until it completes).
     reserved: u64,
+    /// Granted its whole transfer against the budget (R2Ts may go out).
+    granted: bool,
 }
 
 /// A task management response waiting for aborted commands to finish.
@@ -196,6 +199,7 @@ pub(crate) async fn run(
         generation: 0,
         next_ttt: 1,
         write_bytes: 0,
+        granted_bytes: 0,
         parked: VecDeque::new(),
         tmfs: Vec::new(),
         text: TextState::default(),
@@ -232,7 +236,10 @@ struct Conn {
     tasks: HashMap<u32, Task>,
     generation: u64,
     next_ttt: u32,
+    /// Write-buffer budget reserved by all tasks.
     write_bytes: u64,
+    /// The part of it reserved by granted tasks.
+    granted_bytes: u64,
     parked: VecDeque<u32>,
     tmfs: Vec<PendingTmf>,
     text: TextState,
@@ -619,6 +626,7 @@ impl Conn {
             arrived,
             end: Weak::new(),
             reserved: 0,
+            granted: false,
         };
         let itt = task.cmd.itt.0;
         if task.cmd.write && task.cmd.edtl > 0 {
@@ -639,6 +647,9 @@ impl Conn {
             match WriteCollect::new(task.cmd.edtl, &data, task.cmd.final_, &self.lim) {
                 Ok(w) => {
                     let done = w.is_complete();
+                    // Immediate data is held from now on, granted or not.
+                    task.reserved = w.held() as u64;
+                    self.write_bytes += task.reserved;
                     task.state = TaskState::Collecting(w);
                     self.tasks.insert(itt, task);
                     if done {
@@ -675,13 +686,17 @@ impl Conn {
                 self.parked.pop_front();
                 continue;
             };
-            let need = u64::from(w.edtl());
-            if self.write_bytes > 0 && self.write_bytes + need > WRITE_BUFFER_BYTES_MAX {
+            let need = u64::from(w.edtl()).saturating_sub(task.reserved);
+            // With no write granted, the first in line always goes: data sent unasked
+            // (bounded by FirstBurstLength and the CmdSN window) must not stall it.
+            if self.granted_bytes > 0 && self.write_bytes + need > WRITE_BUFFER_BYTES_MAX {
                 break;
             }
             w.activate();
-            task.reserved = need;
+            task.reserved += need;
+            task.granted = true;
             self.write_bytes += need;
+            self.granted_bytes += task.reserved;
             self.parked.pop_front();
             self.send_r2ts(itt);
         }
@@ -738,6 +753,11 @@ impl Conn {
         }
         match w.data_out(d.ttt.0, d.data_sn, d.buffer_offset, &d.data) {
             Ok(()) => {
+                // Unsolicited data to a task still waiting for the budget grows what it
+                // holds; a granted task reserved its whole transfer already.
+                let grew = (w.held() as u64).saturating_sub(task.reserved);
+                task.reserved += grew;
+                self.write_bytes += grew;
                 if w.is_complete() {
                     self.start(itt);
                 } else if d.ttt.0 != RESERVED_TAG {
@@ -788,6 +808,9 @@ impl Conn {
     /// Gives back the budget a task that is gone held.
     fn release_write_budget(&mut self, task: &Task) {
         self.write_bytes = self.write_bytes.saturating_sub(task.reserved);
+        if task.granted {
+            self.granted_bytes = self.granted_bytes.saturating_sub(task.reserved);
+        }
     }
 
     /// Hands a command with all its data to the SCSI layer.

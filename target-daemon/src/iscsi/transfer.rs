@@ -122,8 +122,7 @@ impl WriteCollect {
     }
 
     /// Bytes of buffer allocated so far.
-    #[cfg(test)]
-    fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.buf.len()
     }
 
