@@ -219,6 +219,9 @@ pub(crate) async fn run(
         writer,
     )
     .await;
+    // Responses still queued never reached the initiator: their hooks hear 0 bytes now,
+    // not after the drain.
+    conn.sent.clear();
     reader_task.abort();
     conn.ctx.connection_closed();
     conn.drain(&mut done_rx, &mut ctl_rx).await;
