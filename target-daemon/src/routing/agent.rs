@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ftss_proto::sense::{common, key, Sense};
 use ftss_proto::vendor::{
@@ -21,13 +21,16 @@ use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError, Sto
 use super::table::{RegisterError, RegistryError, RoutingTable};
 use crate::media::mirror::MirrorSet;
 use crate::media::MediaError;
-use crate::scsi::{ItNexus, ScsiCommand, ScsiOutcome, VendorHandler};
+use crate::scsi::{DataInSent, ItNexus, Park, ScsiCommand, ScsiOutcome, VendorHandler};
 
 /// Key the external port's packets are queued under: no node can have it (it is not a
 /// unicast address).
 pub const EXTERNAL_KEY: NodeAddr = NodeAddr([0xff; 16]);
 /// Longest a RECEIVE waits, whatever its CDB asks: below initiators' command timeouts.
 const RECEIVE_WAIT_MAX: Duration = Duration::from_secs(20);
+/// Largest RECEIVE or REPLAY response, whatever the allocation length allows: a response
+/// is built whole in memory, and the list's MORE flag tells the client to ask again.
+const RESPONSE_BYTES_MAX: u32 = 16 << 20;
 
 /// How one record of a SEND is answered.
 enum Slot {
@@ -87,17 +90,15 @@ fn check(s: Sense) -> ScsiOutcome {
     ScsiOutcome {
         status: vendor::status::CHECK_CONDITION,
         sense: Some(s.encode(false)),
-        data_in: Vec::new(),
-        data_out_len: None,
+        ..ScsiOutcome::default()
     }
 }
 
 fn good(data_in: Vec<u8>) -> ScsiOutcome {
     ScsiOutcome {
         status: vendor::status::GOOD,
-        sense: None,
         data_in,
-        data_out_len: None,
+        ..ScsiOutcome::default()
     }
 }
 
@@ -185,9 +186,9 @@ impl RoutingAgent {
     fn forward_backlog(&self) -> Result<(), QueueError> {
         let mut total = 0usize;
         loop {
-            let (packets, _) =
-                self.queue
-                    .receive(EXTERNAL_KEY, 1024, 16 << 20, record_size, Duration::ZERO)?;
+            let (packets, _) = self
+                .queue
+                .receive(EXTERNAL_KEY, 1024, 16 << 20, record_size)?;
             let Some(last) = packets.last().map(|p| p.seq) else {
                 break;
             };
@@ -375,9 +376,8 @@ impl RoutingAgent {
             Err(QueueError::Full) => {
                 return ScsiOutcome {
                     status: vendor::status::TASK_SET_FULL,
-                    sense: None,
-                    data_in: Vec::new(),
                     data_out_len: Some(param_len),
+                    ..ScsiOutcome::default()
                 }
             }
             Err(e) => return media_failed(&e),
@@ -482,44 +482,86 @@ impl RoutingAgent {
         })
     }
 
-    fn receive(&self, nexus: &ItNexus, c: vendor::ReceiveCdb) -> ScsiOutcome {
+    /// Room for a RECEIVE or REPLAY response: what the CDB allows, cut to what the
+    /// transport will carry (the Expected Data Transfer Length) and to
+    /// [`RESPONSE_BYTES_MAX`], so no record is built that could not reach the initiator.
+    fn response_room(alloc_len: u32, cmd: &ScsiCommand<'_>) -> usize {
+        alloc_len.min(cmd.expected_len).min(RESPONSE_BYTES_MAX) as usize
+    }
+
+    fn receive(
+        &self,
+        nexus: &ItNexus,
+        c: vendor::ReceiveCdb,
+        cmd: &ScsiCommand<'_>,
+    ) -> ScsiOutcome {
         let Some((key, _)) = self.node_key(nexus.id) else {
             return not_registered();
         };
         if c.alloc_len == 0 {
             return good(Vec::new());
         }
-        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let room = Self::response_room(c.alloc_len, cmd);
+        let budget = room.saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
         let max = if c.max_records == 0 {
             65_535
         } else {
             (c.max_records as usize).min(65_535)
         };
-        let wait = if c.wait {
-            Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX)
-        } else {
-            Duration::ZERO
+        let now = Instant::now();
+        let until = match cmd.resume_until {
+            Some(u) => u,
+            None if c.wait => now + Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX),
+            None => now,
         };
-        match self.queue.receive(key, max, budget, record_size, wait) {
-            Ok((packets, more)) => good(
-                RecordList {
-                    more,
-                    records: packets.into_iter().map(delivered).collect(),
-                }
-                .encode(),
-            ),
-            Err(e) => media_failed(&e),
+        // Subscribed before looking, so a store in between wakes the parked command.
+        let wake = (until > now).then(|| self.queue.subscribe(key));
+        let (packets, more) = match self.queue.receive(key, max, budget, record_size) {
+            Ok(x) => x,
+            Err(e) => return media_failed(&e),
+        };
+        if packets.is_empty() && !more {
+            if let Some(wake) = wake {
+                // Nothing yet: the transport waits without a thread and runs this again.
+                let mut out = good(RecordList::default().encode());
+                out.park = Some(Park { wake, until });
+                return out;
+            }
         }
+        // Where each record ends in the response, to know which were not sent whole.
+        let mut ends = Vec::with_capacity(packets.len());
+        let mut end = vendor::RECORD_LIST_HEADER_LEN;
+        for p in &packets {
+            end += record_size(p.payload.len());
+            ends.push((p.seq, end));
+        }
+        let data = RecordList {
+            more,
+            records: packets.into_iter().map(delivered).collect(),
+        }
+        .encode();
+        debug_assert_eq!(data.len(), end, "records are laid out as record_size says");
+        let mut out = good(data);
+        if !ends.is_empty() {
+            let queue = Arc::clone(&self.queue);
+            out.on_sent = Some(DataInSent::new(move |sent| {
+                if let Some(&(seq, _)) = ends.iter().find(|&&(_, end)| end > sent) {
+                    queue.undeliver(key, seq);
+                }
+            }));
+        }
+        out
     }
 
-    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb) -> ScsiOutcome {
+    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
         let Some((key, _)) = self.node_key(nexus.id) else {
             return not_registered();
         };
         if c.alloc_len == 0 {
             return good(Vec::new());
         }
-        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let room = Self::response_room(c.alloc_len, cmd);
+        let budget = room.saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
         let (seq, ms) = match c.from {
             ReplayFrom::Seq(s) => (s, 0),
             ReplayFrom::Time(t) => (0, t),
@@ -796,9 +838,9 @@ impl VendorHandler for RoutingAgent {
         };
         match c {
             VendorCdb::Send(s) => self.send(nexus, s.batch_tag, s.param_len, cmd.data_out),
-            VendorCdb::Receive(r) => self.receive(nexus, r),
+            VendorCdb::Receive(r) => self.receive(nexus, r, cmd),
             VendorCdb::Ack(a) => self.ack(nexus, a, cmd.data_out),
-            VendorCdb::Replay(r) => self.replay(nexus, r),
+            VendorCdb::Replay(r) => self.replay(nexus, r, cmd),
             VendorCdb::Node(n) => self.node(nexus, n, cmd.data_out),
             VendorCdb::SendResults(r) => self.send_results(nexus, r),
         }
@@ -815,5 +857,133 @@ impl VendorHandler for RoutingAgent {
     fn nexus_removed(&self, nexus: &ItNexus) {
         lock(&self.table).nexus_removed(nexus.id);
         lock(&self.results).remove(&nexus.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::cache::WriteCache;
+    use crate::media::mirror::MirrorSet;
+    use crate::routing::packet_queue::QueueOptions;
+    use crate::scsi::TaskAttr;
+    use std::net::Ipv4Addr;
+
+    const NAME: &str = "iqn.2026-11.org.ftss:agent-test";
+
+    fn a(x: u8) -> NodeAddr {
+        NodeAddr::from(Ipv4Addr::new(10, 0, 0, x))
+    }
+
+    fn nexus() -> ItNexus {
+        ItNexus {
+            id: 7,
+            initiator_name: NAME.into(),
+            isid: [0; 6],
+            tpgt: 1,
+        }
+    }
+
+    fn receive_cmd(cdb: &[u8], resume_until: Option<Instant>) -> ScsiCommand<'_> {
+        ScsiCommand {
+            lun: 0,
+            cdb,
+            data_out: &[],
+            expected_len: 1 << 20,
+            attr: TaskAttr::Simple,
+            resume_until,
+        }
+    }
+
+    fn receive_cdb(wait_100ms: u16) -> Vec<u8> {
+        vendor::ReceiveCdb {
+            wait: wait_100ms > 0,
+            max_records: 0,
+            alloc_len: 1 << 20,
+            timeout: wait_100ms,
+        }
+        .encode()
+    }
+
+    fn ids(o: &ScsiOutcome) -> Vec<u64> {
+        RecordList::decode(&o.data_in)
+            .expect("FR list")
+            .records
+            .iter()
+            .map(|r| r.packet_id)
+            .collect()
+    }
+
+    #[test]
+    fn receive_parks_when_empty_and_redelivers_what_was_not_sent() {
+        let dir = std::env::temp_dir().join(format!("ftss-agent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let blocks = 4096;
+        let set = Arc::new(
+            MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors"),
+        );
+        let cache = WriteCache::open(
+            &dir.join("cache"),
+            8192 + (2 << 20),
+            HashMap::from([(1, set)]),
+        )
+        .expect("cache");
+        let queue = PacketQueue::open(Arc::clone(&cache), 1, blocks, 512, QueueOptions::default())
+            .expect("queue");
+        let agent = RoutingAgent::start(
+            Arc::clone(&queue),
+            AgentConfig {
+                nodes: vec![(NAME.into(), vec![a(2)])],
+                delivery_timeout: Duration::from_secs(60),
+                external: None,
+                registry: None,
+            },
+        )
+        .expect("agent");
+        let n = nexus();
+        agent.nexus_added(&n);
+
+        // Nothing queued: a long poll parks, with its deadline, and answers an empty list
+        // to a transport that cannot park.
+        let cdb = receive_cdb(50);
+        let mut parked = agent.execute(&n, &receive_cmd(&cdb, None));
+        let park = parked.park.take().expect("parked");
+        assert!(park.until > Instant::now() + Duration::from_secs(4));
+        assert!(ids(&parked).is_empty());
+        let stored = queue
+            .store(&[NewPacket {
+                node: a(2),
+                dest: a(2),
+                source: a(1),
+                sender: a(1),
+                packet_id: 1,
+                flags: 0,
+                payload: vec![1; 10],
+            }])
+            .expect("store");
+        assert_eq!(stored.len(), 1);
+        assert!(park.wake.has_changed().expect("queue alive"), "woken");
+
+        // Run again after the wake: the record comes, with a hook.
+        let got = agent.execute(&n, &receive_cmd(&cdb, Some(park.until)));
+        assert!(got.park.is_none());
+        assert_eq!(ids(&got), vec![1]);
+        // The response never went out (aborted): the hook drops and the record comes
+        // again.
+        drop(got);
+        let mut again = agent.execute(&n, &receive_cmd(&receive_cdb(0), None));
+        assert_eq!(ids(&again), vec![1]);
+        // Sent whole this time: nothing comes again, and a poll past its deadline answers
+        // at once.
+        let len = again.data_in.len();
+        again.on_sent.take().expect("a hook").sent(len);
+        let past = Instant::now();
+        let done = agent.execute(&n, &receive_cmd(&cdb, Some(past)));
+        assert!(done.park.is_none());
+        assert!(ids(&done).is_empty());
+
+        cache.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
