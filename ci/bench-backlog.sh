@@ -44,14 +44,15 @@ rss() {
 # The destination: logged in (available), not receiving.
 $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away hold 86400 >/dev/null 2>&1 &
 CI_PIDS+=($!)
+tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:sender"
+# ROUTING TABLE answers registered nodes only: the sender asks.
 for _ in $(seq 1 50); do
-  $F nodes 2>/dev/null | grep -q "10.0.0.2 .*available" && break
+  $tx nodes 2>/dev/null | grep -q "10.0.0.2 .*available" && break
   sleep 0.1
 done
 echo "backlog benchmark: $PACKETS packets of 64 bytes to a node that does not receive"
 echo "start: daemon RSS $(rss)"
 sent=0
-tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:sender"
 while [ "$sent" -lt "$PACKETS" ]; do
   n=$(( PACKETS - sent < STEP ? PACKETS - sent : STEP ))
   out=$($tx bench 10.0.0.2 --size 64 --count "$n" --inflight 8 --batch 512 | sed -n 1p)

@@ -36,11 +36,12 @@ F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
 # The destination node takes and acknowledges everything.
 $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:bench-rx recv --wait 25 --count 1000000000 >/dev/null 2>&1 &
 CI_PIDS+=($!)
+tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:bench-tx"
+# ROUTING TABLE answers registered nodes only: the sender asks.
 for _ in $(seq 1 50); do
-  $F nodes 2>/dev/null | grep -q "10.0.0.2 .*available" && break
+  $tx nodes 2>/dev/null | grep -q "10.0.0.2 .*available" && break
   sleep 0.1
 done
-tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:bench-tx"
 {
   echo "packet benchmark: 1 KiB guaranteed-delivery packets, loopback, $(nproc) cores"
   echo "-- 1 SEND in flight"

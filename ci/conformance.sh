@@ -21,18 +21,22 @@ start=$(date +%s)
 
 if [ "$kind" = ftss ]; then
   ftss_build
+  # The suite's reset tests (PreventAllow.*Reset, Reserve6.Target*Reset) send TARGET
+  # WARM/COLD RESET, which ftss answers only to the initiators a target names.
   cat >"$work/ftss.toml" <<CONF
 [server]
 portals = ["127.0.0.1:$p1", "127.0.0.1:$p2"]
 data_dir = "$work"
 [[target]]
 iqn = "$T"
+reset_initiators = ["$I1", "$I2"]
 [[target.lun]]
 lun = 0
 path = "conf.img"
 size = "256MiB"
 [[target]]
 iqn = "$T-ro"
+reset_initiators = ["$I1", "$I2"]
 [[target.lun]]
 lun = 0
 path = "ro.img"
@@ -40,6 +44,7 @@ size = "64MiB"
 read_only = true
 [[target]]
 iqn = "$T-rm"
+reset_initiators = ["$I1", "$I2"]
 [[target.lun]]
 lun = 0
 path = "rm.img"
@@ -47,6 +52,7 @@ size = "64MiB"
 removable = true
 [[target]]
 iqn = "$T-chap"
+reset_initiators = ["$I1", "$I2"]
 [target.chap]
 username = "$CHAP_USER"
 secret = "$CHAP_SECRET"

@@ -80,8 +80,11 @@ echo "== ftss-target on 127.0.0.1:$port (log $log_target)"
 HF="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port --target $IQN --initiator $HOST_IQN -a $HOST_ADDR"
 $HF hold 900 >"$work/hold.out" 2>&1 &
 CI_PIDS+=($!)
+# ROUTING TABLE answers registered nodes only: an observer node of its own asks (not the
+# host node, whose own session would make it look available before `hold` is in).
 for _ in $(seq 1 100); do
-  $CI_ROOT/target/release/ftss --portal "127.0.0.1:$port" --target "$IQN" nodes 2>/dev/null |
+  $CI_ROOT/target/release/ftss --portal "127.0.0.1:$port" --target "$IQN" \
+    --initiator iqn.2026-11.org.ftss:e2e-observer -a 192.0.2.254 nodes 2>/dev/null |
     grep -q "^$HOST_ADDR .*available" && break
   sleep 0.1
 done

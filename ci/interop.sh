@@ -32,6 +32,13 @@ secret = "interop-secret-1"
 lun = 0
 path = "chap.img"
 size = "64MiB"
+# Per-initiator CHAP: every login with this name must prove the node's secret.
+[[node]]
+initiator = "iqn.2026-11.org.ftss:interop-node"
+addresses = ["10.0.0.1"]
+[node.chap]
+username = "interopnode"
+secret = "node-secret-123"
 CONF
 ftss_start "$work/ftss.toml" "$CI_OUT/interop-daemon.log" "$port"
 fails=0
@@ -70,5 +77,11 @@ check "CHAP target refuses a login without CHAP" bash -c "! iscsi-inq -i $CI isc
 head -c $((8 << 20)) /dev/urandom >"$work/c.raw"
 curl_q=$curl
 check "qemu-img over CHAP round trip" bash -c "qemu-img convert -n -f raw -O raw $work/c.raw $curl_q && qemu-img convert -f raw -O raw $curl_q $work/c-out.raw && cmp $work/c.raw <(head -c $((8 << 20)) $work/c-out.raw)"
-echo "interop: $((17 - fails)) passed, $fails failed"
+NI=iqn.2026-11.org.ftss:interop-node
+nurl="iscsi://interopnode%node-secret-123@127.0.0.1:$port"
+check "per-node CHAP: iscsi-ls as the node with its secret" bash -c "iscsi-ls -s -i $NI $nurl | grep -q 'Target:$T '"
+check "per-node CHAP: iscsi-inq as the node with its secret" bash -c "iscsi-inq -i $NI $nurl/$T/0 | grep -q 'Vendor:FTSS'"
+check "per-node CHAP: the node's name without CHAP is refused" bash -c "! iscsi-ls -i $NI iscsi://127.0.0.1:$port"
+check "per-node CHAP: the node's name with a wrong secret is refused" bash -c "! iscsi-inq -i $NI iscsi://interopnode%wrong-secret-99@127.0.0.1:$port/$T/0"
+echo "interop: $((21 - fails)) passed, $fails failed"
 [ "$fails" -eq 0 ]

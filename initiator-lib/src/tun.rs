@@ -7,16 +7,27 @@
 //! in again, registers again and resends the unanswered batch under the same packet ids,
 //! so the target stores each packet once; the [`Receiver`] drops records it has already
 //! written. TCP sees a pause, never a duplicate or a corrupted segment.
+//!
+//! The unit keeps the kernel honest about sources both ways. A packet from the target
+//! carries the source the target stamped (the sending node's first address, or the outside
+//! source of an external packet); the IP packet inside must come from that address, or
+//! from another address of the same node (learnt from ROUTING TABLE), else it is dropped
+//! and counted ([`BridgeStats::dropped_source_in`]): a node cannot have our kernel believe
+//! a packet came from someone else. Going out, only IP packets whose source is one of this
+//! node's addresses go to the target ([`BridgeStats::dropped_source_out`]); the target
+//! stamps the source anyway, this keeps a misrouted packet from leaving under our name.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ftss_proto::vendor::{NodeAddr, RoutingTable};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -28,6 +39,9 @@ use crate::Error;
 pub const MTU_MAX: usize = 65_535;
 /// Packets sent in one SEND at most: what the reader has queued when the last SEND ends.
 const BATCH_MAX: usize = 256;
+/// Shortest interval between two ROUTING TABLE reads prompted by an unknown source: a
+/// stream of spoofed packets must not turn into a stream of commands.
+const TABLE_REFRESH_MIN: Duration = Duration::from_secs(1);
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
@@ -118,6 +132,94 @@ pub fn destination(p: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// The source address of an IPv4 or IPv6 packet.
+pub fn source(p: &[u8]) -> Option<IpAddr> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => {
+            let b: [u8; 4] = p[12..16].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 if p.len() >= 40 => {
+            let b: [u8; 16] = p[8..24].try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// Why the bridge dropped an IP packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// Not an IPv4 or IPv6 packet (or a truncated header).
+    #[error("not an IPv4 or IPv6 packet")]
+    NotIp,
+    /// From the target: the IP source is neither the stamped source nor an address of the
+    /// same node.
+    #[error("IP source {inner} does not match the stamped source {stamped}")]
+    NotStamped {
+        /// Source in the IP header.
+        inner: IpAddr,
+        /// Source the target stamped.
+        stamped: IpAddr,
+    },
+    /// To the target: the IP source is not one of this node's addresses.
+    #[error("IP source {0} is not one of this node's addresses")]
+    NotOurs(IpAddr),
+}
+
+/// Which addresses belong to which node, from ROUTING TABLE.
+#[derive(Debug, Default, Clone)]
+pub struct NodeMap {
+    node_of: HashMap<NodeAddr, u32>,
+}
+
+impl NodeMap {
+    /// The map of a routing table (external routes belong to no node).
+    pub fn from_table(t: &RoutingTable) -> Self {
+        NodeMap {
+            node_of: t
+                .entries
+                .iter()
+                .filter(|e| !e.external)
+                .map(|e| (e.addr, e.node_id))
+                .collect(),
+        }
+    }
+
+    /// Whether `a` and `b` are addresses of one node.
+    pub fn same_node(&self, a: IpAddr, b: IpAddr) -> bool {
+        let id = |x: IpAddr| self.node_of.get(&NodeAddr::from(x));
+        id(a).is_some_and(|i| Some(i) == id(b))
+    }
+}
+
+/// Checks a packet received from the target: its IP source must be `stamped` (the
+/// source the target put on the record) or another address of the stamped node.
+pub fn check_inbound(stamped: IpAddr, nodes: &NodeMap, p: &[u8]) -> Result<(), SourceError> {
+    let inner = source(p).ok_or(SourceError::NotIp)?;
+    // Compared as node addresses: an IPv4 address and its IPv4-mapped form are one.
+    if NodeAddr::from(inner) == NodeAddr::from(stamped) || nodes.same_node(inner, stamped) {
+        Ok(())
+    } else {
+        Err(SourceError::NotStamped { inner, stamped })
+    }
+}
+
+/// Checks a packet the kernel routed into the TUN device: its IP source must be one of
+/// `ours`. Returns its destination.
+pub fn check_outbound(ours: &[IpAddr], p: &[u8]) -> Result<IpAddr, SourceError> {
+    let (Some(src), Some(dest)) = (source(p), destination(p)) else {
+        return Err(SourceError::NotIp);
+    };
+    let s = NodeAddr::from(src);
+    if ours.iter().any(|&a| NodeAddr::from(a) == s) {
+        Ok(dest)
+    } else {
+        Err(SourceError::NotOurs(src))
+    }
+}
+
 /// Counters of a running bridge.
 #[derive(Default, Debug)]
 pub struct BridgeStats {
@@ -130,6 +232,10 @@ pub struct BridgeStats {
     pub received: AtomicU64,
     /// Sessions started (1 + reconnects).
     pub sessions: AtomicU64,
+    /// Packets from the target dropped: the IP source is not the stamped source's node.
+    pub dropped_source_in: AtomicU64,
+    /// Packets from the kernel dropped: not IP, or the IP source is not this node's.
+    pub dropped_source_out: AtomicU64,
 }
 
 /// Runs the packet conversion unit until the TUN device fails: `connect` makes a new
@@ -206,10 +312,13 @@ where
         let recv_tun = Arc::clone(&tun);
         let recv_stats = Arc::clone(&stats);
         let recv_handed = Arc::clone(&handed);
+        let table_client = Arc::clone(&recv_client);
         let mut receiver = Receiver::new(recv_client)
             .starting_after(handed.load(Ordering::Relaxed))
             .with_wait(Duration::from_secs(2));
         let mut recv_task = tokio::spawn(async move {
+            let mut nodes = NodeMap::default();
+            let mut nodes_read: Option<Instant> = None;
             loop {
                 let r = receiver.poll().await;
                 recv_handed.fetch_max(receiver.last_seq(), Ordering::Relaxed);
@@ -217,6 +326,24 @@ where
                     Ok(records) => {
                         for d in records {
                             if d.failure_notice().is_some() {
+                                continue;
+                            }
+                            let mut ok = check_inbound(d.source, &nodes, &d.payload);
+                            if matches!(ok, Err(SourceError::NotStamped { .. }))
+                                && nodes_read.is_none_or(|t| t.elapsed() >= TABLE_REFRESH_MIN)
+                            {
+                                // Perhaps another address of the sender that registered
+                                // after our last look: read the table again, then decide.
+                                nodes_read = Some(Instant::now());
+                                match table_client.routing_table().await {
+                                    Ok(t) => nodes = NodeMap::from_table(&t),
+                                    Err(e) => debug!("routing table: {e}"),
+                                }
+                                ok = check_inbound(d.source, &nodes, &d.payload);
+                            }
+                            if let Err(e) = ok {
+                                debug!(seq = d.seq, "packet from the target dropped: {e}");
+                                recv_stats.dropped_source_in.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
                             if let Err(e) = recv_tun.write_packet(&d.payload) {
@@ -261,7 +388,14 @@ where
                         }
                     }
                     raw.into_iter()
-                        .filter_map(|p| destination(&p).map(|d| OutPacket::to(d, p)))
+                        .filter_map(|p| match check_outbound(&addrs, &p) {
+                            Ok(d) => Some(OutPacket::to(d, p)),
+                            Err(e) => {
+                                debug!("packet to the target dropped: {e}");
+                                stats.dropped_source_out.fetch_add(1, Ordering::Relaxed);
+                                None
+                            }
+                        })
                         .collect()
                 }
             };
@@ -326,5 +460,104 @@ mod tests {
         assert_eq!(destination(&v6), Some("2001:db8::2".parse().expect("ip")));
         assert_eq!(destination(&v4[..19]), None, "truncated");
         assert_eq!(destination(&[0x55; 40]), None, "not IP");
+    }
+
+    fn v4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p
+    }
+
+    fn v6(src: &str, dst: &str) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        let a = |s: &str| s.parse::<std::net::Ipv6Addr>().expect("ip").octets();
+        p[8..24].copy_from_slice(&a(src));
+        p[24..40].copy_from_slice(&a(dst));
+        p
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn inbound_ip_source_must_be_the_stamped_source() {
+        let none = NodeMap::default();
+        let p = v4([10, 0, 0, 1], [10, 0, 0, 2]);
+        assert_eq!(source(&p), Some(ip("10.0.0.1")));
+        assert_eq!(check_inbound(ip("10.0.0.1"), &none, &p), Ok(()));
+        // A node stamped 10.0.0.3 writing 10.0.0.1 into its packet: dropped.
+        assert_eq!(
+            check_inbound(ip("10.0.0.3"), &none, &p),
+            Err(SourceError::NotStamped {
+                inner: ip("10.0.0.1"),
+                stamped: ip("10.0.0.3")
+            })
+        );
+        let p6 = v6("2001:db8::1", "2001:db8::2");
+        assert_eq!(source(&p6), Some(ip("2001:db8::1")));
+        assert_eq!(check_inbound(ip("2001:db8::1"), &none, &p6), Ok(()));
+        assert!(check_inbound(ip("2001:db8::9"), &none, &p6).is_err());
+        assert!(check_inbound(ip("10.0.0.1"), &none, &p6).is_err());
+        assert_eq!(
+            check_inbound(ip("10.0.0.1"), &none, &p[..19]),
+            Err(SourceError::NotIp)
+        );
+        assert_eq!(
+            check_inbound(ip("10.0.0.1"), &none, &[0x55; 40]),
+            Err(SourceError::NotIp)
+        );
+    }
+
+    #[test]
+    fn inbound_ip_source_may_be_another_address_of_the_stamped_node() {
+        use ftss_proto::vendor::{RouteEntry, RouteState};
+        let entry = |a: &str, node_id: u32| RouteEntry {
+            addr: NodeAddr::from(ip(a)),
+            state: RouteState::Available,
+            local: false,
+            external: false,
+            node_id,
+        };
+        let nodes = NodeMap::from_table(&RoutingTable {
+            total: 3,
+            entries: vec![
+                entry("10.0.0.1", 1),
+                entry("2001:db8::1", 1),
+                entry("10.0.0.3", 2),
+            ],
+        });
+        // Node 1 is stamped 10.0.0.1 and sends IPv6 from its other address.
+        let p6 = v6("2001:db8::1", "2001:db8::2");
+        assert_eq!(check_inbound(ip("10.0.0.1"), &nodes, &p6), Ok(()));
+        // Node 2 cannot use node 1's addresses.
+        assert!(check_inbound(ip("10.0.0.3"), &nodes, &p6).is_err());
+        let p = v4([10, 0, 0, 1], [10, 0, 0, 2]);
+        assert!(check_inbound(ip("10.0.0.3"), &nodes, &p).is_err());
+        // An outside source matches only itself.
+        assert!(check_inbound(ip("192.0.2.50"), &nodes, &p).is_err());
+    }
+
+    #[test]
+    fn outbound_ip_source_must_be_ours() {
+        let ours = [ip("10.0.0.1"), ip("2001:db8::1")];
+        let p = v4([10, 0, 0, 1], [10, 0, 0, 2]);
+        assert_eq!(check_outbound(&ours, &p), Ok(ip("10.0.0.2")));
+        let p6 = v6("2001:db8::1", "2001:db8::2");
+        assert_eq!(check_outbound(&ours, &p6), Ok(ip("2001:db8::2")));
+        let foreign = v4([10, 0, 0, 3], [10, 0, 0, 2]);
+        assert_eq!(
+            check_outbound(&ours, &foreign),
+            Err(SourceError::NotOurs(ip("10.0.0.3")))
+        );
+        let foreign6 = v6("2001:db8::3", "2001:db8::2");
+        assert_eq!(
+            check_outbound(&ours, &foreign6),
+            Err(SourceError::NotOurs(ip("2001:db8::3")))
+        );
+        assert_eq!(check_outbound(&ours, &p[..12]), Err(SourceError::NotIp));
     }
 }

@@ -230,6 +230,17 @@ impl NodeAddr {
     pub fn is_unspecified(&self) -> bool {
         self.0 == [0; 16]
     }
+
+    /// True for an address one host can own: not unspecified (`::`, `0.0.0.0`), not
+    /// multicast (`ff00::/8`, `224.0.0.0/4`; `ff..ff`, the external port's queue key, is
+    /// one), not the IPv4 limited broadcast.
+    #[must_use]
+    pub fn is_unicast(&self) -> bool {
+        match self.ip() {
+            IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+            IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+        }
+    }
 }
 
 impl From<IpAddr> for NodeAddr {
@@ -1528,8 +1539,16 @@ impl AddressList {
         if count > ADDRESSES_MAX {
             return Err(field(4, None, "more than 64 addresses"));
         }
+        if count == 0 {
+            // Every empty set would share the key `::` across unrelated initiators.
+            return Err(field(4, None, "no address"));
+        }
         r.reserved(2)?;
+        let at = r.pos;
         let addrs = read_addrs(&mut r, count)?;
+        if let Some(k) = addrs.iter().position(|a| !a.is_unicast()) {
+            return Err(field(at + 16 * k, None, "not a unicast address"));
+        }
         r.end()?;
         Ok(AddressList { addrs })
     }
@@ -2328,8 +2347,13 @@ mod tests {
                 addrs.into_iter().filter(|a| !a.is_unspecified()).collect();
             let a = AckList { seqs };
             prop_assert_eq!(AckList::decode(&a.encode()), Ok(a));
+            // NODE REGISTER takes one to 64 unicast addresses; anything else is refused.
             let a = AddressList { addrs: addrs.clone() };
-            prop_assert_eq!(AddressList::decode(&a.encode()), Ok(a));
+            if !addrs.is_empty() && addrs.iter().all(NodeAddr::is_unicast) {
+                prop_assert_eq!(AddressList::decode(&a.encode()), Ok(a));
+            } else {
+                prop_assert!(AddressList::decode(&a.encode()).is_err());
+            }
             let n = NodeInfo {
                 state: if maint { NodeState::Maintenance } else { NodeState::Available },
                 total: addrs.len() as u16 + extra,

@@ -5,7 +5,10 @@
 //!   progress as `done/total` blocks);
 //! - `rebuild <iqn>/<lun> <mirror> [bytes-per-second]`: starts an online rebuild of one
 //!   mirror from the healthy copies, rate-limited, while I/O continues;
-//! - `scrub <iqn>/<lun>`: verifies every copy of every block, repairs bad ones, reports.
+//! - `scrub <iqn>/<lun>`: verifies every copy of every block, repairs bad ones, reports;
+//! - `nodes`: the routing table's nodes and the owners of registered addresses;
+//! - `nodes retire <initiator>`: releases an initiator's registered addresses and
+//!   discards the packets queued under them (the only way they change hands).
 //!
 //! Answers start with `ok` or `error`. Plain text keeps it usable with `socat` when the
 //! CLI is not at hand.
@@ -61,6 +64,9 @@ impl MediaHandles {
                 s.recovery_ms
             ));
         }
+        if let Some(x) = self.agent.as_ref().and_then(|a| a.external_stats()) {
+            out.push_str(&format!("{x}\n"));
+        }
         for (name, v) in &self.volumes {
             out.push_str(&format!(
                 "volume {name} blocks={} block_size={} repairs={}\n",
@@ -88,6 +94,20 @@ impl MediaHandles {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["status"] => self.status(),
+            ["nodes"] => match &self.agent {
+                Some(a) => format!("ok\n{}", a.nodes_report()),
+                None => "error no [packets] configured\n".into(),
+            },
+            ["nodes", "retire", initiator] => match &self.agent {
+                Some(a) => match a.retire(initiator) {
+                    Ok(keys) => {
+                        let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+                        format!("ok retired {initiator} addresses={}\n", keys.join(","))
+                    }
+                    Err(e) => format!("error {e}\n"),
+                },
+                None => "error no [packets] configured\n".into(),
+            },
             ["rebuild", name, mirror, rest @ ..] if rest.len() <= 1 => {
                 let Some(v) = self.volume(name) else {
                     return format!("error no mirrored volume {name}\n");

@@ -84,6 +84,11 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
 }
 
+/// Largest packet payload, as a quota floor.
+fn vendor_payload_max() -> u64 {
+    ftss_proto::vendor::PAYLOAD_MAX as u64
+}
+
 /// `[packets]`: where packets are stored and how long they are kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +109,15 @@ pub struct PacketsConfig {
     /// Packet ids remembered per daemon for duplicate suppression (most recent first).
     #[serde(default = "default_dedup_window")]
     pub dedup_window: usize,
+    /// Unacknowledged payload bytes one destination node may hold, with a unit; default
+    /// a quarter of `size`. A node at its quota gets no more packets (senders see
+    /// DESTINATION QUEUE FULL) while every other node's traffic goes on.
+    #[serde(default)]
+    pub node_quota_bytes: Option<String>,
+    /// Unacknowledged packets one destination node may hold; default: as many
+    /// one-block (512-byte) records as a quarter of `size` holds.
+    #[serde(default)]
+    pub node_quota_records: Option<u64>,
     /// The external network port.
     #[serde(default)]
     pub external: Option<ExternalConfig>,
@@ -128,6 +142,12 @@ pub struct NodeConfig {
     pub initiator: String,
     /// IPv4 or IPv6 addresses.
     pub addresses: Vec<String>,
+    /// `[node.chap]`: CHAP credentials of this initiator. When given, every login with
+    /// this InitiatorName (normal or discovery, to any target) must pass CHAP with them,
+    /// so the name is authenticated rather than merely asserted; they take the place of
+    /// the target's or the discovery CHAP for this initiator.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
 }
 
 fn default_packet_mirrors() -> Vec<PathBuf> {
@@ -278,9 +298,23 @@ pub struct TargetConfig {
     /// CHAP required for this target.
     #[serde(default)]
     pub chap: Option<ChapConfig>,
+    /// Initiator names allowed to send TARGET WARM RESET and TARGET COLD RESET (a cold
+    /// reset ends every session of the target); empty, the default: nobody. Others get
+    /// the TMF response "Function authorization failed".
+    #[serde(default)]
+    pub reset_initiators: Vec<String>,
     /// Logical units.
     #[serde(default, rename = "lun")]
     pub luns: Vec<LunConfig>,
+}
+
+impl TargetConfig {
+    /// Whether `initiator` may reset the whole target (TARGET WARM/COLD RESET).
+    pub fn may_reset(&self, initiator: &str) -> bool {
+        self.reset_initiators
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(initiator))
+    }
 }
 
 /// `[[target.lun]]`
@@ -421,6 +455,18 @@ impl Config {
             if p.dedup_window == 0 {
                 return Err(invalid("packets.dedup_window", "must be at least 1"));
             }
+            if let Some(q) = &p.node_quota_bytes {
+                let q = parse_size(q).map_err(|e| invalid("packets.node_quota_bytes", e))?;
+                if q < vendor_payload_max() || q > size {
+                    return Err(invalid(
+                        "packets.node_quota_bytes",
+                        "must hold one largest packet (64KiB) and fit in packets.size",
+                    ));
+                }
+            }
+            if p.node_quota_records == Some(0) {
+                return Err(invalid("packets.node_quota_records", "must be at least 1"));
+            }
             if let Some(x) = &p.external {
                 x.bind
                     .parse::<SocketAddr>()
@@ -438,6 +484,22 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             validate_name(&n.initiator).map_err(|e| invalid(format!("node[{i}].initiator"), e))?;
+            if let Some(c) = &n.chap {
+                c.validate(&format!("node[{i}].chap"))?;
+                // Credentials are looked up by initiator name: a second entry of the
+                // same name would leave it open which ones apply.
+                if let Some(j) = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .position(|(j, m)| j != i && m.initiator.eq_ignore_ascii_case(&n.initiator))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].chap"),
+                        format!("{} also has node[{j}]: an initiator with CHAP credentials must have one [[node]]", n.initiator),
+                    ));
+                }
+            }
             if n.addresses.is_empty() {
                 return Err(invalid(
                     format!("node[{i}].addresses"),
@@ -476,6 +538,9 @@ impl Config {
             }
             if let Some(c) = &t.chap {
                 c.validate(&format!("{key}.chap"))?;
+            }
+            for (i, n) in t.reset_initiators.iter().enumerate() {
+                validate_name(n).map_err(|m| invalid(format!("{key}.reset_initiators[{i}]"), m))?;
             }
             let mut luns = HashSet::new();
             for (li, l) in t.luns.iter().enumerate() {
@@ -542,6 +607,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The per-initiator CHAP credentials of `initiator` (`[node.chap]`), if any.
+    pub fn node_chap(&self, initiator: &str) -> Option<&ChapConfig> {
+        self.nodes
+            .iter()
+            .find(|n| n.initiator.eq_ignore_ascii_case(initiator))
+            .and_then(|n| n.chap.as_ref())
     }
 
     /// Listen addresses, parsed (validated already).
@@ -689,5 +762,39 @@ mod tests {
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1MiB\"\n[[target.lun]]\nlun=0\npath=\"b\"\nsize=\"1MiB\"\n"
         ))
         .contains("target[0].lun[1].lun"));
+    }
+
+    #[test]
+    fn node_chap_and_reset_initiators_are_checked_and_looked_up_by_name() {
+        let base = "[server]\nportals=[\"127.0.0.1:3260\"]\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n";
+        let node = "[[node]]\ninitiator=\"iqn.2026-11.x:n1\"\naddresses=[\"10.0.0.1\"]\n";
+        assert!(err(&format!(
+            "{base}{node}[node.chap]\nusername=\"n1\"\nsecret=\"short\"\n"
+        ))
+        .contains("node[0].chap.secret"));
+        assert!(err(&format!(
+            "{base}{node}[node.chap]\nusername=\"n1\"\nsecret=\"n1-secret-123\"\nmutual_username=\"t\"\n"
+        ))
+        .contains("node[0].chap.mutual_secret"));
+        assert!(err(&format!(
+            "{base}{node}[node.chap]\nusername=\"n1\"\nsecret=\"n1-secret-123\"\n[[node]]\ninitiator=\"IQN.2026-11.X:N1\"\naddresses=[\"10.0.0.2\"]\n"
+        ))
+        .contains("node[0].chap"));
+        assert!(err(&format!("{base}reset_initiators=[\"not a name\"]\n"))
+            .contains("target[0].reset_initiators[0]"));
+        let c = Config::parse(&format!(
+            "{base}reset_initiators=[\"iqn.2026-11.x:admin\"]\n{node}[node.chap]\nusername=\"n1\"\nsecret=\"n1-secret-123\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.node_chap("IQN.2026-11.x:N1").map(|c| c.username.as_str()),
+            Some("n1")
+        );
+        assert!(c.node_chap("iqn.2026-11.x:n2").is_none());
+        assert!(c.targets[0].may_reset("iqn.2026-11.X:admin"));
+        assert!(!c.targets[0].may_reset("iqn.2026-11.x:n1"));
+        assert!(Config::default_config().targets[0]
+            .reset_initiators
+            .is_empty());
     }
 }

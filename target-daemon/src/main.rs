@@ -60,6 +60,13 @@ enum AdminRequest {
         /// Volume as `<iqn>/<lun>`.
         volume: String,
     },
+    /// The packet nodes and who owns each registered address.
+    Nodes {
+        /// Release this initiator's registered addresses and discard the packets queued
+        /// under them (it must have no session logged in).
+        #[arg(long, value_name = "INITIATOR")]
+        retire: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -128,6 +135,17 @@ fn admin(socket: &std::path::Path, request: AdminRequest) -> anyhow::Result<()> 
         }
         AdminRequest::Scrub { volume } => {
             println!("{}", ask(socket, &format!("scrub {volume}"))?.trim());
+        }
+        AdminRequest::Nodes { retire: None } => {
+            print!("{}", ask(socket, "nodes")?.trim_start_matches("ok\n"));
+        }
+        AdminRequest::Nodes {
+            retire: Some(initiator),
+        } => {
+            println!(
+                "{}",
+                ask(socket, &format!("nodes retire {initiator}"))?.trim()
+            );
         }
         AdminRequest::Rebuild {
             volume,

@@ -209,6 +209,12 @@ pub(crate) fn open_targets(
             QueueOptions {
                 retain: Duration::from_secs(p.retain_s),
                 dedup_window: p.dedup_window,
+                // Validated with the configuration.
+                node_quota_bytes: p
+                    .node_quota_bytes
+                    .as_deref()
+                    .and_then(|q| crate::config::parse_size(q).ok()),
+                node_quota_records: p.node_quota_records,
                 ..QueueOptions::default()
             },
         )
@@ -240,6 +246,7 @@ pub(crate) fn open_targets(
                 nodes,
                 delivery_timeout: Duration::from_secs(p.delivery_timeout_s),
                 external,
+                registry: Some(Arc::clone(&set)),
             },
         )
         .map_err(|e| err(format!("routing agent: {e}")))?;

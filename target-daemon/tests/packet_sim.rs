@@ -48,23 +48,29 @@ use ftss_target::routing::packet_queue::{PacketQueue, QueueOptions};
 use ftss_target::routing::{AgentConfig, RoutingAgent};
 use ftss_target::scsi::{ItNexus, ScsiCommand, ScsiOutcome, TaskAttr, VendorHandler};
 
-/// Rules of the packet path (numbered as in the brief of this simulator) whose
-/// provoking steps are left out unless `FTSS_SIM_RULES=all`: the code on this branch
-/// does not implement them yet, and every seed that provokes them fails.
+/// Rules of the packet path (numbered as in the brief of this simulator) whose checks
+/// are left out unless `FTSS_SIM_RULES` names them (or is `all`): the code on `main`
+/// breaks them still, and every seed that provokes them fails. Rules 1, 2, 4 and 6 are
+/// merged from `main` and always checked:
 ///
 /// - 1: a failed append leaves no hole (step `FailWrite`: EIO on cache writes);
 /// - 2: a retry is answered GOOD only once its original is durable (step `FailSync`:
 ///   EIO on a commit msync, then retries);
-/// - 3: duplicate suppression holds while a packet is stored (a dedup window of 4
-///   pairs in some seeds);
 /// - 4: NODE REGISTER refuses ff..ff, multicast and empty lists (step `BadRegister`);
 /// - 6: node ownership survives restarts (step `Steal`: another initiator registers a
-///   node's address);
+///   node's address).
+///
+/// Pending:
+///
+/// - 3: duplicate suppression holds while a packet is stored: a dedup window of 4
+///   pairs in some seeds, and a retry of a broadcast one of whose copies was released
+///   while another is still unacknowledged (off, the model lets that retry be stored
+///   again);
 /// - 7 (found by this simulator, not in the brief): a node whose backlog exceeds its
-///   in-memory index gets every packet by RECEIVE alone; today RECEIVE answers "no more"
+///   in-memory index gets every packet by RECEIVE alone; RECEIVE answers "no more"
 ///   while packets wait in the log, until an ACK refills the index (an index of 3
 ///   packets in some seeds).
-const PENDING_RULES: &[u8] = &[1, 2, 3, 4, 6, 7];
+const PENDING_RULES: &[u8] = &[3, 7];
 
 const VOL: u32 = 3;
 const BS: u32 = 512;
@@ -461,7 +467,7 @@ fn open_sys(fs: &SimFs, fresh: bool, cfg: &Cfg, clock: &Arc<FakeClock>) -> Resul
         Box::new(region),
         fresh,
         "cache",
-        std::collections::HashMap::from([(VOL, set)]),
+        std::collections::HashMap::from([(VOL, Arc::clone(&set))]),
     )
     .map_err(|e| e.to_string())?;
     let queue = PacketQueue::open_with_clock(
@@ -484,6 +490,8 @@ fn open_sys(fs: &SimFs, fresh: bool, cfg: &Cfg, clock: &Arc<FakeClock>) -> Resul
             nodes: Vec::new(),
             delivery_timeout: Duration::from_millis(DELIVERY_TIMEOUT_MS),
             external: None,
+            // Node ownership is kept in the queue mirror set's metadata area (rule 6).
+            registry: Some(set),
         },
         Arc::clone(clock) as Arc<dyn Clock>,
     )
@@ -548,6 +556,8 @@ struct Sim<'a> {
     m: Model,
     /// A fault was injected since the last restart (answers may be errors).
     faulty: bool,
+    /// Rules checked (see [`PENDING_RULES`]).
+    rules: BTreeSet<u8>,
     trace: Vec<String>,
 }
 
@@ -589,6 +599,7 @@ impl<'a> Sim<'a> {
                 ..Model::default()
             },
             faulty: false,
+            rules: rules_on(),
             trace: Vec::new(),
         })
     }
@@ -626,8 +637,15 @@ impl<'a> Sim<'a> {
                 data.len() as u32
             },
             attr: TaskAttr::Simple,
+            resume_until: None,
         };
-        self.sys.agent.execute(&n, &cmd)
+        let mut out = self.sys.agent.execute(&n, &cmd);
+        // The whole response reaches the initiator (a dropped hook would mean none did,
+        // and the records would be delivered again).
+        if let Some(h) = out.on_sent.take() {
+            h.sent(out.data_in.len().min(cmd.expected_len as usize));
+        }
+        out
     }
 
     /// The session of `node` on `path`, else on its other path.
@@ -1074,7 +1092,11 @@ impl<'a> Sim<'a> {
                 .range((node, id, 0)..(node, id + 1, 0))
                 .map(|(_, c)| c)
                 .collect();
-            let dup_required = copies.iter().any(|c| c.owe);
+            // Rule 3 pending: once one copy of a broadcast is released, a retry may be
+            // stored again for every destination.
+            let lenient = !self.rules.contains(&3)
+                && copies.iter().any(|c| c.ack_tried || !c.acked.is_empty());
+            let dup_required = !lenient && copies.iter().any(|c| c.owe);
             let dup_possible = copies.iter().any(|c| c.possibly);
             let (mut allowed, fresh) = if rec.broadcast {
                 let to = (0..self.cfg.nodes)
@@ -1091,6 +1113,11 @@ impl<'a> Sim<'a> {
                 allowed = vec![Outcome::Delivered];
             } else if dup_possible && !allowed.contains(&Outcome::Delivered) {
                 allowed.push(Outcome::Delivered);
+            }
+            if lenient {
+                for (_, c) in self.m.copies.range_mut((node, id, 0)..(node, id + 1, 0)) {
+                    c.may_renew = true;
+                }
             }
             preds.push(Pred {
                 allowed,

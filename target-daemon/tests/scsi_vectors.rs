@@ -92,6 +92,7 @@ fn scsi_vectors() {
             data_out: &data_out,
             expected_len: v.edtl.unwrap_or(data_out.len().max(1 << 20) as u32),
             attr: TaskAttr::Simple,
+            resume_until: None,
         };
         let o = target.execute(&nexus, &cmd);
         let n = &v.name;

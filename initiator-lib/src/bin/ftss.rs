@@ -148,7 +148,8 @@ enum Cmd {
         #[arg(long)]
         since_ms: Option<u64>,
     },
-    /// The target's routing table.
+    /// The target's routing table (answered to nodes only: give --node-addr, or be a
+    /// configured [[node]]).
     Nodes,
     /// This node's receive queue statistics.
     Stats,
@@ -1015,6 +1016,8 @@ async fn tun(cli: &Cli, portal: SocketAddr, name: &str) -> Result<()> {
                 received = report.received.load(Ordering::Relaxed),
                 refused = report.refused.load(Ordering::Relaxed),
                 sessions = report.sessions.load(Ordering::Relaxed),
+                dropped_source_in = report.dropped_source_in.load(Ordering::Relaxed),
+                dropped_source_out = report.dropped_source_out.load(Ordering::Relaxed),
                 "tun"
             );
         }

@@ -27,7 +27,9 @@ use tracing::{debug, info, warn};
 use super::session::{SessionCtx, SessionKind};
 use super::transfer::{data_in_pieces, WriteCollect, XferError, XferLimits};
 use crate::media::cache::{self, defer_commits, PendingCommits};
-use crate::scsi::{AbortWait, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter, TaskAttr};
+use crate::scsi::{
+    AbortWait, DataInSent, Park, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter, TaskAttr,
+};
 
 /// SCSI status values the transport itself produces.
 const STATUS_GOOD: u8 = 0x00;
@@ -97,11 +99,33 @@ struct Done {
     outcome: ScsiOutcome,
 }
 
+/// A parked command's wait ended (woken or timed out): run it again.
+struct Resume {
+    itt: u32,
+    generation: u64,
+    until: std::time::Instant,
+}
+
 enum TaskState {
     /// Waiting for data-out.
     Collecting(WriteCollect),
     /// Handed to the SCSI layer.
     Running,
+    /// Parked by the SCSI layer (a long poll): waits on the async side, no thread held.
+    Parked {
+        /// Held for its drop, which ends the wait.
+        _wait: ParkedWait,
+    },
+}
+
+/// The wait of a parked command; ends it when the task goes (aborted, connection
+/// closed), so nothing of a dropped poll lingers until its deadline.
+struct ParkedWait(tokio::task::AbortHandle);
+
+impl Drop for ParkedWait {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Lives as long as a command executes on its blocking thread, holding what waits for
@@ -122,6 +146,12 @@ struct Task {
     arrived: u64,
     /// The execution of a running task, while it lasts.
     end: Weak<TaskEnd>,
+    /// Bytes of the connection's write-buffer budget this task holds, never less than
+    /// its buffer: what data it was sent unasked while it waited for the budget, all of
+    /// `edtl` once granted, until the task is gone (its buffer lives until it completes).
+    reserved: u64,
+    /// Granted its whole transfer against the budget (R2Ts may go out).
+    granted: bool,
 }
 
 /// A task management response waiting for aborted commands to finish.
@@ -156,6 +186,7 @@ pub(crate) async fn run(
     let framing = params.framing;
     let reader_task = tokio::spawn(read_loop(reader, framing, pdu_tx));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (resume_tx, mut resume_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         window: CmdWindow::new(exp_cmd_sn, ctx.cmd_window),
         stat_sn,
@@ -168,17 +199,29 @@ pub(crate) async fn run(
         generation: 0,
         next_ttt: 1,
         write_bytes: 0,
+        granted_bytes: 0,
         parked: VecDeque::new(),
         tmfs: Vec::new(),
         text: TextState::default(),
         out: BytesMut::with_capacity(64 << 10),
         done_tx,
+        resume_tx,
+        sent: Vec::new(),
         ctx,
         close: false,
         ping: None,
     };
-    conn.event_loop(&mut pdu_rx, &mut done_rx, &mut ctl_rx, writer)
-        .await;
+    conn.event_loop(
+        &mut pdu_rx,
+        &mut done_rx,
+        &mut resume_rx,
+        &mut ctl_rx,
+        writer,
+    )
+    .await;
+    // Responses still queued never reached the initiator: their hooks hear 0 bytes now,
+    // not after the drain.
+    conn.sent.clear();
     reader_task.abort();
     conn.ctx.connection_closed();
     conn.drain(&mut done_rx, &mut ctl_rx).await;
@@ -196,12 +239,19 @@ struct Conn {
     tasks: HashMap<u32, Task>,
     generation: u64,
     next_ttt: u32,
+    /// Write-buffer budget reserved by all tasks.
     write_bytes: u64,
+    /// The part of it reserved by granted tasks.
+    granted_bytes: u64,
     parked: VecDeque<u32>,
     tmfs: Vec<PendingTmf>,
     text: TextState,
     out: BytesMut,
     done_tx: mpsc::UnboundedSender<Done>,
+    resume_tx: mpsc::UnboundedSender<Resume>,
+    /// Data-in hooks of responses queued in `out`, with the bytes of data-in each carries:
+    /// told once `out` is written, dropped (0 bytes) if it never is.
+    sent: Vec<(DataInSent, usize)>,
     close: bool,
     /// Outstanding target ping: its TTT and deadline.
     ping: Option<(u32, Instant)>,
@@ -313,6 +363,7 @@ impl Conn {
         &mut self,
         pdu_rx: &mut mpsc::Receiver<ReadEvent>,
         done_rx: &mut mpsc::UnboundedReceiver<Done>,
+        resume_rx: &mut mpsc::UnboundedReceiver<Resume>,
         ctl_rx: &mut mpsc::UnboundedReceiver<Control>,
         mut wr: OwnedWriteHalf,
     ) {
@@ -334,6 +385,7 @@ impl Conn {
                     None => break,
                 },
                 Some(d) = done_rx.recv() => self.on_done(d),
+                Some(r) = resume_rx.recv() => self.on_resume(r),
                 Some(c) = ctl_rx.recv() => self.on_control(c),
                 () = tokio::time::sleep_until(ping_at) => {
                     if self.ping.is_some() {
@@ -360,9 +412,14 @@ impl Conn {
             if !self.out.is_empty() {
                 if let Err(e) = wr.write_all(&self.out).await {
                     debug!("write failed: {e}");
+                    // Their data never left: the hooks hear 0 bytes as they drop.
+                    self.sent.clear();
                     break;
                 }
                 self.out.clear();
+                for (hook, bytes) in self.sent.drain(..) {
+                    hook.sent(bytes);
+                }
             }
             if self.close {
                 break;
@@ -571,6 +628,8 @@ impl Conn {
             r2ts_sent: 0,
             arrived,
             end: Weak::new(),
+            reserved: 0,
+            granted: false,
         };
         let itt = task.cmd.itt.0;
         if task.cmd.write && task.cmd.edtl > 0 {
@@ -591,6 +650,9 @@ impl Conn {
             match WriteCollect::new(task.cmd.edtl, &data, task.cmd.final_, &self.lim) {
                 Ok(w) => {
                     let done = w.is_complete();
+                    // Immediate data is held from now on, granted or not.
+                    task.reserved = w.held() as u64;
+                    self.write_bytes += task.reserved;
                     task.state = TaskState::Collecting(w);
                     self.tasks.insert(itt, task);
                     if done {
@@ -627,12 +689,17 @@ impl Conn {
                 self.parked.pop_front();
                 continue;
             };
-            let need = u64::from(w.edtl());
-            if self.write_bytes > 0 && self.write_bytes + need > WRITE_BUFFER_BYTES_MAX {
+            let need = u64::from(w.edtl()).saturating_sub(task.reserved);
+            // With no write granted, the first in line always goes: data sent unasked
+            // (bounded by FirstBurstLength and the CmdSN window) must not stall it.
+            if self.granted_bytes > 0 && self.write_bytes + need > WRITE_BUFFER_BYTES_MAX {
                 break;
             }
             w.activate();
+            task.reserved += need;
+            task.granted = true;
             self.write_bytes += need;
+            self.granted_bytes += task.reserved;
             self.parked.pop_front();
             self.send_r2ts(itt);
         }
@@ -689,6 +756,11 @@ impl Conn {
         }
         match w.data_out(d.ttt.0, d.data_sn, d.buffer_offset, &d.data) {
             Ok(()) => {
+                // Unsolicited data to a task still waiting for the budget grows what it
+                // holds; a granted task reserved its whole transfer already.
+                let grew = (w.held() as u64).saturating_sub(task.reserved);
+                task.reserved += grew;
+                self.write_bytes += grew;
                 if w.is_complete() {
                     self.start(itt);
                 } else if d.ttt.0 != RESERVED_TAG {
@@ -736,11 +808,11 @@ impl Conn {
         }
     }
 
+    /// Gives back the budget a task that is gone held.
     fn release_write_budget(&mut self, task: &Task) {
-        if let TaskState::Collecting(w) = &task.state {
-            if w.is_active() {
-                self.write_bytes -= u64::from(w.edtl());
-            }
+        self.write_bytes = self.write_bytes.saturating_sub(task.reserved);
+        if task.granted {
+            self.granted_bytes = self.granted_bytes.saturating_sub(task.reserved);
         }
     }
 
@@ -750,14 +822,19 @@ impl Conn {
             return;
         };
         let state = std::mem::replace(&mut task.state, TaskState::Running);
+        // The buffer's budget stays reserved (`Task::reserved`) until the task is gone.
         let data = match state {
-            TaskState::Collecting(w) => {
-                if w.is_active() {
-                    self.write_bytes -= u64::from(w.edtl());
-                }
-                w.buf
-            }
-            TaskState::Running => Vec::new(),
+            TaskState::Collecting(w) => w.into_data(),
+            TaskState::Running | TaskState::Parked { .. } => Vec::new(),
+        };
+        self.execute(itt, data, None);
+    }
+
+    /// Runs a command on the SCSI layer: first with its data-out, again with
+    /// `resume_until` after it was parked.
+    fn execute(&mut self, itt: u32, data: Vec<u8>, resume_until: Option<std::time::Instant>) {
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
         };
         let SessionKind::Normal(scsi) = &self.ctx.kind else {
             return;
@@ -781,6 +858,7 @@ impl Conn {
                 data_out: &data,
                 expected_len,
                 attr: at,
+                resume_until,
             };
             let inline =
                 cache::run_inline(|| defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived)));
@@ -806,6 +884,7 @@ impl Conn {
                 data_out: &data,
                 expected_len,
                 attr: at,
+                resume_until,
             };
             // Writes append to the write cache here; the wait for their commit happens
             // on the async side, so queue-deep writers do not each hold a thread.
@@ -820,16 +899,63 @@ impl Conn {
         self.activate_parked();
     }
 
-    fn on_done(&mut self, d: Done) {
+    /// Waits on the async side for a parked command's wake-up or deadline, then asks
+    /// for it to run again ([`Self::on_resume`]).
+    fn park(&self, itt: u32, generation: u64, p: Park) -> ParkedWait {
+        let tx = self.resume_tx.clone();
+        let Park { mut wake, until } = p;
+        let deadline = Instant::from_std(until);
+        let h = tokio::spawn(async move {
+            tokio::select! {
+                r = wake.changed() => {
+                    // The queue is gone: nothing will wake it, only the deadline.
+                    if r.is_err() {
+                        tokio::time::sleep_until(deadline).await;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+            let _ = tx.send(Resume {
+                itt,
+                generation,
+                until,
+            });
+        });
+        ParkedWait(h.abort_handle())
+    }
+
+    fn on_resume(&mut self, r: Resume) {
+        let Some(task) = self.tasks.get_mut(&r.itt) else {
+            return;
+        };
+        if task.generation != r.generation || !matches!(task.state, TaskState::Parked { .. }) {
+            return;
+        }
+        task.state = TaskState::Running;
+        self.execute(r.itt, Vec::new(), Some(r.until));
+    }
+
+    fn on_done(&mut self, mut d: Done) {
         let Some(task) = self.tasks.get(&d.itt) else {
             return;
         };
         if task.generation != d.generation {
             return;
         }
+        if let Some(park) = d.outcome.park.take() {
+            // An aborted task ends here instead: its (empty) answer is not sent.
+            if !task.aborted {
+                let wait = self.park(d.itt, d.generation, park);
+                if let Some(task) = self.tasks.get_mut(&d.itt) {
+                    task.state = TaskState::Parked { _wait: wait };
+                }
+                return;
+            }
+        }
         let Some(task) = self.tasks.remove(&d.itt) else {
             return;
         };
+        self.release_write_budget(&task);
         if !task.aborted {
             let o = d.outcome;
             let c = &task.cmd;
@@ -846,12 +972,16 @@ impl Conn {
             self.finish_request(c.immediate);
             let data = &o.data_in[..send as usize];
             self.respond_scsi(&task, o.status, o.sense, data, residual, task.r2ts_sent);
+            if let Some(hook) = o.on_sent {
+                self.sent.push((hook, send as usize));
+            }
         } else if task.report_abort {
             self.respond_aborted(&task);
         } else {
             self.finish_request(task.cmd.immediate);
         }
         self.tmf_task_done(d.itt);
+        self.activate_parked();
     }
 
     /// Ends a task another nexus aborted with TASK ABORTED status (TAS=1), no data.
@@ -1078,9 +1208,23 @@ impl Conn {
             },
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
                 let cold = t.function == TmfFunction::TargetColdReset;
-                info!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset");
-                scsi.target_reset(&self.ctx.nexus, cold);
-                (0, self.tasks_where(|_| true), cold)
+                // A target reset reaches every session of the target (a cold one ends
+                // them all), so only the initiators the configuration names may send it.
+                let allowed = self.ctx.target_iqn.as_deref().is_some_and(|iqn| {
+                    self.ctx.shared.config.targets.iter().any(|c| {
+                        c.iqn.eq_ignore_ascii_case(iqn)
+                            && c.may_reset(&self.ctx.nexus.initiator_name)
+                    })
+                });
+                if allowed {
+                    info!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset");
+                    scsi.target_reset(&self.ctx.nexus, cold);
+                    (0, self.tasks_where(|_| true), cold)
+                } else {
+                    warn!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset refused: initiator not in reset_initiators");
+                    // RFC 7143 11.6.1: 6 = Function authorization failed.
+                    (6, Vec::new(), false)
+                }
             }
             TmfFunction::ClearAca => (5, Vec::new(), false),
             TmfFunction::TaskReassign => (4, Vec::new(), false),

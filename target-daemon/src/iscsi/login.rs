@@ -446,7 +446,13 @@ impl LoginMachine {
         None
     }
 
+    /// The CHAP credentials this login must prove. An initiator with its own
+    /// (`[node.chap]`) uses them whatever it logs in to: its name is then authenticated,
+    /// not just asserted, and no other initiator can log in under it without the secret.
     fn chap_config(&self) -> Option<&ChapConfig> {
+        if let Some(c) = self.shared.config.node_chap(&self.initiator) {
+            return Some(c);
+        }
         match self.session_type {
             SessionType::Discovery => self.shared.config.server.discovery_chap.as_ref(),
             SessionType::Normal => self.target.as_ref().and_then(|t| t.chap.as_ref()),

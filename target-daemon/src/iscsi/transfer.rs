@@ -58,8 +58,9 @@ pub(crate) struct R2tOut {
 pub(crate) struct WriteCollect {
     /// Expected Data Transfer Length.
     edtl: u32,
-    /// Data buffer: the first `unsolicited_end` bytes while parked, all `edtl` once active.
-    pub(crate) buf: Vec<u8>,
+    /// Data buffer, grown as data arrives (up to the end of the furthest range received),
+    /// so a Data-Out that never comes pins no memory for it.
+    buf: Vec<u8>,
     /// End of the unsolicited range [0, unsolicited_end).
     unsolicited_end: u32,
     /// Bytes of unsolicited data received so far (they arrive in order).
@@ -94,8 +95,7 @@ impl WriteCollect {
         } else {
             lim.first_burst.min(edtl).max(imm)
         };
-        let mut buf = vec![0u8; unsolicited_end as usize];
-        buf[..immediate.len()].copy_from_slice(immediate);
+        let buf = immediate.to_vec();
         Ok(Self {
             edtl,
             buf,
@@ -115,15 +115,31 @@ impl WriteCollect {
         self.edtl
     }
 
-    /// Whether it has been given its full buffer.
-    pub(crate) fn is_active(&self) -> bool {
-        self.active
+    /// Grants the command its share of the connection's write budget; R2Ts may be sent
+    /// from now on. The buffer itself grows only as the data arrives.
+    pub(crate) fn activate(&mut self) {
+        self.active = true;
     }
 
-    /// Gives the command its full buffer; R2Ts may be sent from now on.
-    pub(crate) fn activate(&mut self) {
+    /// Bytes of buffer allocated so far.
+    pub(crate) fn held(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The collected data-out, `edtl` bytes once complete.
+    pub(crate) fn into_data(mut self) -> Vec<u8> {
         self.buf.resize(self.edtl as usize, 0);
-        self.active = true;
+        self.buf
+    }
+
+    /// Copies `data` to `offset`, growing the buffer to reach it (ranges were checked
+    /// against `edtl`).
+    fn put(&mut self, offset: u32, data: &[u8]) {
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        self.buf[start..end].copy_from_slice(data);
     }
 
     /// All data received.
@@ -192,7 +208,7 @@ impl WriteCollect {
                 return Err(XferError::DataSn);
             }
             self.unsolicited_next_sn = data_sn.next();
-            self.buf[offset as usize..(offset + len) as usize].copy_from_slice(data);
+            self.put(offset, data);
             self.unsolicited_received += len;
             self.received += len;
             return Ok(());
@@ -211,9 +227,10 @@ impl WriteCollect {
         }
         seq.next_data_sn = data_sn.next();
         seq.received += len;
-        self.buf[offset as usize..(offset + len) as usize].copy_from_slice(data);
+        let done = seq.received == seq.len;
+        self.put(offset, data);
         self.received += len;
-        if seq.received == seq.len {
+        if done {
             self.outstanding.swap_remove(i);
         }
         Ok(())
@@ -354,6 +371,30 @@ mod tests {
         );
         let w = WriteCollect::new(512, &[0u8; 512], true, &l).expect("all immediate");
         assert!(w.is_complete());
+    }
+
+    #[test]
+    fn a_write_buffer_grows_as_data_arrives() {
+        let l = XferLimits {
+            initial_r2t: true,
+            outstanding_r2t_max: 1,
+            ..lim()
+        };
+        let edtl = 32 << 20;
+        let mut w = WriteCollect::new(edtl, &[], true, &l).expect("solicited only");
+        w.activate();
+        let r = w.poll_r2ts(&l, || 7);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            w.held(),
+            0,
+            "an R2T whose Data-Out never comes pins nothing"
+        );
+        w.data_out(7, DataSn(0), 0, &[9u8; 8192]).expect("in order");
+        assert_eq!(w.held(), 8192);
+        let data = w.into_data();
+        assert_eq!(data.len(), edtl as usize, "handed over whole");
+        assert_eq!(&data[..8192], &[9u8; 8192][..]);
     }
 
     #[test]

@@ -38,6 +38,10 @@ const SPACE_WAIT: Duration = Duration::from_secs(30);
 /// the device and only split the groups. Raise it for devices with parallel flushes.
 const FLUSHES_MAX: usize = 1;
 
+fn lock_plain<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn align(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
@@ -121,6 +125,12 @@ pub struct WriteCache {
     records: AtomicU64,
     recovered: AtomicU64,
     recovery_ms: AtomicU64,
+    /// Fault injection (tests): appends to let through before failing, then how many
+    /// to fail; and whether the next commit flush fails.
+    fault_append: Mutex<(u64, u64)>,
+    /// Set while `fault_append` counts: the append path reads only this.
+    fault_armed: AtomicBool,
+    fault_flush: AtomicBool,
 }
 
 /// Writes zeros over the whole file once. A sparse or fallocated journal would allocate
@@ -160,6 +170,9 @@ impl WriteCache {
     }
 
     fn flush(&self, from: u64, to: u64) -> Result<(), MediaError> {
+        if self.fault_flush.swap(false, Ordering::Relaxed) {
+            return Err(MediaError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+        }
         // Two ranges when the dirty span wraps the ring end.
         let mut pos = from;
         while pos < to {
@@ -276,6 +289,9 @@ impl WriteCache {
             records: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
             recovery_ms: AtomicU64::new(0),
+            fault_append: Mutex::new((0, 0)),
+            fault_armed: AtomicBool::new(false),
+            fault_flush: AtomicBool::new(false),
         };
         if !fresh {
             cache.recover(name)?;
@@ -437,6 +453,7 @@ impl WriteCache {
 
     /// Appends a block-write record; returns its sequence number. Reads see it at once.
     pub fn append(&self, volume: u32, lba: u64, data: &[u8]) -> Result<u64, MediaError> {
+        self.append_fault()?;
         let len = align(HDR_LEN + data.len() as u64);
         if len > self.ring / 2 {
             return Err(MediaError::Failed(
@@ -539,6 +556,46 @@ impl WriteCache {
         c = crc32c::crc32c_append(c, payload);
         h[40..44].copy_from_slice(&c.to_le_bytes());
         h
+    }
+
+    /// Fault injection for tests: after `after` more successful appends, the next
+    /// `count` appends fail with EIO and store nothing, as a failed store into the map
+    /// would.
+    pub fn inject_append_failures(&self, after: u64, count: u64) {
+        *lock_plain(&self.fault_append) = (after, count);
+        self.fault_armed.store(count > 0, Ordering::Relaxed);
+    }
+
+    /// Fault injection for tests: the next commit flush fails with EIO, as a failed
+    /// msync does (the cache then refuses every later commit).
+    pub fn inject_commit_failure(&self) {
+        self.fault_flush.store(true, Ordering::Relaxed);
+    }
+
+    fn append_fault(&self) -> Result<(), MediaError> {
+        if !self.fault_armed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut f = lock_plain(&self.fault_append);
+        match *f {
+            (_, 0) => Ok(()),
+            (0, n) => {
+                f.1 = n - 1;
+                self.fault_armed.store(n > 1, Ordering::Relaxed);
+                Err(MediaError::Io(std::io::Error::from_raw_os_error(libc::EIO)))
+            }
+            (a, _) => {
+                f.0 = a - 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Largest `data` one [`append`](Self::append) takes: a record may fill at most half
+    /// the ring, so a writer never waits for space that cannot come.
+    pub fn append_max(&self) -> usize {
+        let max = (self.ring / 2).saturating_sub(HDR_LEN) / ALIGN * ALIGN;
+        usize::try_from(max).unwrap_or(usize::MAX)
     }
 
     /// Sequence number of the last record appended.

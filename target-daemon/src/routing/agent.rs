@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ftss_proto::sense::{common, key, Sense};
 use ftss_proto::vendor::{
@@ -17,16 +17,32 @@ use ftss_proto::vendor::{
 use tracing::{error, info, warn};
 
 use super::clock::{Clock, SystemClock};
-use super::external::ExternalPort;
-use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError};
-use super::table::{RegisterError, RoutingTable};
-use crate::scsi::{ItNexus, ScsiCommand, ScsiOutcome, VendorHandler};
+use super::external::{DropReason, ExternalPort, ExternalStats};
+use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError, StoreResult};
+use super::table::{RegisterError, RegistryError, RoutingTable};
+use crate::media::mirror::MirrorSet;
+use crate::media::MediaError;
+use crate::scsi::{DataInSent, ItNexus, Park, ScsiCommand, ScsiOutcome, VendorHandler};
 
 /// Key the external port's packets are queued under: no node can have it (it is not a
 /// unicast address).
 pub const EXTERNAL_KEY: NodeAddr = NodeAddr([0xff; 16]);
 /// Longest a RECEIVE waits, whatever its CDB asks: below initiators' command timeouts.
 const RECEIVE_WAIT_MAX: Duration = Duration::from_secs(20);
+/// Largest RECEIVE or REPLAY response, whatever the allocation length allows: a response
+/// is built whole in memory, and the list's MORE flag tells the client to ask again.
+const RESPONSE_BYTES_MAX: u32 = 16 << 20;
+
+/// How one record of a SEND is answered.
+enum Slot {
+    /// Decided without storing (a retry of a stored packet, or undeliverable).
+    Fixed(Outcome),
+    /// The same packet id earlier in the batch: answered as that record.
+    SameAs(usize),
+    /// Stored as these entries of the batch handed to the queue, with this outcome
+    /// unless the queue says otherwise.
+    Copies(std::ops::Range<usize>, Outcome),
+}
 
 /// Settings of the agent.
 pub struct AgentConfig {
@@ -36,6 +52,24 @@ pub struct AgentConfig {
     pub delivery_timeout: Duration,
     /// External port: bind address and gateways.
     pub external: Option<(SocketAddr, Vec<SocketAddr>)>,
+    /// Where registrations are kept durably: the metadata area of the packet queue's
+    /// mirror set. `None` keeps them in memory only (tests of other parts).
+    pub registry: Option<Arc<MirrorSet>>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A thread or the external port could not be set up.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The stored node registry is unreadable: starting without it would hand its
+    /// addresses to whoever registers first.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The packet queue failed while forwarding the external backlog.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }
 
 /// The routing agent.
@@ -46,6 +80,7 @@ pub struct RoutingAgent {
     /// Last SEND's per-packet outcomes, per nexus.
     results: Mutex<HashMap<u64, (u64, Vec<PacketResult>)>>,
     delivery_timeout: Duration,
+    registry: Option<Arc<MirrorSet>>,
     /// Delivery timeouts read it (a fake one in the packet simulation).
     clock: Arc<dyn Clock>,
 }
@@ -58,17 +93,15 @@ fn check(s: Sense) -> ScsiOutcome {
     ScsiOutcome {
         status: vendor::status::CHECK_CONDITION,
         sense: Some(s.encode(false)),
-        data_in: Vec::new(),
-        data_out_len: None,
+        ..ScsiOutcome::default()
     }
 }
 
 fn good(data_in: Vec<u8>) -> ScsiOutcome {
     ScsiOutcome {
         status: vendor::status::GOOD,
-        sense: None,
         data_in,
-        data_out_len: None,
+        ..ScsiOutcome::default()
     }
 }
 
@@ -108,7 +141,7 @@ fn record_size(n: usize) -> usize {
 
 impl RoutingAgent {
     /// An agent over `queue`; starts its housekeeping and external-port threads.
-    pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> std::io::Result<Arc<Self>> {
+    pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let agent = Self::without_threads(queue, cfg, Arc::new(SystemClock))?;
         let weak = Arc::downgrade(&agent);
         std::thread::Builder::new()
@@ -131,24 +164,134 @@ impl RoutingAgent {
         queue: Arc<PacketQueue>,
         cfg: AgentConfig,
         clock: Arc<dyn Clock>,
-    ) -> std::io::Result<Arc<Self>> {
+    ) -> Result<Arc<Self>, AgentError> {
         let external = match &cfg.external {
             Some((bind, peers)) => Some(ExternalPort::open(*bind, peers)?),
             None => None,
         };
-        Ok(Arc::new(RoutingAgent {
-            table: Mutex::new(RoutingTable::new(&cfg.nodes)),
+        let mut table = RoutingTable::new(&cfg.nodes);
+        if let Some(record) = cfg
+            .registry
+            .as_ref()
+            .and_then(|set| set.read_meta())
+            .filter(|r| !r.is_empty())
+        {
+            table.restore(&record)?;
+        }
+        let agent = Arc::new(RoutingAgent {
+            table: Mutex::new(table),
             queue,
             external,
             results: Mutex::new(HashMap::new()),
             delivery_timeout: cfg.delivery_timeout,
+            registry: cfg.registry,
             clock,
-        }))
+        });
+        agent.forward_backlog()?;
+        Ok(agent)
+    }
+
+    /// Packets for the outside that a crash left stored but not forwarded: they go out
+    /// now (or, with no external port configured any more, are dropped and counted, so
+    /// they never pin the log's tail).
+    fn forward_backlog(&self) -> Result<(), QueueError> {
+        let mut total = 0usize;
+        loop {
+            let (packets, _) = self
+                .queue
+                .receive(EXTERNAL_KEY, 1024, 16 << 20, record_size)?;
+            let Some(last) = packets.last().map(|p| p.seq) else {
+                break;
+            };
+            total += packets.len();
+            match &self.external {
+                Some(x) => {
+                    for p in &packets {
+                        if !x.send(p.dest, p.source, &p.payload) {
+                            warn!(seq = p.seq, "external backlog: no gateway took a packet");
+                        }
+                    }
+                }
+                None => warn!(
+                    count = packets.len(),
+                    "external backlog dropped: no external port configured"
+                ),
+            }
+            self.queue.ack(EXTERNAL_KEY, last, &[])?;
+        }
+        if total > 0 {
+            info!(packets = total, "external backlog forwarded");
+        }
+        Ok(())
+    }
+
+    /// Stores the registry (before a registration or retirement is answered).
+    fn persist(&self, table: &RoutingTable) -> Result<(), MediaError> {
+        match &self.registry {
+            Some(set) => set.write_meta(&table.registry()),
+            None => Ok(()),
+        }
+    }
+
+    /// Retires an initiator's run-time registrations (admin): its addresses become free
+    /// and the packets queued under them are discarded, so whoever registers them next
+    /// starts with an empty queue and no history. Returns the keys discarded.
+    pub fn retire(&self, initiator: &str) -> Result<Vec<NodeAddr>, String> {
+        let keys = {
+            let mut t = lock(&self.table);
+            let before = t.clone();
+            let keys = t.retire(initiator)?;
+            if let Err(e) = self.persist(&t) {
+                *t = before;
+                return Err(format!("registry not stored: {e}"));
+            }
+            keys
+        };
+        for k in &keys {
+            let s = self.queue.stats(*k);
+            if s.last_assigned > 0 {
+                self.queue
+                    .ack(*k, s.last_assigned, &[])
+                    .map_err(|e| format!("discarding the queue of {k}: {e}"))?;
+            }
+        }
+        info!(initiator, keys = keys.len(), "node retired");
+        Ok(keys)
+    }
+
+    /// The `admin nodes` listing: one line per node, then one per owned address.
+    pub fn nodes_report(&self) -> String {
+        let t = lock(&self.table);
+        let mut out = String::new();
+        for n in t.nodes() {
+            let s = self.queue.stats(n.key());
+            let addrs: Vec<String> = n.addrs.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "node {} initiator={} kind={} state={:?} sessions={} addrs={} queued_records={} queued_bytes={}\n",
+                n.id,
+                n.initiator.as_deref().unwrap_or("-"),
+                if n.registered { "registered" } else { "configured" },
+                n.state(),
+                n.nexuses.len(),
+                addrs.join(","),
+                s.queued_records,
+                s.queued_bytes
+            ));
+        }
+        for (a, i) in t.owners() {
+            out.push_str(&format!("owner {a} initiator={i}\n"));
+        }
+        out
     }
 
     /// The external port's receiving address, when there is one.
     pub fn external_addr(&self) -> Option<SocketAddr> {
         self.external.as_ref().and_then(|x| x.local_addr().ok())
+    }
+
+    /// The external port's counters (for admin status), when there is a port.
+    pub fn external_stats(&self) -> Option<ExternalStats> {
+        self.external.as_ref().map(ExternalPort::stats)
     }
 
     /// The packet queue.
@@ -174,19 +317,23 @@ impl RoutingAgent {
         let Some((sender, source)) = self.node_key(nexus.id) else {
             return not_registered();
         };
-        // Decide every packet's fate first: the batch is stored whole or not at all.
-        let mut outcomes: Vec<Outcome> = Vec::with_capacity(list.records.len());
+        // Decide every packet's fate first, then store the batch in one go.
+        let mut slots: Vec<Slot> = Vec::with_capacity(list.records.len());
         let mut to_store: Vec<NewPacket> = Vec::new();
-        let mut in_batch: HashMap<u64, Outcome> = HashMap::new();
+        let mut in_batch: HashMap<u64, usize> = HashMap::new();
+        // A retry is answered with its original's outcome, once the original is durable.
+        let mut originals = 0u64;
         {
             let table = lock(&self.table);
-            for r in &list.records {
-                if let Some(o) = in_batch
-                    .get(&r.packet_id)
-                    .copied()
-                    .or_else(|| self.queue.duplicate(sender, r.packet_id))
-                {
-                    outcomes.push(o);
+            for (i, r) in list.records.iter().enumerate() {
+                if let Some(&first) = in_batch.get(&r.packet_id) {
+                    slots.push(Slot::SameAs(first));
+                    continue;
+                }
+                in_batch.insert(r.packet_id, i);
+                if let Some((o, seq)) = self.queue.duplicate(sender, r.packet_id) {
+                    originals = originals.max(seq);
+                    slots.push(Slot::Fixed(o));
                     continue;
                 }
                 let base = NewPacket {
@@ -198,6 +345,7 @@ impl RoutingAgent {
                     flags: 0,
                     payload: r.payload.clone(),
                 };
+                let first = to_store.len();
                 let o = if r.broadcast {
                     for n in table.nodes() {
                         if n.state() == RouteState::Available && n.key() != sender {
@@ -231,23 +379,45 @@ impl RoutingAgent {
                 } else {
                     Outcome::UnknownDestination
                 };
-                in_batch.insert(r.packet_id, o);
-                outcomes.push(o);
+                slots.push(Slot::Copies(first..to_store.len(), o));
             }
         }
-        let seqs = match self.queue.store(&to_store) {
+        let stored = match self.queue.store(&to_store) {
             Ok(s) => s,
             Err(QueueError::Full) => {
                 return ScsiOutcome {
                     status: vendor::status::TASK_SET_FULL,
-                    sense: None,
-                    data_in: Vec::new(),
                     data_out_len: Some(param_len),
+                    ..ScsiOutcome::default()
                 }
             }
             Err(e) => return media_failed(&e),
         };
-        self.forward_external(&to_store, &seqs);
+        if originals > 0 {
+            if let Err(e) = self.queue.wait_stored(originals) {
+                return media_failed(&e);
+            }
+        }
+        self.forward_external(&to_store, &stored);
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            let o = match slot {
+                Slot::Fixed(o) => *o,
+                Slot::SameAs(i) => outcomes[*i],
+                Slot::Copies(range, o) => {
+                    let copies = &stored[range.clone()];
+                    if copies.contains(&StoreResult::OverQuota) {
+                        Outcome::DestinationQueueFull
+                    } else if let Some(StoreResult::Duplicate(_, orig)) = copies.first() {
+                        // Its original raced it in on another path.
+                        *orig
+                    } else {
+                        *o
+                    }
+                }
+            };
+            outcomes.push(o);
+        }
         let results: Vec<PacketResult> = list
             .records
             .iter()
@@ -269,17 +439,20 @@ impl RoutingAgent {
 
     /// Hands stored packets for the outside to the external port; it acknowledges them
     /// (they have left), and a packet no gateway takes earns its sender a notice.
-    fn forward_external(&self, stored: &[NewPacket], seqs: &[Option<u64>]) {
+    fn forward_external(&self, stored: &[NewPacket], results: &[StoreResult]) {
         let Some(x) = &self.external else {
             return;
         };
         let mut acked = Vec::new();
         let mut notices = Vec::new();
-        for (p, &seq) in stored.iter().zip(seqs) {
-            // A retry (None) was forwarded with its original.
-            let Some(seq) = seq.filter(|_| p.node == EXTERNAL_KEY) else {
+        for (p, r) in stored.iter().zip(results) {
+            // A retry was forwarded with its original.
+            let StoreResult::Stored(seq) = *r else {
                 continue;
             };
+            if p.node != EXTERNAL_KEY {
+                continue;
+            }
             if !x.send(p.dest, p.source, &p.payload) {
                 notices.push(self.notice(p.sender, p.dest, p.packet_id, Outcome::DestinationDown));
             }
@@ -320,44 +493,86 @@ impl RoutingAgent {
         })
     }
 
-    fn receive(&self, nexus: &ItNexus, c: vendor::ReceiveCdb) -> ScsiOutcome {
+    /// Room for a RECEIVE or REPLAY response: what the CDB allows, cut to what the
+    /// transport will carry (the Expected Data Transfer Length) and to
+    /// [`RESPONSE_BYTES_MAX`], so no record is built that could not reach the initiator.
+    fn response_room(alloc_len: u32, cmd: &ScsiCommand<'_>) -> usize {
+        alloc_len.min(cmd.expected_len).min(RESPONSE_BYTES_MAX) as usize
+    }
+
+    fn receive(
+        &self,
+        nexus: &ItNexus,
+        c: vendor::ReceiveCdb,
+        cmd: &ScsiCommand<'_>,
+    ) -> ScsiOutcome {
         let Some((key, _)) = self.node_key(nexus.id) else {
             return not_registered();
         };
         if c.alloc_len == 0 {
             return good(Vec::new());
         }
-        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let room = Self::response_room(c.alloc_len, cmd);
+        let budget = room.saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
         let max = if c.max_records == 0 {
             65_535
         } else {
             (c.max_records as usize).min(65_535)
         };
-        let wait = if c.wait {
-            Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX)
-        } else {
-            Duration::ZERO
+        let now = Instant::now();
+        let until = match cmd.resume_until {
+            Some(u) => u,
+            None if c.wait => now + Duration::from_millis(c.timeout_ms()).min(RECEIVE_WAIT_MAX),
+            None => now,
         };
-        match self.queue.receive(key, max, budget, record_size, wait) {
-            Ok((packets, more)) => good(
-                RecordList {
-                    more,
-                    records: packets.into_iter().map(delivered).collect(),
-                }
-                .encode(),
-            ),
-            Err(e) => media_failed(&e),
+        // Subscribed before looking, so a store in between wakes the parked command.
+        let wake = (until > now).then(|| self.queue.subscribe(key));
+        let (packets, more) = match self.queue.receive(key, max, budget, record_size) {
+            Ok(x) => x,
+            Err(e) => return media_failed(&e),
+        };
+        if packets.is_empty() && !more {
+            if let Some(wake) = wake {
+                // Nothing yet: the transport waits without a thread and runs this again.
+                let mut out = good(RecordList::default().encode());
+                out.park = Some(Park { wake, until });
+                return out;
+            }
         }
+        // Where each record ends in the response, to know which were not sent whole.
+        let mut ends = Vec::with_capacity(packets.len());
+        let mut end = vendor::RECORD_LIST_HEADER_LEN;
+        for p in &packets {
+            end += record_size(p.payload.len());
+            ends.push((p.seq, end));
+        }
+        let data = RecordList {
+            more,
+            records: packets.into_iter().map(delivered).collect(),
+        }
+        .encode();
+        debug_assert_eq!(data.len(), end, "records are laid out as record_size says");
+        let mut out = good(data);
+        if !ends.is_empty() {
+            let queue = Arc::clone(&self.queue);
+            out.on_sent = Some(DataInSent::new(move |sent| {
+                if let Some(&(seq, _)) = ends.iter().find(|&&(_, end)| end > sent) {
+                    queue.undeliver(key, seq);
+                }
+            }));
+        }
+        out
     }
 
-    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb) -> ScsiOutcome {
+    fn replay(&self, nexus: &ItNexus, c: vendor::ReplayCdb, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
         let Some((key, _)) = self.node_key(nexus.id) else {
             return not_registered();
         };
         if c.alloc_len == 0 {
             return good(Vec::new());
         }
-        let budget = (c.alloc_len as usize).saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
+        let room = Self::response_room(c.alloc_len, cmd);
+        let budget = room.saturating_sub(vendor::RECORD_LIST_HEADER_LEN);
         let (seq, ms) = match c.from {
             ReplayFrom::Seq(s) => (s, 0),
             ReplayFrom::Time(t) => (0, t),
@@ -408,7 +623,23 @@ impl RoutingAgent {
                     Ok(l) => l,
                     Err(e) => return check(e.sense()),
                 };
-                let r = lock(&self.table).register(nexus.id, &nexus.initiator_name, &list.addrs);
+                let r = {
+                    let mut t = lock(&self.table);
+                    let before = t.clone();
+                    let r = t.register(nexus.id, &nexus.initiator_name, &list.addrs);
+                    if r.is_ok() && t.registry() != before.registry() {
+                        // Durable before GOOD: a restart must not hand these addresses
+                        // (and the packets queued under them) to another initiator.
+                        if let Err(e) = self.persist(&t) {
+                            *t = before;
+                            error!("node registry not stored: {e}");
+                            let mut out = check(Sense::new(key::HARDWARE_ERROR, 0x3e, 0x01));
+                            out.data_out_len = Some(param_len);
+                            return out;
+                        }
+                    }
+                    r
+                };
                 let mut out = match r {
                     Ok(key) => {
                         info!(initiator = %nexus.initiator_name, node = %key, "node registered");
@@ -454,7 +685,15 @@ impl RoutingAgent {
                 )
             }
             NodeCdb::RoutingTable { alloc_len } => {
-                let entries = lock(&self.table).entries(nexus.id);
+                // The table lists every node's addresses and state: a map of the network
+                // is for its members only, as QUEUE STATS is.
+                let entries = {
+                    let table = lock(&self.table);
+                    if table.node_of(nexus.id).is_none() {
+                        return not_registered();
+                    }
+                    table.entries(nexus.id)
+                };
                 let fit = (alloc_len as usize).saturating_sub(vendor::LIST_HEADER_LEN)
                     / vendor::ROUTE_ENTRY_LEN;
                 good(
@@ -506,8 +745,8 @@ impl RoutingAgent {
     }
 
     /// Sends failure notices for packets whose destination stayed down too long, and
-    /// lets retention expire acknowledged packets. The housekeeping thread runs it every
-    /// second.
+    /// lets retention expire acknowledged packets.
+    /// The housekeeping thread runs it every second.
     pub fn tick(&self) {
         let down: Vec<(NodeAddr, NodeAddr)> = lock(&self.table)
             .nodes()
@@ -537,13 +776,24 @@ impl RoutingAgent {
     }
 
     /// A packet from outside: delivered if its destination is an available node, else
-    /// dropped (Figure 8).
-    fn deliver_incoming(&self, dest: NodeAddr, source: NodeAddr, payload: Vec<u8>) -> bool {
+    /// dropped (Figure 8). A packet whose source is a node's address is dropped too: it
+    /// would let the outside pose as that node to the others.
+    fn deliver_incoming(
+        &self,
+        dest: NodeAddr,
+        source: NodeAddr,
+        payload: Vec<u8>,
+    ) -> Result<(), DropReason> {
         let node = {
             let table = lock(&self.table);
+            // Checked before the destination, and against every node known, down or
+            // not: whether the source is spoofed does not depend on where it goes.
+            if table.lookup(&source).is_some() {
+                return Err(DropReason::SpoofedSource);
+            }
             match table.lookup(&dest) {
                 Some(n) if n.state() == RouteState::Available => n.key(),
-                _ => return false,
+                _ => return Err(DropReason::Undeliverable),
             }
         };
         self.queue
@@ -556,7 +806,12 @@ impl RoutingAgent {
                 flags: flags::FROM_EXTERNAL,
                 payload,
             }])
-            .is_ok()
+            .map_err(|_| DropReason::Undeliverable)
+            .and_then(|r| match r.as_slice() {
+                [StoreResult::Stored(_)] => Ok(()),
+                // The node's quota is full: dropped like any undeliverable packet.
+                _ => Err(DropReason::Undeliverable),
+            })
     }
 }
 
@@ -579,12 +834,13 @@ fn external_in(agent: &Weak<RoutingAgent>) {
             return;
         };
         if let Some(d) = x.recv(Duration::from_millis(500)) {
-            let counter = if a.deliver_incoming(d.dest, d.source, d.payload) {
-                &x.received
-            } else {
-                &x.dropped
-            };
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match a.deliver_incoming(d.dest, d.source, d.payload) {
+                Ok(()) => {
+                    x.received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(why) => x.drop_datagram(why, d.from),
+            }
         }
     }
 }
@@ -597,9 +853,9 @@ impl VendorHandler for RoutingAgent {
         };
         match c {
             VendorCdb::Send(s) => self.send(nexus, s.batch_tag, s.param_len, cmd.data_out),
-            VendorCdb::Receive(r) => self.receive(nexus, r),
+            VendorCdb::Receive(r) => self.receive(nexus, r, cmd),
             VendorCdb::Ack(a) => self.ack(nexus, a, cmd.data_out),
-            VendorCdb::Replay(r) => self.replay(nexus, r),
+            VendorCdb::Replay(r) => self.replay(nexus, r, cmd),
             VendorCdb::Node(n) => self.node(nexus, n, cmd.data_out),
             VendorCdb::SendResults(r) => self.send_results(nexus, r),
         }
@@ -616,5 +872,133 @@ impl VendorHandler for RoutingAgent {
     fn nexus_removed(&self, nexus: &ItNexus) {
         lock(&self.table).nexus_removed(nexus.id);
         lock(&self.results).remove(&nexus.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::cache::WriteCache;
+    use crate::media::mirror::MirrorSet;
+    use crate::routing::packet_queue::QueueOptions;
+    use crate::scsi::TaskAttr;
+    use std::net::Ipv4Addr;
+
+    const NAME: &str = "iqn.2026-11.org.ftss:agent-test";
+
+    fn a(x: u8) -> NodeAddr {
+        NodeAddr::from(Ipv4Addr::new(10, 0, 0, x))
+    }
+
+    fn nexus() -> ItNexus {
+        ItNexus {
+            id: 7,
+            initiator_name: NAME.into(),
+            isid: [0; 6],
+            tpgt: 1,
+        }
+    }
+
+    fn receive_cmd(cdb: &[u8], resume_until: Option<Instant>) -> ScsiCommand<'_> {
+        ScsiCommand {
+            lun: 0,
+            cdb,
+            data_out: &[],
+            expected_len: 1 << 20,
+            attr: TaskAttr::Simple,
+            resume_until,
+        }
+    }
+
+    fn receive_cdb(wait_100ms: u16) -> Vec<u8> {
+        vendor::ReceiveCdb {
+            wait: wait_100ms > 0,
+            max_records: 0,
+            alloc_len: 1 << 20,
+            timeout: wait_100ms,
+        }
+        .encode()
+    }
+
+    fn ids(o: &ScsiOutcome) -> Vec<u64> {
+        RecordList::decode(&o.data_in)
+            .expect("FR list")
+            .records
+            .iter()
+            .map(|r| r.packet_id)
+            .collect()
+    }
+
+    #[test]
+    fn receive_parks_when_empty_and_redelivers_what_was_not_sent() {
+        let dir = std::env::temp_dir().join(format!("ftss-agent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let blocks = 4096;
+        let set = Arc::new(
+            MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors"),
+        );
+        let cache = WriteCache::open(
+            &dir.join("cache"),
+            8192 + (2 << 20),
+            HashMap::from([(1, set)]),
+        )
+        .expect("cache");
+        let queue = PacketQueue::open(Arc::clone(&cache), 1, blocks, 512, QueueOptions::default())
+            .expect("queue");
+        let agent = RoutingAgent::start(
+            Arc::clone(&queue),
+            AgentConfig {
+                nodes: vec![(NAME.into(), vec![a(2)])],
+                delivery_timeout: Duration::from_secs(60),
+                external: None,
+                registry: None,
+            },
+        )
+        .expect("agent");
+        let n = nexus();
+        agent.nexus_added(&n);
+
+        // Nothing queued: a long poll parks, with its deadline, and answers an empty list
+        // to a transport that cannot park.
+        let cdb = receive_cdb(50);
+        let mut parked = agent.execute(&n, &receive_cmd(&cdb, None));
+        let park = parked.park.take().expect("parked");
+        assert!(park.until > Instant::now() + Duration::from_secs(4));
+        assert!(ids(&parked).is_empty());
+        let stored = queue
+            .store(&[NewPacket {
+                node: a(2),
+                dest: a(2),
+                source: a(1),
+                sender: a(1),
+                packet_id: 1,
+                flags: 0,
+                payload: vec![1; 10],
+            }])
+            .expect("store");
+        assert_eq!(stored.len(), 1);
+        assert!(park.wake.has_changed().expect("queue alive"), "woken");
+
+        // Run again after the wake: the record comes, with a hook.
+        let got = agent.execute(&n, &receive_cmd(&cdb, Some(park.until)));
+        assert!(got.park.is_none());
+        assert_eq!(ids(&got), vec![1]);
+        // The response never went out (aborted): the hook drops and the record comes
+        // again.
+        drop(got);
+        let mut again = agent.execute(&n, &receive_cmd(&receive_cdb(0), None));
+        assert_eq!(ids(&again), vec![1]);
+        // Sent whole this time: nothing comes again, and a poll past its deadline answers
+        // at once.
+        let len = again.data_in.len();
+        again.on_sent.take().expect("a hook").sent(len);
+        let past = Instant::now();
+        let done = agent.execute(&n, &receive_cmd(&cdb, Some(past)));
+        assert!(done.park.is_none());
+        assert!(ids(&done).is_empty());
+
+        cache.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

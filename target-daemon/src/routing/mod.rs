@@ -7,4 +7,4 @@ pub mod external;
 pub mod packet_queue;
 pub mod table;
 
-pub use agent::{AgentConfig, RoutingAgent};
+pub use agent::{AgentConfig, AgentError, RoutingAgent};

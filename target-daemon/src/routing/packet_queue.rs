@@ -18,7 +18,7 @@
 //! unindexed packets start and refills the index by reading the log as it drains.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftss_proto::vendor::{NodeAddr, Outcome};
@@ -113,6 +113,18 @@ pub enum QueueError {
     Corrupt(String),
 }
 
+/// What became of one packet handed to [`PacketQueue::store`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreResult {
+    /// Stored under this sequence number (durable once `store` returned).
+    Stored(u64),
+    /// A retry of a packet that is still stored: the original's sequence number and
+    /// outcome. `store` returns only once the original is durable.
+    Duplicate(u64, Outcome),
+    /// The destination node holds its quota of unacknowledged packets: not stored.
+    OverQuota,
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     seq: u64,
@@ -155,8 +167,13 @@ struct Inner {
     /// Every record up to this sequence number is durable (deliverable).
     frontier: u64,
     nodes: HashMap<NodeAddr, NodeQ>,
+    /// (sender, packet id) of stored packets -> (outcome, sequence number). An entry
+    /// goes when the tail releases its record, so an id is a duplicate exactly while
+    /// its packet is stored (and among the last `dedup_window` stored).
     dedup: HashMap<(NodeAddr, u64), (Outcome, u64)>,
-    dedup_order: VecDeque<(NodeAddr, u64)>,
+    /// Insertion order with the sequence number inserted, so evicting an old entry
+    /// never removes a newer packet that reused the id.
+    dedup_order: VecDeque<((NodeAddr, u64), u64)>,
 }
 
 /// Per-node figures for QUEUE STATS.
@@ -183,6 +200,14 @@ pub struct QueueOptions {
     pub dedup_window: usize,
     /// Unacknowledged packets indexed in memory per node.
     pub index_max: usize,
+    /// Unacknowledged payload bytes one destination node may hold; `None`: a quarter
+    /// of the log. Past it, packets to that node get
+    /// [`Outcome::DestinationQueueFull`], so one node that stops acknowledging fills
+    /// its own share, not the log every node shares.
+    pub node_quota_bytes: Option<u64>,
+    /// Unacknowledged packets one destination node may hold; `None`: as many
+    /// one-block records as a quarter of the log holds.
+    pub node_quota_records: Option<u64>,
 }
 
 impl Default for QueueOptions {
@@ -191,6 +216,8 @@ impl Default for QueueOptions {
             retain: Duration::ZERO,
             dedup_window: 1 << 20,
             index_max: INDEX_MAX,
+            node_quota_bytes: None,
+            node_quota_records: None,
         }
     }
 }
@@ -204,11 +231,121 @@ pub struct PacketQueue {
     retain: Duration,
     dedup_window: usize,
     index_max: usize,
+    quota_bytes: u64,
+    quota_records: u64,
     inner: Mutex<Inner>,
-    /// Signalled when records become deliverable.
-    cond: Condvar,
+    /// Per-node wake-ups for parked long-poll RECEIVEs.
+    wake: Wake,
+    /// Every few records' place in the log, so REPLAY starts near its point.
+    sparse: Mutex<SparseIndex>,
     /// Timestamps and retention read it (a fake one in the packet simulation).
     clock: Arc<dyn Clock>,
+}
+
+/// Per-node wake-ups: a RECEIVE that found nothing subscribes before it looks, and is
+/// woken when records of its node become deliverable (or its position moves back).
+/// Per node, so a store re-runs only the polls of the nodes it stored for.
+#[derive(Default)]
+struct Wake(Mutex<HashMap<NodeAddr, tokio::sync::watch::Sender<()>>>);
+
+impl Wake {
+    fn subscribe(&self, node: NodeAddr) -> tokio::sync::watch::Receiver<()> {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(node)
+            .or_insert_with(|| tokio::sync::watch::channel(()).0)
+            .subscribe()
+    }
+
+    fn notify(&self, nodes: impl IntoIterator<Item = NodeAddr>) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for node in nodes {
+            if let Some(tx) = m.get(&node) {
+                if tx.receiver_count() == 0 {
+                    // Nobody waits: forget the node rather than keep a sender per node
+                    // that ever polled.
+                    m.remove(&node);
+                } else {
+                    tx.send_replace(());
+                }
+            }
+        }
+    }
+}
+
+/// Records between two marks of the sparse index at least; the stride grows with the
+/// log so the index never holds more than about [`SPARSE_MARKS_MAX`] marks.
+const SPARSE_STRIDE_MIN: u64 = 64;
+/// Marks the sparse index aims to stay under.
+const SPARSE_MARKS_MAX: u64 = 4096;
+/// How far back in time REPLAY starts before the mark it picks: timestamps are taken
+/// before the queue's lock, so concurrent stores may log them slightly out of order.
+const SPARSE_TIME_SLACK_MS: u64 = 5_000;
+
+/// One packet record's place in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mark {
+    seq: u64,
+    pos: u64,
+    ts_ms: u64,
+}
+
+/// What a REPLAY looks for, and the log's end when it started.
+struct ReplayScan {
+    node: NodeAddr,
+    from_seq: u64,
+    from_ms: u64,
+    max: usize,
+    budget: usize,
+    head: u64,
+    frontier: u64,
+}
+
+/// Every `stride`-th packet record's place, oldest first, pruned as the tail passes.
+#[derive(Debug, Default)]
+struct SparseIndex {
+    marks: VecDeque<Mark>,
+    stride: u64,
+}
+
+impl SparseIndex {
+    fn new(cap: u64, bs: u64) -> Self {
+        let records_max = cap / bs.max(1);
+        SparseIndex {
+            marks: VecDeque::new(),
+            stride: (records_max / SPARSE_MARKS_MAX).max(SPARSE_STRIDE_MIN),
+        }
+    }
+
+    /// A packet record was placed; `tail_seq` is the oldest sequence still in the log.
+    fn note(&mut self, m: Mark, tail_seq: u64) {
+        while self.marks.front().is_some_and(|f| f.seq < tail_seq) {
+            self.marks.pop_front();
+        }
+        let due = self
+            .marks
+            .back()
+            .is_none_or(|b| m.seq >= b.seq.saturating_add(self.stride));
+        if due {
+            self.marks.push_back(m);
+        }
+    }
+
+    /// The latest mark a replay of records with seq >= `from_seq` and timestamp >=
+    /// `from_ms` may start from: every record before it fails one of the two bounds.
+    fn start(&self, from_seq: u64, from_ms: u64, tail_seq: u64) -> Option<Mark> {
+        self.marks
+            .iter()
+            .rev()
+            .filter(|m| m.seq >= tail_seq)
+            .find(|m| m.seq <= from_seq || m.ts_ms.saturating_add(SPARSE_TIME_SLACK_MS) < from_ms)
+            .copied()
+    }
 }
 
 fn le64(b: &[u8], o: usize) -> u64 {
@@ -341,19 +478,24 @@ impl PacketQueue {
             retain,
             dedup_window,
             index_max,
+            node_quota_bytes,
+            node_quota_records,
         } = opts;
         let bs = u64::from(bs);
         if blocks < 16 {
             return Err(QueueError::Corrupt("volume too small".into()));
         }
+        let cap = (blocks - 1) * bs;
         let q = PacketQueue {
             cache,
             volume,
             bs,
-            cap: (blocks - 1) * bs,
+            cap,
             retain,
             dedup_window,
             index_max: index_max.max(2),
+            quota_bytes: node_quota_bytes.unwrap_or(cap / 4),
+            quota_records: node_quota_records.unwrap_or(cap / 4 / bs).max(1),
             inner: Mutex::new(Inner {
                 head: 0,
                 tail: 0,
@@ -364,16 +506,12 @@ impl PacketQueue {
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
             }),
-            cond: Condvar::new(),
+            wake: Wake::default(),
+            sparse: Mutex::new(SparseIndex::new((blocks - 1) * bs, bs)),
             clock,
         };
         q.recover()?;
         Ok(Arc::new(q))
-    }
-
-    /// Now, by the queue's clock.
-    fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
     }
 
     fn lba(&self, pos: u64) -> u64 {
@@ -507,6 +645,7 @@ impl PacketQueue {
 
     /// Records a stored packet in the in-memory state (store and recovery).
     fn index_packet(&self, g: &mut Inner, p: &Packet, payload_len: usize, pos: u64) {
+        self.note_placed(g, p, pos);
         let n = g.nodes.entry(p.node).or_default();
         n.last_assigned = n.last_assigned.max(p.seq);
         if !n.is_acked(p.seq) {
@@ -532,14 +671,23 @@ impl PacketQueue {
                 Outcome::Delivered
             };
             let key = (p.sender, p.packet_id);
-            if g.dedup.insert(key, (outcome, p.seq)).is_none() {
-                g.dedup_order.push_back(key);
+            // The copies of one broadcast share their key: the first one stands for all.
+            if let std::collections::hash_map::Entry::Vacant(v) = g.dedup.entry(key) {
+                v.insert((outcome, p.seq));
+                g.dedup_order.push_back((key, p.seq));
                 while g.dedup_order.len() > self.dedup_window {
-                    if let Some(old) = g.dedup_order.pop_front() {
-                        g.dedup.remove(&old);
+                    if let Some((old, seq)) = g.dedup_order.pop_front() {
+                        Self::forget(g, old, seq);
                     }
                 }
             }
+        }
+    }
+
+    /// Drops the duplicate entry of `key` if it is still the one of packet `seq`.
+    fn forget(g: &mut Inner, key: (NodeAddr, u64), seq: u64) {
+        if g.dedup.get(&key).is_some_and(|&(_, s)| s == seq) {
+            g.dedup.remove(&key);
         }
     }
 
@@ -575,8 +723,10 @@ impl PacketQueue {
     /// that are acknowledged (and past their retention, unless room is short). Appends a
     /// superblock when the tail moved, before anything reuses the space.
     fn make_room(&self, g: &mut Inner, need: u64) -> Result<(), QueueError> {
-        let now = self.now_ms();
+        let now = self.clock.now_ms();
         let retain_ms = self.retain.as_millis() as u64;
+        let (tail0, tail_seq0) = (g.tail, g.tail_seq);
+        let mut released: Vec<((NodeAddr, u64), u64)> = Vec::new();
         let mut moved = false;
         loop {
             let used = g.head - g.tail;
@@ -602,6 +752,7 @@ impl PacketQueue {
                     if !acked || !(short || expired) {
                         break;
                     }
+                    released.push(((p.sender, p.packet_id), p.seq));
                     self.rec_len(h.body_len)
                 }
             };
@@ -609,14 +760,20 @@ impl PacketQueue {
             g.tail_seq += 1;
             moved = true;
         }
-        if self.cap - (g.head - g.tail) < need {
-            if moved {
-                self.append_superblock(g)?;
-            }
-            return Err(QueueError::Full);
-        }
         if moved {
-            self.append_superblock(g)?;
+            // Until the superblock that releases them is in the cache, the released
+            // records must stay untouched: a crash would recover from the old tail.
+            if let Err(e) = self.append_superblock(g) {
+                g.tail = tail0;
+                g.tail_seq = tail_seq0;
+                return Err(e);
+            }
+            for (key, seq) in released {
+                Self::forget(g, key, seq);
+            }
+        }
+        if self.cap - (g.head - g.tail) < need {
+            return Err(QueueError::Full);
         }
         Ok(())
     }
@@ -635,51 +792,91 @@ impl PacketQueue {
 
     /// Appends encoded records at the head (under the lock), padding the lap when a
     /// record does not fit before the volume end. Returns the cache sequence of the last
-    /// append and each record's position.
+    /// append, each appended record's (sequence number, position), and the error that
+    /// stopped it, if one did.
+    ///
+    /// Head and sequence numbers move only past what the cache took: every append is
+    /// all or nothing, so a failure leaves the records before it in the log and the head
+    /// right after them. Advancing past a failed append would leave a hole that recovery
+    /// stops at, losing every record after it.
     fn append_records(
         &self,
         g: &mut Inner,
         recs: &[(u16, Vec<u8>)],
-    ) -> Result<(u64, Vec<(u64, u64)>), QueueError> {
+    ) -> (u64, Vec<(u64, u64)>, Option<QueueError>) {
+        let run_max = APPEND_MAX.min(self.cache.append_max());
         let mut cache_seq = 0;
-        let mut placed = Vec::with_capacity(recs.len());
+        let mut placed: Vec<(u64, u64)> = Vec::with_capacity(recs.len());
         let mut run: Vec<u8> = Vec::new();
+        // Where the records of `run` start, and the first of them in `placed`.
         let mut run_pos = g.head;
+        let mut run_first = 0;
+        let flush = |g: &mut Inner,
+                     run: &mut Vec<u8>,
+                     run_pos: u64,
+                     run_first: usize,
+                     placed: &mut Vec<(u64, u64)>|
+         -> Result<u64, QueueError> {
+            match self.cache.append(self.volume, self.lba(run_pos), run) {
+                Ok(seq) => {
+                    run.clear();
+                    Ok(seq)
+                }
+                Err(e) => {
+                    if let Some(&(seq, pos)) = placed.get(run_first) {
+                        g.head = pos;
+                        g.next_seq = seq;
+                    }
+                    placed.truncate(run_first);
+                    run.clear();
+                    Err(e.into())
+                }
+            }
+        };
         for (kind, body) in recs {
             let len = self.rec_len(body.len());
             let room = self.cap - g.head % self.cap;
-            if len > room {
+            if len > room || (g.head.is_multiple_of(self.cap) && !run.is_empty()) {
+                // A run never crosses the volume end.
                 if !run.is_empty() {
-                    self.cache.append(self.volume, self.lba(run_pos), &run)?;
-                    run.clear();
+                    match flush(g, &mut run, run_pos, run_first, &mut placed) {
+                        Ok(s) => cache_seq = s,
+                        Err(e) => return (cache_seq, placed, Some(e)),
+                    }
                 }
-                let pad = encode_record(KIND_PAD, g.next_seq, &[], self.bs);
-                cache_seq = self.cache.append(self.volume, self.lba(g.head), &pad)?;
-                g.next_seq += 1;
-                g.head += room;
+                if len > room {
+                    let pad = encode_record(KIND_PAD, g.next_seq, &[], self.bs);
+                    match self.cache.append(self.volume, self.lba(g.head), &pad) {
+                        Ok(s) => cache_seq = s,
+                        Err(e) => return (cache_seq, placed, Some(e.into())),
+                    }
+                    g.next_seq += 1;
+                    g.head += room;
+                }
                 run_pos = g.head;
-            } else if g.head.is_multiple_of(self.cap) && !run.is_empty() {
-                // The last record ended the lap exactly: the run must not cross the end.
-                cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
-                run.clear();
-                run_pos = g.head;
+                run_first = placed.len();
             }
-            let seq = g.next_seq;
+            let r = encode_record(*kind, g.next_seq, body, self.bs);
+            if run.len() + r.len() > run_max && !run.is_empty() {
+                match flush(g, &mut run, run_pos, run_first, &mut placed) {
+                    Ok(s) => cache_seq = s,
+                    Err(e) => return (cache_seq, placed, Some(e)),
+                }
+                run_pos = g.head;
+                run_first = placed.len();
+            }
+            placed.push((g.next_seq, g.head));
             g.next_seq += 1;
-            let r = encode_record(*kind, seq, body, self.bs);
-            if run.len() + r.len() > APPEND_MAX && !run.is_empty() {
-                cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
-                run.clear();
-                run_pos = g.head;
-            }
-            placed.push((seq, g.head));
             run.extend_from_slice(&r);
             g.head += len;
         }
         if !run.is_empty() {
-            cache_seq = self.cache.append(self.volume, self.lba(run_pos), &run)?;
+            match flush(g, &mut run, run_pos, run_first, &mut placed) {
+                Ok(s) => cache_seq = s,
+                Err(e) => return (cache_seq, placed, Some(e)),
+            }
         }
-        Ok((cache_seq, placed))
+        (cache_seq, placed, None)
     }
 
     /// Space a batch of packet bodies needs: the records, plus the padding a lap end can
@@ -689,32 +886,27 @@ impl PacketQueue {
         lens.clone().sum::<u64>() + lens.max().unwrap_or(0)
     }
 
-    /// Stores packets durably; returns their sequence numbers, `None` for a packet whose
-    /// (sender, packet id) was already stored: a retry, which must not be stored twice
-    /// (checked under the same lock that stores, so a retry racing its original on
-    /// another path is caught too). Nothing is stored when the queue is full.
-    pub fn store(&self, packets: &[NewPacket]) -> Result<Vec<Option<u64>>, QueueError> {
+    /// Stores packets durably and says what became of each ([`StoreResult`]).
+    ///
+    /// A packet whose (sender, packet id) is still stored is a retry and is not stored
+    /// twice (checked under the same lock that stores, so a retry racing its original on
+    /// another path is caught too); it is answered only once its original is durable.
+    /// Packets to a node at its quota are not stored; the copies of one broadcast (same
+    /// sender and id, [`flags::BROADCAST`]) are stored all or none. Nothing is stored
+    /// when the log is full ([`QueueError::Full`]). On a media error, packets appended
+    /// before it stay stored (their senders' retries find them) and nothing after it is.
+    pub fn store(&self, packets: &[NewPacket]) -> Result<Vec<StoreResult>, QueueError> {
         if packets.is_empty() {
             return Ok(Vec::new());
         }
-        let ts = self.now_ms();
-        let (cache_seq, seqs, last, had_dups) = {
+        let ts = self.clock.now_ms();
+        let (cache_seq, results, last) = {
             let mut g = lock(&self.inner);
-            // Decided for the whole batch before any of it is indexed: the copies of one
-            // broadcast share their key and are all stored.
-            let fresh: Vec<bool> = packets
-                .iter()
-                .map(|p| {
-                    p.flags & flags::NOTICE != 0
-                        || p.packet_id == 0
-                        || !g.dedup.contains_key(&(p.sender, p.packet_id))
-                })
-                .collect();
-            let had_dups = fresh.iter().any(|f| !f);
+            let results = self.admit(&g, packets);
             let bodies: Vec<Vec<u8>> = packets
                 .iter()
-                .zip(&fresh)
-                .filter(|(_, f)| **f)
+                .zip(&results)
+                .filter(|(_, r)| r.is_none())
                 .map(|(p, _)| packet_body(p, ts))
                 .collect();
             // Packets leave ACK_RESERVE free, so acknowledgements (which free space)
@@ -724,20 +916,20 @@ impl PacketQueue {
                 self.make_room(&mut g, need)?;
             }
             let recs: Vec<(u16, Vec<u8>)> = bodies.into_iter().map(|b| (KIND_PACKET, b)).collect();
-            let (cache_seq, placed) = if recs.is_empty() {
-                (self.cache.appended_seq(), Vec::new())
+            let (cache_seq, placed, failed) = if recs.is_empty() {
+                (self.cache.appended_seq(), Vec::new(), None)
             } else {
-                self.append_records(&mut g, &recs)?
+                self.append_records(&mut g, &recs)
             };
             let mut placed_it = placed.iter();
-            let mut seqs = Vec::with_capacity(packets.len());
-            for (p, f) in packets.iter().zip(&fresh) {
-                if !*f {
-                    seqs.push(None);
+            let mut out = Vec::with_capacity(packets.len());
+            for (p, r) in packets.iter().zip(results) {
+                if let Some(r) = r {
+                    out.push(r);
                     continue;
                 }
                 let Some(&(seq, pos)) = placed_it.next() else {
-                    seqs.push(None);
+                    // Not appended: a media error stopped the batch; returned below.
                     continue;
                 };
                 let stored = Packet {
@@ -752,35 +944,123 @@ impl PacketQueue {
                     payload: Vec::new(),
                 };
                 self.index_packet(&mut g, &stored, p.payload.len(), pos);
-                seqs.push(Some(seq));
+                out.push(StoreResult::Stored(seq));
             }
-            let last = placed.last().map_or(0, |x| x.0);
-            (cache_seq, seqs, last, had_dups)
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            // A duplicate's original may still be on its way to the disk: then wait for
+            // everything appended so far, which includes it.
+            let frontier = g.frontier;
+            let wait_all = out
+                .iter()
+                .any(|r| matches!(r, StoreResult::Duplicate(s, _) if *s > frontier));
+            if wait_all {
+                (self.cache.appended_seq(), out, g.next_seq - 1)
+            } else {
+                (cache_seq, out, placed.last().map_or(0, |x| x.0))
+            }
         };
-        // With duplicates, everything appended so far is waited for: the original of a
-        // retry may still be on its way to the disk, and the retry is answered as it is.
-        let upto = if had_dups {
-            self.cache.appended_seq().max(cache_seq)
-        } else {
-            cache_seq
-        };
-        self.cache.wait_durable(upto)?;
+        self.cache.wait_durable(cache_seq)?;
         if last > 0 {
-            let mut g = lock(&self.inner);
-            // Appends are in log order, so this commit covers every earlier record too.
-            g.frontier = g.frontier.max(last);
-            drop(g);
-            self.cond.notify_all();
+            self.advance_frontier(last);
+            self.wake_stored(packets);
         }
-        Ok(seqs)
+        Ok(results)
     }
 
-    /// The outcome a (sender, packet id) got, if it is still remembered.
-    pub fn duplicate(&self, sender: NodeAddr, packet_id: u64) -> Option<Outcome> {
-        lock(&self.inner)
-            .dedup
-            .get(&(sender, packet_id))
-            .map(|x| x.0)
+    /// Decides, under the lock, which packets of a batch are not to be stored: retries
+    /// of stored packets and packets over their destination's quota. `None`: store it.
+    fn admit(&self, g: &Inner, packets: &[NewPacket]) -> Vec<Option<StoreResult>> {
+        let mut out: Vec<Option<StoreResult>> = packets
+            .iter()
+            .map(|p| {
+                if p.flags & flags::NOTICE != 0 || p.packet_id == 0 {
+                    return None;
+                }
+                g.dedup
+                    .get(&(p.sender, p.packet_id))
+                    .map(|&(o, seq)| StoreResult::Duplicate(seq, o))
+            })
+            .collect();
+        // Quota: what the batch adds per node on top of what each node holds. Notices
+        // (the target's own, bounded by the node's sends) and packets for the external
+        // port (acknowledged as they leave) do not count.
+        let mut added: HashMap<NodeAddr, (u64, u64)> = HashMap::new();
+        let mut i = 0;
+        while i < packets.len() {
+            // A group: one packet, or the consecutive copies of one broadcast.
+            let p = &packets[i];
+            let mut end = i + 1;
+            if p.flags & flags::BROADCAST != 0 {
+                while end < packets.len()
+                    && packets[end].flags & flags::BROADCAST != 0
+                    && packets[end].sender == p.sender
+                    && packets[end].packet_id == p.packet_id
+                {
+                    end += 1;
+                }
+            }
+            let counted = |q: &NewPacket| q.flags & (flags::NOTICE | flags::TO_EXTERNAL) == 0;
+            let fits = (i..end).filter(|&k| out[k].is_none()).all(|k| {
+                let q = &packets[k];
+                if !counted(q) {
+                    return true;
+                }
+                let (held_r, held_b) = g
+                    .nodes
+                    .get(&q.node)
+                    .map_or((0, 0), |n| (n.queued_records, n.queued_bytes));
+                let (add_r, add_b) = added.get(&q.node).copied().unwrap_or_default();
+                held_r + add_r < self.quota_records
+                    && held_b + add_b + q.payload.len() as u64 <= self.quota_bytes
+            });
+            for k in i..end {
+                if out[k].is_some() {
+                    continue;
+                }
+                if !fits {
+                    out[k] = Some(StoreResult::OverQuota);
+                } else if counted(&packets[k]) {
+                    let a = added.entry(packets[k].node).or_default();
+                    a.0 += 1;
+                    a.1 += packets[k].payload.len() as u64;
+                }
+            }
+            i = end;
+        }
+        out
+    }
+
+    /// Every record up to `seq` is durable: deliverable from now on.
+    fn advance_frontier(&self, seq: u64) {
+        let mut g = lock(&self.inner);
+        // Appends are in log order, so a commit covers every earlier record too.
+        g.frontier = g.frontier.max(seq);
+    }
+
+    /// The outcome and sequence number a (sender, packet id) got, while that packet is
+    /// stored.
+    pub fn duplicate(&self, sender: NodeAddr, packet_id: u64) -> Option<(Outcome, u64)> {
+        lock(&self.inner).dedup.get(&(sender, packet_id)).copied()
+    }
+
+    /// Returns once stored packet `seq` is durable, or the error that keeps it from ever
+    /// becoming so (the write cache refuses every commit after a failed one). A retry
+    /// is answered with its original's outcome only after this.
+    pub fn wait_stored(&self, seq: u64) -> Result<(), QueueError> {
+        let (cache_seq, upto) = {
+            let g = lock(&self.inner);
+            if g.frontier >= seq {
+                return Ok(());
+            }
+            // Every record before next_seq is in the cache by now (appends happen under
+            // this lock), so this commit covers `seq`.
+            (self.cache.appended_seq(), g.next_seq - 1)
+        };
+        self.cache.wait_durable(cache_seq)?;
+        self.advance_frontier(upto);
+        Ok(())
     }
 
     /// Acknowledges packets of `node`, durably.
@@ -804,7 +1084,10 @@ impl PacketQueue {
                     return Err(QueueError::Full);
                 }
             }
-            let (cache_seq, _) = self.append_records(&mut g, &[(KIND_ACK, body)])?;
+            let (cache_seq, _, failed) = self.append_records(&mut g, &[(KIND_ACK, body)]);
+            if let Some(e) = failed {
+                return Err(e);
+            }
             cache_seq
         };
         self.cache.wait_durable(cache_seq)?;
@@ -828,6 +1111,9 @@ impl PacketQueue {
         let mut found = Vec::new();
         let room = self.index_max - n.pending.len();
         let mut next_spill = None;
+        // Packets acknowledged while spilled were counted when stored and never seen by
+        // `apply_ack` (it only walks the index): they leave the counters here.
+        let (mut gone_records, mut gone_bytes) = (0u64, 0u64);
         while pos < head {
             let Some((h, body)) = self.record(pos, None)? else {
                 return Err(QueueError::Corrupt(format!("unreadable record at {pos}")));
@@ -838,7 +1124,10 @@ impl PacketQueue {
             }
             if h.kind == KIND_PACKET {
                 if let Some(p) = parse_packet(h.seq, &body) {
-                    if p.node == node && !n.is_acked(p.seq) {
+                    if p.node == node && n.is_acked(p.seq) {
+                        gone_records += 1;
+                        gone_bytes += p.payload.len() as u64;
+                    } else if p.node == node {
                         if found.len() == room {
                             next_spill = Some(pos);
                             break;
@@ -859,81 +1148,135 @@ impl PacketQueue {
         if let Some(n) = g.nodes.get_mut(&node) {
             n.pending.extend(found);
             n.spill = next_spill;
+            n.queued_records = n.queued_records.saturating_sub(gone_records);
+            n.queued_bytes = n.queued_bytes.saturating_sub(gone_bytes);
         }
         Ok(())
     }
 
-    fn read_packet(&self, e: &Entry) -> Result<Packet, QueueError> {
-        let (h, body) = self.record(e.pos, Some(e.seq))?.ok_or_else(|| {
-            QueueError::Corrupt(format!("packet {} unreadable at {}", e.seq, e.pos))
-        })?;
-        parse_packet(h.seq, &body)
-            .ok_or_else(|| QueueError::Corrupt(format!("packet {} malformed", e.seq)))
+    /// A wake-up for a long poll of `node`: it fires once records of the node may have
+    /// become deliverable (or its position moved back) after this call. Subscribe before
+    /// [`Self::receive`], so nothing stored between the two is missed.
+    pub fn subscribe(&self, node: NodeAddr) -> tokio::sync::watch::Receiver<()> {
+        self.wake.subscribe(node)
+    }
+
+    /// Wakes the long polls of the nodes `packets` went to (their records are now
+    /// deliverable).
+    fn wake_stored(&self, packets: &[NewPacket]) {
+        let mut nodes: Vec<NodeAddr> = packets.iter().map(|p| p.node).collect();
+        nodes.sort_unstable_by_key(|n| n.0);
+        nodes.dedup();
+        self.wake.notify(nodes);
+    }
+
+    /// Keeps the sparse index current as a packet record is placed (store, recovery).
+    fn note_placed(&self, g: &Inner, p: &Packet, pos: u64) {
+        let m = Mark {
+            seq: p.seq,
+            pos,
+            ts_ms: p.ts_ms,
+        };
+        self.sparse
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .note(m, g.tail_seq);
     }
 
     /// Takes deliverable packets of `node` after its RECEIVE position: at most `max`
-    /// records whose encoded sizes (`size_of`) fit `budget` bytes. Waits up to `wait`
-    /// for a first one. Returns the packets and whether more are queued.
+    /// records whose encoded sizes (`size_of`) fit `budget` bytes, and moves the position
+    /// past them. Never waits (a long poll parks on [`Self::subscribe`]). Returns the
+    /// packets and whether more are queued.
+    ///
+    /// The records are chosen under the queue's lock and read from the media outside it;
+    /// one released meanwhile (another session of the node acknowledged it and its space
+    /// was reused) is skipped.
     pub fn receive(
         &self,
         node: NodeAddr,
         max: usize,
         budget: usize,
         size_of: impl Fn(usize) -> usize,
-        wait: Duration,
     ) -> Result<(Vec<Packet>, bool), QueueError> {
-        let deadline = Instant::now() + wait;
-        let mut g = lock(&self.inner);
-        loop {
+        let max = max.max(1);
+        let (picked, more) = {
+            let mut g = lock(&self.inner);
             let frontier = g.frontier;
-            let Some(n) = g.nodes.get(&node) else {
-                if Instant::now() >= deadline {
-                    return Ok((Vec::new(), false));
-                }
-                g = self.wait(g, deadline);
-                continue;
+            let Some(n) = g.nodes.get_mut(&node) else {
+                return Ok((Vec::new(), false));
             };
-            let ready: Vec<Entry> = n
+            let mut picked: Vec<Entry> = Vec::new();
+            let (mut used, mut more) = (0usize, false);
+            for e in n
                 .pending
                 .iter()
                 .filter(|e| e.seq > n.delivered && e.seq <= frontier)
-                .take(max.max(1))
-                .cloned()
-                .collect();
-            if ready.is_empty() && Instant::now() < deadline {
-                g = self.wait(g, deadline);
-                continue;
-            }
-            let mut out = Vec::new();
-            let mut used = 0;
-            let mut more = false;
-            for e in &ready {
+            {
                 let sz = size_of(e.payload_len as usize);
-                if out.len() >= max || used + sz > budget {
+                if picked.len() >= max || used.saturating_add(sz) > budget {
                     more = true;
                     break;
                 }
                 used += sz;
-                out.push(self.read_packet(e)?);
+                picked.push(e.clone());
             }
-            if let Some(last) = out.last() {
-                let last = last.seq;
-                if let Some(n) = g.nodes.get_mut(&node) {
-                    n.delivered = n.delivered.max(last);
-                    more |= n.pending.iter().any(|e| e.seq > last && e.seq <= frontier)
-                        || n.spill.is_some();
+            if let Some(last) = picked.last() {
+                n.delivered = n.delivered.max(last.seq);
+                more |= n.spill.is_some();
+            }
+            (picked, more)
+        };
+        let mut out = Vec::with_capacity(picked.len());
+        for e in &picked {
+            match self.read_released(node, e) {
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
+                Err(err) => {
+                    // The command fails: what it would have returned is not skipped.
+                    if let Some(first) = picked.first() {
+                        self.undeliver(node, first.seq);
+                    }
+                    return Err(err);
                 }
             }
-            return Ok((out, more));
         }
+        Ok((out, more))
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, Inner>, deadline: Instant) -> MutexGuard<'a, Inner> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.cond
-            .wait_timeout(g, left.min(Duration::from_millis(500)))
-            .map(|(g, _)| g)
-            .unwrap_or_else(|e| e.into_inner().0)
+    /// Reads a packet chosen for delivery: `None` when it was released since (it no
+    /// longer verifies and is no longer pending), an error when it is pending and
+    /// unreadable.
+    fn read_released(&self, node: NodeAddr, e: &Entry) -> Result<Option<Packet>, QueueError> {
+        if let Some((h, body)) = self.record(e.pos, Some(e.seq))? {
+            return parse_packet(h.seq, &body)
+                .map(Some)
+                .ok_or_else(|| QueueError::Corrupt(format!("packet {} malformed", e.seq)));
+        }
+        let g = lock(&self.inner);
+        let pending = g
+            .nodes
+            .get(&node)
+            .is_some_and(|n| n.pending.iter().any(|x| x.seq == e.seq));
+        if pending {
+            return Err(QueueError::Corrupt(format!(
+                "packet {} unreadable at {}",
+                e.seq, e.pos
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Puts `node`'s RECEIVE position back before `first_unsent`: a response carrying
+    /// that record did not reach the initiator whole, so it and every later record are
+    /// delivered again (at least once; never skipped).
+    pub fn undeliver(&self, node: NodeAddr, first_unsent: u64) {
+        let mut g = lock(&self.inner);
+        if let Some(n) = g.nodes.get_mut(&node) {
+            let back = first_unsent.saturating_sub(1).max(n.acked_upto);
+            n.delivered = n.delivered.min(back);
+        }
+        drop(g);
+        self.wake.notify([node]);
     }
 
     /// Puts a node's RECEIVE position back to its first unacknowledged packet (a new
@@ -944,11 +1287,12 @@ impl PacketQueue {
             n.delivered = n.acked_upto;
         }
         drop(g);
-        self.cond.notify_all();
+        self.wake.notify([node]);
     }
 
     /// Stored packets of `node` (acknowledged ones too, while retained) with a sequence
     /// number >= `from_seq` and a timestamp >= `from_ms`, oldest first, up to `budget`.
+    /// Starts from the sparse index's nearest mark rather than the tail.
     pub fn replay(
         &self,
         node: NodeAddr,
@@ -962,14 +1306,59 @@ impl PacketQueue {
             let g = lock(&self.inner);
             (g.tail, g.tail_seq, g.head, g.frontier)
         };
-        let (mut pos, mut seq) = (tail, tail_seq);
+        let scan = ReplayScan {
+            node,
+            from_seq,
+            from_ms,
+            max,
+            budget,
+            head,
+            frontier,
+        };
+        let mark = self
+            .sparse
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .start(from_seq, from_ms, tail_seq)
+            .filter(|m| m.seq <= frontier && m.pos < head);
+        if let Some(m) = mark {
+            if let Some(found) = self.replay_from(&scan, m.pos, m.seq, &size_of)? {
+                return Ok(found);
+            }
+        }
+        // No mark, or it no longer verifies (the tail passed it): scan from the tail.
+        let (tail, tail_seq) = if mark.is_some() {
+            let g = lock(&self.inner);
+            (g.tail, g.tail_seq)
+        } else {
+            (tail, tail_seq)
+        };
+        Ok(self
+            .replay_from(&scan, tail, tail_seq, &size_of)?
+            .unwrap_or_default())
+    }
+
+    /// Scans the log from the record (`pos`, `seq`) for [`Self::replay`]; `None` when
+    /// that first record does not verify.
+    fn replay_from(
+        &self,
+        s: &ReplayScan,
+        mut pos: u64,
+        mut seq: u64,
+        size_of: &impl Fn(usize) -> usize,
+    ) -> Result<Option<(Vec<Packet>, bool)>, QueueError> {
         let (mut out, mut used, mut more) = (Vec::new(), 0usize, false);
-        while pos < head && seq <= frontier {
+        let mut first = true;
+        while pos < s.head && seq <= s.frontier {
             // The tail may pass us while we read; a record that no longer verifies was
             // released, and the scan ends there.
             let Some((h, body)) = self.record(pos, Some(seq))? else {
+                if first {
+                    return Ok(None);
+                }
                 break;
             };
+            first = false;
             if h.kind == KIND_PAD {
                 pos = pos.div_ceil(self.cap) * self.cap;
                 seq += 1;
@@ -977,9 +1366,9 @@ impl PacketQueue {
             }
             if h.kind == KIND_PACKET {
                 if let Some(p) = parse_packet(h.seq, &body) {
-                    if p.node == node && p.seq >= from_seq && p.ts_ms >= from_ms {
+                    if p.node == s.node && p.seq >= s.from_seq && p.ts_ms >= s.from_ms {
                         let sz = size_of(p.payload.len());
-                        if out.len() >= max || used + sz > budget {
+                        if out.len() >= s.max || used.saturating_add(sz) > s.budget {
                             more = true;
                             break;
                         }
@@ -991,7 +1380,7 @@ impl PacketQueue {
             pos += self.rec_len(h.body_len);
             seq += 1;
         }
-        Ok((out, more))
+        Ok(Some((out, more)))
     }
 
     /// QUEUE STATS figures of `node`.
@@ -1126,8 +1515,7 @@ mod tests {
     }
 
     fn take(q: &PacketQueue, node: NodeAddr, max: usize) -> (Vec<Packet>, bool) {
-        q.receive(node, max, 1 << 20, |n| 52 + n, Duration::ZERO)
-            .expect("receive")
+        q.receive(node, max, 1 << 20, |n| 52 + n).expect("receive")
     }
 
     #[test]
@@ -1137,7 +1525,13 @@ mod tests {
         let seqs =
             r.q.store(&[pkt(a(2), 1, 10), pkt(a(2), 2, 20), pkt(a(3), 3, 30)])
                 .expect("store");
-        let seqs: Vec<u64> = seqs.into_iter().flatten().collect();
+        let seqs: Vec<u64> = seqs
+            .into_iter()
+            .filter_map(|r| match r {
+                StoreResult::Stored(s) => Some(s),
+                _ => None,
+            })
+            .collect();
         assert_eq!(seqs.len(), 3);
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         let (got, more) = take(&r.q, a(2), 1);
@@ -1148,7 +1542,10 @@ mod tests {
         assert_eq!(got.iter().map(|p| p.packet_id).collect::<Vec<_>>(), vec![2]);
         assert_eq!(got[0].payload, pkt(a(2), 2, 20).payload);
         assert_eq!(take(&r.q, a(3), 10).0.len(), 1);
-        assert_eq!(r.q.duplicate(a(1), 3), Some(Outcome::Delivered));
+        assert_eq!(
+            r.q.duplicate(a(1), 3).map(|d| d.0),
+            Some(Outcome::Delivered)
+        );
         assert_eq!(r.q.stats(a(2)).queued_records, 1);
         r.cache.shutdown();
         let _ = std::fs::remove_dir_all(d);
@@ -1164,8 +1561,13 @@ mod tests {
 
     fn laps(tag: &str, size: usize) {
         let d = dir(tag);
-        // 127.5 KiB of log, 32 KiB of it kept for ACK records.
-        let opts = QueueOptions::default();
+        // 127.5 KiB of log, 32 KiB of it kept for ACK records; no quota, so the whole
+        // log fills.
+        let opts = QueueOptions {
+            node_quota_bytes: Some(u64::MAX),
+            node_quota_records: Some(u64::MAX),
+            ..QueueOptions::default()
+        };
         let mut r = Rig::open(d.clone(), 256, opts);
         let mut id = 0u64;
         let mut delivered = 0u64;
@@ -1236,5 +1638,279 @@ mod tests {
         assert_eq!(r.q.stats(a(3)).queued_records, 20);
         r.cache.shutdown();
         let _ = std::fs::remove_dir_all(d);
+    }
+
+    fn ids(q: &PacketQueue, node: NodeAddr) -> Vec<u64> {
+        q.receive(node, 100_000, 64 << 20, |n| 52 + n)
+            .expect("receive")
+            .0
+            .iter()
+            .map(|p| p.packet_id)
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_hole_before_later_packets() {
+        // Reproduces the lost-packets report: the head moved past a failed append, and
+        // recovery stopped at the hole, losing every acknowledged packet after it.
+        let d = dir("hole");
+        let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+        r.q.store(&[pkt(a(2), 1, 100)]).expect("store 1");
+        r.cache.inject_append_failures(0, 1);
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 2, 100)]),
+            Err(QueueError::Media(_))
+        ));
+        for id in 3..8 {
+            r.q.store(&[pkt(a(2), id, 100)])
+                .expect("store after the failure");
+        }
+        let r = r.crash_and_reopen(QueueOptions::default());
+        assert_eq!(ids(&r.q, a(2)), vec![1, 3, 4, 5, 6, 7]);
+        // The failed id was never stored: sending it again stores it.
+        assert_eq!(r.q.duplicate(a(1), 2), None);
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_batch_cut_by_a_failed_append_keeps_its_first_part_and_a_retry_completes_it() {
+        let d = dir("cut");
+        let r = Rig::open(d.clone(), 16384, QueueOptions::default());
+        // 3,000 records of two blocks: more than one cache append (at most half the
+        // 2 MiB ring each), so the second append fails mid-batch.
+        let batch: Vec<NewPacket> = (1..=3000).map(|id| pkt(a(2), id, 600)).collect();
+        r.cache.inject_append_failures(1, 1);
+        assert!(r.q.store(&batch).is_err());
+        let kept = r.q.stats(a(2)).queued_records;
+        assert!(kept > 0 && kept < 3000, "first part stored: {kept}");
+        // The sender retries the whole batch: what was stored is a duplicate.
+        let again = r.q.store(&batch).expect("retry");
+        let dups = again
+            .iter()
+            .filter(|x| matches!(x, StoreResult::Duplicate(..)))
+            .count();
+        assert_eq!(dups as u64, kept);
+        let r = r.crash_and_reopen(QueueOptions::default());
+        assert!(
+            ids(&r.q, a(2)) == (1..=3000).collect::<Vec<_>>(),
+            "each exactly once, in order"
+        );
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_retry_gets_no_answer_before_its_original_is_durable() {
+        let d = dir("retry");
+        let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+        r.cache.inject_commit_failure();
+        assert!(r.q.store(&[pkt(a(2), 1, 10)]).is_err(), "the commit failed");
+        // The record is in the log, but never became durable: the retry must fail too.
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 1, 10)]).as_deref(),
+            Err(_) | Ok([StoreResult::Stored(_)])
+        ));
+        let dup = r.q.duplicate(a(1), 1).expect("indexed");
+        assert!(r.q.wait_stored(dup.1).is_err());
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn an_id_is_a_duplicate_while_stored_and_new_once_released() {
+        let d = dir("reuse");
+        let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 1, 10)]).expect("store").as_slice(),
+            [StoreResult::Stored(_)]
+        ));
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 1, 10)]).expect("retry").as_slice(),
+            [StoreResult::Duplicate(_, Outcome::Delivered)]
+        ));
+        let (got, _) = take(&r.q, a(2), 10);
+        r.q.ack(a(2), got[0].seq, &[]).expect("ack");
+        // Retention 0: the next expiry releases the record, and with it the id.
+        r.q.expire().expect("expire");
+        assert_eq!(r.q.duplicate(a(1), 1), None);
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 1, 10)]).expect("reuse").as_slice(),
+            [StoreResult::Stored(_)]
+        ));
+        assert_eq!(ids(&r.q, a(2)), vec![1], "the reused id is a new packet");
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn undeliver_puts_the_position_back_but_not_below_acks() {
+        let d = dir("undeliver");
+        let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+        for i in 1..=4u64 {
+            r.q.store(&[pkt(a(2), i, 10)]).expect("store");
+        }
+        let (got, _) = take(&r.q, a(2), 10);
+        let seqs: Vec<u64> = got.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs.len(), 4);
+        r.q.ack(a(2), seqs[0], &[]).expect("ack");
+        // The response carrying the third record and on was not sent whole.
+        r.q.undeliver(a(2), seqs[2]);
+        let again: Vec<u64> = take(&r.q, a(2), 10).0.iter().map(|p| p.seq).collect();
+        assert_eq!(again, seqs[2..].to_vec());
+        // Never behind what is acknowledged; never forward.
+        r.q.undeliver(a(2), 1);
+        let again: Vec<u64> = take(&r.q, a(2), 10).0.iter().map(|p| p.seq).collect();
+        assert_eq!(again, seqs[1..].to_vec());
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_node_at_its_quota_blocks_only_its_own_senders() {
+        let d = dir("quota");
+        let opts = QueueOptions {
+            node_quota_records: Some(10),
+            node_quota_bytes: Some(1 << 20),
+            ..QueueOptions::default()
+        };
+        let r = Rig::open(d.clone(), 4096, opts);
+        for id in 0..10 {
+            r.q.store(&[pkt(a(2), id, 100)]).expect("store");
+        }
+        assert_eq!(
+            r.q.store(&[pkt(a(2), 10, 100)]).expect("over"),
+            vec![StoreResult::OverQuota]
+        );
+        // Another node is untouched; a broadcast that reaches the full node is refused
+        // whole.
+        for id in 100..200 {
+            let got = r.q.store(&[pkt(a(3), id, 100)]).expect("store");
+            assert!(matches!(got.as_slice(), [StoreResult::Stored(_)]));
+            let (p, _) = take(&r.q, a(3), 1);
+            r.q.ack(a(3), p[0].seq, &[]).expect("ack");
+        }
+        let bcast: Vec<NewPacket> = [a(2), a(3)]
+            .iter()
+            .map(|&n| NewPacket {
+                flags: flags::BROADCAST,
+                ..pkt(n, 500, 10)
+            })
+            .collect();
+        assert_eq!(
+            r.q.store(&bcast).expect("bcast"),
+            vec![StoreResult::OverQuota; 2]
+        );
+        assert_eq!(r.q.stats(a(3)).queued_records, 0);
+        // Acknowledging makes room again, also after a restart.
+        let r = r.crash_and_reopen(opts);
+        assert_eq!(
+            r.q.store(&[pkt(a(2), 11, 100)]).expect("over"),
+            vec![StoreResult::OverQuota]
+        );
+        let (p, _) = take(&r.q, a(2), 1);
+        r.q.ack(a(2), p[0].seq, &[]).expect("ack");
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 11, 100)]).expect("room").as_slice(),
+            [StoreResult::Stored(_)]
+        ));
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_store_wakes_the_polls_of_its_node_only() {
+        let d = dir("wake");
+        let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+        let mut w2 = r.q.subscribe(a(2));
+        let w3 = r.q.subscribe(a(3));
+        r.q.store(&[pkt(a(2), 1, 10)]).expect("store");
+        assert!(
+            w2.has_changed().expect("queue alive"),
+            "node 2's poll is woken"
+        );
+        assert!(!w3.has_changed().expect("queue alive"), "node 3's is not");
+        w2.mark_unchanged();
+        r.q.rewind(a(3));
+        assert!(w3.has_changed().expect("queue alive"));
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn replay_starts_at_a_sparse_mark_and_finds_what_a_full_scan_finds() {
+        let d = dir("sparse");
+        let opts = QueueOptions {
+            retain: Duration::from_secs(3600),
+            ..QueueOptions::default()
+        };
+        let r = Rig::open(d.clone(), 4096, opts);
+        let mut seqs = Vec::new();
+        for i in 0..400u64 {
+            let to = if i % 4 == 0 { a(2) } else { a(3) };
+            seqs.extend(
+                r.q.store(&[pkt(to, i, 20)])
+                    .expect("store")
+                    .into_iter()
+                    .filter_map(|x| match x {
+                        StoreResult::Stored(s) => Some(s),
+                        _ => None,
+                    }),
+            );
+        }
+        let tail_seq = lock(&r.q.inner).tail_seq;
+        let from = seqs[300];
+        let mark = lock_sparse(&r.q)
+            .start(from, 0, tail_seq)
+            .expect("a mark before the point");
+        assert!(
+            mark.seq > seqs[200] && mark.seq <= from,
+            "{mark:?} near {from}"
+        );
+        let (got, more) =
+            r.q.replay(a(2), from, 0, 1000, 1 << 20, |n| 52 + n)
+                .expect("replay");
+        let ids: Vec<u64> = got.iter().map(|p| p.packet_id).collect();
+        assert_eq!(ids, (300..400).step_by(4).collect::<Vec<u64>>());
+        assert!(!more);
+        // By time: everything was stored within the slack, so a replay from the first
+        // timestamp starts at the tail and finds all of node 2's packets.
+        let (all, _) =
+            r.q.replay(a(2), 0, 1, 1000, 1 << 20, |n| 52 + n)
+                .expect("replay");
+        assert_eq!(all.len(), 100);
+        // After a crash the index is rebuilt from the log.
+        let r = r.crash_and_reopen(opts);
+        let (got, _) =
+            r.q.replay(a(2), from, 0, 1000, 1 << 20, |n| 52 + n)
+                .expect("replay");
+        assert_eq!(got.len(), 25);
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn acknowledged_packets_beyond_the_index_leave_the_quota_counters() {
+        let d = dir("spill-count");
+        let opts = QueueOptions {
+            index_max: 4,
+            ..QueueOptions::default()
+        };
+        let r = Rig::open(d.clone(), 4096, opts);
+        for i in 0..20u64 {
+            r.q.store(&[pkt(a(2), i, 50)]).expect("store");
+        }
+        let last = r.q.stats(a(2)).last_assigned;
+        r.q.ack(a(2), last, &[]).expect("ack all");
+        let s = r.q.stats(a(2));
+        assert_eq!((s.queued_records, s.queued_bytes), (0, 0));
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    fn lock_sparse(q: &PacketQueue) -> MutexGuard<'_, SparseIndex> {
+        q.sparse
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

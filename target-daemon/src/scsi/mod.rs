@@ -5,6 +5,7 @@
 //! computing residuals from the lengths here against the Expected Data Transfer Length.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Identity of an I_T nexus (one iSCSI session): unit attentions and reservations are
 /// kept per nexus.
@@ -46,6 +47,55 @@ pub struct ScsiCommand<'a> {
     pub expected_len: u32,
     /// Task attribute.
     pub attr: TaskAttr,
+    /// `Some` when the transport runs the command again after parking it (see
+    /// [`ScsiOutcome::park`]): the end of the wait the first run chose.
+    pub resume_until: Option<Instant>,
+}
+
+/// Asks the transport to park a command that has nothing to answer yet (a long-poll
+/// RECEIVE) instead of holding a thread: it runs the command again, with
+/// [`ScsiCommand::resume_until`] set to `until`, once `wake` changes or `until` passes,
+/// whichever is first, and drops it at once if the task is aborted meanwhile. A transport
+/// that cannot park sends the outcome's own answer, as if the command had not waited.
+#[derive(Debug)]
+pub struct Park {
+    /// Changes when running the command again may find something.
+    pub wake: tokio::sync::watch::Receiver<()>,
+    /// When the wait ends: the last run answers whatever there is.
+    pub until: Instant,
+}
+
+/// Told how many bytes of a command's data-in reached the initiator, once the transport
+/// knows: [`Self::sent`] after the response went out, 0 when dropped unused (the task was
+/// aborted, the connection went before the response was written).
+pub struct DataInSent(Option<Box<dyn FnOnce(usize) + Send>>);
+
+impl DataInSent {
+    /// A hook that calls `f` with the bytes sent, exactly once.
+    pub fn new(f: impl FnOnce(usize) + Send + 'static) -> Self {
+        DataInSent(Some(Box::new(f)))
+    }
+
+    /// The response went out carrying the first `bytes` bytes of the data-in.
+    pub fn sent(mut self, bytes: usize) {
+        if let Some(f) = self.0.take() {
+            f(bytes);
+        }
+    }
+}
+
+impl Drop for DataInSent {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(0);
+        }
+    }
+}
+
+impl std::fmt::Debug for DataInSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataInSent")
+    }
 }
 
 /// What a command produced.
@@ -63,6 +113,10 @@ pub struct ScsiOutcome {
     /// For data-out commands: bytes of data-out the CDB called for, so the transport can
     /// report a residual against the expected length.
     pub data_out_len: Option<u32>,
+    /// Park the command rather than answer now (see [`Park`]).
+    pub park: Option<Park>,
+    /// To be told how much of `data_in` was sent (see [`DataInSent`]).
+    pub on_sent: Option<DataInSent>,
 }
 
 pub(crate) mod defect;

@@ -583,6 +583,7 @@ mod tests {
                 data_out: out,
                 expected_len: out.len() as u32,
                 attr: TaskAttr::Simple,
+                resume_until: None,
             },
         )
     }

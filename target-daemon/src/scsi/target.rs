@@ -373,8 +373,7 @@ impl ScsiTarget {
         ScsiOutcome {
             status: status::CHECK_CONDITION,
             sense: Some(s.encode(desc)),
-            data_in: Vec::new(),
-            data_out_len: None,
+            ..ScsiOutcome::default()
         }
     }
 
@@ -501,6 +500,7 @@ fn outcome(r: Reply) -> ScsiOutcome {
         sense: None,
         data_in: r.data,
         data_out_len: r.data_out_len,
+        ..ScsiOutcome::default()
     }
 }
 
