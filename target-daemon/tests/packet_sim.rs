@@ -22,7 +22,7 @@
 //!
 //! `SEED=N` runs seed N alone and prints its trace; a failing seed prints its shortest
 //! failing trace (shortest failing prefix, then greedy removal of single steps).
-//! `FTSS_SIM_SEEDS` (default 2000) and `FTSS_SIM_FIRST` choose the seeds of a normal run,
+//! `FTSS_SIM_SEEDS` (default 3000) and `FTSS_SIM_FIRST` choose the seeds of a normal run,
 //! `FTSS_SIM_THREADS` how many threads run them. `FTSS_SIM_RULES` (`all`, `none`, or a
 //! list like `1,2`) chooses which rule-provoking steps run; unset, all but the rules in
 //! [`PENDING_RULES`] (see there).
@@ -1824,7 +1824,7 @@ fn packet_sim() {
     let count: u64 = std::env::var("FTSS_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+        .unwrap_or(3000);
     let first: u64 = std::env::var("FTSS_SIM_FIRST")
         .ok()
         .and_then(|s| s.parse().ok())
