@@ -377,6 +377,8 @@ struct Copy {
     certain_at: Option<usize>,
     /// Sequence number it was last seen with.
     seq: Option<u64>,
+    /// Every number it was seen with (two when a retry stored it again).
+    seen: BTreeSet<u64>,
     /// Sequence numbers whose ACK is durable: never delivered again.
     acked: BTreeSet<u64>,
     /// An ACK covering it was tried (it may be released, durably acknowledged or not).
@@ -1298,11 +1300,12 @@ impl<'a> Sim<'a> {
             if k.2 != node {
                 continue;
             }
-            if let Some(s) = c.seq.filter(|&s| covered(s)) {
+            let hit: Vec<u64> = c.seen.iter().copied().filter(|&s| covered(s)).collect();
+            if !hit.is_empty() {
                 c.owe = false;
                 c.ack_tried = true;
                 if good {
-                    c.acked.insert(s);
+                    c.acked.extend(hit);
                 }
             }
         }
@@ -1408,7 +1411,8 @@ impl<'a> Sim<'a> {
             ));
         }
         let mut certain_at = c.certain_at;
-        if let Some(s) = c.seq.filter(|&s| s != r.seq) {
+        let known = c.seen.contains(&r.seq);
+        if let Some(s) = c.seq.filter(|&s| s != r.seq && !known) {
             if !c.may_renew {
                 return Err(self.fail(
                     "stored-twice",
@@ -1448,7 +1452,7 @@ impl<'a> Sim<'a> {
             }
         }
         if let Some(c) = self.m.copies.get_mut(&key) {
-            if c.seq != Some(r.seq) {
+            if c.seen.insert(r.seq) {
                 if c.seq.is_some() {
                     c.may_renew = false;
                     c.certain_at = None;
@@ -1654,14 +1658,12 @@ impl<'a> Sim<'a> {
                 lo += 1;
                 lo_b += len;
             }
-            let n = if c.may_renew { 2 } else { 1 };
-            // Unacknowledged as far as the model knows: never seen, or seen last under
-            // a number no durable ACK covers (a packet stored again after its release).
-            let unacked = c.seq.is_none_or(|q| !c.acked.contains(&q));
-            if c.owe || unacked || c.may_renew {
-                hi += n;
-                hi_b += n * len;
-            }
+            // Instances that may be stored: those seen and not durably acknowledged (one
+            // if never seen), and one more a retry may have stored.
+            let live = c.seen.iter().filter(|q| !c.acked.contains(q)).count() as u64;
+            let n = live.max(u64::from(c.seen.is_empty())) + u64::from(c.may_renew);
+            hi += n;
+            hi_b += n * len;
         }
         self.log(format!(
             "QUEUE STATS n{node} => records {} bytes {} (model {lo}..{hi}, {lo_b}..{hi_b} bytes)",
