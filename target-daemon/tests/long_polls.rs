@@ -356,7 +356,8 @@ async fn a_receive_whose_data_in_is_not_transferred_is_delivered_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_response_is_capped_whatever_its_allocation_length() {
     let dir = common::temp_dir("longpoll-cap");
-    let config = ftss_target::config::Config::parse(&config_sized(&dir, "127.0.0.1:0", "64MiB"))
+    // 128 MiB of queue: the default per-node quota (a quarter) holds the 18 MB below.
+    let config = ftss_target::config::Config::parse(&config_sized(&dir, "127.0.0.1:0", "128MiB"))
         .expect("config");
     let server = ftss_target::iscsi::Server::start(config)
         .await
