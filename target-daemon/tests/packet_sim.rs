@@ -58,19 +58,19 @@ use ftss_target::scsi::{ItNexus, ScsiCommand, ScsiOutcome, TaskAttr, VendorHandl
 ///   EIO on a commit msync, then retries);
 /// - 4: NODE REGISTER refuses ff..ff, multicast and empty lists (step `BadRegister`);
 /// - 6: node ownership survives restarts (step `Steal`: another initiator registers a
-///   node's address).
+///   node's address);
+/// - 3: duplicate suppression holds while a packet is stored, also for a retry of a
+///   broadcast one of whose copies was released while another is still unacknowledged.
 ///
-/// Pending:
+/// Pending (documented limits, not bugs to fix here):
 ///
-/// - 3: duplicate suppression holds while a packet is stored: a dedup window of 4
-///   pairs in some seeds, and a retry of a broadcast one of whose copies was released
-///   while another is still unacknowledged (off, the model lets that retry be stored
-///   again);
+/// - 8: suppression holds however small `dedup_window` is (a window of 4 pairs in some
+///   seeds): the window is a memory bound, and a retry older than it is stored again;
 /// - 7 (found by this simulator, not in the brief): a node whose backlog exceeds its
-///   in-memory index gets every packet by RECEIVE alone; RECEIVE answers "no more"
-///   while packets wait in the log, until an ACK refills the index (an index of 3
-///   packets in some seeds).
-const PENDING_RULES: &[u8] = &[3, 7];
+///   in-memory index gets every packet by RECEIVE alone. The index is a flow-control
+///   window: past it RECEIVE answers MORE and the rest comes once ACKs drained the
+///   index (an index of 3 packets in some seeds).
+const PENDING_RULES: &[u8] = &[7, 8];
 
 const VOL: u32 = 3;
 const BS: u32 = 512;
@@ -245,8 +245,8 @@ fn generate(seed: u64, rules: &BTreeSet<u8>) -> (Cfg, Vec<Op>) {
         } else {
             65_536
         },
-        // Rule 3: suppression holds while a packet is stored, however small the window.
-        dedup_window: if rules.contains(&3) && r.chance(300) {
+        // Rule 8: suppression holds while a packet is stored, however small the window.
+        dedup_window: if rules.contains(&8) && r.chance(300) {
             4
         } else {
             1 << 20
@@ -1094,8 +1094,8 @@ impl<'a> Sim<'a> {
                 .range((node, id, 0)..(node, id + 1, 0))
                 .map(|(_, c)| c)
                 .collect();
-            // Rule 3 pending: once one copy of a broadcast is released, a retry may be
-            // stored again for every destination.
+            // With rule 3 off (FTSS_SIM_RULES without 3), once one copy of a broadcast is
+            // released a retry may be stored again for every destination.
             let lenient = !self.rules.contains(&3)
                 && copies.iter().any(|c| c.ack_tried || !c.acked.is_empty());
             let dup_required = !lenient && copies.iter().any(|c| c.owe);

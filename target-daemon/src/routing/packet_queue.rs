@@ -671,9 +671,23 @@ impl PacketQueue {
                 Outcome::Delivered
             };
             let key = (p.sender, p.packet_id);
-            // The copies of one broadcast share their key: the first one stands for all.
-            if let std::collections::hash_map::Entry::Vacant(v) = g.dedup.entry(key) {
-                v.insert((outcome, p.seq));
+            // The copies of one broadcast share their key and are stored one after the
+            // other: the entry follows the last copy, so it lasts until the tail has
+            // released every copy (it releases in log order), and a retry waits for all.
+            let entry = match g.dedup.entry(key) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((outcome, p.seq));
+                    true
+                }
+                std::collections::hash_map::Entry::Occupied(mut o)
+                    if p.flags & flags::BROADCAST != 0 && o.get().1 < p.seq =>
+                {
+                    o.get_mut().1 = p.seq;
+                    true
+                }
+                std::collections::hash_map::Entry::Occupied(_) => false,
+            };
+            if entry {
                 g.dedup_order.push_back((key, p.seq));
                 while g.dedup_order.len() > self.dedup_window {
                     if let Some((old, seq)) = g.dedup_order.pop_front() {
@@ -1222,8 +1236,11 @@ impl PacketQueue {
             }
             if let Some(last) = picked.last() {
                 n.delivered = n.delivered.max(last.seq);
-                more |= n.spill.is_some();
             }
+            // Packets past the in-memory index wait in the log: they come once ACKs have
+            // drained the index (a flow-control window of `index_max` unacknowledged
+            // packets), and MORE tells the node to acknowledge and ask again.
+            more |= n.spill.is_some();
             (picked, more)
         };
         let mut out = Vec::with_capacity(picked.len());
