@@ -1001,4 +1001,69 @@ mod tests {
         cache.shutdown();
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn packets_for_the_outside_left_by_a_crash_go_out_at_start() {
+        let dir = std::env::temp_dir().join(format!("ftss-agent-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let blocks = 4096;
+        let set = Arc::new(
+            MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors"),
+        );
+        let cache = WriteCache::open(
+            &dir.join("cache"),
+            8192 + (2 << 20),
+            HashMap::from([(1, set)]),
+        )
+        .expect("cache");
+        let queue = PacketQueue::open(Arc::clone(&cache), 1, blocks, 512, QueueOptions::default())
+            .expect("queue");
+        // What a crash between storing and forwarding leaves: stored, not acknowledged.
+        let outside = NodeAddr::from(Ipv4Addr::new(198, 51, 100, 10));
+        let left: Vec<NewPacket> = (1..=3u64)
+            .map(|id| NewPacket {
+                node: EXTERNAL_KEY,
+                dest: outside,
+                source: a(2),
+                sender: a(2),
+                packet_id: id,
+                flags: flags::TO_EXTERNAL,
+                payload: vec![id as u8; 8],
+            })
+            .collect();
+        queue.store(&left).expect("store");
+        assert_eq!(queue.stats(EXTERNAL_KEY).queued_records, 3);
+        let gateway = std::net::UdpSocket::bind("127.0.0.1:0").expect("gateway");
+        gateway
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let agent = RoutingAgent::start(
+            Arc::clone(&queue),
+            AgentConfig {
+                nodes: vec![(NAME.into(), vec![a(2)])],
+                delivery_timeout: Duration::from_secs(60),
+                external: Some((
+                    "127.0.0.1:0".parse().expect("bind"),
+                    vec![gateway.local_addr().expect("addr")],
+                )),
+                registry: None,
+            },
+        )
+        .expect("agent");
+        let mut buf = [0u8; 256];
+        for id in 1..=3u8 {
+            let n = gateway.recv(&mut buf).expect("forwarded at start");
+            assert_eq!(&buf[..16], &outside.0, "destination");
+            assert_eq!(&buf[n - 8..n], &[id; 8], "payload {id}, in order");
+        }
+        assert_eq!(
+            queue.stats(EXTERNAL_KEY).queued_records,
+            0,
+            "acknowledged once gone"
+        );
+        drop(agent);
+        cache.shutdown();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
