@@ -184,7 +184,15 @@ pub(crate) async fn run(
 ) {
     let (pdu_tx, mut pdu_rx) = mpsc::channel(READ_QUEUE_PDUS_MAX);
     let framing = params.framing;
-    let reader_task = tokio::spawn(read_loop(reader, framing, pdu_tx));
+    let released_at_eof = Arc::clone(&ctx);
+    let reader_task = tokio::spawn(async move {
+        read_loop(reader, framing, pdu_tx).await;
+        // The initiator dropped the connection (or the event loop is gone): release the
+        // nexus now rather than after the queued PDUs and the writer, so a login that
+        // follows the FIN never meets the old nexus's state (removal prevention,
+        // reservations, node registration).
+        released_at_eof.connection_closed();
+    });
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (resume_tx, mut resume_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
@@ -227,6 +235,9 @@ pub(crate) async fn run(
     conn.drain(&mut done_rx, &mut ctl_rx).await;
     if let SessionKind::Normal(scsi) = &conn.ctx.kind {
         scsi.remove_task_aborter(conn.ctx.nexus.id);
+        // A command that was still executing at the release may have left state for
+        // this nexus (a PREVENT, a registration); nothing runs for it any more.
+        scsi.nexus_removed(&conn.ctx.nexus);
     }
 }
 
@@ -1388,6 +1399,11 @@ impl Conn {
             2 => 2,
             _ => 3,
         };
+        if response == 0 {
+            // RFC 7143 11.15: the response reports the cleanup done; the initiator
+            // may log in again the moment it reads it.
+            self.ctx.connection_closed();
+        }
         let stat_sn = self.take_stat_sn();
         let p = Pdu::LogoutResponse(LogoutResponse {
             response,

@@ -177,6 +177,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         nop_interval_s: shared.config.server.nop_interval_s,
         nop_timeout_s: shared.config.server.nop_timeout_s,
         shutdown: done.shutdown,
+        released: std::sync::atomic::AtomicBool::new(false),
     });
     let (aborter, ctl_rx) = connection::control_channel();
     if let session::SessionKind::Normal(scsi) = &ctx.kind {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -117,11 +117,19 @@ pub(crate) struct SessionCtx {
     pub(crate) nop_interval_s: u32,
     pub(crate) nop_timeout_s: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Set once the session's I_T nexus state has been released.
+    pub(crate) released: AtomicBool,
 }
 
 impl SessionCtx {
-    /// Called once when the session's (only) connection ends.
+    /// Releases the session's I_T nexus state (registration, removal prevention,
+    /// reservations, copies) once: at logout before the Logout Response goes out, so
+    /// an initiator that logs straight back in never meets its old session's state,
+    /// and again (a no-op) when the connection ends.
     pub(crate) fn connection_closed(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.shared.registry.remove(self.tsih, self.nexus.id);
         if let SessionKind::Normal(scsi) = &self.kind {
             scsi.nexus_removed(&self.nexus);
