@@ -1101,10 +1101,17 @@ impl<'a> Sim<'a> {
             let dup_required = !lenient && copies.iter().any(|c| c.owe);
             let dup_possible = copies.iter().any(|c| c.possibly);
             let (mut allowed, fresh) = if rec.broadcast {
-                let to = (0..self.cfg.nodes)
+                let to: Vec<usize> = (0..self.cfg.nodes)
                     .filter(|&j| j != node && self.available(j))
                     .collect();
-                (vec![Outcome::Delivered], to)
+                // All or none: one available destination at its quota (rule 5) refuses
+                // the whole broadcast. A broadcast that reached nobody stored nothing, so
+                // its retry is a fresh send that may meet a full quota (seed 841216).
+                if to.is_empty() {
+                    (vec![Outcome::Delivered], to)
+                } else {
+                    (vec![Outcome::Delivered, Outcome::DestinationQueueFull], to)
+                }
             } else if let Some(j) = self.m.node_by_addr(&rec.dest) {
                 let (o, stored) = self.dest_outcomes(j);
                 (o, if stored { vec![j] } else { Vec::new() })
