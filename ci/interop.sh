@@ -9,6 +9,7 @@ need_qemu
 work=$(mktemp -d)
 trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build
+(cd "$CI_ROOT" && cargo build --release --bin ftss -q)
 port=$(free_port)
 T=iqn.2026-11.org.ftss:interop
 cat >"$work/ftss.toml" <<CONF
@@ -21,6 +22,8 @@ iqn = "$T"
 lun = 0
 path = "lun0.img"
 size = "128MiB"
+[packets]
+size = "8MiB"
 [[target]]
 iqn = "$T-chap"
 # The second name is QEMU's default initiator name (qemu-img sets no other).
@@ -42,11 +45,13 @@ secret = "node-secret-123"
 CONF
 ftss_start "$work/ftss.toml" "$CI_OUT/interop-daemon.log" "$port"
 fails=0
+passes=0
 check() { # name, command...
   local name=$1
   shift
   if "$@" >"$work/out.txt" 2>&1; then
     echo "PASS  $name"
+    passes=$((passes + 1))
   else
     echo "FAIL  $name"
     sed 's/^/      /' "$work/out.txt" | tail -5
@@ -83,5 +88,11 @@ check "per-node CHAP: iscsi-ls as the node with its secret" bash -c "iscsi-ls -s
 check "per-node CHAP: iscsi-inq as the node with its secret" bash -c "iscsi-inq -i $NI $nurl/$T/0 | grep -q 'Vendor:FTSS'"
 check "per-node CHAP: the node's name without CHAP is refused" bash -c "! iscsi-ls -i $NI iscsi://127.0.0.1:$port"
 check "per-node CHAP: the node's name with a wrong secret is refused" bash -c "! iscsi-inq -i $NI iscsi://interopnode%wrong-secret-99@127.0.0.1:$port/$T/0"
-echo "interop: $((21 - fails)) passed, $fails failed"
+# The ftss CLI against the same daemon twice: the second run's packets are new packets,
+# not retries of the first run's (issue 16: "0 of N packets arrived" on a second run).
+F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port --target $T"
+lat="$F -a 10.0.0.3 --initiator iqn.2026-11.org.ftss:interop-lat latency 10.0.0.4 --peer-initiator iqn.2026-11.org.ftss:interop-lat-rx --rate 500 --count 300 --size 64"
+check "ftss latency: 300 of 300 packets arrive" bash -c "$lat | grep -q '^300 of 300 packets'"
+check "ftss latency again on the same daemon: 300 of 300 arrive" bash -c "$lat | grep -q '^300 of 300 packets'"
+echo "interop: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]

@@ -200,7 +200,7 @@ enum Cmd {
         /// Packets to send.
         #[arg(long, default_value_t = 5000)]
         count: u64,
-        /// Payload bytes per packet.
+        /// Payload bytes per packet (at least 16: the packet's index and the run's nonce).
         #[arg(long, default_value_t = 1024)]
         size: usize,
     },
@@ -926,6 +926,14 @@ async fn latency(
     use std::collections::HashMap;
     use std::sync::Mutex;
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    // Packets carry this run's nonce beside their index: a packet left by an earlier run
+    // (sent but never received) is not taken for one of ours. Packet ids stay the
+    // library's own, unique per client start: fixed ids (1, 2, ...) would be answered as
+    // retries of the previous run's packets while those are still stored, and never
+    // arrive.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
     let rx = {
         let (receiver, sent) = (Arc::clone(receiver), Arc::clone(&sent));
         tokio::spawn(async move {
@@ -936,7 +944,17 @@ async fn latency(
                 let got = receiver.receive(0, Some(Duration::from_secs(1))).await?;
                 let now = Instant::now();
                 for d in &got {
-                    let id = u64::from_le_bytes(d.payload[..8].try_into().unwrap_or([0; 8]));
+                    let word = |k: usize| {
+                        d.payload
+                            .get(k * 8..k * 8 + 8)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(0, u64::from_le_bytes)
+                    };
+                    let id = word(0);
+                    if word(1) != run {
+                        last = last.max(d.seq);
+                        continue;
+                    }
                     if let Some(t) = sent
                         .lock()
                         .map_err(|_| ftss_initiator::Error::Protocol("lock".into()))?
@@ -959,8 +977,9 @@ async fn latency(
     let mut sends = Vec::new();
     for i in 0..count {
         tick.tick().await;
-        let mut payload = vec![0u8; size.max(8)];
+        let mut payload = vec![0u8; size.max(16)];
         payload[..8].copy_from_slice(&i.to_le_bytes());
+        payload[8..16].copy_from_slice(&run.to_le_bytes());
         let (sender, sent) = (Arc::clone(sender), Arc::clone(&sent));
         // Each SEND on its own task, so a slow one does not hold back the rate.
         sends.push(tokio::spawn(async move {
@@ -968,7 +987,7 @@ async fn latency(
                 m.insert(i, Instant::now());
             }
             sender
-                .send(&[OutPacket::to(dest, Bytes::from(payload)).with_id(i + 1)])
+                .send(&[OutPacket::to(dest, Bytes::from(payload))])
                 .await
         }));
     }
