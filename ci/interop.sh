@@ -94,5 +94,13 @@ F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port --target $T"
 lat="$F -a 10.0.0.3 --initiator iqn.2026-11.org.ftss:interop-lat latency 10.0.0.4 --peer-initiator iqn.2026-11.org.ftss:interop-lat-rx --rate 500 --count 300 --size 64"
 check "ftss latency: 300 of 300 packets arrive" bash -c "$lat | grep -q '^300 of 300 packets'"
 check "ftss latency again on the same daemon: 300 of 300 arrive" bash -c "$lat | grep -q '^300 of 300 packets'"
+# Two portals, the first one dead: the CLI's multipath transport takes the second.
+dead=$(free_port)
+M="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$dead --portal 127.0.0.1:$port --target $T --initiator iqn.2026-11.org.ftss:interop-mp"
+check "ftss --portal twice, first dead: whoami as JSON" bash -c "$M -a 10.0.0.7 --json whoami | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d == {\"state\": \"available\", \"addresses\": [\"10.0.0.7\"]}, d'"
+J="$F --initiator iqn.2026-11.org.ftss:interop-json"
+check "ftss --json nodes lists this node available" bash -c "$J -a 10.0.0.8 --json nodes | python3 -c 'import json,sys; d=json.load(sys.stdin); assert any(e[\"address\"] == \"10.0.0.8\" and e[\"state\"] == \"available\" for e in d[\"entries\"]), d'"
+check "ftss --json stats has the queue's fields" bash -c "$J -a 10.0.0.8 --json stats | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"queued_records\"] == 0 and d[\"capacity_bytes\"] > 0, d'"
+check "ftss completions bash names the subcommands" bash -c "$CI_ROOT/target/release/ftss completions bash | grep -q latency"
 echo "interop: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]

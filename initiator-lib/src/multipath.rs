@@ -110,6 +110,19 @@ impl MultipathTransport {
         }
     }
 
+    /// Logs out every path's session (best effort: the target also cleans up a dropped
+    /// connection). A path that fails later is logged in again as usual.
+    pub async fn logout_all(&self) {
+        for p in &self.paths {
+            let s = p.session.lock().await.take();
+            if let Some(s) = s {
+                if let Err(e) = s.logout().await {
+                    tracing::debug!(portal = %p.portal, "logout: {e}");
+                }
+            }
+        }
+    }
+
     /// Path `i`'s session, logging in (and registering the node) if it has none.
     async fn session(&self, i: usize) -> Result<Arc<Session>, Error> {
         let p = &self.paths[i];

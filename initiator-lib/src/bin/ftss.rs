@@ -8,6 +8,8 @@
 //! ftss --node-addr 10.0.0.1 send 10.0.0.2 hello
 //! ftss --node-addr 10.0.0.2 recv --wait 10
 //! ftss --device auto --node-addr 10.0.0.3 recv --wait 10
+//! ftss --portal 10.0.0.9:3260 --portal 10.0.1.9:3260 -a 10.0.0.1 --json whoami
+//! ftss completions bash > /etc/bash_completion.d/ftss
 //! ```
 
 use std::io::Read;
@@ -19,21 +21,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 #[cfg(target_os = "linux")]
 use ftss_initiator::SgTransport;
 use ftss_initiator::{
-    scsi, ChapCredentials, Delivered, IscsiTransport, NodeState, OutPacket, Outcome, PacketClient,
-    Receiver, ReplayFrom, RouteState, ScsiResult, Session, SessionConfig, Transport,
+    multipath::MultipathTransport, scsi, ChapCredentials, Delivered, IscsiTransport, NodeState,
+    OutPacket, Outcome, PacketClient, Receiver, ReplayFrom, RouteState, ScsiResult, Session,
+    SessionConfig, Transport,
 };
+use serde_json::json;
 
 /// Send and receive network packets through an ftss iSCSI target.
 #[derive(Parser, Debug)]
 #[command(name = "ftss", version)]
 struct Cli {
-    /// Target portal, host:port.
+    /// Target portal, host:port. Repeat it for redundant paths to one target: a session
+    /// on each, commands on one at a time, the next one taken when a path fails (packets
+    /// are retried with the same ids). `discover`, `tun` and `latency` use the first.
     #[arg(long, global = true, default_value = "127.0.0.1:3260")]
-    portal: String,
+    portal: Vec<String>,
     /// Target IQN; default: the first target SendTargets discovery reports.
     #[arg(long, global = true)]
     target: Option<String>,
@@ -62,6 +68,9 @@ struct Cli {
     /// CHAP options then do not apply (the node is the kernel session's initiator name).
     #[arg(long, global = true, value_name = "PATH|auto")]
     device: Option<String>,
+    /// Print `whoami`, `nodes` and `stats` as JSON, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -204,6 +213,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         size: usize,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -218,6 +232,7 @@ enum StateArg {
 #[derive(Clone)]
 enum AnyTransport {
     Iscsi(IscsiTransport),
+    Multipath(Arc<MultipathTransport>),
     #[cfg(target_os = "linux")]
     Sg(SgTransport),
 }
@@ -231,6 +246,7 @@ impl Transport for AnyTransport {
     ) -> Result<ScsiResult, ftss_initiator::Error> {
         match self {
             AnyTransport::Iscsi(t) => t.execute(cdb, data_out, data_in_len).await,
+            AnyTransport::Multipath(t) => t.execute(cdb, data_out, data_in_len).await,
             #[cfg(target_os = "linux")]
             AnyTransport::Sg(t) => t.execute(cdb, data_out, data_in_len).await,
         }
@@ -257,6 +273,10 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(shell, &mut Cli::command(), "ftss", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Some(device) = &cli.device {
         if let Cmd::Discover = cli.cmd {
             bail!("discover needs a portal (--portal HOST:PORT), not --device: SendTargets is part of an iSCSI session of this CLI's own");
@@ -264,7 +284,7 @@ async fn main() -> Result<()> {
         let transport = open_device(device, &cli).await?;
         return run(&cli, transport).await.map_err(explain);
     }
-    let portal = resolve(&cli.portal).await?;
+    let portal = resolve(first_portal(&cli)).await?;
     if let Cmd::Discover = cli.cmd {
         for (name, addrs) in discover(&cli, portal).await? {
             println!("{name}\t{}", addrs.join(" "));
@@ -275,6 +295,9 @@ async fn main() -> Result<()> {
     if let Cmd::Tun { name } = &cli.cmd {
         return tun(&cli, portal, name).await.map_err(explain);
     }
+    if cli.portal.len() > 1 {
+        return multipath(&cli).await.map_err(explain);
+    }
     let session = Arc::new(login(&cli, portal).await?);
     let transport = AnyTransport::Iscsi(IscsiTransport::new(Arc::clone(&session), cli.lun));
     let result = run(&cli, transport).await;
@@ -283,6 +306,42 @@ async fn main() -> Result<()> {
         tracing::debug!("logout: {e}");
     }
     result.map_err(explain)
+}
+
+/// The first `--portal` (clap always gives one: the default).
+fn first_portal(cli: &Cli) -> &str {
+    cli.portal.first().map_or("127.0.0.1:3260", String::as_str)
+}
+
+/// Several `--portal`s: one session on each through the library's multipath transport,
+/// which registers the node's addresses on every session it opens.
+async fn multipath(cli: &Cli) -> Result<()> {
+    let mut portals = Vec::with_capacity(cli.portal.len());
+    for p in &cli.portal {
+        portals.push(resolve(p).await?);
+    }
+    let target = match &cli.target {
+        Some(t) => t.clone(),
+        None => {
+            let mut found = None;
+            for &p in &portals {
+                match discover(cli, p).await {
+                    Ok(t) => {
+                        found = t.into_iter().next().map(|(name, _)| name);
+                        break;
+                    }
+                    Err(e) => tracing::warn!("discovery at {p}: {e:#}"),
+                }
+            }
+            found.context("no portal reports a target")?
+        }
+    };
+    let config = session_config(cli, Some(&target))?;
+    let t = MultipathTransport::new(&portals, &config, cli.lun, &cli.node_addrs)?;
+    t.connect_all().await;
+    let result = run(cli, AnyTransport::Multipath(Arc::clone(&t))).await;
+    t.logout_all().await;
+    result
 }
 
 /// `--device PATH` or `--device auto` (the first ftss LUN the kernel initiator sees).
@@ -334,7 +393,7 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
     }
     match &cli.cmd {
         // Handled in main before logging in to a target.
-        Cmd::Discover | Cmd::Tun { .. } => Ok(()),
+        Cmd::Discover | Cmd::Tun { .. } | Cmd::Completions { .. } => Ok(()),
         Cmd::Inquiry => inquiry(&transport).await,
         Cmd::Register { addrs } => {
             client.register(addrs).await?;
@@ -353,7 +412,15 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
         Cmd::Whoami => {
             let info = client.query().await?;
             let addrs: Vec<IpAddr> = info.addrs.iter().map(|a| a.ip()).collect();
-            println!("state {:?}, addresses {}", info.state, join(&addrs));
+            if cli.json {
+                let state = match info.state {
+                    NodeState::Available => "available",
+                    NodeState::Maintenance => "maintenance",
+                };
+                println!("{}", json!({ "state": state, "addresses": addrs }));
+            } else {
+                println!("state {:?}, addresses {}", info.state, join(&addrs));
+            }
             Ok(())
         }
         Cmd::Send {
@@ -419,13 +486,31 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
         }
         Cmd::Nodes => {
             let t = client.routing_table().await?;
+            let state_name = |s: RouteState| match s {
+                RouteState::Available => "available",
+                RouteState::Maintenance => "maintenance",
+                RouteState::Down => "down",
+            };
+            if cli.json {
+                let entries: Vec<serde_json::Value> = t
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "address": e.addr.ip(),
+                            "node": e.node_id,
+                            "state": state_name(e.state),
+                            "local": e.local,
+                            "external": e.external,
+                        })
+                    })
+                    .collect();
+                println!("{}", json!({ "total": t.total, "entries": entries }));
+                return Ok(());
+            }
             println!("{:<40} {:>7} {:<12} flags", "address", "node", "state");
             for e in &t.entries {
-                let state = match e.state {
-                    RouteState::Available => "available",
-                    RouteState::Maintenance => "maintenance",
-                    RouteState::Down => "down",
-                };
+                let state = state_name(e.state);
                 let mut flags = Vec::new();
                 if e.local {
                     flags.push("local");
@@ -448,6 +533,20 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
         }
         Cmd::Stats => {
             let s = client.queue_stats().await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "queued_records": s.queued_records,
+                        "queued_bytes": s.queued_bytes,
+                        "first_unacked_seq": s.first_unacked,
+                        "last_delivered_seq": s.last_delivered,
+                        "last_assigned_seq": s.last_assigned,
+                        "capacity_bytes": s.capacity_bytes,
+                    })
+                );
+                return Ok(());
+            }
             println!("queued records      {}", s.queued_records);
             println!("queued bytes        {}", s.queued_bytes);
             println!("first unacked seq   {}", s.first_unacked);
@@ -474,7 +573,7 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
             count,
             size,
         } => {
-            let portal = resolve(&cli.portal).await?;
+            let portal = resolve(first_portal(cli)).await?;
             let mut peer_cli_initiator = session_config(cli, None)?;
             peer_cli_initiator.initiator_name = peer_initiator.clone();
             let target = match &cli.target {
@@ -1050,4 +1149,48 @@ async fn tun(cli: &Cli, portal: SocketAddr, name: &str) -> Result<()> {
     };
     bridge(dev, connect, cli.node_addrs.clone(), stats).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn portal_repeats_and_defaults_to_one() {
+        let one = Cli::try_parse_from(["ftss", "whoami"]).expect("parses");
+        assert_eq!(one.portal, vec!["127.0.0.1:3260".to_string()]);
+        let two = Cli::try_parse_from([
+            "ftss",
+            "--portal",
+            "10.0.0.9:3260",
+            "--portal",
+            "10.0.1.9:3260",
+            "--json",
+            "stats",
+        ])
+        .expect("parses");
+        assert_eq!(two.portal, vec!["10.0.0.9:3260", "10.0.1.9:3260"]);
+        assert!(two.json);
+    }
+
+    #[test]
+    fn completions_name_every_subcommand_and_global_option() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ftss", &mut out);
+            let text = String::from_utf8(out).expect("utf-8");
+            for word in Cli::command()
+                .get_subcommands()
+                .map(|c| c.get_name().to_string())
+                .chain(["--portal".into(), "--json".into(), "--node-addr".into()])
+            {
+                assert!(text.contains(&word), "{shell:?} completion lacks {word}");
+            }
+        }
+    }
 }
