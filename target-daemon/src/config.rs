@@ -249,6 +249,11 @@ pub struct ServerConfig {
     /// Unix socket of the admin interface (`ftss-target admin`); relative to `data_dir`.
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// Seconds a graceful shutdown (SIGTERM, SIGINT) waits for the commands in flight,
+    /// and again for the write cache to destage, before the daemon exits anyway (what
+    /// was acknowledged is in the nonvolatile cache either way).
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_s: u32,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -264,6 +269,9 @@ fn default_nop_interval() -> u32 {
     10
 }
 fn default_nop_timeout() -> u32 {
+    30
+}
+fn default_shutdown_timeout() -> u32 {
     30
 }
 

@@ -11,3 +11,4 @@ pub mod media;
 mod media_setup;
 pub mod routing;
 pub mod scsi;
+pub mod service;

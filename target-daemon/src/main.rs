@@ -21,8 +21,17 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Log lines as text (for people) or as one JSON object each (for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Subcommand)]
@@ -75,13 +84,15 @@ fn main() -> anyhow::Result<()> {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let config = match &args.config {
         Some(p) => Config::load(p).with_context(|| format!("configuration {}", p.display()))?,
         None => Config::default_config(),
@@ -105,18 +116,70 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let server = Server::start(config).await?;
+    let grace = std::time::Duration::from_secs(u64::from(config.server.shutdown_timeout_s));
+    let notifier = ftss_target::service::Notifier::from_env()
+        .context("NOTIFY_SOCKET")?
+        .map(std::sync::Arc::new);
+    let notify = |what: &str| {
+        if let Some(n) = &notifier {
+            if let Err(e) = n.notify(what) {
+                tracing::warn!("service manager notification {what:?}: {e}");
+            }
+        }
+    };
+    let result = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
+        let server = Server::start(config).await?;
+        // Every portal listens and the media are recovered: ready for initiators.
+        notify(&format!(
+            "READY=1\nSTATUS=serving on {}",
+            server
+                .local_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        if let (Some(n), Some(every)) = (&notifier, ftss_target::service::watchdog_interval()) {
+            let n = std::sync::Arc::clone(n);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = n.notify("WATCHDOG=1") {
+                        tracing::warn!("watchdog notification: {e}");
+                    }
+                }
+            });
+        }
         tokio::select! {
             r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down");
-        server.shutdown().await;
+        notify("STOPPING=1\nSTATUS=shutting down");
+        tracing::info!(timeout_s = grace.as_secs(), "shutting down");
+        let r = server.shutdown_gracefully(grace).await;
+        if r.connections_left > 0 || !r.destaged {
+            tracing::warn!(
+                sessions = r.sessions,
+                connections_left = r.connections_left,
+                destaged = r.destaged,
+                "shutdown timed out; what was acknowledged stays in the write cache"
+            );
+        } else {
+            tracing::info!(
+                sessions = r.sessions,
+                destaged_bytes = r.dirty_bytes,
+                "shut down: commands finished, write cache destaged"
+            );
+        }
         Ok(())
-    })
+    });
+    // Nothing of ours runs any more; a thread still blocked in a system call must not
+    // hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 fn ask(socket: &std::path::Path, line: &str) -> anyhow::Result<String> {

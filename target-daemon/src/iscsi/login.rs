@@ -45,6 +45,7 @@ mod status {
     pub(super) const INVALID_DURING_LOGIN: (u8, u8) = (0x02, 0x0b);
     pub(super) const INITIATOR_ERROR: (u8, u8) = (0x02, 0x00);
     pub(super) const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
+    pub(super) const SERVICE_UNAVAILABLE: (u8, u8) = (0x03, 0x01);
 }
 
 /// Why a login ended without a session.
@@ -510,7 +511,10 @@ impl LoginMachine {
                 nexus_id,
                 self.shared.config.server.sessions_max,
             )
-            .map_err(|RegisterError::TooMany| status::OUT_OF_RESOURCES)?;
+            .map_err(|e| match e {
+                RegisterError::TooMany => status::OUT_OF_RESOURCES,
+                RegisterError::ShuttingDown => status::SERVICE_UNAVAILABLE,
+            })?;
         let neg = self
             .negotiator
             .as_ref()

@@ -51,6 +51,20 @@ pub struct Server {
     media: crate::admin::MediaHandles,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sessions told to close.
+    pub sessions: usize,
+    /// Connections still alive when the wait for them ended (0: every command finished).
+    pub connections_left: usize,
+    /// Write cache bytes not yet on the mirrors when the connections were gone.
+    pub dirty_bytes: u64,
+    /// Whether the write cache destaged everything before the timeout.
+    pub destaged: bool,
 }
 
 impl Server {
@@ -95,6 +109,7 @@ impl Server {
             tasks,
             admin_path,
             media,
+            shared,
         })
     }
 
@@ -120,6 +135,41 @@ impl Server {
             let _ = t.await;
         }
     }
+
+    /// Graceful shutdown: stops accepting connections (and drops logins under way),
+    /// closes every session once the commands it is executing finish, waits up to
+    /// `timeout` for that, then up to `timeout` again for the write cache to destage
+    /// everything to the mirrors, so a restart begins with an empty cache.
+    pub async fn shutdown_gracefully(self, timeout: std::time::Duration) -> ShutdownReport {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let sessions = self.shared.registry.close_all();
+        self.shared.live.wait_idle(timeout).await;
+        let connections_left = self.shared.live.count();
+        let (dirty_bytes, destaged) = match &self.media.cache {
+            Some(cache) => {
+                let dirty = cache.stats().dirty_bytes;
+                let c = Arc::clone(cache);
+                let destaged = tokio::task::spawn_blocking(move || {
+                    let ok = c.drain(timeout);
+                    c.shutdown();
+                    ok
+                })
+                .await
+                .unwrap_or(false);
+                (dirty, destaged)
+            }
+            None => (0, true),
+        };
+        ShutdownReport {
+            sessions,
+            connections_left,
+            dirty_bytes,
+            destaged,
+        }
+    }
 }
 
 fn config_admin_path(shared: &Shared) -> std::path::PathBuf {
@@ -138,7 +188,8 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>, mut stop: watch::Recei
                 Ok((sock, peer)) => {
                     debug!("connection from {peer}");
                     let shared = Arc::clone(&shared);
-                    tokio::spawn(async move { serve(sock, peer, shared).await });
+                    let stop = stop.clone();
+                    tokio::spawn(async move { serve(sock, peer, shared, stop).await });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.
@@ -151,14 +202,26 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>, mut stop: watch::Recei
     }
 }
 
-async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn serve(
+    sock: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _live = session::LiveConnections::enter(&shared);
     let _ = sock.set_nodelay(true);
     let local = match sock.local_addr() {
         Ok(a) => a,
         Err(_) => return,
     };
     let (mut rd, mut wr) = sock.into_split();
-    let done = match login::run(&mut rd, &mut wr, &shared, local).await {
+    // A login still under way when the daemon stops has no session to finish: drop it,
+    // or a client that connected and said nothing would hold the shutdown.
+    let login = tokio::select! {
+        r = login::run(&mut rd, &mut wr, &shared, local) => r,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    let done = match login {
         Ok(Some(done)) => done,
         Ok(None) => return,
         Err(e) => {

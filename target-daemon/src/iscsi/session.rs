@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -37,6 +37,53 @@ pub(crate) struct Shared {
     pub(crate) targets: Vec<Arc<TargetEntry>>,
     pub(crate) registry: Registry,
     next_nexus: AtomicU64,
+    /// Connections being served (login or full feature phase, until their commands
+    /// drained), so a graceful shutdown knows when the last one is gone.
+    pub(crate) live: LiveConnections,
+}
+
+/// A count of live connections that can be awaited down to zero.
+#[derive(Default)]
+pub(crate) struct LiveConnections {
+    n: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+/// Held by a connection's task for as long as it lives.
+pub(crate) struct LiveGuard(Arc<Shared>);
+
+impl LiveConnections {
+    /// Counts a connection until the guard drops.
+    pub(crate) fn enter(shared: &Arc<Shared>) -> LiveGuard {
+        shared.live.n.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(Arc::clone(shared))
+    }
+
+    /// Connections alive now.
+    pub(crate) fn count(&self) -> usize {
+        self.n.load(Ordering::Acquire)
+    }
+
+    /// Waits until no connection is left; false if `timeout` passed first.
+    pub(crate) async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if self.count() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.count() == 0;
+            }
+        }
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.n.fetch_sub(1, Ordering::AcqRel);
+        self.0.live.changed.notify_waiters();
+    }
 }
 
 impl Shared {
@@ -46,6 +93,7 @@ impl Shared {
             targets,
             registry: Registry::default(),
             next_nexus: AtomicU64::new(1),
+            live: LiveConnections::default(),
         }
     }
 
@@ -168,6 +216,8 @@ pub(crate) struct Registry {
 struct Inner {
     next_tsih: u16,
     sessions: HashMap<u16, Entry>,
+    /// Set by a graceful shutdown: no new sessions.
+    closing: bool,
 }
 
 /// Why a session could not be registered.
@@ -175,6 +225,8 @@ struct Inner {
 pub(crate) enum RegisterError {
     /// `server.sessions_max` reached.
     TooMany,
+    /// The daemon is shutting down.
+    ShuttingDown,
 }
 
 impl Registry {
@@ -198,6 +250,9 @@ impl Registry {
         sessions_max: u32,
     ) -> Result<(u16, watch::Receiver<bool>), RegisterError> {
         let mut g = self.lock();
+        if g.closing {
+            return Err(RegisterError::ShuttingDown);
+        }
         let old: Vec<u16> = g
             .sessions
             .iter()
@@ -260,6 +315,17 @@ impl Registry {
     /// Whether a session with this TSIH exists.
     pub(crate) fn contains(&self, tsih: u16) -> bool {
         self.lock().sessions.contains_key(&tsih)
+    }
+
+    /// Graceful shutdown: refuses new sessions from now on and tells every session to
+    /// close (each finishes the commands it is executing first). Returns how many.
+    pub(crate) fn close_all(&self) -> usize {
+        let mut g = self.lock();
+        g.closing = true;
+        for e in g.sessions.values() {
+            let _ = e.shutdown.send(true);
+        }
+        g.sessions.len()
     }
 
     /// Tells every session of `target` to close.
