@@ -9,5 +9,6 @@ pub mod iscsi;
 pub mod link_unit;
 pub mod media;
 mod media_setup;
+pub mod metrics;
 pub mod routing;
 pub mod scsi;
