@@ -44,6 +44,10 @@ pub const REQUEST_BYTES_MAX: usize = 8 << 10;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrape connections served at once; more are closed unanswered.
 pub const CONNECTIONS_MAX: usize = 16;
+/// After answering, how long and how many bytes of a request's rest are read and
+/// dropped before closing (see [`serve`]).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES_MAX: usize = 1 << 20;
 
 /// Upper bounds of the latency buckets, in seconds: 50 us (a cached write) to 10 s (a
 /// command stuck behind a failing disk); everything slower lands in +Inf.
@@ -829,7 +833,22 @@ async fn serve(mut sock: TcpStream, registry: Arc<Registry>) {
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     {
         debug!("metrics answer: {e}");
+        return;
     }
+    // Closing with unread request bytes (an oversized request) makes the kernel send a
+    // reset, which can destroy the answer before the client reads it: read and drop
+    // what is left first, within a bound of bytes and time.
+    let linger = async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES_MAX;
+        while left > 0 {
+            match sock.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, linger).await;
 }
 
 #[cfg(test)]
