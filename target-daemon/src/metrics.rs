@@ -530,6 +530,21 @@ impl DaemonCollector {
         )?;
         family(
             enc,
+            "ftss_node_sent_packets",
+            "Packets a node sent, by outcome.",
+            None,
+            MetricType::Counter,
+            nodes.iter().flat_map(|n| {
+                Outcome::ALL.iter().zip(n.sent).map(|(o, c)| {
+                    (
+                        [("node", n.node.as_str()), ("outcome", outcome_name(*o))],
+                        Value::Counter(c),
+                    )
+                })
+            }),
+        )?;
+        family(
+            enc,
             "ftss_node_quota_used",
             "Share of its quota a node's queue holds (the larger of bytes and packets).",
             Some(&Unit::Other("ratio".into())),

@@ -386,6 +386,15 @@ async fn scrapes_during_io_show_counters_bytes_and_consistent_histograms() {
     let out = |o: &str| delta("ftss_packet_outcomes_total", &[("outcome", o)]);
     assert_eq!(out("delivered"), 3.0);
     assert_eq!(out("unknown_destination"), 1.0);
+    let sent = |node: &str, o: &str| {
+        delta(
+            "ftss_node_sent_packets_total",
+            &[("node", node), ("outcome", o)],
+        )
+    };
+    assert_eq!(sent("10.0.0.1", "delivered"), 3.0);
+    assert_eq!(sent("10.0.0.1", "unknown_destination"), 1.0);
+    assert_eq!(sent("10.0.0.2", "delivered"), 0.0);
     let n2l = [("node", "10.0.0.2")];
     assert_eq!(after.get("ftss_node_queued_packets", &n2l), 3.0);
     assert_eq!(after.get("ftss_node_queued_bytes", &n2l), 300.0);

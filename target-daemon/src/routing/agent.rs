@@ -86,6 +86,8 @@ pub struct RoutingAgent {
     clock: Arc<dyn Clock>,
     /// Packets of SEND commands per outcome, indexed like [`Outcome::ALL`].
     outcomes: [AtomicU64; Outcome::ALL.len()],
+    /// The same per sending node; pruned to the routing table's nodes when read.
+    sent_by: Mutex<HashMap<NodeAddr, [u64; Outcome::ALL.len()]>>,
 }
 
 /// One node's queue as the metrics endpoint shows it.
@@ -101,6 +103,8 @@ pub struct NodeMetrics {
     pub oldest_unacked_ms: u64,
     /// Share of its quota in use: the larger of the bytes' and the packets' share.
     pub quota_used: f64,
+    /// Packets it sent, per outcome, indexed like [`Outcome::ALL`].
+    pub sent: [u64; Outcome::ALL.len()],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,6 +209,7 @@ impl RoutingAgent {
             registry: cfg.registry,
             clock,
             outcomes: Default::default(),
+            sent_by: Mutex::new(HashMap::new()),
         });
         agent.forward_backlog()?;
         Ok(agent)
@@ -315,6 +320,13 @@ impl RoutingAgent {
     /// Every node's queue figures, for the metrics endpoint.
     pub fn node_metrics(&self) -> Vec<NodeMetrics> {
         let keys: Vec<NodeAddr> = lock(&self.table).nodes().iter().map(|n| n.key()).collect();
+        let sent = {
+            let mut by = lock(&self.sent_by);
+            // A retired node's counts go with it: the map never outgrows the table.
+            let live: std::collections::HashSet<&NodeAddr> = keys.iter().collect();
+            by.retain(|k, _| live.contains(k));
+            by.clone()
+        };
         let now = self.clock.now_ms();
         let (quota_bytes, quota_records) = self.queue.node_quota();
         let share = |part: u64, whole: u64| {
@@ -338,6 +350,7 @@ impl RoutingAgent {
                     },
                     quota_used: share(s.queued_bytes, quota_bytes)
                         .max(share(s.queued_records, quota_records)),
+                    sent: sent.get(&k).copied().unwrap_or_default(),
                 }
             })
             .collect()
@@ -487,9 +500,14 @@ impl RoutingAgent {
             })
             .collect();
         lock(&self.results).insert(nexus.id, (tag, results));
-        for o in &outcomes {
-            if let Some(i) = Outcome::ALL.iter().position(|a| a == o) {
-                self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+        {
+            let mut by = lock(&self.sent_by);
+            let mine = by.entry(sender).or_default();
+            for o in &outcomes {
+                if let Some(i) = Outcome::ALL.iter().position(|a| a == o) {
+                    self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+                    mine[i] += 1;
+                }
             }
         }
         let st = SendStatus::of(outcomes);
