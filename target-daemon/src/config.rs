@@ -254,6 +254,10 @@ pub struct ServerConfig {
     /// was acknowledged is in the nonvolatile cache either way).
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_s: u32,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9470`;
+    /// unset: no endpoint.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -433,6 +437,10 @@ impl Config {
         }
         if let Some(c) = &s.discovery_chap {
             c.validate("server.discovery_chap")?;
+        }
+        if let Some(m) = &s.metrics {
+            m.parse::<SocketAddr>()
+                .map_err(|e| invalid("server.metrics", format!("{m:?}: {e} (want host:port)")))?;
         }
         let m = &self.media;
         let cache = parse_size(&m.cache_size).map_err(|e| invalid("media.cache_size", e))?;
@@ -625,6 +633,11 @@ impl Config {
             .and_then(|n| n.chap.as_ref())
     }
 
+    /// The metrics endpoint's address, parsed (validated already); `None`: off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.metrics.as_deref().and_then(|m| m.parse().ok())
+    }
+
     /// Listen addresses, parsed (validated already).
     pub fn portal_addrs(&self) -> Vec<SocketAddr> {
         self.server
@@ -731,6 +744,24 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("99999999999999TiB").is_err());
+    }
+
+    #[test]
+    fn metrics_endpoint_is_off_unless_set_and_a_bad_address_names_its_key() {
+        let with = |line: &str| {
+            format!("[server]\nportals=[\"127.0.0.1:3260\"]\n{line}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n")
+        };
+        let off = Config::parse(&with("")).expect("valid");
+        assert_eq!(off.metrics_addr(), None);
+        let on = Config::parse(&with("metrics=\"127.0.0.1:9470\"")).expect("valid");
+        assert_eq!(
+            on.metrics_addr(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9470)))
+        );
+        for bad in ["localhost", "127.0.0.1", ":9470", "127.0.0.1:99999"] {
+            let e = err(&with(&format!("metrics=\"{bad}\"")));
+            assert!(e.starts_with("server.metrics: "), "{bad}: {e}");
+        }
     }
 
     #[test]

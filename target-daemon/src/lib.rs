@@ -9,6 +9,7 @@ pub mod iscsi;
 pub mod link_unit;
 pub mod media;
 mod media_setup;
+pub mod metrics;
 pub mod routing;
 pub mod scsi;
 pub mod service;

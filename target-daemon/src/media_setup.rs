@@ -193,6 +193,7 @@ pub(crate) fn open_targets(
             initiators: t.initiators.clone(),
             chap: t.chap.clone(),
             scsi: Arc::new(scsi),
+            connections: std::sync::atomic::AtomicU64::new(0),
         }));
     }
     if let (Some(p), Some((id, set)), Some(cache)) = (&config.packets, packets_volume, &cache) {

@@ -152,6 +152,8 @@ struct Task {
     reserved: u64,
     /// Granted its whole transfer against the budget (R2Ts may go out).
     granted: bool,
+    /// When its command PDU arrived: the start of the latency the metrics report.
+    received: Instant,
 }
 
 /// A task management response waiting for aborted commands to finish.
@@ -641,6 +643,7 @@ impl Conn {
             end: Weak::new(),
             reserved: 0,
             granted: false,
+            received: Instant::now(),
         };
         let itt = task.cmd.itt.0;
         if task.cmd.write && task.cmd.edtl > 0 {
@@ -971,15 +974,25 @@ impl Conn {
             let o = d.outcome;
             let c = &task.cmd;
             let full_in = u32::try_from(o.data_in.len()).unwrap_or(u32::MAX);
-            let (send, residual) = if c.write && !c.read {
+            let (send, residual, data_out) = if c.write && !c.read {
                 let want = o.data_out_len.unwrap_or(c.edtl);
-                (0, Residual::of(c.edtl, want))
+                (0, Residual::of(c.edtl, want), want.min(c.edtl))
             } else if c.read {
-                (full_in.min(c.edtl), Residual::of(c.edtl, full_in))
+                (full_in.min(c.edtl), Residual::of(c.edtl, full_in), 0)
             } else {
                 // Data-in without the R bit: nothing is transferred.
-                (0, Residual::of(c.edtl, full_in))
+                (0, Residual::of(c.edtl, full_in), 0)
             };
+            if let SessionKind::Normal(scsi) = &self.ctx.kind {
+                // Bytes count only what a successful command moved.
+                let moved = if o.status == STATUS_GOOD {
+                    u64::from(send) + u64::from(data_out)
+                } else {
+                    0
+                };
+                let lun = c.lun.number().unwrap_or(u64::MAX);
+                scsi.record_completion(lun, &c.cdb, moved, task.received.elapsed());
+            }
             self.finish_request(c.immediate);
             let data = &o.data_in[..send as usize];
             self.respond_scsi(&task, o.status, o.sense, data, residual, task.r2ts_sent);

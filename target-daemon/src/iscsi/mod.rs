@@ -32,6 +32,14 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The metrics endpoint could not be bound.
+    #[error("metrics endpoint (server.metrics) {addr}: {source}")]
+    Metrics {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// A LUN's backing store could not be opened.
     #[error("target {iqn} LUN {lun}: {msg}")]
     Lun {
@@ -49,6 +57,7 @@ pub struct Server {
     addrs: Vec<SocketAddr>,
     admin_path: std::path::PathBuf,
     media: crate::admin::MediaHandles,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
@@ -103,6 +112,22 @@ impl Server {
         })?;
         tasks.push(admin);
         info!("admin socket {}", admin_path.display());
+        let metrics_addr = match shared.config.metrics_addr() {
+            Some(addr) => {
+                let (local, task) = crate::metrics::start(
+                    addr,
+                    media.clone(),
+                    Arc::clone(&shared),
+                    stop.subscribe(),
+                )
+                .await
+                .map_err(|source| ServerError::Metrics { addr, source })?;
+                info!("metrics on http://{local}/metrics");
+                tasks.push(task);
+                Some(local)
+            }
+            None => None,
+        };
         Ok(Server {
             addrs,
             stop,
@@ -110,6 +135,7 @@ impl Server {
             admin_path,
             media,
             shared,
+            metrics_addr,
         })
     }
 
@@ -121,6 +147,11 @@ impl Server {
     /// The write cache and mirror sets behind the LUNs (what the admin socket manages).
     pub fn media(&self) -> &crate::admin::MediaHandles {
         &self.media
+    }
+
+    /// The metrics endpoint's bound address, when `server.metrics` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The admin socket's path.
@@ -242,6 +273,13 @@ async fn serve(
         shutdown: done.shutdown,
         released: std::sync::atomic::AtomicBool::new(false),
     });
+    // Counted for the metrics until the connection's task ends.
+    let _counted = ctx
+        .target_iqn
+        .as_deref()
+        .and_then(|t| shared.target(t))
+        .filter(|_| matches!(ctx.kind, session::SessionKind::Normal(_)))
+        .map(|t| session::ConnectionCount::new(Arc::clone(t)));
     let (aborter, ctl_rx) = connection::control_channel();
     if let session::SessionKind::Normal(scsi) = &ctx.kind {
         scsi.nexus_added(&ctx.nexus);

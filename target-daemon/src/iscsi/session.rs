@@ -19,6 +19,24 @@ pub(crate) struct TargetEntry {
     pub(crate) initiators: Option<Vec<String>>,
     pub(crate) chap: Option<crate::config::ChapConfig>,
     pub(crate) scsi: Arc<ScsiTarget>,
+    /// Connections of this target in the full feature phase (for the metrics).
+    pub(crate) connections: AtomicU64,
+}
+
+/// Counts one full-feature connection of a target while it lives.
+pub(crate) struct ConnectionCount(Arc<TargetEntry>);
+
+impl ConnectionCount {
+    pub(crate) fn new(t: Arc<TargetEntry>) -> Self {
+        t.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionCount(t)
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl TargetEntry {
@@ -310,6 +328,22 @@ impl Registry {
         {
             g.sessions.remove(&tsih);
         }
+    }
+
+    /// Live sessions per target name (`None`: discovery sessions).
+    pub(crate) fn sessions_by_target(&self) -> Vec<(Option<String>, u64)> {
+        let g = self.lock();
+        let mut out: Vec<(Option<String>, u64)> = Vec::new();
+        for e in g.sessions.values() {
+            match out.iter_mut().find(|(t, _)| {
+                t.as_deref().map(str::to_ascii_lowercase)
+                    == e.target.as_deref().map(str::to_ascii_lowercase)
+            }) {
+                Some((_, n)) => *n += 1,
+                None => out.push((e.target.clone(), 1)),
+            }
+        }
+        out
     }
 
     /// Whether a session with this TSIH exists.

@@ -65,6 +65,8 @@ pub struct CacheStats {
     pub dirty_bytes: u64,
     /// Ring size in bytes.
     pub ring_bytes: u64,
+    /// Bytes destaged to the mirror sets (each block once per set, after coalescing).
+    pub destaged_bytes: u64,
 }
 
 struct Pending {
@@ -122,6 +124,10 @@ pub struct WriteCache {
     flushes: AtomicU64,
     /// Microseconds spent in commit msyncs.
     flush_us: AtomicU64,
+    /// Each commit msync's duration, for the metrics endpoint.
+    commit_latency: crate::metrics::Histogram,
+    /// Bytes written to the mirror sets by destage.
+    destaged: AtomicU64,
     records: AtomicU64,
     recovered: AtomicU64,
     recovery_ms: AtomicU64,
@@ -286,6 +292,8 @@ impl WriteCache {
             stop_commits: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             flush_us: AtomicU64::new(0),
+            commit_latency: crate::metrics::Histogram::default(),
+            destaged: AtomicU64::new(0),
             records: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
             recovery_ms: AtomicU64::new(0),
@@ -624,8 +632,10 @@ impl WriteCache {
     fn fly(&self, f: Flight) -> Result<(), MediaError> {
         let t0 = Instant::now();
         let r = self.flush(f.from, f.to);
+        let took = t0.elapsed();
         self.flush_us
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.commit_latency.observe(took);
         self.flushes.fetch_add(1, Ordering::Relaxed);
         let mut g = lock(&self.inner);
         if let Err(e) = r {
@@ -861,6 +871,7 @@ impl WriteCache {
             if !continues {
                 if let Some((v, first)) = run_start.take() {
                     m.write(first, &run)?;
+                    self.destaged.fetch_add(run.len() as u64, Ordering::Relaxed);
                     if !touched.contains(&v) {
                         touched.push(v);
                     }
@@ -918,7 +929,13 @@ impl WriteCache {
             recovery_ms: self.recovery_ms.load(Ordering::Relaxed),
             dirty_bytes: g.head - g.tail,
             ring_bytes: self.ring,
+            destaged_bytes: self.destaged.load(Ordering::Relaxed),
         }
+    }
+
+    /// Durations of the commit msyncs so far.
+    pub fn commit_latency(&self) -> &crate::metrics::Histogram {
+        &self.commit_latency
     }
 
     /// Waits until everything appended has been destaged (for tests and shutdown).

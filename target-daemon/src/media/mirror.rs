@@ -177,6 +177,17 @@ pub struct MirrorSet {
     /// `write_meta` and across a rebuild's copy of the area, so neither misses the other.
     /// Lock order: this before `meta` (a failing mirror takes `meta` to raise the epoch).
     record: Mutex<Option<MetaRecord>>,
+    /// Progress of a running scrub: blocks verified plus one; 0 when none runs.
+    scrubbed: AtomicU64,
+}
+
+/// Clears the scrub progress however the scrub ends.
+struct ScrubRunning<'a>(&'a AtomicU64);
+
+impl Drop for ScrubRunning<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
 }
 
 fn header(set_id: &[u8; 16], index: u32, block_size: u32, blocks: u64, epoch: u64) -> Vec<u8> {
@@ -373,6 +384,7 @@ impl MirrorSet {
             meta_off,
             file_len,
             record: Mutex::new(None),
+            scrubbed: AtomicU64::new(0),
         };
         set.load_meta();
         Ok(set)
@@ -809,6 +821,8 @@ impl MirrorSet {
     /// Verifies every copy of every block, repairing bad copies from good ones.
     pub fn scrub(&self) -> Result<ScrubReport, MediaError> {
         let mut report = ScrubReport::default();
+        self.scrubbed.store(1, Ordering::Relaxed);
+        let _running = ScrubRunning(&self.scrubbed);
         let bs = self.block_size as usize;
         let chunk = ((1usize << 20) / bs) as u64;
         let mut lba = 0;
@@ -872,6 +886,7 @@ impl MirrorSet {
             }
             report.blocks += n;
             lba += n;
+            self.scrubbed.store(lba + 1, Ordering::Relaxed);
         }
         self.scrub_meta(&mut report);
         Ok(report)
@@ -919,6 +934,11 @@ impl MirrorSet {
                 state: m.state().clone(),
             })
             .collect()
+    }
+
+    /// Blocks the running scrub has verified, or `None` when no scrub runs.
+    pub fn scrub_progress(&self) -> Option<u64> {
+        self.scrubbed.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// Bad copies rewritten from good ones since start.

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,27 @@ pub struct RoutingAgent {
     registry: Option<Arc<MirrorSet>>,
     /// Delivery timeouts read it (a fake one in the packet simulation).
     clock: Arc<dyn Clock>,
+    /// Packets of SEND commands per outcome, indexed like [`Outcome::ALL`].
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    /// The same per sending node; pruned to the routing table's nodes when read.
+    sent_by: Mutex<HashMap<NodeAddr, [u64; Outcome::ALL.len()]>>,
+}
+
+/// One node's queue as the metrics endpoint shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeMetrics {
+    /// The node's key address (its canonical address).
+    pub node: String,
+    /// Packets stored for it and not acknowledged.
+    pub queued_packets: u64,
+    /// Their payload bytes.
+    pub queued_bytes: u64,
+    /// Age of the oldest of them in ms (0 = none).
+    pub oldest_unacked_ms: u64,
+    /// Share of its quota in use: the larger of the bytes' and the packets' share.
+    pub quota_used: f64,
+    /// Packets it sent, per outcome, indexed like [`Outcome::ALL`].
+    pub sent: [u64; Outcome::ALL.len()],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +208,8 @@ impl RoutingAgent {
             delivery_timeout: cfg.delivery_timeout,
             registry: cfg.registry,
             clock,
+            outcomes: Default::default(),
+            sent_by: Mutex::new(HashMap::new()),
         });
         agent.forward_backlog()?;
         Ok(agent)
@@ -282,6 +306,54 @@ impl RoutingAgent {
             out.push_str(&format!("owner {a} initiator={i}\n"));
         }
         out
+    }
+
+    /// Packets of SEND commands so far, per outcome.
+    pub fn outcome_counts(&self) -> [(Outcome, u64); Outcome::ALL.len()] {
+        let mut out = Outcome::ALL.map(|o| (o, 0));
+        for (slot, n) in out.iter_mut().zip(&self.outcomes) {
+            slot.1 = n.load(Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Every node's queue figures, for the metrics endpoint.
+    pub fn node_metrics(&self) -> Vec<NodeMetrics> {
+        let keys: Vec<NodeAddr> = lock(&self.table).nodes().iter().map(|n| n.key()).collect();
+        let sent = {
+            let mut by = lock(&self.sent_by);
+            // A retired node's counts go with it: the map never outgrows the table.
+            let live: std::collections::HashSet<&NodeAddr> = keys.iter().collect();
+            by.retain(|k, _| live.contains(k));
+            by.clone()
+        };
+        let now = self.clock.now_ms();
+        let (quota_bytes, quota_records) = self.queue.node_quota();
+        let share = |part: u64, whole: u64| {
+            if whole == 0 {
+                0.0
+            } else {
+                part as f64 / whole as f64
+            }
+        };
+        keys.into_iter()
+            .map(|k| {
+                let s = self.queue.stats(k);
+                NodeMetrics {
+                    node: k.to_string(),
+                    queued_packets: s.queued_records,
+                    queued_bytes: s.queued_bytes,
+                    oldest_unacked_ms: if s.oldest_unacked_ms == 0 {
+                        0
+                    } else {
+                        now.saturating_sub(s.oldest_unacked_ms)
+                    },
+                    quota_used: share(s.queued_bytes, quota_bytes)
+                        .max(share(s.queued_records, quota_records)),
+                    sent: sent.get(&k).copied().unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
     /// The external port's receiving address, when there is one.
@@ -428,6 +500,16 @@ impl RoutingAgent {
             })
             .collect();
         lock(&self.results).insert(nexus.id, (tag, results));
+        {
+            let mut by = lock(&self.sent_by);
+            let mine = by.entry(sender).or_default();
+            for o in &outcomes {
+                if let Some(i) = Outcome::ALL.iter().position(|a| a == o) {
+                    self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+                    mine[i] += 1;
+                }
+            }
+        }
         let st = SendStatus::of(outcomes);
         let mut out = match st.sense() {
             Some(s) => check(s),

@@ -189,6 +189,8 @@ pub struct NodeStats {
     pub last_delivered: u64,
     /// Last number assigned to this node.
     pub last_assigned: u64,
+    /// When the oldest unacknowledged packet was stored, ms since the epoch (0 = none).
+    pub oldest_unacked_ms: u64,
 }
 
 /// Tunables of a [`PacketQueue`].
@@ -1411,7 +1413,13 @@ impl PacketQueue {
                 first_unacked: n.pending.front().map_or(0, |e| e.seq),
                 last_delivered: n.delivered,
                 last_assigned: n.last_assigned,
+                oldest_unacked_ms: n.pending.front().map_or(0, |e| e.ts_ms),
             })
+    }
+
+    /// The per-node quota: unacknowledged payload bytes and packets one node may hold.
+    pub fn node_quota(&self) -> (u64, u64) {
+        (self.quota_bytes, self.quota_records)
     }
 
     /// Size of the queue's volume in bytes (what `packets.size` configured); the log

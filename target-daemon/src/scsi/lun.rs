@@ -44,6 +44,8 @@ pub(crate) struct Lun {
     /// WRITE ATOMIC) hold it exclusively, every other read or write of the medium holds
     /// it shared, so nothing slips between their read and their write.
     media: RwLock<()>,
+    /// Commands, bytes and latency by kind, for the metrics endpoint.
+    pub(crate) metrics: crate::metrics::LunMetrics,
 }
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded per process).
@@ -69,6 +71,7 @@ impl Lun {
             reservations: Reservations::default(),
             copies: CopyResults::default(),
             media: RwLock::new(()),
+            metrics: crate::metrics::LunMetrics::default(),
         }
     }
 

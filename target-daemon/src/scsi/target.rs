@@ -400,6 +400,22 @@ impl ScsiTarget {
         self.fail(self.luns.get(&lun), super::sbc::media(e, true))
     }
 
+    /// Counts a command of `lun` whose response went out `latency` after it arrived,
+    /// having moved `bytes` of data, in that LUN's metrics. Vendor (packet) commands and
+    /// unknown LUNs are not counted: the routing agent keeps its own figures.
+    pub fn record_completion(&self, lun: u64, cdb: &[u8], bytes: u64, latency: Duration) {
+        let Some(&opcode) = cdb.first() else {
+            return;
+        };
+        if crate::link_unit::unit_for(opcode) == crate::link_unit::Unit::RoutingAgent {
+            return;
+        }
+        if let Some(l) = self.luns.get(&lun) {
+            l.metrics
+                .record(crate::metrics::OpKind::of(opcode), bytes, latency);
+        }
+    }
+
     /// Executes one command that arrives now. Blocking; many may run at once.
     pub fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome {
         self.execute_arrived(nexus, cmd, u64::MAX)

@@ -1,0 +1,525 @@
+//! The Prometheus endpoint of the real `ftss-target` binary, scraped over plain TCP
+//! before, during and after block I/O and packet SENDs through real iSCSI sessions
+//! (initiator-lib): counters move by what was done, bytes match, histograms are
+//! consistent, and the endpoint survives odd requests.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{free_port, start_binary};
+use ftss_initiator::{Session, SessionConfig};
+use ftss_proto::vendor::{NodeAddr, SendCdb, SendList, SendRecord, SendStatus};
+use ftss_target::config::Config;
+
+const TARGET: &str = "iqn.2026-11.org.ftss:metrics";
+const BS: u32 = 512;
+
+fn init(n: u8) -> String {
+    format!("iqn.2026-11.org.ftss:mnode{n}")
+}
+
+fn ip(x: u8) -> NodeAddr {
+    NodeAddr::from(Ipv4Addr::new(10, 0, 0, x))
+}
+
+fn write_config(dir: &Path, port: u16, metrics: u16) -> PathBuf {
+    let text = format!(
+        r#"
+[server]
+portals = ["127.0.0.1:{port}"]
+data_dir = "{}"
+metrics = "127.0.0.1:{metrics}"
+[media]
+cache_size = "8MiB"
+[[target]]
+iqn = "{TARGET}"
+[[target.lun]]
+lun = 0
+mirrors = ["lun-a.mirror", "lun-b.mirror"]
+size = "8MiB"
+[packets]
+size = "16MiB"
+[[node]]
+initiator = "{}"
+addresses = ["10.0.0.1"]
+[[node]]
+initiator = "{}"
+addresses = ["10.0.0.2"]
+"#,
+        dir.display(),
+        init(1),
+        init(2)
+    );
+    let path = dir.join("ftss.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// One HTTP exchange over a fresh connection: the status line's code and the body.
+fn http(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // A refused oversized request may be answered and closed before it is all sent.
+    let _ = s.write_all(request);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(usize::MAX);
+    if !request.starts_with(b"HEAD ") {
+        assert_eq!(len, body.len(), "Content-Length matches the body");
+    }
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// Labels of a sample, as (name, value) pairs.
+type Labels = Vec<(String, String)>;
+/// One sample: metric name, labels, value.
+type Sample = (String, Labels, f64);
+
+/// A parsed scrape.
+struct Scrape {
+    samples: Vec<Sample>,
+    text: String,
+}
+
+/// Splits `name{k="v",...}` into the name and its labels (our values hold no quotes).
+fn parse_series(series: &str) -> (String, Vec<(String, String)>) {
+    let Some((name, rest)) = series.split_once('{') else {
+        return (series.to_owned(), Vec::new());
+    };
+    let mut labels = Vec::new();
+    let mut rest = rest.trim_end_matches('}');
+    while let Some((k, tail)) = rest.split_once("=\"") {
+        let (v, tail) = tail.split_once('"').expect("closing quote");
+        labels.push((k.to_owned(), v.to_owned()));
+        rest = tail.trim_start_matches(',');
+    }
+    (name.to_owned(), labels)
+}
+
+fn scrape(addr: SocketAddr) -> Scrape {
+    let (code, head, body) = http(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "a complete exposition");
+    let mut samples = Vec::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("`series value` lines");
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("a number in {line:?}"));
+        let (name, labels) = parse_series(series);
+        samples.push((name, labels, v));
+    }
+    Scrape {
+        samples,
+        text: body,
+    }
+}
+
+fn has(labels: &[(String, String)], want: &[(&str, &str)]) -> bool {
+    want.iter()
+        .all(|(k, v)| labels.iter().any(|(a, b)| a == k && b == v))
+}
+
+impl Scrape {
+    /// The sample of `name` whose labels include every one of `labels`.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let hits: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| n == name && has(l, labels))
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "one sample of {name}{labels:?}, found {hits:?} in\n{}",
+            self.text
+        );
+        hits[0]
+    }
+
+    /// Checks every histogram of the scrape: buckets cumulative (non-decreasing in the
+    /// order of their bounds), the last one +Inf, `_count` equal to it, `_sum` present.
+    /// Returns how many histogram series there were.
+    fn check_histograms(&self) -> usize {
+        // Buckets by (histogram name, labels other than `le`).
+        let mut series: HashMap<(String, Labels), Vec<(f64, f64)>> = HashMap::new();
+        for (n, labels, v) in &self.samples {
+            let Some(name) = n.strip_suffix("_bucket") else {
+                continue;
+            };
+            let le = labels
+                .iter()
+                .find(|(k, _)| k == "le")
+                .map(|(_, v)| v.as_str())
+                .expect("a bucket has le");
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le is a number")
+            };
+            let mut rest: Vec<(String, String)> =
+                labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+            rest.sort();
+            series
+                .entry((name.to_owned(), rest))
+                .or_default()
+                .push((bound, *v));
+        }
+        for ((name, labels), mut b) in series.clone() {
+            b.sort_by(|x, y| x.0.total_cmp(&y.0));
+            assert!(
+                b.windows(2).all(|w| w[0].1 <= w[1].1),
+                "{name}{labels:?}: buckets decrease: {b:?}"
+            );
+            assert_eq!(b.last().map(|x| x.0), Some(f64::INFINITY), "+Inf last");
+            let want: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let count = self.get(&format!("{name}_count"), &want);
+            let sum = self.get(&format!("{name}_sum"), &want);
+            let inf = b.last().map_or(0.0, |x| x.1);
+            assert_eq!(
+                count, inf,
+                "{name}{labels:?}: _count equals the +Inf bucket"
+            );
+            assert!(
+                sum >= 0.0 && (count > 0.0 || sum == 0.0),
+                "{name}{labels:?}"
+            );
+        }
+        series.len()
+    }
+}
+
+async fn login(port: u16, name: &str) -> Session {
+    Session::connect(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SessionConfig::new(name, Some(TARGET)),
+    )
+    .await
+    .expect("login")
+}
+
+async fn send(s: &Session, dest: NodeAddr, id: u64, payload: &[u8]) -> Option<SendStatus> {
+    let list = SendList {
+        records: vec![SendRecord {
+            dest,
+            broadcast: false,
+            packet_id: id,
+            payload: payload.to_vec(),
+        }],
+    }
+    .encode();
+    let cdb = SendCdb {
+        batch_tag: id,
+        param_len: list.len() as u32,
+    }
+    .encode();
+    let r = s
+        .execute(0, &cdb, Some(Bytes::from(list)), 0)
+        .await
+        .expect("SEND answered");
+    SendStatus::from_reply(r.status, &r.sense_data)
+}
+
+fn wait_for(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics endpoint did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Scrapes on a blocking thread, so the async I/O keeps running meanwhile.
+async fn scrape_async(addr: SocketAddr) -> Scrape {
+    tokio::task::spawn_blocking(move || scrape(addr))
+        .await
+        .expect("scrape thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_during_io_show_counters_bytes_and_consistent_histograms() {
+    let dir = common::temp_dir("metrics");
+    let (port, mport) = (free_port(), free_port());
+    let cfg = write_config(&dir, port, mport);
+    let mut child = start_binary(&cfg, port);
+    let maddr = SocketAddr::from(([127, 0, 0, 1], mport));
+    wait_for(maddr);
+
+    let before = scrape(maddr);
+    let lun = [("target", TARGET), ("lun", "0")];
+    let kind = |k: &'static str| [lun[0], lun[1], ("kind", k)];
+    assert_eq!(before.get("ftss_sessions", &[("target", TARGET)]), 0.0);
+
+    let n1 = login(port, &init(1)).await;
+    let n2 = login(port, &init(2)).await;
+
+    // Block I/O in the background, writing until told to stop (and at least WRITES
+    // times); the scrapes below run while it does.
+    const WRITES: u64 = 100;
+    const BLOCKS: u32 = 8;
+    let progress = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (p, st) = (Arc::clone(&progress), Arc::clone(&stop));
+    let io = tokio::spawn(async move {
+        n1.test_unit_ready(0).await.expect("TEST UNIT READY");
+        let mut writes = 0u64;
+        while writes < WRITES || !st.load(Ordering::Relaxed) {
+            let data = Bytes::from(vec![writes as u8; (BLOCKS * BS) as usize]);
+            let lba = (writes % 1000) * u64::from(BLOCKS);
+            n1.write16(0, lba, data, BS).await.expect("WRITE");
+            writes += 1;
+            p.store(writes, Ordering::Relaxed);
+        }
+        for i in 0..WRITES {
+            n1.read16(0, i * u64::from(BLOCKS), BLOCKS, BS)
+                .await
+                .expect("READ");
+        }
+        n1.synchronize_cache(0).await.expect("SYNCHRONIZE CACHE");
+        (n1, writes)
+    });
+    while progress.load(Ordering::Relaxed) < 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Two scrapes at once, while the writes run: both answered in full, and the
+    // counters already show the writes done before them.
+    let seen = progress.load(Ordering::Relaxed);
+    let (a, b) = tokio::join!(scrape_async(maddr), scrape_async(maddr));
+    stop.store(true, Ordering::Relaxed);
+    for s in [&a, &b] {
+        assert_eq!(
+            s.check_histograms(),
+            7,
+            "six kinds on one LUN, and the cache"
+        );
+        assert_eq!(s.get("ftss_sessions", &[("target", TARGET)]), 2.0);
+        assert_eq!(s.get("ftss_connections", &[("target", TARGET)]), 2.0);
+        let w = s.get("ftss_lun_ops_total", &kind("write"))
+            - before.get("ftss_lun_ops_total", &kind("write"));
+        assert!(w >= seen as f64, "{w} writes counted of {seen} done");
+    }
+    let during = a.text.clone();
+    let (n1, writes) = io.await.expect("I/O task");
+
+    // Packets: 3 delivered to node 2 (not received, so queued), 1 to nobody.
+    for id in 1..=3 {
+        assert_eq!(
+            send(&n1, ip(2), id, &[7u8; 100]).await,
+            Some(SendStatus::All(ftss_proto::vendor::Outcome::Delivered))
+        );
+    }
+    assert_eq!(
+        send(&n1, NodeAddr::from(Ipv4Addr::new(10, 9, 9, 9)), 4, b"x").await,
+        Some(SendStatus::All(
+            ftss_proto::vendor::Outcome::UnknownDestination
+        ))
+    );
+
+    let after = scrape(maddr);
+    after.check_histograms();
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| after.get(name, labels) - before.get(name, labels);
+    let bytes = (writes * u64::from(BLOCKS * BS)) as f64;
+    let read_bytes = (WRITES * u64::from(BLOCKS * BS)) as f64;
+    assert!(delta("ftss_lun_ops_total", &kind("write")) >= writes as f64);
+    assert!(delta("ftss_lun_ops_total", &kind("read")) >= WRITES as f64);
+    assert!(delta("ftss_lun_ops_total", &kind("flush")) >= 1.0);
+    assert!(
+        delta("ftss_lun_ops_total", &kind("other")) >= 1.0,
+        "TEST UNIT READY"
+    );
+    assert_eq!(delta("ftss_lun_bytes_total", &kind("write")), bytes);
+    assert_eq!(delta("ftss_lun_bytes_total", &kind("read")), read_bytes);
+    for k in ["read", "write", "flush"] {
+        assert!(
+            after.get("ftss_lun_latency_seconds_sum", &kind(k)) > 0.0,
+            "{k}"
+        );
+        assert_eq!(
+            after.get("ftss_lun_latency_seconds_count", &kind(k)),
+            after.get("ftss_lun_ops_total", &kind(k)),
+            "{k}: one latency per command"
+        );
+    }
+    // Nonvolatile cache: every acknowledged write waited for a commit msync.
+    assert!(after.get("ftss_cache_commit_seconds_count", &[]) > 0.0);
+    assert!(after.get("ftss_cache_commit_seconds_sum", &[]) > 0.0);
+    assert!(after.get("ftss_cache_records_total", &[]) >= WRITES as f64);
+    for set in ["iqn.2026-11.org.ftss:metrics/0", "packets"] {
+        for m in ["0", "1"] {
+            let l = [("set", set), ("member", m)];
+            assert_eq!(after.get("ftss_mirror_state", &l), 0.0, "healthy");
+            assert_eq!(after.get("ftss_mirror_rebuild_progress_ratio", &l), 1.0);
+        }
+    }
+    let out = |o: &str| delta("ftss_packet_outcomes_total", &[("outcome", o)]);
+    assert_eq!(out("delivered"), 3.0);
+    assert_eq!(out("unknown_destination"), 1.0);
+    let sent = |node: &str, o: &str| {
+        delta(
+            "ftss_node_sent_packets_total",
+            &[("node", node), ("outcome", o)],
+        )
+    };
+    assert_eq!(sent("10.0.0.1", "delivered"), 3.0);
+    assert_eq!(sent("10.0.0.1", "unknown_destination"), 1.0);
+    assert_eq!(sent("10.0.0.2", "delivered"), 0.0);
+    let n2l = [("node", "10.0.0.2")];
+    assert_eq!(after.get("ftss_node_queued_packets", &n2l), 3.0);
+    assert_eq!(after.get("ftss_node_queued_bytes", &n2l), 300.0);
+    assert!(after.get("ftss_node_oldest_unacked_seconds", &n2l) >= 0.0);
+    assert!(after.get("ftss_node_quota_used_ratio", &n2l) > 0.0);
+    assert_eq!(
+        after.get("ftss_node_queued_packets", &[("node", "10.0.0.1")]),
+        0.0
+    );
+
+    // The destage thread moves the written blocks to the mirrors within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = scrape(maddr);
+        if s.get("ftss_cache_destage_bytes_total", &[]) >= bytes {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "destage not counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Other paths, methods and oversized requests: answered, and the daemon lives on.
+    let (code, _, _) = http(maddr, b"GET /nope HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 404);
+    let (code, _, _) = http(maddr, b"POST /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 405);
+    let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    for i in 0..2000 {
+        huge.extend_from_slice(format!("X-Pad-{i}: {}\r\n", "a".repeat(40)).as_bytes());
+    }
+    huge.extend_from_slice(b"\r\n");
+    for _ in 0..5 {
+        let (code, _, _) = http(maddr, &huge);
+        assert_eq!(
+            code, 431,
+            "an oversized request is refused, the answer readable"
+        );
+    }
+    // A client that sends nothing holds one slot until its timeout, not the endpoint.
+    let idle = TcpStream::connect(maddr).expect("idle client");
+    let again = scrape(maddr);
+    assert!(again.get("ftss_lun_ops_total", &kind("write")) >= WRITES as f64);
+    drop(idle);
+    assert!(
+        child.try_wait().expect("child status").is_none(),
+        "daemon alive"
+    );
+
+    drop(n2);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    // A few lines of the scrape taken during I/O, for the record.
+    for l in during.lines().filter(|l| {
+        l.starts_with("ftss_lun_ops_total") && l.contains("kind=\"write\"")
+            || l.starts_with("ftss_lun_latency_seconds_count")
+            || l.starts_with("ftss_cache_dirty_bytes")
+            || l.starts_with("ftss_sessions")
+    }) {
+        eprintln!("{l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_bounded_and_timed_out() {
+    let d = common::daemon_with("metrics-idle", "metrics = \"127.0.0.1:0\"").await;
+    let addr = d
+        .server
+        .as_ref()
+        .and_then(|s| s.metrics_addr())
+        .expect("endpoint on");
+    assert_ne!(addr.port(), 0, "the bound port is reported");
+    let (code, head, body) =
+        tokio::task::spawn_blocking(move || http(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n"))
+            .await
+            .expect("thread");
+    assert_eq!(code, 200, "{head}");
+    assert!(body.is_empty(), "HEAD has no body");
+    tokio::task::spawn_blocking(move || {
+        // Every slot taken by a client that sends nothing...
+        let idle: Vec<TcpStream> = (0..ftss_target::metrics::CONNECTIONS_MAX)
+            .map(|_| TcpStream::connect(addr).expect("idle client"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // ...so one more is closed unanswered,
+        let mut extra = TcpStream::connect(addr).expect("connect");
+        extra
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+        let mut got = Vec::new();
+        let _ = extra.read_to_end(&mut got);
+        assert!(got.is_empty(), "no answer past the bound");
+        // ...and the idle ones are dropped after the request timeout.
+        let started = std::time::Instant::now();
+        for mut s in idle {
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut buf = [0u8; 16];
+            assert_eq!(s.read(&mut buf).expect("closed, not timed out"), 0);
+        }
+        assert!(
+            started.elapsed() < ftss_target::metrics::REQUEST_TIMEOUT + Duration::from_secs(2),
+            "closed at the request timeout"
+        );
+        let s = scrape(addr);
+        assert!(s.text.contains("ftss_lun_ops_total"));
+    })
+    .await
+    .expect("client thread");
+}
+
+#[tokio::test]
+async fn without_the_key_there_is_no_endpoint_and_a_bad_address_names_it() {
+    let d = common::daemon("metrics-off").await;
+    assert_eq!(
+        d.server.as_ref().and_then(|s| s.metrics_addr()),
+        None,
+        "no listener when server.metrics is unset"
+    );
+    let bad = format!(
+        "[server]\nportals = [\"127.0.0.1:0\"]\nmetrics = \"localhost\"\n[[target]]\niqn = \"{TARGET}\"\n"
+    );
+    let e = Config::parse(&bad).expect_err("refused").to_string();
+    assert!(e.starts_with("server.metrics:"), "{e}");
+}
