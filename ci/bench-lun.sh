@@ -8,7 +8,9 @@
 # persistent-memory cache device; it survives kill -9 but not power loss, so it shows what
 # the commit costs on this machine's disk, not a durable configuration), the nonvolatile
 # setup in volatile mode, and a plain file (page cache, like tgt). The mirrors are on the
-# disk in every case. Prints IOPS, the ratios to tgt, and the commit figures of ftss-nv.
+# disk in every case. tgt runs twice: on the page cache, and with --bsoflags sync (O_SYNC:
+# durable before the ack, the fair peer of ftss-nv). Prints IOPS, the ratios to tgt, the
+# commit figures of ftss-nv, and writes ci/out/bench-lun.csv and a chart of it (ci/chart.py).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need iscsi-perf libiscsi-bin
@@ -63,15 +65,21 @@ tgtd_start "$tp" "$cp" "$CI_OUT/bench-tgtd.log"
 tgtadm -C "$cp" --lld iscsi --op new --mode target --tid 1 -T "$T"
 tgtadm -C "$cp" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/tgt.img"
 tgtadm -C "$cp" --lld iscsi --op bind --mode target --tid 1 -I ALL
+# tgt with O_SYNC on its backing file: every write durable before the ack, as ftss-nv.
+truncate -s 1G "$work/tgt-sync.img"
+tgtadm -C "$cp" --lld iscsi --op new --mode target --tid 2 -T "$T-sync"
+tgtadm -C "$cp" --lld iscsi --op new --mode logicalunit --tid 2 --lun 1 -b "$work/tgt-sync.img" --bsoflags sync
+tgtadm -C "$cp" --lld iscsi --op bind --mode target --tid 2 -I ALL
 nurl="iscsi://127.0.0.1:$fp/$T/0"
 murl="iscsi://127.0.0.1:$mp/$T/0"
 xurl="iscsi://127.0.0.1:$xp/$T/0"
 vurl="iscsi://127.0.0.1:$vp/$T/0"
 furl="iscsi://127.0.0.1:$fp/$T/1"
 turl="iscsi://127.0.0.1:$tp/$T/1"
+surl="iscsi://127.0.0.1:$tp/$T-sync/1"
 # Fill the first 256 MiB of every LUN so reads hit written blocks, not holes.
 head -c $((256 << 20)) /dev/urandom >"$work/fill"
-for u in "$nurl" "$murl" "$xurl" "$vurl" "$furl" "$turl"; do
+for u in "$nurl" "$murl" "$xurl" "$vurl" "$furl" "$turl" "$surl"; do
   qemu-img convert -n -f raw -O raw "$work/fill" "$u"
 done
 
@@ -87,17 +95,20 @@ qbench() { # url, extra args -> IOPS
   secs=$(echo "$out" | grep -oE 'completed in [0-9.]+' | grep -oE '[0-9.]+$')
   python3 -c "print(int($COUNT / $secs))"
 }
-row() { # label, nonvolatile, nonvolatile-map, nonvolatile-mem, volatile, file, tgt
+csv="$CI_OUT/bench-lun.csv"
+echo "test,ftss-nv (default),ftss nv-map,ftss nv-mem (not durable),ftss volatile,ftss plain file,tgt,tgt --bsoflags sync" >"$csv"
+row() { # label, nonvolatile, nonvolatile-map, nonvolatile-mem, volatile, file, tgt, tgt sync
+  echo "$1,$2,$3,$4,$5,$6,$7,$8" >>"$csv"
   python3 -c "
-n, m, x, v, f, t = $2, $3, $4, $5, $6, $7
-r = lambda a: f'{a / t:.2f}' if t else 'n/a'
-print(f'{\"$1\":36} {n:>9} {m:>9} {x:>9} {v:>9} {f:>9} {t:>9} {r(n):>7} {r(x):>7}')"
+n, m, x, v, f, t, s = $2, $3, $4, $5, $6, $7, $8
+r = lambda a, b: f'{a / b:.2f}' if b else 'n/a'
+print(f'{\"$1\":36} {n:>9} {m:>9} {x:>9} {v:>9} {f:>9} {t:>9} {s:>9} {r(n, t):>7} {r(n, s):>7} {r(x, t):>7}')"
 }
-all() { # label, function, args -> one row over the six LUNs
+all() { # label, function, args -> one row over the seven LUNs
   local label=$1 fn=$2
   shift 2
   row "$label" "$($fn "$nurl" "$@")" "$($fn "$murl" "$@")" "$($fn "$xurl" "$@")" \
-    "$($fn "$vurl" "$@")" "$($fn "$furl" "$@")" "$($fn "$turl" "$@")"
+    "$($fn "$vurl" "$@")" "$($fn "$furl" "$@")" "$($fn "$turl" "$@")" "$($fn "$surl" "$@")"
 }
 cache_status() { # config -> the "cache ..." line of the daemon's admin status
   "$CI_ROOT/target/release/ftss-target" --config "$1" admin status | grep '^cache '
@@ -115,7 +126,8 @@ print(f'{r} records in {n} commit msyncs ({r / max(n, 1):.1f} per msync), msync 
   echo "ftss-nv: mirrored + write cache, nonvolatile; nv-map: same, records stored through the map;"
   echo "nv-mem: nv-map with the cache file on tmpfs (stand-in for persistent memory, not durable"
   echo "across power loss); ftss-vol: same as ftss-nv, volatile; ftss-file: plain file"
-  printf '%-36s %9s %9s %9s %9s %9s %9s %7s %7s\n' "test (IOPS)" "ftss-nv" "nv-map" "nv-mem" "ftss-vol" "ftss-file" "tgt" "nv/tgt" "mem/tgt"
+  echo "tgt: page cache (acks before the disk has it); tgt-sync: --bsoflags sync (O_SYNC, durable)"
+  printf '%-36s %9s %9s %9s %9s %9s %9s %9s %7s %7s %7s\n' "test (IOPS)" "ftss-nv" "nv-map" "nv-mem" "ftss-vol" "ftss-file" "tgt" "tgt-sync" "nv/tgt" "nv/sync" "mem/tgt"
   all "iscsi-perf random read -m 32 -b 8" perf
   before=$(cache_status "$work/nonvolatile.toml")
   all "qemu-img bench write -d 32 -s 4k" qbench -w
@@ -124,3 +136,7 @@ print(f'{r} records in {n} commit msyncs ({r / max(n, 1):.1f} per msync), msync 
   echo "ftss-nv commits in its write test: $(commits "$before" "$after")"
   echo "fsync limit of this disk (one 4 KiB msync): $(fsync_limit "$work")"
 } | tee "$CI_OUT/bench-lun.txt"
+# The chart README shows: copy it to docs/bench/ and commit it with the figures.
+python3 "$CI_ROOT/ci/chart.py" "$csv" "$CI_OUT/bench-lun.svg" \
+  "LUN IOPS, 4 KiB at queue depth 32, 1 GiB LUNs, loopback, $(nproc) cores ($(date -u +%Y-%m-%d))"
+echo "chart: $CI_OUT/bench-lun.svg (data $csv)"

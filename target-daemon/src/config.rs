@@ -722,6 +722,16 @@ fn validate_name(n: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_packaged_config_is_the_embedded_default_with_its_data_under_var_lib() {
+        let mut packaged =
+            Config::parse(include_str!("../../contrib/ftss.toml")).expect("contrib/ftss.toml");
+        assert_eq!(packaged.server.data_dir, PathBuf::from("/var/lib/ftss"));
+        let default = Config::default_config();
+        packaged.server.data_dir = default.server.data_dir.clone();
+        assert_eq!(format!("{packaged:?}"), format!("{default:?}"));
+    }
+
     fn err(text: &str) -> String {
         Config::parse(text)
             .expect_err("config must be refused")
