@@ -22,6 +22,12 @@ iqn = "$T"
 lun = 0
 path = "lun0.img"
 size = "128MiB"
+# LUN masking: only this initiator sees LUN 1.
+[[target.lun]]
+lun = 1
+path = "masked.img"
+size = "16MiB"
+initiators = ["iqn.2026-11.org.ftss:interop-mask"]
 [packets]
 size = "8MiB"
 [[target]]
@@ -88,6 +94,9 @@ check "per-node CHAP: iscsi-ls as the node with its secret" bash -c "iscsi-ls -s
 check "per-node CHAP: iscsi-inq as the node with its secret" bash -c "iscsi-inq -i $NI $nurl/$T/0 | grep -q 'Vendor:FTSS'"
 check "per-node CHAP: the node's name without CHAP is refused" bash -c "! iscsi-ls -i $NI iscsi://127.0.0.1:$port"
 check "per-node CHAP: the node's name with a wrong secret is refused" bash -c "! iscsi-inq -i $NI iscsi://interopnode%wrong-secret-99@127.0.0.1:$port/$T/0"
+check "LUN masking: the named initiator sees LUN 1" bash -c "iscsi-ls -s -i iqn.2026-11.org.ftss:interop-mask iscsi://127.0.0.1:$port | grep -q 'Lun:1 '"
+check "LUN masking: another initiator does not" bash -c "iscsi-ls -s -i iqn.2026-11.org.ftss:interop-other iscsi://127.0.0.1:$port > $work/ls.txt && grep -q 'Lun:0 ' $work/ls.txt && ! grep -q 'Lun:1 ' $work/ls.txt"
+check "LUN masking: nor can it address it" bash -c "! iscsi-inq -i iqn.2026-11.org.ftss:interop-other iscsi://127.0.0.1:$port/$T/1"
 # The ftss CLI against the same daemon twice: the second run's packets are new packets,
 # not retries of the first run's (issue 16: "0 of N packets arrived" on a second run).
 F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port --target $T"

@@ -353,6 +353,12 @@ pub struct LunConfig {
     /// Removable medium (START STOP UNIT may eject it).
     #[serde(default)]
     pub removable: bool,
+    /// LUN masking: the initiator names that see this LUN (in REPORT LUNS, and for every
+    /// command); absent: every initiator the target admits. To the others it does not
+    /// exist. Vendor (packet) commands only name a LUN to reach the target, and are not
+    /// affected.
+    #[serde(default)]
+    pub initiators: Option<Vec<String>>,
 }
 
 fn default_block_size() -> u32 {
@@ -572,6 +578,12 @@ impl Config {
                 }
                 if l.block_size != 512 && l.block_size != 4096 {
                     return Err(invalid(format!("{lk}.block_size"), "must be 512 or 4096"));
+                }
+                if let Some(list) = &l.initiators {
+                    for (i, n) in list.iter().enumerate() {
+                        validate_name(n)
+                            .map_err(|m| invalid(format!("{lk}.initiators[{i}]"), m))?;
+                    }
                 }
                 let size = parse_size(&l.size).map_err(|m| invalid(format!("{lk}.size"), m))?;
                 if size < u64::from(l.block_size) * 16 {
@@ -811,6 +823,19 @@ mod tests {
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1MiB\"\n[[target.lun]]\nlun=0\npath=\"b\"\nsize=\"1MiB\"\n"
         ))
         .contains("target[0].lun[1].lun"));
+    }
+
+    #[test]
+    fn lun_masking_names_are_checked_by_key() {
+        let base = "[server]\nportals=[\"127.0.0.1:3260\"]\n[[target]]\niqn=\"iqn.2026-11.org.ftss:t\"\n[[target.lun]]\nlun=0\npath=\"a.img\"\nsize=\"1MiB\"\n";
+        assert!(err(&format!("{base}initiators=[\"not a name\"]\n"))
+            .contains("target[0].lun[0].initiators[0]"));
+        let c = Config::parse(&format!("{base}initiators=[\"iqn.2026-11.org.ftss:a\"]\n"))
+            .expect("valid");
+        assert_eq!(
+            c.targets[0].luns[0].initiators.as_deref(),
+            Some(&["iqn.2026-11.org.ftss:a".to_string()][..])
+        );
     }
 
     #[test]

@@ -174,6 +174,7 @@ pub(crate) fn open_targets(
                 store,
                 read_only: l.read_only,
                 removable: l.removable,
+                initiators: l.initiators.clone(),
             });
         }
         let scsi_err = |e: crate::scsi::ScsiError| ServerError::Lun {

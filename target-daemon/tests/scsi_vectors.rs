@@ -55,6 +55,7 @@ fn scsi_vectors() {
         store: store(name),
         read_only,
         removable,
+        initiators: None,
     };
     let target = ScsiTarget::new(
         TargetIdentity {

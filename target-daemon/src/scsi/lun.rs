@@ -31,6 +31,8 @@ pub(crate) struct Lun {
     pub(crate) store: Arc<dyn BlockStore>,
     pub(crate) read_only: bool,
     pub(crate) removable: bool,
+    /// LUN masking: the initiator names that see it; `None`: everyone.
+    initiators: Option<Vec<Arc<str>>>,
     /// Unit serial number (VPD 0x80), stable across restarts.
     pub(crate) serial: String,
     /// NAA locally assigned identifier (VPD 0x83), stable across restarts.
@@ -65,6 +67,9 @@ impl Lun {
             store: spec.store,
             read_only: spec.read_only,
             removable: spec.removable,
+            initiators: spec
+                .initiators
+                .map(|v| v.into_iter().map(Arc::from).collect()),
             serial: format!("{h:016x}"),
             naa,
             state: Mutex::new(LunState::default()),
@@ -73,6 +78,14 @@ impl Lun {
             media: RwLock::new(()),
             metrics: crate::metrics::LunMetrics::default(),
         }
+    }
+
+    /// Whether LUN masking lets `initiator` see this LUN (names compare without case,
+    /// as iSCSI names are normalized lower case).
+    pub(crate) fn visible_to(&self, initiator: &str) -> bool {
+        self.initiators
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|n| n.eq_ignore_ascii_case(initiator)))
     }
 
     /// Shared media access: ordinary reads and writes run concurrently.

@@ -560,6 +560,7 @@ mod tests {
                 store,
                 read_only: false,
                 removable: false,
+                initiators: None,
             }],
         )
         .expect("target");

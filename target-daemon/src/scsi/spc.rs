@@ -8,7 +8,7 @@ use ftss_proto::sense::{common, Sense};
 
 use super::lun::Lun;
 use super::target::{commands, CmdResult, Ctx, Reply, ScsiTarget};
-use super::ScsiCommand;
+use super::{ItNexus, ScsiCommand};
 use crate::media::CacheMode;
 
 const VENDOR: &[u8; 8] = b"FTSS    ";
@@ -174,7 +174,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
 }
 
 /// REPORT LUNS, for any LUN (even one that does not exist).
-pub(crate) fn report_luns(t: &ScsiTarget, cmd: &ScsiCommand<'_>) -> CmdResult {
+pub(crate) fn report_luns(t: &ScsiTarget, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> CmdResult {
     if cmd.cdb.len() < 12 {
         return Err(field(0, None));
     }
@@ -190,7 +190,7 @@ pub(crate) fn report_luns(t: &ScsiTarget, cmd: &ScsiCommand<'_>) -> CmdResult {
     let luns: Vec<u64> = if select == 1 {
         Vec::new()
     } else {
-        t.luns.keys().copied().collect()
+        t.lun_numbers_for(nexus)
     };
     let mut d = vec![0u8; 8];
     d[0..4].copy_from_slice(&((luns.len() * 8) as u32).to_be_bytes());
@@ -201,7 +201,7 @@ pub(crate) fn report_luns(t: &ScsiTarget, cmd: &ScsiCommand<'_>) -> CmdResult {
 }
 
 pub(crate) fn report_luns_cmd(c: &Ctx<'_>) -> CmdResult {
-    report_luns(c.target, c.cmd)
+    report_luns(c.target, c.nexus, c.cmd)
 }
 
 // ---- mode pages ----

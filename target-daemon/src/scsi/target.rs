@@ -56,6 +56,8 @@ pub struct LunSpec {
     pub read_only: bool,
     /// Removable medium.
     pub removable: bool,
+    /// LUN masking: the initiator names that see it; `None`: everyone.
+    pub initiators: Option<Vec<String>>,
 }
 
 /// Identity of the target device, for the device identification VPD page.
@@ -293,10 +295,29 @@ impl ScsiTarget {
         }
     }
 
+    /// LUN `lun` as `nexus` sees it: masked LUNs do not exist for other initiators.
+    pub(crate) fn lun_for(&self, nexus: &ItNexus, lun: u64) -> Option<&Lun> {
+        self.luns
+            .get(&lun)
+            .filter(|l| l.visible_to(&nexus.initiator_name))
+    }
+
+    /// LUN numbers `nexus` sees, ascending.
+    pub(crate) fn lun_numbers_for(&self, nexus: &ItNexus) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .luns
+            .values()
+            .filter(|l| l.visible_to(&nexus.initiator_name))
+            .map(|l| l.number)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// LOGICAL UNIT RESET: every nexus, the requester's included, sees BUS DEVICE RESET
     /// FUNCTION OCCURRED (SAM-4 6.6).
-    pub fn lun_reset(&self, _nexus: &ItNexus, lun: u64) -> Result<(), ScsiError> {
-        let l = self.luns.get(&lun).ok_or(ScsiError::NoSuchLun(lun))?;
+    pub fn lun_reset(&self, nexus: &ItNexus, lun: u64) -> Result<(), ScsiError> {
+        let l = self.lun_for(nexus, lun).ok_or(ScsiError::NoSuchLun(lun))?;
         l.reset();
         let all: Vec<u64> = lock(&self.nexuses).keys().copied().collect();
         for n in all {
@@ -439,13 +460,13 @@ impl ScsiTarget {
                 None => self.fail(self.luns.get(&cmd.lun), common::INVALID_OPCODE),
             };
         }
-        let Some(lun) = self.luns.get(&cmd.lun) else {
+        let Some(lun) = self.lun_for(nexus, cmd.lun) else {
             return match opcode {
                 op::INQUIRY => match spc::inquiry_no_lun(cmd) {
                     Ok(r) => outcome(r),
                     Err(s) => self.fail(None, s),
                 },
-                op::REPORT_LUNS => match spc::report_luns(self, cmd) {
+                op::REPORT_LUNS => match spc::report_luns(self, nexus, cmd) {
                     Ok(r) => outcome(r),
                     Err(s) => self.fail(None, s),
                 },
@@ -953,6 +974,76 @@ mod tests {
             iqn: "iqn.2026-11.org.ftss:t".into(),
         };
         ScsiTarget::new(id, Vec::new()).expect("target")
+    }
+
+    #[test]
+    fn a_masked_lun_does_not_exist_for_other_initiators() {
+        let dir = std::env::temp_dir().join(format!("ftss-mask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let spec = |lun: u64, initiators: Option<Vec<String>>| LunSpec {
+            lun,
+            store: Arc::new(
+                crate::media::file::FileStore::open(&dir.join(format!("{lun}.img")), 64 * 512, 512)
+                    .expect("store"),
+            ),
+            read_only: false,
+            removable: false,
+            initiators,
+        };
+        let t = ScsiTarget::new(
+            TargetIdentity {
+                iqn: "iqn.2026-11.org.ftss:t".into(),
+            },
+            vec![
+                spec(0, None),
+                spec(1, Some(vec!["IQN.2026-11.org.ftss:A".into()])),
+            ],
+        )
+        .expect("target");
+        let nexus = |id: u64, name: &str| ItNexus {
+            id,
+            initiator_name: Arc::from(name),
+            isid: [0x40, 0, 0, 0, 0, id as u8],
+            tpgt: 1,
+        };
+        let (a, b) = (
+            nexus(1, "iqn.2026-11.org.ftss:a"),
+            nexus(2, "iqn.2026-11.org.ftss:b"),
+        );
+        let run = |n: &ItNexus, lun: u64, cdb: &[u8], len: u32| {
+            t.execute(
+                n,
+                &ScsiCommand {
+                    lun,
+                    cdb,
+                    data_out: &[],
+                    expected_len: len,
+                    attr: crate::scsi::TaskAttr::Simple,
+                    resume_until: None,
+                },
+            )
+        };
+        let report = [0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        let luns = |n: &ItNexus| {
+            let o = run(n, 0, &report, 256);
+            assert_eq!(o.status, status::GOOD);
+            let len = u32::from_be_bytes([o.data_in[0], o.data_in[1], o.data_in[2], o.data_in[3]]);
+            len / 8
+        };
+        assert_eq!(luns(&a), 2, "A sees LUN 0 and its LUN 1");
+        assert_eq!(luns(&b), 1, "B sees LUN 0 only");
+        // B: LUN 1 answers as a LUN that does not exist, for every command.
+        let inquiry = [0x12, 0, 0, 0, 96, 0];
+        assert_eq!(run(&b, 1, &inquiry, 96).data_in[0], 0x7f);
+        assert_eq!(run(&a, 1, &inquiry, 96).data_in[0], 0x00);
+        let read_capacity = [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let o = run(&b, 1, &read_capacity, 8);
+        assert_eq!(o.status, status::CHECK_CONDITION);
+        let sense = o.sense.expect("sense");
+        assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x05, 0x25, 0x00));
+        assert!(matches!(t.lun_reset(&b, 1), Err(ScsiError::NoSuchLun(1))));
+        assert!(t.lun_reset(&a, 1).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
