@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::media::cache::WriteCache;
-use crate::media::mirror::{MirrorSet, MirrorState};
+use crate::media::mirror::{MirrorSet, MirrorState, RebuildTicket};
 
 /// The media the admin interface manages.
 #[derive(Clone, Default)]
@@ -69,10 +69,11 @@ impl MediaHandles {
         }
         for (name, v) in &self.volumes {
             out.push_str(&format!(
-                "volume {name} blocks={} block_size={} repairs={}\n",
+                "volume {name} blocks={} block_size={} repairs={} repair_failures={}\n",
                 v.blocks(),
                 v.block_size(),
-                v.repairs()
+                v.repairs(),
+                v.repair_failures()
             ));
             for (i, m) in v.status().iter().enumerate() {
                 let state = match &m.state {
@@ -118,34 +119,40 @@ impl MediaHandles {
                 if i >= v.status().len() {
                     return format!("error {name} has no mirror {i}\n");
                 }
-                if v.status()
-                    .iter()
-                    .any(|m| matches!(m.state, MirrorState::Rebuilding(_)))
-                {
-                    return format!("error {name} is already rebuilding\n");
-                }
                 let rate = match rest.first().map(|r| r.parse::<u64>()) {
                     None => self.rebuild_rate,
                     Some(Ok(r)) => r,
                     Some(Err(_)) => return "error rate must be bytes per second\n".into(),
                 };
                 // Visible as rebuilding before the answer, so a status right after it
-                // never shows the old failed state.
-                if let Err(e) = v.begin_rebuild(i) {
-                    return format!("error cannot start the rebuild: {e}\n");
-                }
+                // never shows the old failed state. The set refuses a healthy mirror, the
+                // last healthy one and a second rebuild, and says which.
+                let ticket = match v.begin_rebuild(i) {
+                    Ok(t) => t,
+                    Err(e) => return format!("error cannot start the rebuild: {e}\n"),
+                };
+                // The ticket goes to the thread once it exists, so a thread that cannot
+                // start leaves it here to give back.
+                let (tx, rx) = std::sync::mpsc::channel::<RebuildTicket>();
                 let (set, name) = (Arc::clone(v), (*name).to_owned());
                 let spawned = std::thread::Builder::new()
                     .name("ftss-rebuild".into())
-                    .spawn(move || match set.rebuild(i, rate, |_, _| {}) {
-                        Ok(()) => info!(volume = %name, mirror = i, "rebuild done"),
-                        Err(e) => warn!(volume = %name, mirror = i, "rebuild failed: {e}"),
+                    .spawn(move || {
+                        let Ok(ticket) = rx.recv() else { return };
+                        match set.run_rebuild(ticket, rate, |_, _| {}) {
+                            Ok(()) => info!(volume = %name, mirror = i, "rebuild done"),
+                            Err(e) => warn!(volume = %name, mirror = i, "rebuild failed: {e}"),
+                        }
                     });
-                match spawned {
-                    Ok(_) => format!("ok rebuild of mirror {i} started at {rate} bytes/s\n"),
-                    Err(e) => {
+                let sent = match spawned {
+                    Ok(_) => tx.send(ticket).map_err(|e| (e.0, "the thread is gone".to_owned())),
+                    Err(e) => Err((ticket, e.to_string())),
+                };
+                match sent {
+                    Ok(()) => format!("ok rebuild of mirror {i} started at {rate} bytes/s\n"),
+                    Err((ticket, e)) => {
                         // Out of service again: no copy is running to make it whole.
-                        v.fail(i, format!("rebuild not started: {e}"));
+                        v.abandon_rebuild(ticket, format!("rebuild not started: {e}"));
                         format!("error cannot start the rebuild: {e}\n")
                     }
                 }
@@ -228,4 +235,48 @@ pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::disk::{Disk, SimFault, SimFs};
+
+    fn handles(fs: &SimFs) -> (MediaHandles, Arc<MirrorSet>) {
+        let disks: Vec<(PathBuf, Box<dyn Disk>)> = ["a", "b"]
+            .iter()
+            .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
+            .collect();
+        let set = Arc::new(MirrorSet::open_disks(disks, 64, 512).expect("open"));
+        let h = MediaHandles {
+            volumes: vec![("vol".into(), Arc::clone(&set))],
+            ..MediaHandles::default()
+        };
+        (h, set)
+    }
+
+    #[test]
+    fn rebuild_refusals_are_clear_errors() {
+        let fs = SimFs::new(1);
+        let (h, set) = handles(&fs);
+        let a = h.handle("rebuild vol 1");
+        assert!(a.starts_with("error") && a.contains("is healthy"), "{a}");
+        fs.fail_next("b", SimFault::Write, 1);
+        set.write(0, &[1u8; 512]).expect("a takes it");
+        let a = h.handle("rebuild vol 0");
+        assert!(
+            a.starts_with("error") && a.contains("last healthy mirror"),
+            "{a}"
+        );
+        assert_eq!(set.status()[0].state, MirrorState::Healthy);
+        let a = h.handle("rebuild vol 1 0");
+        assert!(a.starts_with("ok"), "{a}");
+        for _ in 0..2000 {
+            if set.status()[1].state == MirrorState::Healthy {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("rebuild did not finish: {:?}", set.status());
+    }
 }
