@@ -191,6 +191,12 @@ pub fn start(
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
+    // Owner-only at once: whoever may connect may rebuild, scrub and retire nodes. The
+    // umask may have left it wider for this moment; the peer check covers that too.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
     let path: PathBuf = path.to_owned();
     let media = Arc::new(media);
     Ok(tokio::spawn(async move {
@@ -212,17 +218,44 @@ pub fn start(
     }))
 }
 
+/// The daemon's effective uid.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a peer running as `peer_uid` may use the admin socket of a daemon running as
+/// `own_uid`: root and the daemon's own user, nobody else. The socket's file mode says
+/// the same; this holds even if someone loosens it or the socket lives elsewhere.
+pub(crate) fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
+}
+
 async fn serve(sock: UnixStream, media: Arc<MediaHandles>) {
+    let own = effective_uid();
+    let refused = match sock.peer_cred() {
+        Ok(c) if peer_allowed(c.uid(), own) => None,
+        Ok(c) => Some(format!("uid {}", c.uid())),
+        Err(e) => Some(format!("unknown peer ({e})")),
+    };
     let (r, mut w) = sock.into_split();
     let mut line = String::new();
-    // One short line; a peer sending more is cut off rather than buffered.
+    // One short line; a peer sending more is cut off rather than buffered. Read before
+    // a refusal too: closing on an unread request would reset the connection, and the
+    // peer would see a broken pipe instead of the answer.
     let mut r = BufReader::new(r).take(4096);
     if r.read_line(&mut line).await.is_err() {
         return;
     }
-    let answer = tokio::task::spawn_blocking(move || media.handle(line.trim()))
-        .await
-        .unwrap_or_else(|e| format!("error {e}\n"));
+    let answer = match refused {
+        Some(who) => {
+            warn!("admin connection from {who} refused: only root and uid {own} may use it");
+            "error permission denied\n".to_owned()
+        }
+        None => tokio::task::spawn_blocking(move || media.handle(line.trim()))
+            .await
+            .unwrap_or_else(|e| format!("error {e}\n")),
+    };
     let _ = w.write_all(answer.as_bytes()).await;
     let _ = w.shutdown().await;
 }
@@ -253,6 +286,24 @@ mod tests {
             ..MediaHandles::default()
         };
         (h, set)
+    }
+
+    #[test]
+    fn only_root_and_the_daemons_user_pass_the_peer_check() {
+        let me = effective_uid();
+        assert!(peer_allowed(0, me), "root");
+        assert!(peer_allowed(me, me), "the daemon's own user");
+        assert!(peer_allowed(1000, 1000));
+        assert!(
+            peer_allowed(0, 1000),
+            "root, for a daemon not running as root"
+        );
+        let other = if me == 65534 { 65533 } else { 65534 };
+        assert!(
+            !peer_allowed(other, me),
+            "uid {other} for a daemon of uid {me}"
+        );
+        assert!(!peer_allowed(1001, 1000));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! such as a LUN's persistent reservations. Formats and rules: docs/design.md.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
@@ -275,11 +276,13 @@ impl MirrorSet {
     pub fn open(paths: &[PathBuf], blocks: u64, block_size: u32) -> Result<Self, MediaError> {
         let mut disks: Vec<(PathBuf, Box<dyn Disk>)> = Vec::new();
         for p in paths {
+            // Owner-only: a mirror holds the LUN's data.
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(p)?;
             disks.push((p.clone(), Box::new(f)));
         }
