@@ -180,8 +180,8 @@ pub struct MirrorSet {
     set_id: [u8; 16],
     epoch: AtomicU64,
     mirrors: Vec<Mirror>,
-    /// Writers hold it shared; a rebuild chunk holds it exclusively, so a stale copy never
-    /// overwrites a newer write.
+    /// Writers hold it shared; a rebuild chunk, a scrub chunk and a read-repair hold it
+    /// exclusively, so a stale copy never overwrites a newer write.
     io: RwLock<()>,
     repairs: AtomicU64,
     /// Repair writes (read-repair or scrub) that failed and took their mirror out.
