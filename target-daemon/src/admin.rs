@@ -4,7 +4,8 @@
 //! - `status`: the write cache's counters and every mirror's state (with rebuild
 //!   progress as `done/total` blocks);
 //! - `rebuild <iqn>/<lun> <mirror> [bytes-per-second]`: starts an online rebuild of one
-//!   mirror from the healthy copies, rate-limited, while I/O continues;
+//!   failed mirror from the healthy copies, rate-limited, while I/O continues (refused
+//!   for a healthy mirror, the last healthy one above all, and while the set rebuilds);
 //! - `scrub <iqn>/<lun>`: verifies every copy of every block, repairs bad ones, reports;
 //! - `nodes`: the routing table's nodes and the owners of registered addresses;
 //! - `nodes retire <initiator>`: releases an initiator's registered addresses and
@@ -12,6 +13,10 @@
 //!
 //! Answers start with `ok` or `error`. Plain text keeps it usable with `socat` when the
 //! CLI is not at hand.
+//!
+//! Whoever reaches the socket can take mirrors through rebuilds and retire nodes, so the
+//! socket is 0600 and every connection's peer uid (SO_PEERCRED) must be root or the
+//! daemon's own; anyone else gets `error permission denied`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
