@@ -4,7 +4,8 @@
 //! - `status`: the write cache's counters and every mirror's state (with rebuild
 //!   progress as `done/total` blocks);
 //! - `rebuild <iqn>/<lun> <mirror> [bytes-per-second]`: starts an online rebuild of one
-//!   mirror from the healthy copies, rate-limited, while I/O continues;
+//!   failed mirror from the healthy copies, rate-limited, while I/O continues (refused
+//!   for a healthy mirror, the last healthy one above all, and while the set rebuilds);
 //! - `scrub <iqn>/<lun>`: verifies every copy of every block, repairs bad ones, reports;
 //! - `nodes`: the routing table's nodes and the owners of registered addresses;
 //! - `nodes retire <initiator>`: releases an initiator's registered addresses and
@@ -12,6 +13,10 @@
 //!
 //! Answers start with `ok` or `error`. Plain text keeps it usable with `socat` when the
 //! CLI is not at hand.
+//!
+//! Whoever reaches the socket can take mirrors through rebuilds and retire nodes, so the
+//! socket is 0600 and every connection's peer uid (SO_PEERCRED) must be root or the
+//! daemon's own; anyone else gets `error permission denied`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::media::cache::WriteCache;
-use crate::media::mirror::{MirrorSet, MirrorState};
+use crate::media::mirror::{MirrorSet, MirrorState, RebuildTicket};
 
 /// The media the admin interface manages.
 #[derive(Clone, Default)]
@@ -69,10 +74,11 @@ impl MediaHandles {
         }
         for (name, v) in &self.volumes {
             out.push_str(&format!(
-                "volume {name} blocks={} block_size={} repairs={}\n",
+                "volume {name} blocks={} block_size={} repairs={} repair_failures={}\n",
                 v.blocks(),
                 v.block_size(),
-                v.repairs()
+                v.repairs(),
+                v.repair_failures()
             ));
             for (i, m) in v.status().iter().enumerate() {
                 let state = match &m.state {
@@ -118,34 +124,40 @@ impl MediaHandles {
                 if i >= v.status().len() {
                     return format!("error {name} has no mirror {i}\n");
                 }
-                if v.status()
-                    .iter()
-                    .any(|m| matches!(m.state, MirrorState::Rebuilding(_)))
-                {
-                    return format!("error {name} is already rebuilding\n");
-                }
                 let rate = match rest.first().map(|r| r.parse::<u64>()) {
                     None => self.rebuild_rate,
                     Some(Ok(r)) => r,
                     Some(Err(_)) => return "error rate must be bytes per second\n".into(),
                 };
                 // Visible as rebuilding before the answer, so a status right after it
-                // never shows the old failed state.
-                if let Err(e) = v.begin_rebuild(i) {
-                    return format!("error cannot start the rebuild: {e}\n");
-                }
+                // never shows the old failed state. The set refuses a healthy mirror, the
+                // last healthy one and a second rebuild, and says which.
+                let ticket = match v.begin_rebuild(i) {
+                    Ok(t) => t,
+                    Err(e) => return format!("error cannot start the rebuild: {e}\n"),
+                };
+                // The ticket goes to the thread once it exists, so a thread that cannot
+                // start leaves it here to give back.
+                let (tx, rx) = std::sync::mpsc::channel::<RebuildTicket>();
                 let (set, name) = (Arc::clone(v), (*name).to_owned());
                 let spawned = std::thread::Builder::new()
                     .name("ftss-rebuild".into())
-                    .spawn(move || match set.rebuild(i, rate, |_, _| {}) {
-                        Ok(()) => info!(volume = %name, mirror = i, "rebuild done"),
-                        Err(e) => warn!(volume = %name, mirror = i, "rebuild failed: {e}"),
+                    .spawn(move || {
+                        let Ok(ticket) = rx.recv() else { return };
+                        match set.run_rebuild(ticket, rate, |_, _| {}) {
+                            Ok(()) => info!(volume = %name, mirror = i, "rebuild done"),
+                            Err(e) => warn!(volume = %name, mirror = i, "rebuild failed: {e}"),
+                        }
                     });
-                match spawned {
-                    Ok(_) => format!("ok rebuild of mirror {i} started at {rate} bytes/s\n"),
-                    Err(e) => {
+                let sent = match spawned {
+                    Ok(_) => tx.send(ticket).map_err(|e| (e.0, "the thread is gone".to_owned())),
+                    Err(e) => Err((ticket, e.to_string())),
+                };
+                match sent {
+                    Ok(()) => format!("ok rebuild of mirror {i} started at {rate} bytes/s\n"),
+                    Err((ticket, e)) => {
                         // Out of service again: no copy is running to make it whole.
-                        v.fail(i, format!("rebuild not started: {e}"));
+                        v.abandon_rebuild(ticket, format!("rebuild not started: {e}"));
                         format!("error cannot start the rebuild: {e}\n")
                     }
                 }
@@ -184,6 +196,12 @@ pub fn start(
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
+    // Owner-only at once: whoever may connect may rebuild, scrub and retire nodes. The
+    // umask may have left it wider for this moment; the peer check covers that too.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
     let path: PathBuf = path.to_owned();
     let media = Arc::new(media);
     Ok(tokio::spawn(async move {
@@ -205,17 +223,44 @@ pub fn start(
     }))
 }
 
+/// The daemon's effective uid.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a peer running as `peer_uid` may use the admin socket of a daemon running as
+/// `own_uid`: root and the daemon's own user, nobody else. The socket's file mode says
+/// the same; this holds even if someone loosens it or the socket lives elsewhere.
+pub(crate) fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
+}
+
 async fn serve(sock: UnixStream, media: Arc<MediaHandles>) {
+    let own = effective_uid();
+    let refused = match sock.peer_cred() {
+        Ok(c) if peer_allowed(c.uid(), own) => None,
+        Ok(c) => Some(format!("uid {}", c.uid())),
+        Err(e) => Some(format!("unknown peer ({e})")),
+    };
     let (r, mut w) = sock.into_split();
     let mut line = String::new();
-    // One short line; a peer sending more is cut off rather than buffered.
+    // One short line; a peer sending more is cut off rather than buffered. Read before
+    // a refusal too: closing on an unread request would reset the connection, and the
+    // peer would see a broken pipe instead of the answer.
     let mut r = BufReader::new(r).take(4096);
     if r.read_line(&mut line).await.is_err() {
         return;
     }
-    let answer = tokio::task::spawn_blocking(move || media.handle(line.trim()))
-        .await
-        .unwrap_or_else(|e| format!("error {e}\n"));
+    let answer = match refused {
+        Some(who) => {
+            warn!("admin connection from {who} refused: only root and uid {own} may use it");
+            "error permission denied\n".to_owned()
+        }
+        None => tokio::task::spawn_blocking(move || media.handle(line.trim()))
+            .await
+            .unwrap_or_else(|e| format!("error {e}\n")),
+    };
     let _ = w.write_all(answer.as_bytes()).await;
     let _ = w.shutdown().await;
 }
@@ -228,4 +273,66 @@ pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::disk::{Disk, SimFault, SimFs};
+
+    fn handles(fs: &SimFs) -> (MediaHandles, Arc<MirrorSet>) {
+        let disks: Vec<(PathBuf, Box<dyn Disk>)> = ["a", "b"]
+            .iter()
+            .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
+            .collect();
+        let set = Arc::new(MirrorSet::open_disks(disks, 64, 512).expect("open"));
+        let h = MediaHandles {
+            volumes: vec![("vol".into(), Arc::clone(&set))],
+            ..MediaHandles::default()
+        };
+        (h, set)
+    }
+
+    #[test]
+    fn only_root_and_the_daemons_user_pass_the_peer_check() {
+        let me = effective_uid();
+        assert!(peer_allowed(0, me), "root");
+        assert!(peer_allowed(me, me), "the daemon's own user");
+        assert!(peer_allowed(1000, 1000));
+        assert!(
+            peer_allowed(0, 1000),
+            "root, for a daemon not running as root"
+        );
+        let other = if me == 65534 { 65533 } else { 65534 };
+        assert!(
+            !peer_allowed(other, me),
+            "uid {other} for a daemon of uid {me}"
+        );
+        assert!(!peer_allowed(1001, 1000));
+    }
+
+    #[test]
+    fn rebuild_refusals_are_clear_errors() {
+        let fs = SimFs::new(1);
+        let (h, set) = handles(&fs);
+        let a = h.handle("rebuild vol 1");
+        assert!(a.starts_with("error") && a.contains("is healthy"), "{a}");
+        fs.fail_next("b", SimFault::Write, 1);
+        set.write(0, &[1u8; 512]).expect("a takes it");
+        let a = h.handle("rebuild vol 0");
+        assert!(
+            a.starts_with("error") && a.contains("last healthy mirror"),
+            "{a}"
+        );
+        assert_eq!(set.status()[0].state, MirrorState::Healthy);
+        let a = h.handle("rebuild vol 1 0");
+        assert!(a.starts_with("ok"), "{a}");
+        for _ in 0..2000 {
+            if set.status()[1].state == MirrorState::Healthy {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("rebuild did not finish: {:?}", set.status());
+    }
 }

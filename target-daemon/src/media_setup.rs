@@ -17,6 +17,7 @@ use crate::routing::{AgentConfig, RoutingAgent};
 use crate::scsi::{LunSpec, ScsiTarget, TargetIdentity, VendorHandler};
 use ftss_proto::vendor::NodeAddr;
 use std::time::Duration;
+use tracing::warn;
 
 /// Block size of the packet queue's volume.
 const PACKET_BLOCK: u32 = 512;
@@ -43,12 +44,43 @@ pub(crate) fn volume_id(iqn: &str, lun: u16) -> u32 {
     h.min(u32::MAX - 1)
 }
 
+/// Creates the data directory owner-only (0700), or tightens an existing one that group
+/// or others may enter, with a warning: it holds the LUNs' data, the write cache and the
+/// admin socket. A directory that is shared (sticky, as /tmp) or owned by another user
+/// is not ours to change: it is left as it is, with a warning.
+pub(crate) fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if mode & 0o1000 != 0 || meta.uid() != crate::admin::effective_uid() {
+        warn!(
+            "data directory {} has mode {mode:o}: others may reach the LUNs' files; \
+             left as it is (shared or another user's)",
+            dir.display()
+        );
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    warn!(
+        "data directory {} had mode {mode:o}: tightened to 700",
+        dir.display()
+    );
+    Ok(())
+}
+
 /// Opens every LUN of every target.
 pub(crate) fn open_targets(
     config: &Config,
 ) -> Result<(Vec<Arc<TargetEntry>>, MediaHandles), ServerError> {
     let dir = &config.server.data_dir;
-    std::fs::create_dir_all(dir).map_err(|e| ServerError::Lun {
+    prepare_data_dir(dir).map_err(|e| ServerError::Lun {
         iqn: String::new(),
         lun: 0,
         msg: format!("{}: {e}", dir.display()),

@@ -239,7 +239,13 @@ struct SimState {
     snapshot: Option<HashMap<String, Vec<u8>>>,
     /// Injected failures per file name: (writes, syncs) left to fail with EIO.
     faults: HashMap<String, (u64, u64)>,
+    /// Test hooks run after each completed read of a file, outside the lock, so a test
+    /// can run other I/O at an exact point of an operation (see [`SimFs::after_read`]).
+    read_hooks: HashMap<String, ReadHook>,
 }
+
+/// What [`SimFs::after_read`] runs.
+pub type ReadHook = Box<dyn FnMut() + Send>;
 
 /// Which operation [`SimFs::fail_next`] makes fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,6 +281,7 @@ impl SimFs {
                 writeback_permille: 500,
                 snapshot: None,
                 faults: HashMap::new(),
+                read_hooks: HashMap::new(),
             })),
         }
     }
@@ -324,6 +331,26 @@ impl SimFs {
             SimFault::Write => f.0 = n,
             SimFault::Sync => f.1 = n,
         }
+    }
+
+    /// Runs `hook` after every successful read of file `name` (replacing an earlier
+    /// hook), outside the file system's lock: the hook may do I/O on any file, from this
+    /// thread or others, to interleave it with the reader at a chosen point.
+    pub fn after_read(&self, name: &str, hook: ReadHook) {
+        self.lock().read_hooks.insert(name.to_string(), hook);
+    }
+
+    /// Runs the read hook of `name`, if any, without holding the lock.
+    fn run_read_hook(&self, name: &str) {
+        let Some(mut hook) = self.lock().read_hooks.remove(name) else {
+            return;
+        };
+        hook();
+        // Put back unless the hook installed a new one meanwhile.
+        self.lock()
+            .read_hooks
+            .entry(name.to_string())
+            .or_insert(hook);
     }
 
     /// Consumes one injected failure of kind `what` on `name`, if one is left.
@@ -461,7 +488,9 @@ impl Disk for SimDisk {
             }
             buf.copy_from_slice(&f.current[off as usize..end]);
             Ok(())
-        })
+        })?;
+        self.fs.run_read_hook(&self.name);
+        Ok(())
     }
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
         self.with_fault(Some(SimFault::Write), |f| {

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,11 +29,13 @@ impl FileStore {
     /// Opens `path`, creating it sparse with `size` bytes when missing. An existing file
     /// must have exactly `size` bytes.
     pub fn open(path: &Path, size: u64, block_size: u32) -> Result<Self, MediaError> {
+        // Owner-only: the file is the LUN's data.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)?;
         let len = file.metadata()?.len();
         if len == 0 {

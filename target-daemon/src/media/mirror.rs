@@ -4,6 +4,7 @@
 //! such as a LUN's persistent reservations. Formats and rules: docs/design.md.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
@@ -102,6 +103,22 @@ pub enum MirrorState {
     Rebuilding(u64),
 }
 
+/// Proof that [`MirrorSet::begin_rebuild`] put a mirror into the rebuilding state and
+/// reserved the set for its rebuild; [`MirrorSet::run_rebuild`] consumes it, so each
+/// started rebuild runs its copy at most once.
+#[must_use = "a started rebuild holds the set until run_rebuild or abandon_rebuild"]
+#[derive(Debug)]
+pub struct RebuildTicket {
+    target: usize,
+}
+
+impl RebuildTicket {
+    /// The mirror being rebuilt.
+    pub fn mirror(&self) -> usize {
+        self.target
+    }
+}
+
 /// What `status` reports about one mirror.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MirrorStatus {
@@ -163,10 +180,15 @@ pub struct MirrorSet {
     set_id: [u8; 16],
     epoch: AtomicU64,
     mirrors: Vec<Mirror>,
-    /// Writers hold it shared; a rebuild chunk holds it exclusively, so a stale copy never
-    /// overwrites a newer write.
+    /// Writers hold it shared; a rebuild chunk, a scrub chunk and a read-repair hold it
+    /// exclusively, so a stale copy never overwrites a newer write.
     io: RwLock<()>,
     repairs: AtomicU64,
+    /// Repair writes (read-repair or scrub) that failed and took their mirror out.
+    repair_failures: AtomicU64,
+    /// The mirror whose rebuild holds the set, if any: one rebuild per set at a time, so
+    /// two copies never race over one target or starve I/O twice over.
+    rebuilding: Mutex<Option<usize>>,
     /// Serialises epoch changes and header rewrites.
     meta: Mutex<()>,
     /// Offset of the metadata area (slot A; slot B follows it).
@@ -265,11 +287,13 @@ impl MirrorSet {
     pub fn open(paths: &[PathBuf], blocks: u64, block_size: u32) -> Result<Self, MediaError> {
         let mut disks: Vec<(PathBuf, Box<dyn Disk>)> = Vec::new();
         for p in paths {
+            // Owner-only: a mirror holds the LUN's data.
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(p)?;
             disks.push((p.clone(), Box::new(f)));
         }
@@ -380,6 +404,8 @@ impl MirrorSet {
             mirrors,
             io: RwLock::new(()),
             repairs: AtomicU64::new(0),
+            repair_failures: AtomicU64::new(0),
+            rebuilding: Mutex::new(None),
             meta: Mutex::new(()),
             meta_off,
             file_len,
@@ -665,6 +691,25 @@ impl MirrorSet {
     /// Reads whole blocks from a mirror whose copy verifies, repairing bad copies.
     pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
         self.check_range(lba, buf.len())?;
+        if self.read_copies(lba, buf, false)? {
+            return Ok(());
+        }
+        // A copy needs repair. The good copy read above may already be older than a
+        // write that landed since; rewriting it now could put old data over new. So the
+        // repair reads again and writes under the exclusive I/O lock, which every write
+        // (destage) holds shared.
+        let _g = self
+            .io
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.read_copies(lba, buf, true).map(|_| ())
+    }
+
+    /// Reads blocks from the first healthy mirror whose copy verifies. Returns whether
+    /// every mirror read on the way verified; bad copies met on the way are rewritten
+    /// from the good one if `repair` (the caller holds the I/O lock exclusively), else
+    /// left for the caller to repair under it.
+    fn read_copies(&self, lba: u64, buf: &mut [u8], repair: bool) -> Result<bool, MediaError> {
         let bs = self.block_size as usize;
         let order: Vec<usize> = (0..self.mirrors.len())
             .filter(|&i| self.healthy(i))
@@ -673,17 +718,21 @@ impl MirrorSet {
         for &i in &order {
             match self.read_from(i, lba, buf) {
                 Ok(bad) if bad.is_empty() => {
-                    if let Some((j, blocks)) = first_bad {
-                        // Mirror j had bad copies that this one holds good: rewrite them.
-                        for k in blocks {
-                            let at = lba + k as u64;
-                            if self.write_one(j, at, &buf[k * bs..(k + 1) * bs]).is_ok() {
-                                self.repairs.fetch_add(1, Ordering::Relaxed);
-                                warn!(mirror = %self.mirrors[j].path.display(), lba = at, "repaired a corrupt block");
-                            }
-                        }
+                    let Some((j, blocks)) = first_bad else {
+                        return Ok(true);
+                    };
+                    if !repair {
+                        return Ok(false);
                     }
-                    return Ok(());
+                    // Mirror j had bad copies that this one holds good: rewrite them.
+                    for k in blocks {
+                        let at = lba + k as u64;
+                        if !self.repair_one(j, at, &buf[k * bs..(k + 1) * bs]) {
+                            break;
+                        }
+                        warn!(mirror = %self.mirrors[j].path.display(), lba = at, "repaired a corrupt block");
+                    }
+                    return Ok(true);
                 }
                 Ok(bad) => {
                     warn!(mirror = %self.mirrors[i].path.display(), lba, blocks = bad.len(), "checksum mismatch");
@@ -706,36 +755,173 @@ impl MirrorSet {
         m.sync()
     }
 
+    /// Rewrites one bad copy on mirror `i` (caller holds the I/O lock exclusively) and
+    /// counts it. A failed write or sync fails the mirror: the sync is never retried,
+    /// for Linux reports a writeback error once per open file, so a later sync on the
+    /// same handle would succeed and the write cache would free records this mirror
+    /// never got. Returns whether the copy was repaired.
+    fn repair_one(&self, i: usize, lba: u64, block: &[u8]) -> bool {
+        match self.write_one(i, lba, block) {
+            Ok(()) => {
+                self.repairs.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.repair_failures.fetch_add(1, Ordering::Relaxed);
+                self.fail(i, format!("repair of lba {lba} failed: {e}"));
+                false
+            }
+        }
+    }
+
     /// Puts mirror `target` into service for a rebuild: writers reach it from now on and
-    /// status shows it rebuilding, before the copy starts on its own thread.
-    pub fn begin_rebuild(&self, target: usize) -> Result<(), MediaError> {
+    /// status shows it rebuilding, before the copy starts (on its own thread, for the
+    /// admin interface) with [`run_rebuild`](Self::run_rebuild).
+    ///
+    /// Only a failed mirror is rebuilt, and only while another mirror is healthy to copy
+    /// from; one rebuild per set at a time. The checks and the state change happen
+    /// together under the set's rebuild lock and the mirror's state lock, so of two
+    /// concurrent calls exactly one succeeds. Refusals are
+    /// [`MediaError::RebuildRefused`].
+    pub fn begin_rebuild(&self, target: usize) -> Result<RebuildTicket, MediaError> {
         let m = self
             .mirrors
             .get(target)
-            .ok_or_else(|| MediaError::Failed(format!("no mirror {target}")))?;
-        // The replaced disk works before writers may reach it: cleared the other way
-        // round, a write landing in between would fail the mirror again at once.
-        m.inject_eio.store(false, Ordering::Relaxed);
-        *m.state() = MirrorState::Rebuilding(0);
-        Ok(())
+            .ok_or_else(|| MediaError::RebuildRefused(format!("no mirror {target}")))?;
+        let refuse = |why: String| Err(MediaError::RebuildRefused(why));
+        let mut running = self
+            .rebuilding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *running {
+            Some(r) if r == target => {
+                return refuse(format!("mirror {target} is already being rebuilt"));
+            }
+            Some(r) => {
+                return refuse(format!(
+                    "mirror {r} of this set is already being rebuilt; one at a time"
+                ));
+            }
+            None => {}
+        }
+        let sources = (0..self.mirrors.len())
+            .filter(|&j| j != target && self.healthy(j))
+            .count();
+        {
+            let mut state = m.state();
+            match (&*state, sources) {
+                (MirrorState::Healthy, 0) => {
+                    return refuse(format!(
+                        "mirror {target} is the last healthy mirror of the set: \
+                         rebuilding it would leave no copy to read"
+                    ));
+                }
+                (MirrorState::Healthy, _) => {
+                    return refuse(format!(
+                        "mirror {target} is healthy: only a failed mirror is rebuilt"
+                    ));
+                }
+                (MirrorState::Rebuilding(_), _) => {
+                    return refuse(format!("mirror {target} is already being rebuilt"));
+                }
+                (MirrorState::Failed(_), 0) => {
+                    return refuse(format!("no healthy mirror to copy mirror {target} from"));
+                }
+                (MirrorState::Failed(_), _) => {}
+            }
+            // The replaced disk works before writers may reach it: cleared the other way
+            // round, a write landing in between would fail the mirror again at once.
+            m.inject_eio.store(false, Ordering::Relaxed);
+            *state = MirrorState::Rebuilding(0);
+        }
+        *running = Some(target);
+        info!(mirror = %m.path.display(), "rebuild started");
+        Ok(RebuildTicket { target })
     }
 
-    /// Copies every block from a healthy mirror onto mirror `target`, `rate_bytes_s` at
-    /// most, while I/O continues, then the current metadata record; `progress(done,
-    /// total)` is called per chunk. A write error leaves the mirror failed.
+    /// Gives up a rebuild that [`begin_rebuild`](Self::begin_rebuild) started but that
+    /// will not run (its thread could not start): the mirror is failed again with `why`
+    /// and the set is free for another rebuild.
+    pub fn abandon_rebuild(&self, ticket: RebuildTicket, why: String) {
+        self.fail(ticket.target, why);
+        self.end_rebuild();
+    }
+
+    fn end_rebuild(&self) {
+        *self
+            .rebuilding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// [`begin_rebuild`](Self::begin_rebuild) and [`run_rebuild`](Self::run_rebuild) in
+    /// one call.
     pub fn rebuild(
         &self,
         target: usize,
         rate_bytes_s: u64,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<(), MediaError> {
+        let ticket = self.begin_rebuild(target)?;
+        self.run_rebuild(ticket, rate_bytes_s, progress)
+    }
+
+    /// Copies every block from a healthy mirror onto the mirror of `ticket`,
+    /// `rate_bytes_s` at most, while I/O continues, then the current metadata record;
+    /// `progress(done, total)` is called per chunk. It ends healthy only if nothing
+    /// failed it meanwhile: any write or sync error on it, from the copy or from the
+    /// writes it takes alongside, leaves it failed until a new rebuild is started.
+    pub fn run_rebuild(
+        &self,
+        ticket: RebuildTicket,
+        rate_bytes_s: u64,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(), MediaError> {
-        self.begin_rebuild(target)?;
-        info!(mirror = %self.mirrors[target].path.display(), "rebuild started");
+        let target = ticket.target;
+        let r = self.copy_to(target, rate_bytes_s, &mut progress);
+        let path = self.mirrors[target].path.display();
+        match &r {
+            Ok(()) => info!(mirror = %path, "rebuild complete"),
+            Err(e) => {
+                // A no-op when a write already failed it (its reason is kept).
+                self.fail(target, format!("rebuild stopped: {e}"));
+                warn!(mirror = %path, "rebuild failed: {e}");
+            }
+        }
+        self.end_rebuild();
+        r
+    }
+
+    /// Moves mirror `target` from rebuilding to `to`, only if it is still rebuilding:
+    /// anything that failed it since (a write or sync error) wins.
+    fn advance_rebuild(&self, target: usize, to: MirrorState) -> Result<(), MediaError> {
+        let mut state = self.mirrors[target].state();
+        match &*state {
+            MirrorState::Rebuilding(_) => {
+                *state = to;
+                Ok(())
+            }
+            MirrorState::Failed(why) => Err(MediaError::Failed(format!(
+                "mirror {target} failed during its rebuild: {why}"
+            ))),
+            MirrorState::Healthy => Err(MediaError::Failed(format!(
+                "mirror {target} left its rebuild"
+            ))),
+        }
+    }
+
+    fn copy_to(
+        &self,
+        target: usize,
+        rate_bytes_s: u64,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<(), MediaError> {
         let bs = u64::from(self.block_size);
         let chunk = (1u64 << 20) / bs;
         let mut buf = vec![0u8; (chunk * bs) as usize];
         let started = Instant::now();
         let mut lba = 0;
+        let m = &self.mirrors[target];
         while lba < self.blocks {
             let n = chunk.min(self.blocks - lba);
             let b = &mut buf[..(n * bs) as usize];
@@ -744,7 +930,10 @@ impl MirrorSet {
                     .io
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                self.read(lba, b)?;
+                // No point copying onto a mirror a write has failed meanwhile.
+                self.advance_rebuild(target, MirrorState::Rebuilding(lba))?;
+                // Under the lock held exclusively: repairs may write.
+                self.read_copies(lba, b, true)?;
                 let crcs: Vec<u8> = b
                     .chunks(bs as usize)
                     .flat_map(|x| {
@@ -757,16 +946,16 @@ impl MirrorSet {
                         c.to_le_bytes()
                     })
                     .collect();
-                let m = &self.mirrors[target];
-                m.write_at(b, self.data_off(lba))
+                if let Err(e) = m
+                    .write_at(b, self.data_off(lba))
                     .and_then(|()| m.write_at(&crcs, self.crc_off(lba)))
-                    .map_err(|e| {
-                        *m.state() = MirrorState::Failed(format!("rebuild write failed: {e}"));
-                        MediaError::Io(e)
-                    })?;
+                {
+                    self.fail(target, format!("rebuild write failed: {e}"));
+                    return Err(MediaError::Io(e));
+                }
+                lba += n;
+                self.advance_rebuild(target, MirrorState::Rebuilding(lba))?;
             }
-            lba += n;
-            *self.mirrors[target].state() = MirrorState::Rebuilding(lba);
             progress(lba, self.blocks);
             if rate_bytes_s > 0 {
                 let due = Duration::from_secs_f64((lba * bs) as f64 / rate_bytes_s as f64);
@@ -787,35 +976,47 @@ impl MirrorSet {
             let bytes = encode_meta(r.generation, &r.payload);
             area[at..at + bytes.len()].copy_from_slice(&bytes);
         }
-        let _g = self
-            .meta
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let m = &self.mirrors[target];
-        m.write_at(&area, self.meta_off)
-            .and_then(|()| m.sync())
-            .and_then(|()| {
-                m.write_at(
-                    &header(
-                        &self.set_id,
-                        target as u32,
-                        self.block_size,
-                        self.blocks,
-                        epoch,
-                    ),
-                    0,
-                )
-            })
-            .and_then(|()| m.sync())
-            .map_err(|e| {
-                *m.state() = MirrorState::Failed(format!("rebuild write failed: {e}"));
-                MediaError::Io(e)
-            })?;
-        *m.state() = MirrorState::Healthy;
+        let written = {
+            // Held from the header write to the state change, so an epoch raised by
+            // another mirror's failure either reaches this header or comes after the
+            // mirror is healthy and rewrites it.
+            let _g = self
+                .meta
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            // One fdatasync covers the copied chunks and the area; a second one orders
+            // the header (which makes the mirror current after a restart) after them.
+            let r = m
+                .write_at(&area, self.meta_off)
+                .and_then(|()| m.sync())
+                .and_then(|()| {
+                    m.write_at(
+                        &header(
+                            &self.set_id,
+                            target as u32,
+                            self.block_size,
+                            self.blocks,
+                            epoch,
+                        ),
+                        0,
+                    )
+                })
+                .and_then(|()| m.sync());
+            match r {
+                Ok(()) => Ok(self.advance_rebuild(target, MirrorState::Healthy)),
+                Err(e) => Err(e),
+            }
+        };
         drop(rec);
-        info!(mirror = %m.path.display(), "rebuild complete");
-        Ok(())
+        match written {
+            Ok(healthy) => healthy,
+            Err(e) => {
+                // After `meta` is released: failing takes it to raise the epoch.
+                self.fail(target, format!("rebuild write failed: {e}"));
+                Err(MediaError::Io(e))
+            }
+        }
     }
 
     /// Verifies every copy of every block, repairing bad copies from good ones.
@@ -861,8 +1062,8 @@ impl MirrorSet {
                     Err(e) => self.fail(i, format!("scrub read error: {e}")),
                 }
             }
-            // A verified read repairs the bad copies it finds.
-            self.read(lba, &mut other[..len])?;
+            // A verified read repairs the bad copies it finds (the lock is held).
+            self.read_copies(lba, &mut other[..len], true)?;
             report.repaired += self.repairs.load(Ordering::Relaxed) - before;
             // Copies that each verify can still disagree (a crash between the writes to
             // two mirrors of a block no longer in the journal cannot leave this, so it
@@ -877,9 +1078,10 @@ impl MirrorSet {
                         report.mismatches += 1;
                         let at = lba + k as u64;
                         warn!(mirror = %self.mirrors[i].path.display(), lba = at, "copies differ");
-                        if self.write_one(i, at, b).is_ok() {
+                        if self.repair_one(i, at, b) {
                             report.repaired += 1;
-                            self.repairs.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            break;
                         }
                     }
                 }
@@ -920,7 +1122,10 @@ impl MirrorSet {
                     report.repaired += 1;
                     self.repairs.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => self.fail(i, format!("metadata write error: {e}")),
+                Err(e) => {
+                    self.repair_failures.fetch_add(1, Ordering::Relaxed);
+                    self.fail(i, format!("metadata write error: {e}"));
+                }
             }
         }
     }
@@ -944,6 +1149,11 @@ impl MirrorSet {
     /// Bad copies rewritten from good ones since start.
     pub fn repairs(&self) -> u64 {
         self.repairs.load(Ordering::Relaxed)
+    }
+
+    /// Repairs (read-repair, scrub) whose write or sync failed and failed their mirror.
+    pub fn repair_failures(&self) -> u64 {
+        self.repair_failures.load(Ordering::Relaxed)
     }
 
     /// Test hook: make every I/O on mirror `i` fail with EIO (a disk going bad).
@@ -1357,5 +1567,279 @@ mod tests {
             old > 0 && new > acked && acked > 0,
             "cuts before, during and after: {old} old, {new} new, {acked} acknowledged"
         );
+    }
+
+    use super::super::disk::{SimFault, SimFs};
+    use std::sync::Arc;
+
+    /// Blocks in the simulated sets: two rebuild chunks of 512-byte blocks.
+    const SIM_BLOCKS: u64 = 4096;
+
+    fn sim_set(fs: &SimFs, names: &[&str]) -> MirrorSet {
+        let disks: Vec<(PathBuf, Box<dyn Disk>)> = names
+            .iter()
+            .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
+            .collect();
+        MirrorSet::open_disks(disks, SIM_BLOCKS, 512).expect("open")
+    }
+
+    /// Fails mirror `name` (index `i`) with one injected write error.
+    fn fail_by_write(fs: &SimFs, s: &MirrorSet, name: &str, i: usize) {
+        fs.fail_next(name, SimFault::Write, 1);
+        s.write(SIM_BLOCKS - 8, &pattern(0xee))
+            .expect("the others take it");
+        assert!(
+            matches!(s.status()[i].state, MirrorState::Failed(_)),
+            "{:?}",
+            s.status()
+        );
+    }
+
+    fn failed(s: &MirrorSet, i: usize) -> bool {
+        matches!(s.status()[i].state, MirrorState::Failed(_))
+    }
+
+    /// Overwrites block `lba`'s data on the simulated file `name`, leaving its crc: a
+    /// copy that no longer verifies.
+    fn corrupt(fs: &SimFs, name: &str, lba: u64) {
+        fs.file(name)
+            .write_at(&[0xa5; 512], HEADER_LEN + lba * 512)
+            .expect("corrupt");
+    }
+
+    #[test]
+    fn a_write_or_sync_error_on_the_rebuild_target_leaves_it_failed() {
+        for fault in [SimFault::Write, SimFault::Sync] {
+            let fs = SimFs::new(1);
+            let s = sim_set(&fs, &["a", "b"]);
+            s.write(10, &pattern(1)).expect("write");
+            fail_by_write(&fs, &s, "b", 1);
+            let mut chunks = 0;
+            let r = s.rebuild(1, 0, |_, _| {
+                chunks += 1;
+                if chunks == 1 {
+                    // Block 10 is already copied: this write is the only way b gets
+                    // the new data, and b fails it.
+                    fs.fail_next("b", fault, 1);
+                    s.write(10, &pattern(3)).expect("a takes the write");
+                    s.sync().expect("a syncs");
+                }
+            });
+            assert!(chunks >= 1, "{fault:?}: the rebuild copied a chunk");
+            let mut got = vec![0u8; 4096];
+            s.read(10, &mut got).expect("read");
+            assert!(got == pattern(3), "{fault:?}: the new data");
+            // Without a, only b could answer: it must not, for it missed the write.
+            s.inject_eio(0, true);
+            let stale = s.read(10, &mut got).is_ok() && got == pattern(1);
+            assert!(!stale, "{fault:?}: a read returned stale data from b");
+            assert!(
+                failed(&s, 1),
+                "{fault:?}: b stays failed after its {fault:?} error, state {:?}, rebuild {r:?}",
+                s.status()[1].state
+            );
+            assert!(r.is_err(), "{fault:?}: the rebuild reports the failure");
+        }
+    }
+
+    #[test]
+    fn a_write_error_of_the_rebuild_itself_leaves_the_target_failed() {
+        let fs = SimFs::new(2);
+        let s = sim_set(&fs, &["a", "b"]);
+        s.write(10, &pattern(1)).expect("write");
+        fail_by_write(&fs, &s, "b", 1);
+        fs.fail_next("b", SimFault::Write, 1);
+        assert!(s.rebuild(1, 0, |_, _| {}).is_err());
+        assert!(failed(&s, 1), "{:?}", s.status());
+        // A new, explicit rebuild may run again and succeeds.
+        s.rebuild(1, 0, |_, _| {}).expect("second rebuild");
+        assert_eq!(s.status()[1].state, MirrorState::Healthy);
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+    }
+
+    #[test]
+    fn of_two_concurrent_rebuilds_exactly_one_runs() {
+        use std::sync::mpsc;
+        let fs = SimFs::new(3);
+        let s = sim_set(&fs, &["a", "b", "c"]);
+        s.write(10, &pattern(1)).expect("write");
+        fail_by_write(&fs, &s, "b", 1);
+        fail_by_write(&fs, &s, "c", 2);
+        let (running_tx, running_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let wait = Duration::from_secs(20);
+        std::thread::scope(|sc| {
+            let first = sc.spawn(|| {
+                let mut running = Some(running_tx);
+                s.rebuild(1, 0, move |_, _| {
+                    if let Some(tx) = running.take() {
+                        let _ = tx.send(());
+                        let _ = go_rx.recv_timeout(wait);
+                    }
+                })
+            });
+            running_rx
+                .recv_timeout(wait)
+                .expect("the first rebuild runs");
+            let same = s.rebuild(1, 0, |_, _| {});
+            let other = s.rebuild(2, 0, |_, _| {});
+            let _ = go_tx.send(());
+            let first = first.join().expect("first rebuild thread");
+            assert!(
+                same.is_err(),
+                "a second rebuild of mirror 1 ran beside the first: {same:?}"
+            );
+            assert!(
+                other.is_err(),
+                "a rebuild of mirror 2 ran beside the one of mirror 1: {other:?}"
+            );
+            let msg = same.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("already"), "{msg}");
+            first.expect("the first rebuild completes");
+        });
+        assert_eq!(s.status()[1].state, MirrorState::Healthy);
+        assert!(failed(&s, 2), "mirror 2 was never started");
+        s.rebuild(2, 0, |_, _| {}).expect("one after the other");
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+    }
+
+    #[test]
+    fn the_last_healthy_mirror_is_not_rebuilt() {
+        let fs = SimFs::new(4);
+        let s = sim_set(&fs, &["a", "b"]);
+        s.write(10, &pattern(1)).expect("write");
+        fail_by_write(&fs, &s, "b", 1);
+        let r = s.rebuild(0, 0, |_, _| {});
+        assert_eq!(
+            s.status()[0].state,
+            MirrorState::Healthy,
+            "the last healthy mirror stays in service (rebuild said {r:?})"
+        );
+        let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("last healthy"), "refused by name: {msg:?}");
+        let mut got = vec![0u8; 4096];
+        s.read(10, &mut got).expect("reads go on");
+        assert_eq!(got, pattern(1));
+        // A healthy mirror with a healthy partner has nothing to rebuild either.
+        s.rebuild(1, 0, |_, _| {}).expect("rebuild b");
+        let msg = s.rebuild(0, 0, |_, _| {}).err().map(|e| e.to_string());
+        assert!(
+            msg.as_deref().is_some_and(|m| m.contains("healthy")),
+            "{msg:?}"
+        );
+        assert_eq!(s.status()[0].state, MirrorState::Healthy);
+    }
+
+    #[test]
+    fn a_failed_repair_write_or_sync_on_read_fails_that_mirror() {
+        for fault in [SimFault::Write, SimFault::Sync] {
+            let fs = SimFs::new(5);
+            let s = sim_set(&fs, &["a", "b"]);
+            s.write(0, &pattern(7)).expect("write");
+            s.sync().expect("sync");
+            corrupt(&fs, "a", 3);
+            fs.fail_next("a", fault, 1);
+            let mut got = vec![0u8; 4096];
+            s.read(0, &mut got).expect("b answers");
+            assert_eq!(got, pattern(7));
+            assert!(
+                failed(&s, 0),
+                "{fault:?}: a failed repair leaves a out of service, state {:?}",
+                s.status()[0].state
+            );
+            assert_eq!(s.repairs(), 0, "{fault:?}: nothing was repaired");
+        }
+    }
+
+    #[test]
+    fn a_failed_repair_write_or_sync_in_scrub_fails_that_mirror() {
+        for fault in [SimFault::Write, SimFault::Sync] {
+            // A copy that fails its checksum.
+            let fs = SimFs::new(6);
+            let s = sim_set(&fs, &["a", "b"]);
+            s.write(0, &pattern(7)).expect("write");
+            corrupt(&fs, "a", 3);
+            fs.fail_next("a", fault, 1);
+            s.scrub().expect("scrub");
+            assert!(
+                failed(&s, 0),
+                "{fault:?}: checksum repair, state {:?}",
+                s.status()[0].state
+            );
+            // Copies that each verify but differ: b gets a's, and fails to take it.
+            let fs = SimFs::new(7);
+            let s = sim_set(&fs, &["a", "b"]);
+            s.write(0, &pattern(7)).expect("write");
+            let other = pattern(8);
+            let crc = crc32c::crc32c(&other[..512]).max(1);
+            let a = fs.file("a");
+            a.write_at(&other[..512], HEADER_LEN).expect("data");
+            a.write_at(&crc.to_le_bytes(), HEADER_LEN + SIM_BLOCKS * 512)
+                .expect("crc");
+            fs.fail_next("b", fault, 1);
+            let r = s.scrub().expect("scrub");
+            assert_eq!(r.mismatches, 1);
+            assert!(
+                failed(&s, 1),
+                "{fault:?}: copies-differ repair, state {:?}",
+                s.status()[1].state
+            );
+        }
+    }
+
+    /// A reader finds a bad copy on a, reads the good one on b, and before it rewrites a
+    /// a newer write (a destage) of the same block lands on both: the repair must not
+    /// put the old data back over it.
+    #[test]
+    fn read_repair_never_overwrites_a_newer_write() {
+        use std::sync::mpsc;
+        let fs = SimFs::new(8);
+        let s = Arc::new(sim_set(&fs, &["a", "b"]));
+        s.write(0, &pattern(1)).expect("write");
+        s.sync().expect("sync");
+        corrupt(&fs, "a", 0);
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let writer = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                if go_rx.recv().is_ok() {
+                    s.write(0, &pattern(2)).expect("newer write");
+                    let _ = done_tx.send(());
+                }
+            })
+        };
+        // The reader reads b's data, then its crcs: right after those, the writer runs.
+        let mut reads_of_b = 0;
+        let mut go = Some(go_tx);
+        fs.after_read(
+            "b",
+            Box::new(move || {
+                reads_of_b += 1;
+                if reads_of_b == 2 {
+                    if let Some(go) = go.take() {
+                        let _ = go.send(());
+                        // Were the writer held back by a lock the reader holds, it
+                        // could not finish now: go on after a while rather than hang.
+                        let _ = done_rx.recv_timeout(Duration::from_secs(5));
+                    }
+                }
+            }),
+        );
+        let mut got = vec![0u8; 4096];
+        s.read(0, &mut got).expect("read");
+        assert!(got == pattern(1) || got == pattern(2), "old or new");
+        writer.join().expect("writer");
+        s.read(0, &mut got).expect("read");
+        assert!(
+            got == pattern(2),
+            "a repair wrote the old block 0 over the newer write: {}",
+            if got[..512] == pattern(1)[..512] {
+                "block 0 is the old data"
+            } else {
+                "block 0 is neither"
+            }
+        );
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
     }
 }

@@ -51,6 +51,10 @@ pub enum MediaError {
     /// The store cannot take the write now, but may later (BUSY / TASK SET FULL).
     #[error("store is full, try again")]
     Full,
+    /// A mirror rebuild that may not start: the mirror needs none, it is the last healthy
+    /// copy, there is no healthy copy to take the data from, or a rebuild is running.
+    #[error("rebuild refused: {0}")]
+    RebuildRefused(String),
     /// A metadata record larger than a mirror set's metadata slot.
     #[error("metadata record of {len} bytes: a slot holds at most {max}")]
     MetaTooLarge {

@@ -1122,9 +1122,17 @@ fn sync_dir(file: &Path) -> std::io::Result<()> {
 /// the old state or the new one.
 fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = file.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Owner-only (the rename keeps the mode): the state names the initiators and
+        // their reservation keys.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -1174,6 +1182,19 @@ mod tests {
         assert!(decode(&bad).expect_err("damaged").contains("crc32c"));
         assert!(decode(&f[..f.len() - 1]).is_err());
         assert!(decode(b"nonsense").is_err());
+    }
+
+    #[test]
+    fn the_state_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("ftss-pr-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        let f = d.join("lun.pr");
+        write_atomic(&f, b"state").expect("write");
+        let mode = std::fs::metadata(&f).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
