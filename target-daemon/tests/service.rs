@@ -213,8 +213,18 @@ fn sigterm_finishes_the_commands_and_leaves_nothing_in_the_write_cache() {
     // Started again, the daemon finds nothing to recover, and every block is there.
     let mut child = spawn(&config, &[], &[], &dir.join("daemon2.log"));
     wait_portal(port);
-    let status =
-        ftss_target::admin::request(&dir.join("ftss-admin.sock"), "status").expect("admin status");
+    // The admin socket is bound just after the portals: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match ftss_target::admin::request(&dir.join("ftss-admin.sock"), "status") {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("admin status: {e}"),
+        }
+    };
     let recovered = status
         .split_whitespace()
         .find_map(|w| w.strip_prefix("recovered_records="))
