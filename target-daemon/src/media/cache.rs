@@ -26,8 +26,10 @@ const KIND_WRAP: u16 = 3;
 /// count (u64 little endian). Through the journal, so it is ordered with the writes
 /// around it and as durable as they are.
 const KIND_DISCARD: u16 = 4;
-/// Blocks of checksums GET LBA STATUS reads from the mirrors at a time.
-const PROVISIONING_CHUNK_BLOCKS: u64 = 1 << 16;
+/// Blocks of checksums GET LBA STATUS reads from the mirrors at first, and at most, at a
+/// time: it starts small, since a short extent ends the answer, and doubles.
+const PROVISIONING_CHUNK_FIRST: u64 = 1 << 10;
+const PROVISIONING_CHUNK_MAX: u64 = 1 << 16;
 const HDR_LEN: u64 = 48;
 const ALIGN: u64 = 64;
 /// How long committed records may wait in the ring before destage (unless it fills).
@@ -947,8 +949,10 @@ impl WriteCache {
         let end = lba.saturating_add(max).min(m.blocks());
         let mut state = None;
         let mut at = lba;
+        let mut chunk = PROVISIONING_CHUNK_FIRST;
         while at < end {
-            let n = (end - at).min(PROVISIONING_CHUNK_BLOCKS);
+            let n = (end - at).min(chunk);
+            chunk = (chunk * 2).min(PROVISIONING_CHUNK_MAX);
             let sources = Self::sources(&lock(&self.inner), volume, at, n);
             let crcs = m.checksums(at, n)?;
             for (src, crc) in sources.iter().zip(crcs) {
@@ -1773,11 +1777,19 @@ mod discard_tests {
     /// The cache and a mirror set on a simulated file system, without the destage thread
     /// so each test decides when records reach the mirrors.
     fn media(fs: &SimFs, fresh: bool) -> (Arc<WriteCache>, Arc<MirrorSet>, CachedVolume) {
+        media_of(fs, fresh, BLOCKS)
+    }
+
+    fn media_of(
+        fs: &SimFs,
+        fresh: bool,
+        blocks: u64,
+    ) -> (Arc<WriteCache>, Arc<MirrorSet>, CachedVolume) {
         let disks: Vec<(PathBuf, Box<dyn Disk>)> = ["a", "b"]
             .iter()
             .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
             .collect();
-        let set = Arc::new(MirrorSet::open_disks(disks, BLOCKS, 512).expect("mirrors"));
+        let set = Arc::new(MirrorSet::open_disks(disks, blocks, 512).expect("mirrors"));
         let region = fs.file("wc");
         if fresh {
             region.set_size(RING_START + (1 << 20)).expect("size");
@@ -1885,6 +1897,32 @@ mod discard_tests {
             v.unmap(BLOCKS - 1, 2),
             Err(MediaError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn lba_status_extents_span_the_checksum_chunks() {
+        let fs = SimFs::new(3);
+        let (cache, _set, v) = media_of(&fs, true, 5000);
+        v.write_blocks(3000, &fill(1, 1), false).expect("write");
+        let status = |v: &CachedVolume| {
+            let mut out = Vec::new();
+            let mut lba = 0;
+            while lba < 5000 {
+                let (s, n) = v.provisioning(lba, 5000 - lba).expect("status");
+                out.push((s, n));
+                lba += n;
+            }
+            out
+        };
+        let want = vec![(D, 3000), (M, 1), (D, 1999)];
+        assert_eq!(status(&v), want, "in the ring");
+        cache.destage_committed().expect("destage");
+        assert_eq!(status(&v), want, "on the mirrors");
+        assert_eq!(
+            v.provisioning(10, 20).expect("status"),
+            (D, 20),
+            "at most max"
+        );
     }
 
     #[test]
