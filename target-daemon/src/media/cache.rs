@@ -111,7 +111,7 @@ struct Discard {
 
 /// Where the current copy of a block is, for a read or GET LBA STATUS.
 enum Source {
-    /// In the ring, at this physical offset.
+    /// In the ring, at this log position.
     Ring(u64),
     /// Deallocated by a discard not yet destaged: zeros.
     Discarded,
