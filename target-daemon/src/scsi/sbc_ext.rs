@@ -398,6 +398,8 @@ pub(crate) fn write_atomic(c: &Ctx<'_>) -> CmdResult {
 pub(crate) const SANITIZE: u8 = 0x48;
 /// SANITIZE service action BLOCK ERASE.
 const SANITIZE_BLOCK_ERASE: u8 = 0x02;
+/// SANITIZE service action EXIT FAILURE MODE.
+const SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1f;
 
 /// SANITIZE (48h), BLOCK ERASE: every block is deallocated, so all of it reads back as
 /// zeros (LBPRZ) and no earlier data can be read again. Where the store cannot
@@ -426,6 +428,26 @@ pub(crate) fn sanitize(c: &Ctx<'_>) -> CmdResult {
     Ok(Reply::none())
 }
 
+/// SANITIZE (48h), EXIT FAILURE MODE (SBC-3 5.30): ends the failure mode a failed
+/// sanitize leaves a device in. BLOCK ERASE here never leaves one: it either completes or
+/// fails like any write (the LUN keeps serving, and the erase can be repeated), so there
+/// is no failure mode to exit and the command completes at once. Like BLOCK ERASE it takes
+/// no parameter list.
+pub(crate) fn sanitize_exit_failure_mode(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] & 0x40 != 0 {
+        return Err(field(1, Some(6)));
+    }
+    if cdb[2..7].iter().any(|&b| b != 0) {
+        return Err(field(2, None));
+    }
+    if be(cdb, 7, 2).unwrap_or(0) != 0 {
+        return Err(field(7, None));
+    }
+    writable(c)?;
+    Ok(Reply::none())
+}
+
 /// The commands of this module, listed after the base table (see
 /// [`commands`](super::target::commands)).
 pub(crate) static COMMANDS: &[Command] = &[
@@ -435,6 +457,13 @@ pub(crate) static COMMANDS: &[Command] = &[
         cdb_len: 10,
         usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
         run: sanitize,
+    },
+    Command {
+        opcode: SANITIZE,
+        sa: Some(SANITIZE_EXIT_FAILURE_MODE),
+        cdb_len: 10,
+        usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
+        run: sanitize_exit_failure_mode,
     },
     Command {
         opcode: op::WRITE_SAME_10,
@@ -680,6 +709,10 @@ mod tests {
         rc16.resize(16, 0);
         rc16[13] = 32;
         let o = run(&t, &n, &rc16, &[]);
+        assert_eq!(
+            o.data_in[13], 3,
+            "8 logical blocks per 4 KiB physical block"
+        );
         assert_eq!(o.data_in[14], 0xc0, "LBPME, LBPRZ");
         // Logical Block Provisioning VPD: LBPU, LBPWS, LBPWS10, LBPRZ; thin provisioned.
         let o = run(&t, &n, &[0x12, 0x01, 0xb2, 0, 0x40, 0], &[]);
@@ -738,6 +771,16 @@ mod tests {
         let o = run(&t, &n, &w10, &[0x11; 512]);
         assert_eq!((o.status, o.sense), (0, None));
         assert_eq!(lba_status(&t, &n, 4)[..2], [(4, 1, 1), (5, 1, 0)]);
+        // SANITIZE EXIT FAILURE MODE: no failure mode to leave; no parameter list.
+        let o = run(&t, &n, &[0x48, 0x1f, 0, 0, 0, 0, 0, 0, 8, 0], &[0; 8]);
+        assert_eq!(sense(&o), Some((5, 0x24, 0, 7)), "a parameter list");
+        let o = run(&t, &n, &[0x48, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!((o.status, o.sense), (0, None));
+        assert_eq!(
+            lba_status(&t, &n, 4)[..2],
+            [(4, 1, 1), (5, 1, 0)],
+            "changes nothing"
+        );
         cache.shutdown();
         let _ = std::fs::remove_dir_all(dir);
     }
