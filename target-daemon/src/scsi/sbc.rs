@@ -237,24 +237,12 @@ pub(crate) fn read_capacity_10(c: &Ctx<'_>) -> CmdResult {
     Ok(Reply::good(d))
 }
 
-/// Bytes the media under every LUN writes and deallocates at once: the page cache and the
-/// file system of the plain file or of the mirrors work in 4 KiB pages.
-const PHYSICAL_BLOCK_BYTES: u32 = 4096;
-
-/// READ CAPACITY (16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: a 512-byte LUN has 8
-/// logical blocks per 4 KiB page (2^3), so initiators that align to it write whole pages
-/// (no read-modify-write) and unmap whole pages (which frees space rather than zeroing it).
-pub(crate) fn physical_block_exponent(block_size: u32) -> u8 {
-    (PHYSICAL_BLOCK_BYTES / block_size.max(1)).max(1).ilog2() as u8
-}
-
 pub(crate) fn read_capacity_16(c: &Ctx<'_>) -> CmdResult {
     ready(c.lun)?;
     let alloc = allocation_length(c.cmd.cdb).unwrap_or(0);
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&(c.lun.blocks() - 1).to_be_bytes());
     d[8..12].copy_from_slice(&c.lun.block_size().to_be_bytes());
-    d[13] = physical_block_exponent(c.lun.block_size());
     d[14] = super::sbc_ext::provisioning_bits(c.lun);
     d.truncate(alloc as usize);
     Ok(Reply::good(d))
