@@ -709,10 +709,6 @@ mod tests {
         rc16.resize(16, 0);
         rc16[13] = 32;
         let o = run(&t, &n, &rc16, &[]);
-        assert_eq!(
-            o.data_in[13], 3,
-            "8 logical blocks per 4 KiB physical block"
-        );
         assert_eq!(o.data_in[14], 0xc0, "LBPME, LBPRZ");
         // Logical Block Provisioning VPD: LBPU, LBPWS, LBPWS10, LBPRZ; thin provisioned.
         let o = run(&t, &n, &[0x12, 0x01, 0xb2, 0, 0x40, 0], &[]);
