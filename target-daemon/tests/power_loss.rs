@@ -11,7 +11,11 @@
 //! - on odd seeds the writers wait for commits the way the iSCSI connection does
 //!   (`defer_commits`, then the async `committed`), on even seeds in the blocking call;
 //! - every block holds exactly one version that some writer wrote (never garbage), and a
-//!   scrub of the mirrors finds no disagreement.
+//!   scrub of the mirrors finds no disagreement;
+//! - UNMAP is part of the mix: an unmap is a version of its blocks that reads as zeros
+//!   (LBPRZ) and is held to the same rules as a write, and GET LBA STATUS says
+//!   deallocated exactly for the blocks that read as zeros (no write of this test is
+//!   zeros).
 //!
 //! `FTSS_POWER_SEEDS` sets how many seeds run per mode (default 128).
 
@@ -24,7 +28,7 @@ use std::time::Duration;
 use ftss_target::media::cache::{defer_commits, CachedVolume, WriteCache};
 use ftss_target::media::disk::{Disk, SimFs};
 use ftss_target::media::mirror::MirrorSet;
-use ftss_target::media::{BlockStore, CacheMode};
+use ftss_target::media::{BlockStore, CacheMode, Provisioning};
 
 const BS: usize = 512;
 const BLOCKS: u64 = 512;
@@ -60,12 +64,26 @@ fn decode(lba: u64, b: &[u8]) -> Option<u64> {
     (pattern(lba, v) == b).then_some(v)
 }
 
-#[derive(Clone, Copy, Default, Debug)]
+#[derive(Clone, Default, Debug)]
 struct BlockLog {
     /// Highest version that must survive.
     guaranteed: u64,
     /// Highest version ever issued.
     issued: u64,
+    /// Versions that were unmaps (they read as zeros), ascending.
+    unmaps: Vec<u64>,
+}
+
+impl BlockLog {
+    /// Whether the block may read as zeros: it was never made durable, or one of the
+    /// versions it may hold is an unmap.
+    fn may_be_zeros(&self) -> bool {
+        self.guaranteed == 0
+            || self
+                .unmaps
+                .iter()
+                .any(|&u| (self.guaranteed..=self.issued).contains(&u))
+    }
 }
 
 struct Rng(u64);
@@ -155,7 +173,9 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
                     }
                     continue;
                 }
-                let n = 1 + r.next() % 4;
+                // One operation in six is an UNMAP, of up to 8 blocks.
+                let unmap = r.next().is_multiple_of(6);
+                let n = 1 + r.next() % if unmap { 8 } else { 4 };
                 let lba = base + r.next() % (PER_WRITER - n + 1);
                 let mut data = Vec::with_capacity(n as usize * BS);
                 let mut versions = Vec::new();
@@ -165,11 +185,20 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
                         let e = &mut l[(lba + k) as usize];
                         e.issued += 1;
                         versions.push(e.issued);
-                        data.extend_from_slice(&pattern(lba + k, e.issued));
+                        if unmap {
+                            e.unmaps.push(e.issued);
+                        } else {
+                            data.extend_from_slice(&pattern(lba + k, e.issued));
+                        }
                     }
                 }
-                let fua = mode == CacheMode::Volatile && r.next().is_multiple_of(16);
-                if !store(&|| vol.write_blocks(lba, &data, fua).is_ok()) {
+                let fua = !unmap && mode == CacheMode::Volatile && r.next().is_multiple_of(16);
+                let done = if unmap {
+                    store(&|| vol.unmap(lba, n).is_ok())
+                } else {
+                    store(&|| vol.write_blocks(lba, &data, fua).is_ok())
+                };
+                if !done {
                     return; // the power is out
                 }
                 let durable = mode == CacheMode::Nonvolatile || fua;
@@ -221,14 +250,36 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
     for lba in 0..BLOCKS {
         vol2.read_blocks(lba, &mut buf)
             .unwrap_or_else(|e| panic!("seed {seed} {mode:?}: read lba {lba}: {e}"));
-        let e = log[lba as usize];
+        let e = &log[lba as usize];
         let v = decode(lba, &buf)
             .unwrap_or_else(|| panic!("seed {seed} {mode:?}: lba {lba} holds garbage"));
-        assert!(
-            v >= e.guaranteed && v <= e.issued,
-            "seed {seed} {mode:?}: lba {lba} holds version {v}, guaranteed {}, issued {}",
-            e.guaranteed,
-            e.issued
+        if v == 0 {
+            assert!(
+                e.may_be_zeros(),
+                "seed {seed} {mode:?}: lba {lba} reads zeros, but version {} (no unmap \
+                 from it to {}) was guaranteed",
+                e.guaranteed,
+                e.issued
+            );
+        } else {
+            assert!(
+                v >= e.guaranteed && v <= e.issued,
+                "seed {seed} {mode:?}: lba {lba} holds version {v}, guaranteed {}, issued {}",
+                e.guaranteed,
+                e.issued
+            );
+        }
+        let (state, _) = vol2
+            .provisioning(lba, 1)
+            .unwrap_or_else(|e| panic!("seed {seed} {mode:?}: status of lba {lba}: {e}"));
+        assert_eq!(
+            state,
+            if v == 0 {
+                Provisioning::Deallocated
+            } else {
+                Provisioning::Mapped
+            },
+            "seed {seed} {mode:?}: lba {lba} holds version {v}"
         );
         if e.guaranteed > 0 {
             checked += 1;

@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use super::disk::{MmapRegion, Region};
 use super::mirror::MirrorSet;
-use super::{BlockStore, CacheMode, MediaError};
+use super::{BlockStore, CacheMode, MediaError, Provisioning};
 
 const SB_MAGIC: &[u8; 8] = b"FTSSWC01";
 const SB_LEN: u64 = 4096;
@@ -23,6 +23,14 @@ const REC_MAGIC: u32 = 0x4654_5752;
 const VERSION: u16 = 1;
 const KIND_BLOCKS: u16 = 1;
 const KIND_WRAP: u16 = 3;
+/// Deallocate (UNMAP) a range: the header's lba is the first block, the payload the block
+/// count (u64 little endian). Through the journal, so it is ordered with the writes
+/// around it and as durable as they are.
+const KIND_DISCARD: u16 = 4;
+/// Blocks of checksums GET LBA STATUS reads from the mirrors at first, and at most, at a
+/// time: it starts small, since a short extent ends the answer, and doubles.
+const PROVISIONING_CHUNK_FIRST: u64 = 1 << 10;
+const PROVISIONING_CHUNK_MAX: u64 = 1 << 16;
 const HDR_LEN: u64 = 48;
 const ALIGN: u64 = 64;
 /// How long committed records may wait in the ring before destage (unless it fills).
@@ -70,6 +78,18 @@ pub struct CacheStats {
     pub destaged_bytes: u64,
 }
 
+/// What destage does with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// Writes the record's `len` payload bytes from its lba.
+    Blocks { len: u32 },
+    /// Deallocates `blocks` blocks from its lba.
+    Discard { blocks: u64 },
+    /// Nothing: the rest of the ring's lap is unused.
+    Wrap,
+}
+
+#[derive(Clone, Copy)]
 struct Pending {
     seq: u64,
     /// Log position of the record (monotonic; physical = RING_START + pos % ring).
@@ -78,7 +98,26 @@ struct Pending {
     end: u64,
     volume: u32,
     lba: u64,
-    len: u32,
+    op: Op,
+}
+
+/// A discard record not yet destaged: its blocks read as zeros (unless written again
+/// since, which the index then says) while the mirrors still hold the old data.
+struct Discard {
+    seq: u64,
+    volume: u32,
+    lba: u64,
+    blocks: u64,
+}
+
+/// Where the current copy of a block is, for a read or GET LBA STATUS.
+enum Source {
+    /// In the ring, at this log position.
+    Ring(u64),
+    /// Deallocated by a discard not yet destaged: zeros.
+    Discarded,
+    /// On the mirrors.
+    Mirrors,
 }
 
 /// A commit flush claimed by one waiter: its id in `Inner::inflight` and the log span.
@@ -106,7 +145,11 @@ struct Inner {
     inflight_base: u64,
     queue: VecDeque<Pending>,
     /// Latest cached copy of each block: (volume, lba) -> (seq, log position of its data).
+    /// A discard removes the entries it covers, so an entry is always newer than every
+    /// pending discard of its block.
     index: HashMap<(u32, u64), (u64, u64)>,
+    /// Discard records not yet destaged, oldest first.
+    discards: VecDeque<Discard>,
     sb_seq: u64,
 }
 
@@ -286,6 +329,7 @@ impl WriteCache {
                 inflight_base: 0,
                 queue: VecDeque::new(),
                 index: HashMap::new(),
+                discards: VecDeque::new(),
                 sb_seq: 0,
             }),
             cond: Condvar::new(),
@@ -316,13 +360,13 @@ impl WriteCache {
     /// Destages every committed record now, in the calling thread (what the destage
     /// thread does in batches); for caches opened without that thread.
     pub fn destage_committed(&self) -> Result<(), MediaError> {
-        let batch: Vec<(u64, u64, u32, u64, u32)> = {
+        let batch: Vec<Pending> = {
             let g = lock(&self.inner);
             let durable = g.durable_seq;
             g.queue
                 .iter()
                 .take_while(|p| p.seq <= durable)
-                .map(|p| (p.seq, p.pos, p.volume, p.lba, p.len))
+                .copied()
                 .collect()
         };
         if batch.is_empty() {
@@ -420,7 +464,28 @@ impl WriteCache {
                 let m = self.volumes.get(&volume).ok_or_else(|| {
                     MediaError::Failed(format!("{name}: record for unknown volume {volume}"))
                 })?;
-                m.write(lba, &payload)?;
+                match kind {
+                    KIND_BLOCKS => m.write(lba, &payload)?,
+                    KIND_DISCARD => {
+                        let blocks = <[u8; 8]>::try_from(payload.as_slice())
+                            .map(u64::from_le_bytes)
+                            .map_err(|_| {
+                                MediaError::Failed(format!(
+                                    "{name}: discard record {seq} with a {}-byte payload",
+                                    payload.len()
+                                ))
+                            })?;
+                        m.deallocate(lba, blocks)?;
+                    }
+                    // Its crc verified, so a newer build wrote it: applying it as
+                    // something else, or skipping it, could lose acknowledged data.
+                    _ => {
+                        return Err(MediaError::Failed(format!(
+                            "{name}: record {seq} of unknown kind {kind}: written by a newer \
+                             version of ftss"
+                        )))
+                    }
+                }
                 if !touched.contains(&volume) {
                     touched.push(volume);
                 }
@@ -464,6 +529,45 @@ impl WriteCache {
 
     /// Appends a block-write record; returns its sequence number. Reads see it at once.
     pub fn append(&self, volume: u32, lba: u64, data: &[u8]) -> Result<u64, MediaError> {
+        let op = Op::Blocks {
+            len: u32::try_from(data.len())
+                .map_err(|_| MediaError::Failed("write larger than half the write cache".into()))?,
+        };
+        self.append_record(volume, lba, op, data)
+    }
+
+    /// Appends a discard record: `blocks` blocks from `lba` of `volume` are deallocated
+    /// (they read as zeros and count as unmapped), ordered after every record appended
+    /// before it and before every later one. Returns its sequence number; reads and GET
+    /// LBA STATUS see it at once, and it is durable once committed, like a write.
+    pub fn append_discard(&self, volume: u32, lba: u64, blocks: u64) -> Result<u64, MediaError> {
+        let m = self
+            .volumes
+            .get(&volume)
+            .ok_or_else(|| MediaError::Failed(format!("no volume {volume}")))?;
+        // Checked here: recovery would refuse a record the mirrors cannot apply.
+        if lba.checked_add(blocks).is_none_or(|e| e > m.blocks()) {
+            return Err(MediaError::OutOfRange { lba, blocks });
+        }
+        self.append_record(volume, lba, Op::Discard { blocks }, &blocks.to_le_bytes())
+    }
+
+    /// Drops the index entries of `blocks` blocks from `lba` of `volume` (a discard
+    /// supersedes them), walking whichever is smaller: the range or the index.
+    fn unindex(g: &mut Inner, volume: u32, lba: u64, blocks: u64) {
+        let end = lba.saturating_add(blocks);
+        if blocks < g.index.len() as u64 {
+            for b in lba..end {
+                g.index.remove(&(volume, b));
+            }
+        } else {
+            g.index
+                .retain(|&(v, b), _| !(v == volume && (lba..end).contains(&b)));
+        }
+    }
+
+    /// Appends one record of kind `op` with `payload`, waiting for ring space.
+    fn append_record(&self, volume: u32, lba: u64, op: Op, data: &[u8]) -> Result<u64, MediaError> {
         self.append_fault()?;
         let len = align(HDR_LEN + data.len() as u64);
         if len > self.ring / 2 {
@@ -500,7 +604,7 @@ impl WriteCache {
                         end,
                         volume: u32::MAX,
                         lba: 0,
-                        len: 0,
+                        op: Op::Wrap,
                     });
                     g.head = end;
                     g.appended_seq = seq;
@@ -519,7 +623,11 @@ impl WriteCache {
         }
         let seq = g.next_seq;
         let pos = g.head;
-        let hdr = self.header(KIND_BLOCKS, seq, volume, lba, data);
+        let kind = match op {
+            Op::Discard { .. } => KIND_DISCARD,
+            _ => KIND_BLOCKS,
+        };
+        let hdr = self.header(kind, seq, volume, lba, data);
         // Head moves only once both parts are in: a failed store leaves no record, and the
         // next append overwrites what it left.
         self.map
@@ -528,11 +636,24 @@ impl WriteCache {
         g.next_seq += 1;
         g.head = pos + len;
         g.appended_seq = seq;
-        for (k, _) in data.chunks(bs as usize).enumerate() {
-            g.index.insert(
-                (volume, lba + k as u64),
-                (seq, pos + HDR_LEN + k as u64 * bs),
-            );
+        match op {
+            Op::Discard { blocks } => {
+                Self::unindex(&mut g, volume, lba, blocks);
+                g.discards.push_back(Discard {
+                    seq,
+                    volume,
+                    lba,
+                    blocks,
+                });
+            }
+            _ => {
+                for (k, _) in data.chunks(bs as usize).enumerate() {
+                    g.index.insert(
+                        (volume, lba + k as u64),
+                        (seq, pos + HDR_LEN + k as u64 * bs),
+                    );
+                }
+            }
         }
         g.queue.push_back(Pending {
             seq,
@@ -540,7 +661,7 @@ impl WriteCache {
             end: pos + len,
             volume,
             lba,
-            len: data.len() as u32,
+            op,
         });
         drop(g);
         self.records.fetch_add(1, Ordering::Relaxed);
@@ -741,33 +862,120 @@ impl WriteCache {
         }
     }
 
-    /// Reads blocks of `volume`: cached copies from the ring, the rest from the mirrors.
+    /// Where the current copy of each of `n` blocks from `lba` of `volume` is. Destage
+    /// drops an index entry or a pending discard only after the mirrors hold its effect,
+    /// so a block that neither covers is already on the mirrors. Callers look at the
+    /// mirrors only after this, never before: the other order could miss a block whose
+    /// destage finished in between.
+    fn sources(g: &Inner, volume: u32, lba: u64, n: u64) -> Vec<Source> {
+        let end = lba.saturating_add(n);
+        let discarded: Vec<(u64, u64)> = g
+            .discards
+            .iter()
+            .filter(|d| d.volume == volume && d.lba < end && lba < d.lba + d.blocks)
+            .map(|d| (d.lba, d.lba + d.blocks))
+            .collect();
+        (lba..end)
+            .map(|b| {
+                if let Some(&(_, pos)) = g.index.get(&(volume, b)) {
+                    // Newer than any pending discard of the block (see `index`).
+                    Source::Ring(pos)
+                } else if discarded.iter().any(|&(s, e)| (s..e).contains(&b)) {
+                    Source::Discarded
+                } else {
+                    Source::Mirrors
+                }
+            })
+            .collect()
+    }
+
+    /// Reads blocks of `volume`: cached copies from the ring, blocks of pending discards
+    /// as zeros, the rest from the mirrors.
     pub fn read(&self, volume: u32, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
         let m = self
             .volumes
             .get(&volume)
             .ok_or_else(|| MediaError::Failed(format!("no volume {volume}")))?;
         let bs = m.block_size() as usize;
-        // Cached copies first: destage drops an index entry only after the mirrors hold
-        // the block, so a block missing here is already on the mirrors.
-        let mut hits = Vec::new();
-        {
+        let n = buf.len() / bs;
+        let sources = {
             let g = lock(&self.inner);
-            for k in 0..buf.len() / bs {
-                if let Some(&(_, pos)) = g.index.get(&(volume, lba + k as u64)) {
-                    let mut b = vec![0u8; bs];
-                    self.get(self.phys(pos), &mut b);
-                    hits.push((k, b));
+            let sources = Self::sources(&g, volume, lba, n as u64);
+            // Copied under the lock: destage may release the space once it lets go.
+            for (k, src) in sources.iter().enumerate() {
+                let b = &mut buf[k * bs..(k + 1) * bs];
+                match src {
+                    Source::Ring(pos) => self.get(self.phys(*pos), b),
+                    Source::Discarded => b.fill(0),
+                    Source::Mirrors => {}
                 }
             }
-        }
-        if hits.len() < buf.len() / bs {
-            m.read(lba, buf)?;
-        }
-        for (k, b) in hits {
-            buf[k * bs..(k + 1) * bs].copy_from_slice(&b);
+            sources
+        };
+        // Only the blocks the mirrors hold are read there: a block being destaged is
+        // mid-write on the mirrors, and a verified read that met it there could "repair"
+        // one mirror with the other's older copy.
+        let mut k = 0;
+        while k < n {
+            if !matches!(sources[k], Source::Mirrors) {
+                k += 1;
+                continue;
+            }
+            let run = sources[k..]
+                .iter()
+                .take_while(|s| matches!(s, Source::Mirrors))
+                .count();
+            m.read(lba + k as u64, &mut buf[k * bs..(k + run) * bs])?;
+            k += run;
         }
         Ok(())
+    }
+
+    /// Provisioning of the blocks from `lba` of `volume` (GET LBA STATUS): the status of
+    /// `lba` and how many blocks from it, at least 1 and at most `max`, share it. Cached
+    /// writes are mapped, pending discards deallocated; the rest is what the mirrors'
+    /// checksums say ([`DEALLOCATED`](super::mirror::DEALLOCATED) or not).
+    pub fn provisioning(
+        &self,
+        volume: u32,
+        lba: u64,
+        max: u64,
+    ) -> Result<(Provisioning, u64), MediaError> {
+        let m = self
+            .volumes
+            .get(&volume)
+            .ok_or_else(|| MediaError::Failed(format!("no volume {volume}")))?;
+        let max = max.max(1);
+        if lba >= m.blocks() {
+            return Err(MediaError::OutOfRange { lba, blocks: 1 });
+        }
+        let end = lba.saturating_add(max).min(m.blocks());
+        let mut state = None;
+        let mut at = lba;
+        let mut chunk = PROVISIONING_CHUNK_FIRST;
+        while at < end {
+            let n = (end - at).min(chunk);
+            chunk = (chunk * 2).min(PROVISIONING_CHUNK_MAX);
+            let sources = Self::sources(&lock(&self.inner), volume, at, n);
+            let crcs = m.checksums(at, n)?;
+            for (src, crc) in sources.iter().zip(crcs) {
+                let s = match src {
+                    Source::Ring(_) => Provisioning::Mapped,
+                    Source::Discarded => Provisioning::Deallocated,
+                    Source::Mirrors if crc == super::mirror::DEALLOCATED => {
+                        Provisioning::Deallocated
+                    }
+                    Source::Mirrors => Provisioning::Mapped,
+                };
+                match state {
+                    None => state = Some(s),
+                    Some(first) if first != s => return Ok((first, at - lba)),
+                    Some(_) => {}
+                }
+                at += 1;
+            }
+        }
+        Ok((state.unwrap_or(Provisioning::Mapped), at - lba))
     }
 
     fn destage_loop(self: Arc<Self>) {
@@ -789,7 +997,7 @@ impl WriteCache {
                 }
                 last_report = Instant::now();
             }
-            let batch: Vec<(u64, u64, u32, u64, u32)> = {
+            let batch: Vec<Pending> = {
                 // Destage in large batches: every mirror sync is a file-system commit
                 // that the writers' msyncs queue behind, so fewer, bigger ones keep
                 // commits fast. Go at once when the ring is half full.
@@ -824,7 +1032,7 @@ impl WriteCache {
                     .iter()
                     .take_while(|p| p.seq <= durable)
                     .take(DESTAGE_BATCH_RECORDS_MAX)
-                    .map(|p| (p.seq, p.pos, p.volume, p.lba, p.len))
+                    .copied()
                     .collect()
             };
             if batch.is_empty() {
@@ -837,21 +1045,49 @@ impl WriteCache {
         }
     }
 
-    fn destage(&self, batch: &[(u64, u64, u32, u64, u32)]) -> Result<(), MediaError> {
+    fn destage(&self, batch: &[Pending]) -> Result<(), MediaError> {
         // Coalesce: the newest copy of each block wins, and contiguous blocks go to the
         // mirrors as one write. Sequential and rewritten workloads then cost a few large
-        // pwrites per batch instead of two per block per mirror.
+        // pwrites per batch instead of two per block per mirror. A discard drops the
+        // older copies it covers, so every copy left is newer than every discard of its
+        // block in the batch: applying the discards first, then the writes, gives the
+        // log's order.
         let mut newest: BTreeMap<(u32, u64), u64> = BTreeMap::new();
-        for &(_, pos, volume, lba, len) in batch {
-            let Some(m) = self.volumes.get(&volume) else {
+        let mut discards: Vec<(u32, u64, u64)> = Vec::new();
+        for p in batch {
+            let Some(m) = self.volumes.get(&p.volume) else {
                 continue; // wrap markers and records of volumes no longer configured
             };
             let bs = u64::from(m.block_size());
-            for k in 0..u64::from(len) / bs {
-                newest.insert((volume, lba + k), pos + HDR_LEN + k * bs);
+            match p.op {
+                Op::Blocks { len } => {
+                    for k in 0..u64::from(len) / bs {
+                        newest.insert((p.volume, p.lba + k), p.pos + HDR_LEN + k * bs);
+                    }
+                }
+                Op::Discard { blocks } => {
+                    let end = p.lba.saturating_add(blocks);
+                    let gone: Vec<(u32, u64)> = newest
+                        .range((p.volume, p.lba)..(p.volume, end))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in gone {
+                        newest.remove(&k);
+                    }
+                    discards.push((p.volume, p.lba, blocks));
+                }
+                Op::Wrap => {}
             }
         }
         let mut touched = Vec::new();
+        for &(v, lba, blocks) in &discards {
+            if let Some(m) = self.volumes.get(&v) {
+                m.deallocate(lba, blocks)?;
+                if !touched.contains(&v) {
+                    touched.push(v);
+                }
+            }
+        }
         let mut run: Vec<u8> = Vec::new();
         let mut run_start: Option<(u32, u64)> = None;
         let mut blocks = newest.iter().peekable();
@@ -886,7 +1122,7 @@ impl WriteCache {
                 m.sync()?;
             }
         }
-        let last = batch.last().map_or(0, |b| b.0);
+        let last = batch.last().map_or(0, |b| b.seq);
         let (new_tail, tail_seq, sb_seq) = {
             let g = lock(&self.inner);
             let end = g
@@ -908,13 +1144,20 @@ impl WriteCache {
                     .volumes
                     .get(&p.volume)
                     .map_or(512, |m| u64::from(m.block_size()));
-                for k in 0..u64::from(p.len) / bs {
+                let Op::Blocks { len } = p.op else {
+                    continue;
+                };
+                for k in 0..u64::from(len) / bs {
                     let key = (p.volume, p.lba + k);
                     if g.index.get(&key).is_some_and(|&(s, _)| s == p.seq) {
                         g.index.remove(&key);
                     }
                 }
             }
+        }
+        // The mirrors hold these discards now; reads may go there.
+        while g.discards.front().is_some_and(|d| d.seq <= last) {
+            g.discards.pop_front();
         }
         drop(g);
         self.cond.notify_all();
@@ -1134,6 +1377,33 @@ impl BlockStore for CachedVolume {
             return Ok(());
         }
         self.cache.wait_durable(seq)
+    }
+
+    /// One discard record, acknowledged like a write of the same blocks: committed first
+    /// in nonvolatile mode, at the next flush in volatile mode.
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), MediaError> {
+        if lba
+            .checked_add(blocks)
+            .is_none_or(|e| e > self.num_blocks())
+        {
+            return Err(MediaError::OutOfRange { lba, blocks });
+        }
+        if blocks == 0 {
+            return Ok(());
+        }
+        let seq = self.cache.append_discard(self.volume, lba, blocks)?;
+        if self.mode != CacheMode::Volatile && !defer(&self.cache, seq) {
+            self.cache.wait_durable(seq)?;
+        }
+        Ok(())
+    }
+
+    fn thin_provisioned(&self) -> bool {
+        true
+    }
+
+    fn provisioning(&self, lba: u64, max: u64) -> Result<(Provisioning, u64), MediaError> {
+        self.cache.provisioning(self.volume, lba, max)
     }
 
     fn cache_mode(&self) -> CacheMode {
@@ -1495,6 +1765,247 @@ mod tests {
         }
         c.shutdown();
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[cfg(test)]
+mod discard_tests {
+    use super::super::disk::{Disk, SimFs};
+    use super::super::mirror::DEALLOCATED;
+    use super::*;
+    use std::path::PathBuf;
+
+    const BLOCKS: u64 = 256;
+
+    /// The cache and a mirror set on a simulated file system, without the destage thread
+    /// so each test decides when records reach the mirrors.
+    fn media(fs: &SimFs, fresh: bool) -> (Arc<WriteCache>, Arc<MirrorSet>, CachedVolume) {
+        media_of(fs, fresh, BLOCKS)
+    }
+
+    fn media_of(
+        fs: &SimFs,
+        fresh: bool,
+        blocks: u64,
+    ) -> (Arc<WriteCache>, Arc<MirrorSet>, CachedVolume) {
+        let disks: Vec<(PathBuf, Box<dyn Disk>)> = ["a", "b"]
+            .iter()
+            .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
+            .collect();
+        let set = Arc::new(MirrorSet::open_disks(disks, blocks, 512).expect("mirrors"));
+        let region = fs.file("wc");
+        if fresh {
+            region.set_size(RING_START + (1 << 20)).expect("size");
+        }
+        let cache = WriteCache::open_region_without_destage(
+            Box::new(region),
+            fresh,
+            "wc",
+            HashMap::from([(0u32, Arc::clone(&set))]),
+        )
+        .expect("cache");
+        let v = CachedVolume::new(
+            Arc::clone(&cache),
+            Arc::clone(&set),
+            0,
+            CacheMode::Nonvolatile,
+        );
+        (cache, set, v)
+    }
+
+    fn fill(tag: u8, blocks: u64) -> Vec<u8> {
+        (0..blocks * 512)
+            .map(|i| tag ^ (i % 251) as u8 | 1)
+            .collect()
+    }
+
+    /// Block `k` of `v` as the volume reads it.
+    fn block(v: &CachedVolume, k: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 512];
+        v.read_blocks(k, &mut b).expect("read");
+        b
+    }
+
+    /// GET LBA STATUS from `lba` to the end, as (state, count) runs.
+    fn runs(v: &CachedVolume, mut lba: u64) -> Vec<(Provisioning, u64)> {
+        let mut out = Vec::new();
+        while lba < BLOCKS {
+            let (s, n) = v.provisioning(lba, BLOCKS - lba).expect("status");
+            out.push((s, n));
+            lba += n;
+        }
+        out
+    }
+
+    use Provisioning::{Deallocated as D, Mapped as M};
+
+    #[test]
+    fn a_discard_is_ordered_with_the_cached_writes_around_it() {
+        let fs = SimFs::new(1);
+        let (cache, set, v) = media(&fs, true);
+        assert!(v.thin_provisioned());
+        assert_eq!(runs(&v, 0), vec![(D, BLOCKS)], "a new volume is unmapped");
+        let old = fill(1, 16);
+        v.write_blocks(0, &old, false).expect("write");
+        cache.destage_committed().expect("destage");
+        // An older write of blocks 4-7 still in the ring, then the discard over it.
+        v.write_blocks(4, &fill(2, 4), false).expect("write");
+        v.unmap(2, 8).expect("unmap");
+        let check = |v: &CachedVolume, at: &str| {
+            for k in 0..16u64 {
+                let b = block(v, k);
+                if (2..10).contains(&k) && k != 6 {
+                    assert!(b.iter().all(|&x| x == 0), "{at}: lba {k} reads zeros");
+                } else if k == 6 {
+                    assert_eq!(b, fill(3, 1), "{at}: the write after the discard wins");
+                } else {
+                    assert_eq!(b, old[k as usize * 512..][..512], "{at}: lba {k}");
+                }
+            }
+            assert_eq!(
+                runs(v, 0),
+                vec![(M, 2), (D, 4), (M, 1), (D, 3), (M, 6), (D, BLOCKS - 16)],
+                "{at}"
+            );
+        };
+        // Reads see the discard at once, while the mirrors still hold the old data.
+        assert!(block(&v, 4).iter().all(|&x| x == 0));
+        let mut raw = vec![0u8; 512];
+        set.read(4, &mut raw).expect("mirror");
+        assert_eq!(raw, old[4 * 512..5 * 512], "not destaged yet");
+        v.write_blocks(6, &fill(3, 1), false).expect("write");
+        check(&v, "in the ring");
+        cache.destage_committed().expect("destage");
+        assert_eq!(cache.stats().dirty_bytes, 0);
+        check(&v, "destaged");
+        let crcs = set.checksums(0, 16).expect("crcs");
+        for (k, c) in crcs.iter().enumerate() {
+            assert_eq!(
+                *c == DEALLOCATED,
+                (2..10).contains(&k) && k != 6,
+                "lba {k} on the mirrors"
+            );
+        }
+        assert_eq!(set.scrub().expect("scrub").mismatches, 0);
+        // A discard of the whole volume over a few cached writes (the index is smaller
+        // than the range, so it is walked instead).
+        v.write_blocks(100, &fill(4, 2), false).expect("write");
+        v.unmap(0, BLOCKS).expect("unmap everything");
+        assert!(block(&v, 100).iter().all(|&x| x == 0));
+        assert_eq!(runs(&v, 0), vec![(D, BLOCKS)]);
+        cache.destage_committed().expect("destage");
+        assert_eq!(runs(&v, 0), vec![(D, BLOCKS)]);
+        assert!(block(&v, 0).iter().all(|&x| x == 0));
+        assert!(matches!(
+            v.unmap(BLOCKS - 1, 2),
+            Err(MediaError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn lba_status_extents_span_the_checksum_chunks() {
+        let fs = SimFs::new(3);
+        let (cache, _set, v) = media_of(&fs, true, 5000);
+        v.write_blocks(3000, &fill(1, 1), false).expect("write");
+        let status = |v: &CachedVolume| {
+            let mut out = Vec::new();
+            let mut lba = 0;
+            while lba < 5000 {
+                let (s, n) = v.provisioning(lba, 5000 - lba).expect("status");
+                out.push((s, n));
+                lba += n;
+            }
+            out
+        };
+        let want = vec![(D, 3000), (M, 1), (D, 1999)];
+        assert_eq!(status(&v), want, "in the ring");
+        cache.destage_committed().expect("destage");
+        assert_eq!(status(&v), want, "on the mirrors");
+        assert_eq!(
+            v.provisioning(10, 20).expect("status"),
+            (D, 20),
+            "at most max"
+        );
+    }
+
+    #[test]
+    fn a_committed_discard_is_replayed_after_a_power_cut() {
+        let fs = SimFs::new(7);
+        let (cache, _set, v) = media(&fs, true);
+        let old = fill(5, 32);
+        v.write_blocks(0, &old, false).expect("write");
+        cache.destage_committed().expect("destage");
+        // Acknowledged (committed) but not destaged when the power goes.
+        v.unmap(8, 16).expect("unmap");
+        v.write_blocks(10, &fill(6, 1), false).expect("write");
+        let snap = fs.snapshot();
+        drop(v);
+        drop(cache);
+        let fs = SimFs::from_snapshot(8, snap);
+        let (cache, set, v) = media(&fs, false);
+        assert_eq!(
+            cache.stats().recovered_records,
+            2,
+            "the discard and the write"
+        );
+        for k in 0..32u64 {
+            let b = block(&v, k);
+            if k == 10 {
+                assert_eq!(b, fill(6, 1), "the write after the discard");
+            } else if (8..24).contains(&k) {
+                assert!(b.iter().all(|&x| x == 0), "lba {k} stays unmapped");
+            } else {
+                assert_eq!(b, old[k as usize * 512..][..512], "lba {k}");
+            }
+        }
+        assert_eq!(
+            runs(&v, 0),
+            vec![(M, 8), (D, 2), (M, 1), (D, 13), (M, 8), (D, BLOCKS - 32)]
+        );
+        assert_eq!(set.scrub().expect("scrub").mismatches, 0);
+    }
+
+    #[test]
+    fn a_record_of_an_unknown_kind_stops_recovery() {
+        let fs = SimFs::new(9);
+        let (cache, _set, v) = media(&fs, true);
+        v.unmap(0, 4).expect("unmap");
+        // The same record as a newer build's kind 9, crc and all.
+        let pos = lock(&cache.inner)
+            .queue
+            .back()
+            .map(|p| p.pos)
+            .expect("queued");
+        let seq = cache.appended_seq();
+        let hdr = cache.header(9, seq, 0, 0, &4u64.to_le_bytes());
+        cache.put(cache.phys(pos), &hdr).expect("put");
+        cache.map.flush_range(0, cache.map.size()).expect("flush");
+        let snap = fs.snapshot();
+        drop(v);
+        drop(cache);
+        let fs = SimFs::from_snapshot(10, snap);
+        let e = WriteCache::open_region_without_destage(
+            Box::new(fs.file("wc")),
+            false,
+            "wc",
+            HashMap::from([(
+                0u32,
+                Arc::new(
+                    MirrorSet::open_disks(
+                        ["a", "b"]
+                            .iter()
+                            .map(|n| (PathBuf::from(n), Box::new(fs.file(n)) as Box<dyn Disk>))
+                            .collect(),
+                        BLOCKS,
+                        512,
+                    )
+                    .expect("mirrors"),
+                ),
+            )]),
+        )
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("unknown kind 9"), "{e}");
     }
 }
 

@@ -27,6 +27,26 @@ pub trait Disk: Send + Sync {
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
+    /// Zeros `len` bytes at `off`, giving the space back to the file system where it can
+    /// (a hole); like a write, not durable until [`sync`](Self::sync). The default writes
+    /// zeros, which reads back the same.
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        write_zeros_at(self, off, len)
+    }
+}
+
+/// Writes `len` zero bytes at `off`, 1 MiB at a time: hole punching where the file system
+/// has none.
+fn write_zeros_at<D: Disk + ?Sized>(d: &D, off: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        d.write_at(&zeros[..n as usize], off + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 impl Disk for File {
@@ -44,6 +64,36 @@ impl Disk for File {
     }
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(start), Ok(n)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is open for
+        // the life of `self`.
+        let r = unsafe {
+            libc::fallocate(
+                self.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start,
+                n,
+            )
+        };
+        if r == 0 {
+            // Whole file-system blocks are freed and partial ones zeroed: the range reads
+            // back as zeros either way.
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // A file system without hole punching: zeros keep the promise.
+            return write_zeros_at(self, off, len);
+        }
+        Err(e)
     }
 }
 

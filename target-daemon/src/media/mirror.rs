@@ -38,6 +38,11 @@ const META_CRC_AT: usize = 8 + 4 + 4 + 8;
 /// Largest payload [`MirrorSet::write_meta`] takes.
 pub const META_MAX: usize = META_SLOT as usize - META_HEAD;
 
+/// The checksum slot of a block that holds no data: never written, or deallocated by
+/// [`MirrorSet::deallocate`]. Such a block must read as zeros, and GET LBA STATUS reports
+/// it deallocated. A real crc32c of 0 is stored as 1 (see [`MirrorSet::write`]).
+pub const DEALLOCATED: u32 = 0;
+
 /// Where the metadata area starts and how long a mirror file is, for a volume of `blocks`
 /// x `block_size` bytes; `None` if that overflows.
 fn layout(blocks: u64, block_size: u32) -> Option<(u64, u64)> {
@@ -170,6 +175,10 @@ impl Mirror {
     fn sync(&self) -> std::io::Result<()> {
         self.eio()?;
         self.file.sync()
+    }
+    fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.eio()?;
+        self.file.punch(off, len)
     }
 }
 
@@ -623,8 +632,9 @@ impl MirrorSet {
         let bs = self.block_size as usize;
         let mut crcs = Vec::with_capacity(n as usize * 4);
         for b in data.chunks(bs) {
-            // 0 marks "never written"; a real crc of 0 is stored as 1 and the 1-in-2^32
-            // collision makes the block read as corrupt, never as wrong data.
+            // 0 marks a block without data (DEALLOCATED); a real crc of 0 is stored as 1
+            // and the 1-in-2^32 collision makes the block read as corrupt, never as wrong
+            // data.
             let c = crc32c::crc32c(b).max(1);
             crcs.extend_from_slice(&c.to_le_bytes());
         }
@@ -661,28 +671,33 @@ impl MirrorSet {
         self.any_healthy()
     }
 
-    /// Reads blocks and their checksums from mirror `i`; returns the indexes of blocks
-    /// whose copy does not verify.
-    fn read_from(&self, i: usize, lba: u64, buf: &mut [u8]) -> std::io::Result<Vec<usize>> {
+    /// Reads blocks and their checksums from mirror `i` (the checksums into `crcs`, one per
+    /// block); returns the indexes of blocks whose copy does not verify.
+    fn read_from(
+        &self,
+        i: usize,
+        lba: u64,
+        buf: &mut [u8],
+        crcs: &mut Vec<u32>,
+    ) -> std::io::Result<Vec<usize>> {
         let m = &self.mirrors[i];
         let n = buf.len() / self.block_size as usize;
-        let mut crcs = vec![0u8; n * 4];
+        let mut raw = vec![0u8; n * 4];
         m.read_at(buf, self.data_off(lba))?;
-        m.read_at(&mut crcs, self.crc_off(lba))?;
+        m.read_at(&mut raw, self.crc_off(lba))?;
+        crcs.clear();
+        crcs.extend(
+            raw.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
         let bs = self.block_size as usize;
         Ok((0..n)
             .filter(|&k| {
-                let stored = u32::from_le_bytes([
-                    crcs[4 * k],
-                    crcs[4 * k + 1],
-                    crcs[4 * k + 2],
-                    crcs[4 * k + 3],
-                ]);
                 let b = &buf[k * bs..(k + 1) * bs];
-                if stored == 0 {
+                if crcs[k] == DEALLOCATED {
                     b.iter().any(|&x| x != 0)
                 } else {
-                    crc32c::crc32c(b).max(1) != stored
+                    crc32c::crc32c(b).max(1) != crcs[k]
                 }
             })
             .collect())
@@ -690,8 +705,19 @@ impl MirrorSet {
 
     /// Reads whole blocks from a mirror whose copy verifies, repairing bad copies.
     pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        self.read_verified(lba, buf, &mut Vec::new())
+    }
+
+    /// [`read`](Self::read), also giving the verified copy's checksums (0 for a
+    /// deallocated block), so a copy made from it keeps each block's provisioning.
+    fn read_verified(
+        &self,
+        lba: u64,
+        buf: &mut [u8],
+        crcs: &mut Vec<u32>,
+    ) -> Result<(), MediaError> {
         self.check_range(lba, buf.len())?;
-        if self.read_copies(lba, buf, false)? {
+        if self.read_copies(lba, buf, false, crcs)? {
             return Ok(());
         }
         // A copy needs repair. The good copy read above may already be older than a
@@ -702,21 +728,27 @@ impl MirrorSet {
             .io
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.read_copies(lba, buf, true).map(|_| ())
+        self.read_copies(lba, buf, true, crcs).map(|_| ())
     }
 
     /// Reads blocks from the first healthy mirror whose copy verifies. Returns whether
     /// every mirror read on the way verified; bad copies met on the way are rewritten
     /// from the good one if `repair` (the caller holds the I/O lock exclusively), else
     /// left for the caller to repair under it.
-    fn read_copies(&self, lba: u64, buf: &mut [u8], repair: bool) -> Result<bool, MediaError> {
+    fn read_copies(
+        &self,
+        lba: u64,
+        buf: &mut [u8],
+        repair: bool,
+        crcs: &mut Vec<u32>,
+    ) -> Result<bool, MediaError> {
         let bs = self.block_size as usize;
         let order: Vec<usize> = (0..self.mirrors.len())
             .filter(|&i| self.healthy(i))
             .collect();
         let mut first_bad: Option<(usize, Vec<usize>)> = None;
         for &i in &order {
-            match self.read_from(i, lba, buf) {
+            match self.read_from(i, lba, buf, crcs) {
                 Ok(bad) if bad.is_empty() => {
                     let Some((j, blocks)) = first_bad else {
                         return Ok(true);
@@ -727,7 +759,7 @@ impl MirrorSet {
                     // Mirror j had bad copies that this one holds good: rewrite them.
                     for k in blocks {
                         let at = lba + k as u64;
-                        if !self.repair_one(j, at, &buf[k * bs..(k + 1) * bs]) {
+                        if !self.repair_one(j, at, &buf[k * bs..(k + 1) * bs], crcs[k]) {
                             break;
                         }
                         warn!(mirror = %self.mirrors[j].path.display(), lba = at, "repaired a corrupt block");
@@ -747,11 +779,18 @@ impl MirrorSet {
         Err(MediaError::Corrupt { lba })
     }
 
-    fn write_one(&self, i: usize, lba: u64, block: &[u8]) -> std::io::Result<()> {
+    /// Rewrites one block of mirror `i` as a verified copy holds it: `crc` is that copy's
+    /// checksum, and a deallocated one (0) is deallocated here too rather than written, so
+    /// a repair never turns an unmapped block into a mapped one on one mirror only.
+    fn write_one(&self, i: usize, lba: u64, block: &[u8], crc: u32) -> std::io::Result<()> {
         let m = &self.mirrors[i];
-        let c = crc32c::crc32c(block).max(1);
-        m.write_at(block, self.data_off(lba))?;
-        m.write_at(&c.to_le_bytes(), self.crc_off(lba))?;
+        let bs = u64::from(self.block_size);
+        if crc == DEALLOCATED {
+            m.punch(self.data_off(lba), bs)?;
+        } else {
+            m.write_at(block, self.data_off(lba))?;
+        }
+        m.write_at(&crc.to_le_bytes(), self.crc_off(lba))?;
         m.sync()
     }
 
@@ -760,8 +799,8 @@ impl MirrorSet {
     /// for Linux reports a writeback error once per open file, so a later sync on the
     /// same handle would succeed and the write cache would free records this mirror
     /// never got. Returns whether the copy was repaired.
-    fn repair_one(&self, i: usize, lba: u64, block: &[u8]) -> bool {
-        match self.write_one(i, lba, block) {
+    fn repair_one(&self, i: usize, lba: u64, block: &[u8], crc: u32) -> bool {
+        match self.write_one(i, lba, block, crc) {
             Ok(()) => {
                 self.repairs.fetch_add(1, Ordering::Relaxed);
                 true
@@ -772,6 +811,99 @@ impl MirrorSet {
                 false
             }
         }
+    }
+
+    /// Deallocates `blocks` blocks from `lba` on every mirror in service: punches the data
+    /// out of each file (the space goes back to the file system) and sets the blocks'
+    /// checksums to [`DEALLOCATED`], so they read back as zeros, verify, and count as
+    /// unmapped for GET LBA STATUS on every mirror alike. Not durable until
+    /// [`sync`](Self::sync), like [`write`](Self::write).
+    pub fn deallocate(&self, lba: u64, blocks: u64) -> Result<(), MediaError> {
+        let bs = u64::from(self.block_size);
+        if lba.checked_add(blocks).is_none_or(|e| e > self.blocks) {
+            return Err(MediaError::OutOfRange { lba, blocks });
+        }
+        if blocks == 0 {
+            return Ok(());
+        }
+        let _g = self
+            .io
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for i in 0..self.mirrors.len() {
+            if !self.writable(i) {
+                continue;
+            }
+            let m = &self.mirrors[i];
+            // The checksums are zeroed by a punch as well: it zeroes exactly the byte range
+            // (freeing the whole pages inside it), which is what 0 = deallocated needs.
+            if let Err(e) = m
+                .punch(self.data_off(lba), blocks * bs)
+                .and_then(|()| m.punch(self.crc_off(lba), blocks * 4))
+            {
+                self.fail(i, format!("deallocate error: {e}"));
+            }
+        }
+        self.any_healthy()
+    }
+
+    /// The stored checksums of `blocks` blocks from `lba`, from the first healthy mirror
+    /// that reads them ([`DEALLOCATED`] for unmapped blocks). Every healthy mirror holds
+    /// the same values; the data is not read, so this is cheap for GET LBA STATUS.
+    pub fn checksums(&self, lba: u64, blocks: u64) -> Result<Vec<u32>, MediaError> {
+        if lba.checked_add(blocks).is_none_or(|e| e > self.blocks) {
+            return Err(MediaError::OutOfRange { lba, blocks });
+        }
+        let len = usize::try_from(blocks.saturating_mul(4))
+            .map_err(|_| MediaError::OutOfRange { lba, blocks })?;
+        let mut raw = vec![0u8; len];
+        for i in 0..self.mirrors.len() {
+            if !self.healthy(i) {
+                continue;
+            }
+            match self.mirrors[i].read_at(&mut raw, self.crc_off(lba)) {
+                Ok(()) => {
+                    return Ok(raw
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect())
+                }
+                Err(e) => self.fail(i, format!("checksum read error: {e}")),
+            }
+        }
+        self.any_healthy()?;
+        Err(MediaError::Failed("no mirror could be read".into()))
+    }
+
+    /// Writes one rebuild chunk onto mirror `target`: the verified copy's blocks and
+    /// checksums as they are, deallocated blocks as holes (so a rebuild keeps the set thin
+    /// and every block's provisioning the same on every mirror).
+    fn copy_chunk(
+        &self,
+        target: usize,
+        lba: u64,
+        data: &[u8],
+        crcs: &[u32],
+    ) -> std::io::Result<()> {
+        let m = &self.mirrors[target];
+        let bs = self.block_size as usize;
+        let mut k = 0;
+        while k < crcs.len() {
+            let hole = crcs[k] == DEALLOCATED;
+            let run = crcs[k..]
+                .iter()
+                .take_while(|&&c| (c == DEALLOCATED) == hole)
+                .count();
+            let off = self.data_off(lba + k as u64);
+            if hole {
+                m.punch(off, (run * bs) as u64)?;
+            } else {
+                m.write_at(&data[k * bs..(k + run) * bs], off)?;
+            }
+            k += run;
+        }
+        let raw: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
+        m.write_at(&raw, self.crc_off(lba))
     }
 
     /// Puts mirror `target` into service for a rebuild: writers reach it from now on and
@@ -919,6 +1051,7 @@ impl MirrorSet {
         let bs = u64::from(self.block_size);
         let chunk = (1u64 << 20) / bs;
         let mut buf = vec![0u8; (chunk * bs) as usize];
+        let mut crcs = Vec::new();
         let started = Instant::now();
         let mut lba = 0;
         let m = &self.mirrors[target];
@@ -933,23 +1066,8 @@ impl MirrorSet {
                 // No point copying onto a mirror a write has failed meanwhile.
                 self.advance_rebuild(target, MirrorState::Rebuilding(lba))?;
                 // Under the lock held exclusively: repairs may write.
-                self.read_copies(lba, b, true)?;
-                let crcs: Vec<u8> = b
-                    .chunks(bs as usize)
-                    .flat_map(|x| {
-                        // Unwritten blocks keep crc 0, so a rebuilt copy stays identical.
-                        let c = if x.iter().all(|&v| v == 0) {
-                            0
-                        } else {
-                            crc32c::crc32c(x).max(1)
-                        };
-                        c.to_le_bytes()
-                    })
-                    .collect();
-                if let Err(e) = m
-                    .write_at(b, self.data_off(lba))
-                    .and_then(|()| m.write_at(&crcs, self.crc_off(lba)))
-                {
+                self.read_copies(lba, b, true, &mut crcs)?;
+                if let Err(e) = self.copy_chunk(target, lba, b, &crcs) {
                     self.fail(target, format!("rebuild write failed: {e}"));
                     return Err(MediaError::Io(e));
                 }
@@ -1029,6 +1147,7 @@ impl MirrorSet {
         let mut lba = 0;
         let mut buf = vec![0u8; chunk as usize * bs];
         let mut other = vec![0u8; chunk as usize * bs];
+        let (mut crcs, mut good_crcs) = (Vec::new(), Vec::new());
         while lba < self.blocks {
             let n = chunk.min(self.blocks - lba);
             let len = n as usize * bs;
@@ -1057,28 +1176,30 @@ impl MirrorSet {
                 .collect();
             let before = self.repairs.load(Ordering::Relaxed);
             for &i in &healthy {
-                match self.read_from(i, lba, &mut buf[..len]) {
+                match self.read_from(i, lba, &mut buf[..len], &mut crcs) {
                     Ok(bad) => report.mismatches += bad.len() as u64,
                     Err(e) => self.fail(i, format!("scrub read error: {e}")),
                 }
             }
             // A verified read repairs the bad copies it finds (the lock is held).
-            self.read_copies(lba, &mut other[..len], true)?;
+            self.read_copies(lba, &mut other[..len], true, &mut good_crcs)?;
             report.repaired += self.repairs.load(Ordering::Relaxed) - before;
             // Copies that each verify can still disagree (a crash between the writes to
             // two mirrors of a block no longer in the journal cannot leave this, so it
             // means a bug or tampering): count it and make every copy the verified one.
+            // Equal data with different checksums is a zero block that one mirror holds
+            // deallocated and another mapped: a disagreement about provisioning.
             for &i in &healthy {
-                if !self.healthy(i) || self.read_from(i, lba, &mut buf[..len]).is_err() {
+                if !self.healthy(i) || self.read_from(i, lba, &mut buf[..len], &mut crcs).is_err() {
                     continue;
                 }
                 for k in 0..n as usize {
                     let (a, b) = (&buf[k * bs..(k + 1) * bs], &other[k * bs..(k + 1) * bs]);
-                    if a != b {
+                    if a != b || crcs[k] != good_crcs[k] {
                         report.mismatches += 1;
                         let at = lba + k as u64;
                         warn!(mirror = %self.mirrors[i].path.display(), lba = at, "copies differ");
-                        if self.repair_one(i, at, b) {
+                        if self.repair_one(i, at, b, good_crcs[k]) {
                             report.repaired += 1;
                         } else {
                             break;
@@ -1337,6 +1458,126 @@ mod tests {
         assert!(
             e.to_string().contains("a.mir") && e.to_string().contains("version 1"),
             "{e}"
+        );
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    /// Bytes the file system has allocated to `path`.
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("stat").blocks() * 512
+    }
+
+    #[test]
+    fn deallocate_punches_holes_reads_zeros_and_keeps_checksums_consistent() {
+        let d = dir("dealloc");
+        let (s, paths) = set(&d);
+        for k in 0..32u64 {
+            s.write(k * 8, &pattern(k as u8)).expect("write");
+        }
+        s.sync().expect("sync");
+        let before: Vec<u64> = paths.iter().map(|p| allocated(p)).collect();
+        assert!(
+            s.checksums(0, 256)
+                .expect("crcs")
+                .iter()
+                .all(|&c| c != DEALLOCATED),
+            "every block mapped"
+        );
+        // Blocks 16-111: 48 KiB, whole 4 KiB pages of the data area (which starts at 4096).
+        s.deallocate(16, 96).expect("deallocate");
+        s.sync().expect("sync");
+        for (p, b) in paths.iter().zip(&before) {
+            assert!(
+                allocated(p) + 40 * 1024 <= *b,
+                "{}: the space went back to the file system",
+                p.display()
+            );
+        }
+        let crcs = s.checksums(0, 256).expect("crcs");
+        for (lba, c) in crcs.iter().enumerate() {
+            assert_eq!(
+                *c == DEALLOCATED,
+                (16..112).contains(&lba),
+                "lba {lba}: crc {c:#x}"
+            );
+        }
+        let mut b = vec![0u8; 4096];
+        s.read(16, &mut b).expect("read");
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "deallocated blocks read as zeros"
+        );
+        s.read(8, &mut b).expect("read");
+        assert_eq!(b, pattern(1), "neighbours untouched");
+        s.read(112, &mut b).expect("read");
+        assert_eq!(b, pattern(14), "neighbours untouched");
+        // A lone block inside a page: zeroed in place, deallocated all the same.
+        s.deallocate(3, 1).expect("deallocate");
+        let mut one = vec![0u8; 512];
+        s.read(3, &mut one).expect("read");
+        assert!(one.iter().all(|&x| x == 0));
+        assert_eq!(s.checksums(2, 3).expect("crcs")[1], DEALLOCATED);
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0, "scrub is clean");
+        // Written again, a block is mapped again.
+        s.write(16, &pattern(9)).expect("write");
+        assert!(s
+            .checksums(16, 8)
+            .expect("crcs")
+            .iter()
+            .all(|&c| c != DEALLOCATED));
+        assert!(matches!(
+            s.deallocate(250, 7),
+            Err(MediaError::OutOfRange { .. })
+        ));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn repair_and_rebuild_keep_deallocated_blocks_deallocated() {
+        let d = dir("dealloc-repair");
+        let (s, paths) = set(&d);
+        for k in 0..32u64 {
+            s.write(k * 8, &pattern(k as u8)).expect("write");
+        }
+        s.deallocate(64, 64).expect("deallocate");
+        s.sync().expect("sync");
+        // Garbage lands in a deallocated block of mirror a (crc 0 says it must be zeros).
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&paths[0])
+            .expect("open");
+        f.write_all_at(&[0x77; 16], HEADER_LEN + 70 * 512 + 100)
+            .expect("write");
+        let mut b = vec![0u8; 4096];
+        s.read(64, &mut b).expect("read from the good copy");
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(s.repairs(), 1);
+        assert_eq!(
+            s.checksums(64, 64).expect("crcs"),
+            vec![DEALLOCATED; 64],
+            "the repair deallocated the block again rather than writing it"
+        );
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+        // Mirror b is replaced: the rebuild copies holes as holes.
+        drop(s);
+        std::fs::remove_file(&paths[1]).expect("lose b");
+        let s = MirrorSet::open(&paths, 256, 512).expect("reopen");
+        s.rebuild(1, 0, |_, _| {}).expect("rebuild");
+        assert_eq!(s.scrub().expect("scrub").mismatches, 0);
+        s.inject_eio(0, true);
+        let crcs = s.checksums(0, 256).expect("crcs from b");
+        for (lba, c) in crcs.iter().enumerate() {
+            assert_eq!(*c == DEALLOCATED, (64..128).contains(&lba), "lba {lba}");
+        }
+        s.read(60, &mut b).expect("read from b");
+        assert_eq!(&b[..2048], &pattern(7)[2048..], "mapped blocks copied");
+        assert!(b[2048..].iter().all(|&x| x == 0), "deallocated ones zeros");
+        // The rebuild writes b's whole metadata area, which a never had written.
+        let (a, b) = (allocated(&paths[0]), allocated(&paths[1]));
+        assert!(
+            b <= a + 2 * META_SLOT,
+            "b is as sparse as a where the set is unmapped: {b} bytes against {a}"
         );
         let _ = std::fs::remove_dir_all(d);
     }

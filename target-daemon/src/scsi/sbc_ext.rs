@@ -398,6 +398,8 @@ pub(crate) fn write_atomic(c: &Ctx<'_>) -> CmdResult {
 pub(crate) const SANITIZE: u8 = 0x48;
 /// SANITIZE service action BLOCK ERASE.
 const SANITIZE_BLOCK_ERASE: u8 = 0x02;
+/// SANITIZE service action EXIT FAILURE MODE.
+const SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1f;
 
 /// SANITIZE (48h), BLOCK ERASE: every block is deallocated, so all of it reads back as
 /// zeros (LBPRZ) and no earlier data can be read again. Where the store cannot
@@ -426,6 +428,26 @@ pub(crate) fn sanitize(c: &Ctx<'_>) -> CmdResult {
     Ok(Reply::none())
 }
 
+/// SANITIZE (48h), EXIT FAILURE MODE (SBC-3 5.30): ends the failure mode a failed
+/// sanitize leaves a device in. BLOCK ERASE here never leaves one: it either completes or
+/// fails like any write (the LUN keeps serving, and the erase can be repeated), so there
+/// is no failure mode to exit and the command completes at once. Like BLOCK ERASE it takes
+/// no parameter list.
+pub(crate) fn sanitize_exit_failure_mode(c: &Ctx<'_>) -> CmdResult {
+    let cdb = c.cmd.cdb;
+    if cdb[1] & 0x40 != 0 {
+        return Err(field(1, Some(6)));
+    }
+    if cdb[2..7].iter().any(|&b| b != 0) {
+        return Err(field(2, None));
+    }
+    if be(cdb, 7, 2).unwrap_or(0) != 0 {
+        return Err(field(7, None));
+    }
+    writable(c)?;
+    Ok(Reply::none())
+}
+
 /// The commands of this module, listed after the base table (see
 /// [`commands`](super::target::commands)).
 pub(crate) static COMMANDS: &[Command] = &[
@@ -435,6 +457,13 @@ pub(crate) static COMMANDS: &[Command] = &[
         cdb_len: 10,
         usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
         run: sanitize,
+    },
+    Command {
+        opcode: SANITIZE,
+        sa: Some(SANITIZE_EXIT_FAILURE_MODE),
+        cdb_len: 10,
+        usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
+        run: sanitize_exit_failure_mode,
     },
     Command {
         opcode: op::WRITE_SAME_10,
@@ -629,6 +658,127 @@ mod tests {
         );
         let o = run(&t, &n, &ws16(0, max, 0x08), &block);
         assert_eq!((o.status, o.sense), (0, None), "unmapping the maximum");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// GET LBA STATUS from `lba` with room for 8 descriptors: (lba, blocks, status) each.
+    fn lba_status(t: &ScsiTarget, n: &ItNexus, lba: u64) -> Vec<(u64, u32, u8)> {
+        let mut cdb = vec![0x9e, 0x12];
+        cdb.extend_from_slice(&lba.to_be_bytes());
+        cdb.extend_from_slice(&(8 + 8 * 16u32).to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        let o = run(t, n, &cdb, &[]);
+        assert_eq!((o.status, o.sense.as_deref()), (0, None), "GET LBA STATUS");
+        o.data_in[8..]
+            .chunks_exact(16)
+            .map(|d| {
+                let lba = u64::from_be_bytes(d[..8].try_into().expect("8 bytes"));
+                let n = u32::from_be_bytes(d[8..12].try_into().expect("4 bytes"));
+                (lba, n, d[12])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mirrored_lun_behind_the_write_cache_is_thin_provisioned() {
+        use crate::media::cache::{CachedVolume, WriteCache};
+        use crate::media::mirror::MirrorSet;
+        use std::collections::HashMap;
+        use std::time::Duration;
+        let dir = std::env::temp_dir().join(format!("ftss-sbc-ext-thin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let set = Arc::new(
+            MirrorSet::open(&[dir.join("a.mirror"), dir.join("b.mirror")], 1024, 512)
+                .expect("mirrors"),
+        );
+        let cache = WriteCache::open(
+            &dir.join("wc"),
+            2 << 20,
+            HashMap::from([(0u32, Arc::clone(&set))]),
+        )
+        .expect("cache");
+        let vol = CachedVolume::new(
+            Arc::clone(&cache),
+            Arc::clone(&set),
+            0,
+            CacheMode::Nonvolatile,
+        );
+        let (t, n) = target(Arc::new(vol));
+        // READ CAPACITY(16): LBPME and LBPRZ.
+        let mut rc16 = vec![0x9e, 0x10];
+        rc16.resize(16, 0);
+        rc16[13] = 32;
+        let o = run(&t, &n, &rc16, &[]);
+        assert_eq!(o.data_in[14], 0xc0, "LBPME, LBPRZ");
+        // Logical Block Provisioning VPD: LBPU, LBPWS, LBPWS10, LBPRZ; thin provisioned.
+        let o = run(&t, &n, &[0x12, 0x01, 0xb2, 0, 0x40, 0], &[]);
+        assert_eq!(&o.data_in[..8], &[0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]);
+        // Block Limits: unmapping deallocates, so its count is unbounded.
+        let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
+        assert_eq!(&o.data_in[20..24], &u32::MAX.to_be_bytes());
+        assert_eq!(
+            lba_status(&t, &n, 0),
+            vec![(0, 1024, 1)],
+            "nothing mapped yet"
+        );
+        // WRITE (10) of blocks 0-15, then UNMAP of 4-7 and WRITE SAME (16) UNMAP of 12-13.
+        let mut w10 = vec![0x2a, 0, 0, 0, 0, 0, 0, 0, 16, 0];
+        let o = run(&t, &n, &w10, &[0x5a; 16 * 512]);
+        assert_eq!((o.status, o.sense), (0, None));
+        let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        list.extend_from_slice(&4u64.to_be_bytes());
+        list.extend_from_slice(&4u32.to_be_bytes());
+        list.extend_from_slice(&[0; 4]);
+        let o = run(&t, &n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list);
+        assert_eq!((o.status, o.sense), (0, None));
+        let o = run(&t, &n, &ws16(12, 2, 0x08), &[0; 512]);
+        assert_eq!((o.status, o.sense), (0, None));
+        let want = vec![
+            (0, 4, 0),
+            (4, 4, 1),
+            (8, 4, 0),
+            (12, 2, 1),
+            (14, 2, 0),
+            (16, 1008, 1),
+        ];
+        let read16 = |t: &ScsiTarget| {
+            let o = run(t, &n, &[0x28, 0, 0, 0, 0, 0, 0, 0, 16, 0], &[]);
+            assert_eq!((o.status, o.sense.as_deref()), (0, None));
+            o.data_in
+        };
+        let expect_data = |d: &[u8]| {
+            for (k, b) in d.chunks(512).enumerate() {
+                let zero = (4..8).contains(&k) || (12..14).contains(&k);
+                assert!(
+                    b.iter().all(|&x| x == if zero { 0 } else { 0x5a }),
+                    "lba {k}"
+                );
+            }
+        };
+        assert_eq!(lba_status(&t, &n, 0), want, "in the write cache");
+        expect_data(&read16(&t));
+        assert!(cache.drain(Duration::from_secs(10)), "destaged");
+        assert_eq!(lba_status(&t, &n, 0), want, "on the mirrors");
+        expect_data(&read16(&t));
+        assert_eq!(set.scrub().expect("scrub").mismatches, 0);
+        // Writing a deallocated block maps it again.
+        w10[5] = 5;
+        w10[8] = 1;
+        let o = run(&t, &n, &w10, &[0x11; 512]);
+        assert_eq!((o.status, o.sense), (0, None));
+        assert_eq!(lba_status(&t, &n, 4)[..2], [(4, 1, 1), (5, 1, 0)]);
+        // SANITIZE EXIT FAILURE MODE: no failure mode to leave; no parameter list.
+        let o = run(&t, &n, &[0x48, 0x1f, 0, 0, 0, 0, 0, 0, 8, 0], &[0; 8]);
+        assert_eq!(sense(&o), Some((5, 0x24, 0, 7)), "a parameter list");
+        let o = run(&t, &n, &[0x48, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!((o.status, o.sense), (0, None));
+        assert_eq!(
+            lba_status(&t, &n, 4)[..2],
+            [(4, 1, 1), (5, 1, 0)],
+            "changes nothing"
+        );
+        cache.shutdown();
         let _ = std::fs::remove_dir_all(dir);
     }
 
