@@ -9,10 +9,15 @@
 //! - `scrub <iqn>/<lun>`: verifies every copy of every block, repairs bad ones, reports;
 //! - `nodes`: the routing table's nodes and the owners of registered addresses;
 //! - `nodes retire <initiator>`: releases an initiator's registered addresses and
-//!   discards the packets queued under them (the only way they change hands).
+//!   discards the packets queued under them (the only way they change hands);
+//! - `sessions`: every live session (initiator, ISID, TSIH, target, peer, since when);
+//! - `queues`: every packet node's queue (packets, bytes, oldest unacked age, quota use);
+//! - `luns`: every target's LUNs (size, block size, masking).
 //!
 //! Answers start with `ok` or `error`. Plain text keeps it usable with `socat` when the
-//! CLI is not at hand.
+//! CLI is not at hand. A listing request prefixed with `json ` (`json sessions`) is
+//! answered with `ok` and one line of JSON instead, for scripts; the text answers stay
+//! as they are for people.
 //!
 //! Whoever reaches the socket can take mirrors through rebuilds and retire nodes, so the
 //! socket is 0600 and every connection's peer uid (SO_PEERCRED) must be root or the
@@ -21,11 +26,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::iscsi::session::{SessionInfo, Shared};
 use crate::media::cache::WriteCache;
 use crate::media::mirror::{MirrorSet, MirrorState, RebuildTicket};
 
@@ -150,7 +157,9 @@ impl MediaHandles {
                         }
                     });
                 let sent = match spawned {
-                    Ok(_) => tx.send(ticket).map_err(|e| (e.0, "the thread is gone".to_owned())),
+                    Ok(_) => tx
+                        .send(ticket)
+                        .map_err(|e| (e.0, "the thread is gone".to_owned())),
                     Err(e) => Err((ticket, e.to_string())),
                 };
                 match sent {
@@ -174,16 +183,206 @@ impl MediaHandles {
                     Err(e) => format!("error scrub failed: {e}\n"),
                 }
             }
-            _ => "error unknown request; want: status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun>\n".into(),
+            _ => format!("error unknown request; want: {USAGE}\n"),
+        }
+    }
+}
+
+/// The requests the socket understands, for the refusal of any other.
+const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns; `json ` before status, nodes, sessions, queues or luns";
+
+/// Everything the admin socket answers about: the media and the live server state.
+pub(crate) struct Admin {
+    pub(crate) media: MediaHandles,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl MediaHandles {
+    /// The `status` answer as JSON.
+    fn status_json(&self) -> serde_json::Value {
+        let cache = self.cache.as_ref().map(|c| {
+            let s = c.stats();
+            json!({
+                "mode": self.cache_mode,
+                "ring_bytes": s.ring_bytes,
+                "dirty_bytes": s.dirty_bytes,
+                "records": s.records,
+                "commit_flushes": s.commit_flushes,
+                "commit_flush_us": s.commit_flush_us,
+                "recovered_records": s.recovered_records,
+                "recovery_ms": s.recovery_ms,
+            })
+        });
+        let external = self
+            .agent
+            .as_ref()
+            .and_then(|a| a.external_stats())
+            .map(|x| x.to_string());
+        let volumes: Vec<serde_json::Value> = self
+            .volumes
+            .iter()
+            .map(|(name, v)| {
+                let mirrors: Vec<serde_json::Value> = v
+                    .status()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let (state, done, reason) = match &m.state {
+                            MirrorState::Healthy => ("healthy", None, None),
+                            MirrorState::Rebuilding(done) => ("rebuilding", Some(*done), None),
+                            MirrorState::Failed(why) => ("failed", None, Some(why.to_string())),
+                        };
+                        json!({
+                            "index": i,
+                            "state": state,
+                            "rebuilt_blocks": done,
+                            "reason": reason,
+                            "path": m.path.display().to_string(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": name,
+                    "blocks": v.blocks(),
+                    "block_size": v.block_size(),
+                    "repairs": v.repairs(),
+                    "repair_failures": v.repair_failures(),
+                    "mirrors": mirrors,
+                })
+            })
+            .collect();
+        json!({ "cache": cache, "external": external, "volumes": volumes })
+    }
+}
+
+/// A live session's line in the `sessions` answer.
+fn session_line(s: &SessionInfo) -> String {
+    format!(
+        "session tsih={} initiator={} isid={} target={} peer={} since={}\n",
+        s.tsih,
+        s.initiator,
+        s.isid,
+        s.target.as_deref().unwrap_or("-"),
+        s.peer.as_deref().unwrap_or("-"),
+        s.since_unix_s
+    )
+}
+
+/// One LUN as `luns` lists it.
+#[derive(serde::Serialize)]
+struct LunInfo {
+    target: String,
+    lun: u64,
+    blocks: u64,
+    block_size: u32,
+    read_only: bool,
+    /// LUN masking; `None`: every initiator the target admits.
+    initiators: Option<Vec<String>>,
+}
+
+impl Admin {
+    fn luns(&self) -> Vec<LunInfo> {
+        let mut out = Vec::new();
+        for t in &self.shared.targets {
+            for l in t.scsi.luns.values() {
+                out.push(LunInfo {
+                    target: t.iqn.clone(),
+                    lun: l.number,
+                    blocks: l.blocks(),
+                    block_size: l.block_size(),
+                    read_only: l.read_only,
+                    initiators: l.initiator_names(),
+                });
+            }
+        }
+        out
+    }
+
+    fn queues(&self) -> Option<Vec<crate::routing::agent::NodeMetrics>> {
+        self.media.agent.as_ref().map(|a| a.node_metrics())
+    }
+
+    /// Runs one request line; blocking (scrub reads every block).
+    pub(crate) fn handle(&self, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let to_json = |v: serde_json::Value| format!("ok\n{v}\n");
+        match words.as_slice() {
+            ["sessions"] => {
+                let mut out = String::from("ok\n");
+                for s in self.shared.registry.list() {
+                    out.push_str(&session_line(&s));
+                }
+                out
+            }
+            ["json", "sessions"] => to_json(json!({ "sessions": self.shared.registry.list() })),
+            ["queues"] => {
+                match self.queues() {
+                    Some(q) => {
+                        let mut out = String::from("ok\n");
+                        for n in q {
+                            out.push_str(&format!(
+                            "queue {} packets={} bytes={} oldest_unacked_ms={} quota_used={:.3}\n",
+                            n.node, n.queued_packets, n.queued_bytes, n.oldest_unacked_ms, n.quota_used
+                        ));
+                        }
+                        out
+                    }
+                    None => "error no [packets] configured\n".into(),
+                }
+            }
+            ["json", "queues"] => match self.queues() {
+                Some(q) => {
+                    let q: Vec<serde_json::Value> = q
+                        .iter()
+                        .map(|n| {
+                            json!({
+                                "node": n.node,
+                                "queued_packets": n.queued_packets,
+                                "queued_bytes": n.queued_bytes,
+                                "oldest_unacked_ms": n.oldest_unacked_ms,
+                                "quota_used": n.quota_used,
+                            })
+                        })
+                        .collect();
+                    to_json(json!({ "queues": q }))
+                }
+                None => "error no [packets] configured\n".into(),
+            },
+            ["luns"] => {
+                let mut out = String::from("ok\n");
+                for l in self.luns() {
+                    out.push_str(&format!(
+                        "lun {}/{} blocks={} block_size={} read_only={} initiators={}\n",
+                        l.target,
+                        l.lun,
+                        l.blocks,
+                        l.block_size,
+                        l.read_only,
+                        l.initiators.map_or_else(|| "*".to_owned(), |i| i.join(","))
+                    ));
+                }
+                out
+            }
+            ["json", "luns"] => to_json(json!({ "luns": self.luns() })),
+            ["json", "status"] => to_json(self.media.status_json()),
+            ["json", "nodes"] => match &self.media.agent {
+                Some(a) => to_json(a.nodes_json()),
+                None => "error no [packets] configured\n".into(),
+            },
+            ["json", ..] => format!(
+                "error no JSON form of {:?}; want: {USAGE}\n",
+                &line[4..].trim()
+            ),
+            _ => self.media.handle(line),
         }
     }
 }
 
 /// Binds the admin socket (replacing a stale one left by a killed daemon) and serves it
 /// until `stop` changes.
-pub fn start(
+pub(crate) fn start(
     path: &Path,
-    media: MediaHandles,
+    admin: Admin,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if path.exists() {
@@ -203,7 +402,7 @@ pub fn start(
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     let path: PathBuf = path.to_owned();
-    let media = Arc::new(media);
+    let media = Arc::new(admin);
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -236,7 +435,7 @@ pub(crate) fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == 0 || peer_uid == own_uid
 }
 
-async fn serve(sock: UnixStream, media: Arc<MediaHandles>) {
+async fn serve(sock: UnixStream, media: Arc<Admin>) {
     let own = effective_uid();
     let refused = match sock.peer_cred() {
         Ok(c) if peer_allowed(c.uid(), own) => None,
@@ -291,6 +490,68 @@ mod tests {
             ..MediaHandles::default()
         };
         (h, set)
+    }
+
+    fn admin_with_sessions() -> Admin {
+        let shared = Arc::new(Shared::new(
+            crate::config::Config::default_config(),
+            Vec::new(),
+        ));
+        let (tsih, _rx) = shared
+            .registry
+            .register("iqn.x", [0x80, 0, 0, 0, 0, 1], Some("iqn.t"), 7, 8)
+            .expect("room");
+        shared
+            .registry
+            .set_peer(tsih, 7, "10.0.0.9:51000".parse().expect("addr"));
+        Admin {
+            media: MediaHandles::default(),
+            shared,
+        }
+    }
+
+    #[test]
+    fn sessions_answer_in_text_and_json() {
+        let a = admin_with_sessions();
+        let text = a.handle("sessions");
+        assert!(text.starts_with("ok\n"), "{text}");
+        assert!(
+            text.contains("session tsih=1 initiator=iqn.x isid=800000000001 target=iqn.t peer=10.0.0.9:51000 since="),
+            "{text}"
+        );
+        let json = a.handle("json sessions");
+        let body = json.strip_prefix("ok\n").expect("ok");
+        let v: serde_json::Value = serde_json::from_str(body).expect("one JSON line");
+        let s = &v["sessions"][0];
+        assert_eq!(s["initiator"], "iqn.x");
+        assert_eq!(s["isid"], "800000000001");
+        assert_eq!(s["tsih"], 1);
+        assert_eq!(s["target"], "iqn.t");
+        assert_eq!(s["peer"], "10.0.0.9:51000");
+        assert!(s["since_unix_s"]
+            .as_u64()
+            .is_some_and(|t| t > 1_600_000_000));
+    }
+
+    #[test]
+    fn json_listings_parse_and_other_requests_are_refused() {
+        let a = admin_with_sessions();
+        for what in ["status", "luns"] {
+            let ans = a.handle(&format!("json {what}"));
+            let body = ans.strip_prefix("ok\n").expect(&ans);
+            let _: serde_json::Value = serde_json::from_str(body).expect(what);
+        }
+        // Text answers stay as they were.
+        assert_eq!(a.handle("status"), "ok\n");
+        for r in [
+            "json scrub vol",
+            "json queues",
+            "json nodes",
+            "queues",
+            "frob",
+        ] {
+            assert!(a.handle(r).starts_with("error"), "{r}");
+        }
     }
 
     #[test]

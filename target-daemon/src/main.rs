@@ -42,6 +42,10 @@ enum Command {
         /// The admin socket.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Answer with one JSON object (status, nodes, sessions, queues, luns), for
+        /// scripts.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         request: AdminRequest,
     },
@@ -76,6 +80,12 @@ enum AdminRequest {
         #[arg(long, value_name = "INITIATOR")]
         retire: Option<String>,
     },
+    /// Live sessions: initiator, ISID, TSIH, target, peer address, since when.
+    Sessions,
+    /// Per packet node: queued packets and bytes, oldest unacknowledged age, quota use.
+    Queues,
+    /// Every target's LUNs: size, block size, masking.
+    Luns,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,7 +107,12 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Config::load(p).with_context(|| format!("configuration {}", p.display()))?,
         None => Config::default_config(),
     };
-    if let Some(Command::Admin { socket, request }) = args.command {
+    if let Some(Command::Admin {
+        socket,
+        json,
+        request,
+    }) = args.command
+    {
         let socket = socket.unwrap_or_else(|| {
             let s = &config.server;
             if s.admin_socket.is_absolute() {
@@ -106,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                 s.data_dir.join(&s.admin_socket)
             }
         });
-        return admin(&socket, request);
+        return admin(&socket, request, json);
     }
     if args.check_config {
         println!("configuration OK");
@@ -191,16 +206,36 @@ fn ask(socket: &std::path::Path, line: &str) -> anyhow::Result<String> {
     Ok(answer)
 }
 
-fn admin(socket: &std::path::Path, request: AdminRequest) -> anyhow::Result<()> {
+fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow::Result<()> {
+    let listing = match &request {
+        AdminRequest::Status => Some("status"),
+        AdminRequest::Nodes { retire: None } => Some("nodes"),
+        AdminRequest::Sessions => Some("sessions"),
+        AdminRequest::Queues => Some("queues"),
+        AdminRequest::Luns => Some("luns"),
+        _ => None,
+    };
+    if let Some(what) = listing {
+        // The daemon answers `ok` and then the listing, as text lines or one JSON line.
+        let line = if json {
+            format!("json {what}")
+        } else {
+            what.to_owned()
+        };
+        print!("{}", ask(socket, &line)?.trim_start_matches("ok\n"));
+        return Ok(());
+    }
+    if json {
+        anyhow::bail!("--json applies to status, nodes, sessions, queues and luns");
+    }
     match request {
-        AdminRequest::Status => {
-            print!("{}", ask(socket, "status")?.trim_start_matches("ok\n"));
-        }
+        AdminRequest::Status
+        | AdminRequest::Nodes { retire: None }
+        | AdminRequest::Sessions
+        | AdminRequest::Queues
+        | AdminRequest::Luns => {}
         AdminRequest::Scrub { volume } => {
             println!("{}", ask(socket, &format!("scrub {volume}"))?.trim());
-        }
-        AdminRequest::Nodes { retire: None } => {
-            print!("{}", ask(socket, "nodes")?.trim_start_matches("ok\n"));
         }
         AdminRequest::Nodes {
             retire: Some(initiator),

@@ -103,13 +103,16 @@ impl Server {
             .into_iter()
             .map(|l| tokio::spawn(accept_loop(l, Arc::clone(&shared), stop_rx.clone())))
             .collect();
-        let admin = crate::admin::start(&admin_path, media.clone(), stop_rx).map_err(|e| {
-            ServerError::Lun {
+        let handler = crate::admin::Admin {
+            media: media.clone(),
+            shared: Arc::clone(&shared),
+        };
+        let admin =
+            crate::admin::start(&admin_path, handler, stop_rx).map_err(|e| ServerError::Lun {
                 iqn: String::new(),
                 lun: 0,
                 msg: format!("admin socket {}: {e}", admin_path.display()),
-            }
-        })?;
+            })?;
         tasks.push(admin);
         info!("admin socket {}", admin_path.display());
         let metrics_addr = match shared.config.metrics_addr() {
@@ -273,6 +276,7 @@ async fn serve(
         shutdown: done.shutdown,
         released: std::sync::atomic::AtomicBool::new(false),
     });
+    shared.registry.set_peer(ctx.tsih, ctx.nexus.id, peer);
     // Counted for the metrics until the connection's task ends.
     let _counted = ctx
         .target_iqn

@@ -222,6 +222,24 @@ struct Entry {
     target: Option<String>,
     nexus_id: u64,
     shutdown: watch::Sender<bool>,
+    /// The initiator's address, once the connection task knows it.
+    peer: Option<SocketAddr>,
+    /// When the session entered the full feature phase.
+    since: std::time::SystemTime,
+}
+
+/// One live session as `admin sessions` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct SessionInfo {
+    pub(crate) initiator: String,
+    /// The ISID as 12 hex digits.
+    pub(crate) isid: String,
+    pub(crate) tsih: u16,
+    /// `None` for a discovery session.
+    pub(crate) target: Option<String>,
+    pub(crate) peer: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub(crate) since_unix_s: u64,
 }
 
 /// Live sessions by TSIH.
@@ -314,6 +332,8 @@ impl Registry {
                 target: target.map(str::to_owned),
                 nexus_id,
                 shutdown: tx,
+                peer: None,
+                since: std::time::SystemTime::now(),
             },
         );
         Ok((tsih, rx))
@@ -328,6 +348,39 @@ impl Registry {
         {
             g.sessions.remove(&tsih);
         }
+    }
+
+    /// Notes the initiator's address of the session registered under `tsih`, if it is
+    /// still the one of `nexus_id` (login does not see the socket's peer).
+    pub(crate) fn set_peer(&self, tsih: u16, nexus_id: u64, peer: SocketAddr) {
+        let mut g = self.lock();
+        if let Some(e) = g.sessions.get_mut(&tsih) {
+            if e.nexus_id == nexus_id {
+                e.peer = Some(peer);
+            }
+        }
+    }
+
+    /// Every live session, by TSIH.
+    pub(crate) fn list(&self) -> Vec<SessionInfo> {
+        let g = self.lock();
+        let mut out: Vec<SessionInfo> = g
+            .sessions
+            .iter()
+            .map(|(&tsih, e)| SessionInfo {
+                initiator: e.initiator.clone(),
+                isid: e.isid.iter().map(|b| format!("{b:02x}")).collect(),
+                tsih,
+                target: e.target.clone(),
+                peer: e.peer.map(|p| p.to_string()),
+                since_unix_s: e
+                    .since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            })
+            .collect();
+        out.sort_by_key(|s| s.tsih);
+        out
     }
 
     /// Live sessions per target name (`None`: discovery sessions).
@@ -401,6 +454,28 @@ mod tests {
         // The old connection's late cleanup must not remove the new session.
         r.remove(t1, 1);
         assert!(r.contains(t3));
+    }
+
+    #[test]
+    fn list_shows_each_session_with_its_peer() {
+        let r = Registry::default();
+        let (t1, _rx1) = r
+            .register("iqn.a", [0, 1, 2, 3, 4, 0xab], Some("iqn.t"), 1, 8)
+            .expect("room");
+        let (t2, _rx2) = r.register("iqn.b", [9; 6], None, 2, 8).expect("room");
+        let peer: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        r.set_peer(t1, 1, peer);
+        // A stale nexus id must not annotate a newer session.
+        r.set_peer(t2, 99, peer);
+        let l = r.list();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].initiator, "iqn.a");
+        assert_eq!(l[0].isid, "0001020304ab");
+        assert_eq!(l[0].target.as_deref(), Some("iqn.t"));
+        assert_eq!(l[0].peer.as_deref(), Some("127.0.0.1:4000"));
+        assert!(l[0].since_unix_s > 1_600_000_000);
+        assert_eq!(l[1].target, None);
+        assert_eq!(l[1].peer, None);
     }
 
     #[test]

@@ -308,6 +308,33 @@ impl RoutingAgent {
         out
     }
 
+    /// The `admin nodes` listing for scripts: the same facts as [`Self::nodes_report`].
+    pub fn nodes_json(&self) -> serde_json::Value {
+        let t = lock(&self.table);
+        let nodes: Vec<serde_json::Value> = t
+            .nodes()
+            .iter()
+            .map(|n| {
+                let s = self.queue.stats(n.key());
+                serde_json::json!({
+                    "id": n.id,
+                    "initiator": n.initiator,
+                    "kind": if n.registered { "registered" } else { "configured" },
+                    "state": format!("{:?}", n.state()),
+                    "sessions": n.nexuses.len(),
+                    "addrs": n.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "queued_records": s.queued_records,
+                    "queued_bytes": s.queued_bytes,
+                })
+            })
+            .collect();
+        let owners: Vec<serde_json::Value> = t
+            .owners()
+            .map(|(a, i)| serde_json::json!({ "addr": a.to_string(), "initiator": i }))
+            .collect();
+        serde_json::json!({ "nodes": nodes, "owners": owners })
+    }
+
     /// Packets of SEND commands so far, per outcome.
     pub fn outcome_counts(&self) -> [(Outcome, u64); Outcome::ALL.len()] {
         let mut out = Outcome::ALL.map(|o| (o, 0));
