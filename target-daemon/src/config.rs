@@ -645,6 +645,22 @@ impl Config {
             .and_then(|n| n.chap.as_ref())
     }
 
+    /// The target named `iqn` (names compare without case).
+    pub fn target(&self, iqn: &str) -> Option<&TargetConfig> {
+        self.targets
+            .iter()
+            .find(|t| t.iqn.eq_ignore_ascii_case(iqn))
+    }
+
+    /// Whether the ACL of target `iqn` lets `initiator` see it and log in to it (a
+    /// target this configuration does not name admits nobody).
+    pub fn target_allows(&self, iqn: &str, initiator: &str) -> bool {
+        self.target(iqn).is_some_and(|t| match &t.initiators {
+            None => true,
+            Some(list) => list.iter().any(|n| n.eq_ignore_ascii_case(initiator)),
+        })
+    }
+
     /// The metrics endpoint's address, parsed (validated already); `None`: off.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.server.metrics.as_deref().and_then(|m| m.parse().ok())

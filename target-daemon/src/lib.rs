@@ -10,6 +10,7 @@ pub mod link_unit;
 pub mod media;
 mod media_setup;
 pub mod metrics;
+pub mod reload;
 pub mod routing;
 pub mod scsi;
 pub mod service;

@@ -142,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let config_path = args.config.clone();
     let result = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -168,9 +169,18 @@ fn main() -> anyhow::Result<()> {
                 }
             });
         }
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break }
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    notify("RELOADING=1");
+                    reload(&server, config_path.as_deref());
+                    notify("READY=1");
+                }
+            }
         }
         notify("STOPPING=1\nSTATUS=shutting down");
         tracing::info!(timeout_s = grace.as_secs(), "shutting down");
@@ -195,6 +205,37 @@ fn main() -> anyhow::Result<()> {
     // hold the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     result
+}
+
+/// SIGHUP: reads the file again and puts what a reload may change in force; a file that
+/// does not parse or validate, or changes what needs a restart, leaves everything as it
+/// was and says which key is at fault.
+fn reload(server: &Server, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::warn!("reload: no --config file to read again (the embedded default runs)");
+        return;
+    };
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused: {e}");
+            return;
+        }
+    };
+    match server.reload(new) {
+        Ok(r) => {
+            for key in &r.restart_needed {
+                tracing::warn!("reload: {key} changed; that takes effect at the next start");
+            }
+            tracing::info!(
+                changed = r.changed,
+                nodes_added = r.nodes_added.join(","),
+                "reloaded {}: ACLs, CHAP secrets and nodes in force for new logins",
+                path.display()
+            );
+        }
+        Err(e) => tracing::error!("reload refused: {e}"),
+    }
 }
 
 fn ask(socket: &std::path::Path, line: &str) -> anyhow::Result<String> {

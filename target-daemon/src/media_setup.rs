@@ -223,8 +223,6 @@ pub(crate) fn open_targets(
         targets.push(Arc::new(TargetEntry {
             iqn: t.iqn.clone(),
             alias: t.alias.clone(),
-            initiators: t.initiators.clone(),
-            chap: t.chap.clone(),
             scsi: Arc::new(scsi),
             connections: std::sync::atomic::AtomicU64::new(0),
         }));

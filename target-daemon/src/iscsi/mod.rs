@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 pub(crate) use session::TargetEntry;
 use session::{SessionCtx, Shared};
 
@@ -61,6 +61,17 @@ pub struct Server {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Whether an ACL, CHAP secret or node changed.
+    pub changed: bool,
+    /// Keys changed in the file that take effect only at a restart.
+    pub restart_needed: Vec<String>,
+    /// Initiators of the nodes added.
+    pub nodes_added: Vec<String>,
 }
 
 /// What a graceful shutdown did.
@@ -139,6 +150,50 @@ impl Server {
             media,
             shared,
             metrics_addr,
+        })
+    }
+
+    /// Puts the reloadable parts of `new` in force (ACLs, CHAP secrets, new nodes) for
+    /// the logins that follow; live sessions are not touched. Refused, with the key at
+    /// fault, when the file changes what a reload cannot (see [`crate::reload`]):
+    /// nothing changes then.
+    pub fn reload(&self, new: Config) -> Result<ReloadReport, ConfigError> {
+        let running = self.shared.in_force();
+        let plan = crate::reload::plan(&running, new)?;
+        if !plan.nodes_added.is_empty() {
+            let Some(agent) = &self.media.agent else {
+                let (i, _, _) = &plan.nodes_added[0];
+                return Err(ConfigError::Invalid {
+                    key: format!("node[{i}]"),
+                    msg: "nodes need [packets], which a reload cannot add".into(),
+                });
+            };
+            // Validated with the file: every address parses.
+            let nodes: Vec<_> = plan
+                .nodes_added
+                .iter()
+                .map(|(i, initiator, addrs)| {
+                    let addrs = addrs
+                        .iter()
+                        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                        .map(ftss_proto::vendor::NodeAddr::from)
+                        .collect();
+                    (*i, initiator.clone(), addrs)
+                })
+                .collect();
+            agent
+                .add_configured(&nodes)
+                .map_err(|(i, msg)| ConfigError::Invalid {
+                    key: format!("node[{i}].addresses"),
+                    msg,
+                })?;
+        }
+        let nodes_added = plan.nodes_added.into_iter().map(|(_, n, _)| n).collect();
+        self.shared.set_in_force(plan.config);
+        Ok(ReloadReport {
+            changed: plan.changed,
+            restart_needed: plan.restart_needed,
+            nodes_added,
         })
     }
 

@@ -16,8 +16,6 @@ use crate::scsi::{ItNexus, ScsiTarget};
 pub(crate) struct TargetEntry {
     pub(crate) iqn: String,
     pub(crate) alias: Option<String>,
-    pub(crate) initiators: Option<Vec<String>>,
-    pub(crate) chap: Option<crate::config::ChapConfig>,
     pub(crate) scsi: Arc<ScsiTarget>,
     /// Connections of this target in the full feature phase (for the metrics).
     pub(crate) connections: AtomicU64,
@@ -39,19 +37,13 @@ impl Drop for ConnectionCount {
     }
 }
 
-impl TargetEntry {
-    /// Whether the ACL lets `initiator` see and log in to this target.
-    pub(crate) fn allows(&self, initiator: &str) -> bool {
-        match &self.initiators {
-            None => true,
-            Some(list) => list.iter().any(|n| n.eq_ignore_ascii_case(initiator)),
-        }
-    }
-}
-
 /// State shared by every connection of the daemon.
 pub(crate) struct Shared {
+    /// The configuration the daemon started with: portals, limits, media. What a reload
+    /// may change (ACLs, CHAP secrets, nodes) is read from [`Self::in_force`] instead.
     pub(crate) config: Config,
+    /// The configuration last accepted (at start or by a reload); logins take a snapshot.
+    in_force: std::sync::RwLock<Arc<Config>>,
     pub(crate) targets: Vec<Arc<TargetEntry>>,
     pub(crate) registry: Registry,
     next_nexus: AtomicU64,
@@ -107,12 +99,34 @@ impl Drop for LiveGuard {
 impl Shared {
     pub(crate) fn new(config: Config, targets: Vec<Arc<TargetEntry>>) -> Self {
         Self {
+            in_force: std::sync::RwLock::new(Arc::new(config.clone())),
             config,
             targets,
             registry: Registry::default(),
             next_nexus: AtomicU64::new(1),
             live: LiveConnections::default(),
         }
+    }
+
+    /// The configuration in force now, for ACL and CHAP decisions.
+    pub(crate) fn in_force(&self) -> Arc<Config> {
+        // Only whole Arcs are swapped under this lock, so a poisoned one is still whole.
+        Arc::clone(
+            &self
+                .in_force
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Puts `config` in force for new logins and returns the one it replaces; live
+    /// sessions are not touched.
+    pub(crate) fn set_in_force(&self, config: Config) -> Arc<Config> {
+        let mut g = self
+            .in_force
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *g, Arc::new(config))
     }
 
     pub(crate) fn target(&self, iqn: &str) -> Option<&Arc<TargetEntry>> {
@@ -135,6 +149,7 @@ impl Shared {
         local: SocketAddr,
     ) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        let live = self.in_force();
         for t in &self.targets {
             let wanted = match value {
                 "All" => {
@@ -144,7 +159,7 @@ impl Shared {
                 "" => session_target.is_some_and(|s| s.eq_ignore_ascii_case(&t.iqn)),
                 name => name.eq_ignore_ascii_case(&t.iqn),
             };
-            if !wanted || !t.allows(initiator) {
+            if !wanted || !live.target_allows(&t.iqn, initiator) {
                 continue;
             }
             out.push(("TargetName".to_owned(), t.iqn.clone()));

@@ -283,6 +283,24 @@ impl RoutingAgent {
         Ok(keys)
     }
 
+    /// Checks that every node in `nodes` could join the table, then adds them all, or
+    /// none: (index in the file, initiator, addresses). On refusal, the index at fault.
+    pub fn add_configured(
+        &self,
+        nodes: &[(usize, String, Vec<NodeAddr>)],
+    ) -> Result<(), (usize, String)> {
+        let mut t = lock(&self.table);
+        let mut next = t.clone();
+        for (i, initiator, addrs) in nodes {
+            next.add_configured(initiator, addrs).map_err(|e| (*i, e))?;
+        }
+        *t = next;
+        for (_, initiator, _) in nodes {
+            info!(initiator, "node added by reload");
+        }
+        Ok(())
+    }
+
     /// The `admin nodes` listing: one line per node, then one per owned address.
     pub fn nodes_report(&self) -> String {
         let t = lock(&self.table);
