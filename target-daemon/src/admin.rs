@@ -12,7 +12,10 @@
 //!   discards the packets queued under them (the only way they change hands);
 //! - `sessions`: every live session (initiator, ISID, TSIH, target, peer, since when);
 //! - `queues`: every packet node's queue (packets, bytes, oldest unacked age, quota use);
-//! - `luns`: every target's LUNs (size, block size, masking).
+//! - `luns`: every target's LUNs (size, block size, masking);
+//! - `config effective`: the configuration in force (the file as read at start or at the
+//!   last accepted reload, secrets hidden) and what changed at run time (nodes
+//!   registered by their initiators, kept in the packet registry).
 //!
 //! Answers start with `ok` or `error`. Plain text keeps it usable with `socat` when the
 //! CLI is not at hand. A listing request prefixed with `json ` (`json sessions`) is
@@ -189,7 +192,7 @@ impl MediaHandles {
 }
 
 /// The requests the socket understands, for the refusal of any other.
-const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns; `json ` before status, nodes, sessions, queues or luns";
+const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns | config effective; `json ` before status, nodes, sessions, queues, luns or config effective";
 
 /// Everything the admin socket answers about: the media and the live server state.
 pub(crate) struct Admin {
@@ -298,6 +301,57 @@ impl Admin {
         out
     }
 
+    /// Nodes registered at run time (NODE REGISTER), as `nodes` lists them.
+    fn runtime_json(&self) -> serde_json::Value {
+        let registered: Vec<serde_json::Value> = self
+            .media
+            .agent
+            .as_ref()
+            .map(|a| a.nodes_json())
+            .and_then(|v| v["nodes"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n["kind"] == "registered")
+            .collect();
+        json!({ "registered_nodes": registered })
+    }
+
+    /// `config effective` for people: the TOML in force, then the run-time changes as
+    /// comments (they live in the packet registry, not in any file).
+    fn effective_text(&self) -> String {
+        let config = self.shared.in_force().redacted();
+        let toml = match toml::to_string(&config) {
+            Ok(t) => t,
+            Err(e) => return format!("error {e}\n"),
+        };
+        let mut out = String::from(
+            "ok\n# The configuration in force: the file as read at start or at the last accepted\n# reload (SIGHUP); CHAP secrets hidden.\n",
+        );
+        out.push_str(&toml);
+        let rt = self.runtime_json();
+        let nodes = rt["registered_nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "\n# Changed at run time (packet registry, restored at start): {} registered node(s)\n",
+            nodes.len()
+        ));
+        for n in nodes {
+            let addrs: Vec<&str> = n["addrs"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "# node {} initiator={} addrs={}\n",
+                n["id"],
+                n["initiator"].as_str().unwrap_or("-"),
+                addrs.join(",")
+            ));
+        }
+        out
+    }
+
     fn queues(&self) -> Option<Vec<crate::routing::agent::NodeMetrics>> {
         self.media.agent.as_ref().map(|a| a.node_metrics())
     }
@@ -364,6 +418,14 @@ impl Admin {
                 out
             }
             ["json", "luns"] => to_json(json!({ "luns": self.luns() })),
+            ["config", "effective"] => self.effective_text(),
+            ["json", "config", "effective"] => {
+                let config = self.shared.in_force().redacted();
+                match serde_json::to_value(&config) {
+                    Ok(c) => to_json(json!({ "config": c, "runtime": self.runtime_json() })),
+                    Err(e) => format!("error {e}\n"),
+                }
+            }
             ["json", "status"] => to_json(self.media.status_json()),
             ["json", "nodes"] => match &self.media.agent {
                 Some(a) => to_json(a.nodes_json()),
@@ -552,6 +614,39 @@ mod tests {
         ] {
             assert!(a.handle(r).starts_with("error"), "{r}");
         }
+    }
+
+    #[test]
+    fn config_effective_shows_the_config_in_force_without_secrets() {
+        let a = admin_with_sessions();
+        let mut c = crate::config::Config::default_config();
+        c.targets[0].initiators = Some(vec!["iqn.2026-12.x:reloaded".into()]);
+        c.targets[0].chap = Some(crate::config::ChapConfig {
+            username: "u".into(),
+            secret: "very-secret-1".into(),
+            mutual_username: None,
+            mutual_secret: None,
+        });
+        a.shared.set_in_force(c);
+        let text = a.handle("config effective");
+        let body = text.strip_prefix("ok\n").expect(&text);
+        assert!(body.contains("iqn.2026-12.x:reloaded"), "{body}");
+        assert!(!body.contains("very-secret-1"), "{body}");
+        assert!(body.contains("<hidden secret>"), "{body}");
+        // The TOML part parses back as a configuration.
+        let back = crate::config::Config::parse(body).expect("the TOML parses");
+        assert_eq!(
+            back.targets[0].initiators,
+            Some(vec!["iqn.2026-12.x:reloaded".into()])
+        );
+        let json = a.handle("json config effective");
+        let v: serde_json::Value =
+            serde_json::from_str(json.strip_prefix("ok\n").expect(&json)).expect("JSON");
+        assert_eq!(
+            v["config"]["target"][0]["chap"]["secret"],
+            "<hidden secret>"
+        );
+        assert!(v["runtime"]["registered_nodes"].as_array().is_some());
     }
 
     #[test]

@@ -86,6 +86,13 @@ enum AdminRequest {
     Queues,
     /// Every target's LUNs: size, block size, masking.
     Luns,
+    /// The configuration in force and what changed at run time.
+    Config {
+        /// The file as last accepted (at start or by SIGHUP), secrets hidden, plus the
+        /// nodes registered at run time (the only form for now).
+        #[arg(long)]
+        effective: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -254,6 +261,7 @@ fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow:
         AdminRequest::Sessions => Some("sessions"),
         AdminRequest::Queues => Some("queues"),
         AdminRequest::Luns => Some("luns"),
+        AdminRequest::Config { .. } => Some("config effective"),
         _ => None,
     };
     if let Some(what) = listing {
@@ -267,14 +275,15 @@ fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow:
         return Ok(());
     }
     if json {
-        anyhow::bail!("--json applies to status, nodes, sessions, queues and luns");
+        anyhow::bail!("--json applies to status, nodes, sessions, queues, luns and config");
     }
     match request {
         AdminRequest::Status
         | AdminRequest::Nodes { retire: None }
         | AdminRequest::Sessions
         | AdminRequest::Queues
-        | AdminRequest::Luns => {}
+        | AdminRequest::Luns
+        | AdminRequest::Config { .. } => {}
         AdminRequest::Scrub { volume } => {
             println!("{}", ask(socket, &format!("scrub {volume}"))?.trim());
         }

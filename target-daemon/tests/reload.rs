@@ -167,6 +167,22 @@ fn an_acl_change_admits_new_logins_by_the_file_while_the_session_stays_up() {
             .await
             .expect("Y is admitted now");
         read_ok(&y).await;
+        let out = Command::new(env!("CARGO_BIN_EXE_ftss-target"))
+            .arg("--config")
+            .arg(&config)
+            .args(["admin", "config", "--effective"])
+            .output()
+            .expect("admin config");
+        let effective = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            effective.contains(&format!("initiators = [\"{Y}\"]")),
+            "{effective}"
+        );
 
         // An invalid file: nothing changes, the key at fault is in the log.
         let bad = std::fs::read_to_string(&config)
