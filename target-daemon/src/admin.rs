@@ -287,7 +287,7 @@ impl Admin {
     fn luns(&self) -> Vec<LunInfo> {
         let mut out = Vec::new();
         for t in &self.shared.targets {
-            for l in t.scsi.luns.values() {
+            for l in t.scsi.luns() {
                 out.push(LunInfo {
                     target: t.iqn.clone(),
                     lun: l.number,

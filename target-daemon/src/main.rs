@@ -237,7 +237,8 @@ fn reload(server: &Server, path: Option<&std::path::Path>) {
             tracing::info!(
                 changed = r.changed,
                 nodes_added = r.nodes_added.join(","),
-                "reloaded {}: ACLs, CHAP secrets and nodes in force for new logins",
+                luns_added = r.luns_added.join(","),
+                "reloaded {}: ACLs, CHAP secrets, nodes and new LUNs in force",
                 path.display()
             );
         }

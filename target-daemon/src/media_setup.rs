@@ -76,6 +76,24 @@ pub(crate) fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Opens every LUN of every target.
+/// Opens (creating when new) the plain-file store of LUN `l` at `p`, relative to the
+/// data directory `dir`.
+pub(crate) fn open_file_lun(
+    dir: &Path,
+    p: &Path,
+    l: &crate::config::LunConfig,
+) -> Result<Arc<dyn BlockStore>, String> {
+    let size = parse_size(&l.size)?;
+    let path = resolve(dir, p);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    Ok(Arc::new(
+        FileStore::open(&path, size, l.block_size)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    ))
+}
+
 pub(crate) fn open_targets(
     config: &Config,
 ) -> Result<(Vec<Arc<TargetEntry>>, MediaHandles), ServerError> {
@@ -178,18 +196,7 @@ pub(crate) fn open_targets(
                 msg,
             };
             let store: Arc<dyn BlockStore> = match (&l.path, &cache) {
-                (Some(p), _) => {
-                    let size = parse_size(&l.size).map_err(err)?;
-                    let path = resolve(dir, p);
-                    if let Some(parent) = path.parent() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(|e| err(format!("{}: {e}", parent.display())))?;
-                    }
-                    Arc::new(
-                        FileStore::open(&path, size, l.block_size)
-                            .map_err(|e| err(format!("{}: {e}", path.display())))?,
-                    )
-                }
+                (Some(p), _) => open_file_lun(dir, p, l).map_err(err)?,
                 (None, Some(cache)) => {
                     let id = volume_id(&t.iqn, l.lun);
                     let set = volumes

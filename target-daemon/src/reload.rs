@@ -3,13 +3,14 @@
 //! configuration in force and says what to put in force, or which key stops the reload.
 //!
 //! Reloaded: target ACLs (`initiators`), `reset_initiators`, CHAP secrets (targets',
-//! nodes' and discovery's) and `[[node]]` entries new in the file. A LUN removed or
-//! changed (path, mirrors, size, block size), a LUN added and a target added or removed
-//! refuse the reload: each needs storage opened or closed under live sessions. Other
+//! nodes' and discovery's), `[[node]]` entries new in the file and plain-file LUNs new
+//! in the file. A LUN removed or changed (path, mirrors, size, block size), a new
+//! mirrored LUN (its set joins the write cache at start) and a target added or removed
+//! refuse the reload. Other
 //! changes (portals, limits, media, packets, aliases, LUN masking, the addresses of a
 //! node already known) are left for a restart and named in [`Plan::restart_needed`].
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LunConfig};
 
 /// What a reload puts in force.
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub struct Plan {
     pub restart_needed: Vec<String>,
     /// `[[node]]` entries new in the file: (index in the file, initiator, addresses).
     pub nodes_added: Vec<(usize, String, Vec<String>)>,
+    /// Plain-file LUNs new in the file: (target IQN, key, the LUN).
+    pub luns_added: Vec<(String, String, LunConfig)>,
     /// Whether any ACL, CHAP secret or node differs from what was in force.
     pub changed: bool,
 }
@@ -52,6 +55,7 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
         }
     }
     let mut config = running.clone();
+    let mut luns_added = Vec::new();
     for (j, nt) in new.targets.iter().enumerate() {
         let Some(rt) = config
             .targets
@@ -77,10 +81,14 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
         for (k, nl) in nt.luns.iter().enumerate() {
             let key = format!("target[{j}].lun[{k}]");
             let Some(rl) = rt.luns.iter().find(|l| l.lun == nl.lun) else {
-                return Err(refuse(
-                    key,
-                    format!("LUN {} is new; adding a LUN needs a restart", nl.lun),
-                ));
+                if nl.path.is_none() {
+                    return Err(refuse(
+                        key,
+                        format!("LUN {} is new and mirrored; that needs a restart", nl.lun),
+                    ));
+                }
+                luns_added.push((nt.iqn.clone(), key, nl.clone()));
+                continue;
             };
             let storage = [
                 ("path", rl.path != nl.path),
@@ -101,6 +109,12 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
                 key,
             );
         }
+        rt.luns.extend(
+            luns_added
+                .iter()
+                .filter(|(iqn, _, _)| iqn == &nt.iqn)
+                .map(|(_, _, l)| l.clone()),
+        );
         note(rt.alias != nt.alias, format!("target[{j}].alias"));
         rt.initiators = nt.initiators.clone();
         rt.chap = nt.chap.clone();
@@ -143,7 +157,8 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
         note(!kept, format!("node[{i}] ({})", r.initiator));
     }
     config.nodes = new.nodes.clone();
-    let changed = format!("{:?}", config.targets) != format!("{:?}", running.targets)
+    let changed = !luns_added.is_empty()
+        || format!("{:?}", config.targets) != format!("{:?}", running.targets)
         || format!("{:?}", config.nodes) != format!("{:?}", running.nodes)
         || format!("{:?}", config.server.discovery_chap)
             != format!("{:?}", running.server.discovery_chap);
@@ -151,6 +166,7 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
         config,
         restart_needed,
         nodes_added,
+        luns_added,
         changed,
     })
 }
@@ -217,11 +233,27 @@ size = "16MiB"
     }
 
     #[test]
+    fn a_new_plain_file_lun_is_added() {
+        let new = format!("{BASE}[[target.lun]]\nlun = 4\npath = \"lun4.img\"\nsize = \"1MiB\"\n");
+        let p = plan(&cfg(BASE), cfg(&new)).expect("reloadable");
+        assert!(p.changed);
+        assert_eq!(p.luns_added.len(), 1);
+        assert_eq!(p.luns_added[0].0, "iqn.2026-12.x:t");
+        assert_eq!(p.luns_added[0].1, "target[0].lun[1]");
+        assert_eq!(p.luns_added[0].2.lun, 4);
+        assert_eq!(
+            p.config.targets[0].luns.len(),
+            2,
+            "in force with the new LUN"
+        );
+    }
+
+    #[test]
     fn storage_and_target_changes_are_refused_with_their_key() {
         let e = refused(&BASE.replace("16MiB", "32MiB"));
         assert!(e.starts_with("target[0].lun[0].size:"), "{e}");
         let e = refused(&format!(
-            "{BASE}[[target.lun]]\nlun = 1\npath = \"lun1.img\"\nsize = \"1MiB\"\n"
+            "{BASE}[media]\ncache_size = \"8MiB\"\n[[target.lun]]\nlun = 1\nmirrors = [\"a\", \"b\"]\nsize = \"1MiB\"\n"
         ));
         assert!(e.starts_with("target[0].lun[1]:"), "{e}");
         let e = refused(&BASE.replace("lun = 0", "lun = 2"));

@@ -256,3 +256,41 @@ fn a_chap_secret_change_takes_effect_for_new_logins() {
         let _ = s2.logout().await;
     });
 }
+
+#[test]
+fn a_lun_new_in_the_file_is_served_after_sighup_and_the_session_hears_of_it() {
+    let dir = temp_dir("reload-lun");
+    let port = free_port();
+    let acl = format!("\"{X}\"");
+    let config = write_config(&dir, port, &acl, "");
+    let d = Daemon::start(dir.clone(), &config, port);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let x = Session::connect(d.addr, as_initiator(X, None))
+            .await
+            .expect("login");
+        read_ok(&x).await;
+        assert_eq!(x.report_luns().await.expect("REPORT LUNS"), vec![0]);
+        let t = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(
+            &config,
+            format!("{t}[[target.lun]]\nlun = 2\npath = \"lun2.img\"\nsize = \"1MiB\"\n"),
+        )
+        .expect("config with LUN 2");
+        d.hup_and_wait("reloaded", 1);
+        assert!(d.log().contains("LUN added by reload"), "{}", d.log());
+        // The session is told the inventory changed, then sees the new LUN.
+        let tur = [0u8; 6];
+        let r = x.execute(0, &tur, None, 0).await.expect("TUR");
+        let s = r.sense.as_ref().map(|s| (s.key, s.asc, s.ascq));
+        assert_eq!(s, Some((6, 0x3f, 0x0e)), "REPORTED LUNS DATA HAS CHANGED");
+        assert_eq!(x.report_luns().await.expect("REPORT LUNS"), vec![0, 2]);
+        x.test_unit_ready(2).await.expect("LUN 2 ready");
+        let cap = x.read_capacity16(2).await.expect("capacity");
+        assert_eq!(cap.blocks, 1024 * 1024 / 512, "{cap:?}");
+        // A second reload of the same file adds nothing and refuses nothing.
+        d.hup_and_wait("reloaded", 2);
+        assert!(!d.log().contains("reload refused"), "{}", d.log());
+        let _ = x.logout().await;
+    });
+}

@@ -72,6 +72,8 @@ pub struct ReloadReport {
     pub restart_needed: Vec<String>,
     /// Initiators of the nodes added.
     pub nodes_added: Vec<String>,
+    /// LUNs added, as `<iqn>/<lun>`.
+    pub luns_added: Vec<String>,
 }
 
 /// What a graceful shutdown did.
@@ -154,12 +156,37 @@ impl Server {
     }
 
     /// Puts the reloadable parts of `new` in force (ACLs, CHAP secrets, new nodes) for
-    /// the logins that follow; live sessions are not touched. Refused, with the key at
+    /// the logins that follow, and opens and adds its new plain-file LUNs (the target's
+    /// sessions hear REPORTED LUNS DATA HAS CHANGED); live sessions stay up. Refused, with the key at
     /// fault, when the file changes what a reload cannot (see [`crate::reload`]):
     /// nothing changes then.
     pub fn reload(&self, new: Config) -> Result<ReloadReport, ConfigError> {
         let running = self.shared.in_force();
         let plan = crate::reload::plan(&running, new)?;
+        // Storage first: opening a file is what most likely fails, and nothing has
+        // changed yet when it does.
+        let dir = &self.shared.config.server.data_dir;
+        let mut new_luns = Vec::new();
+        for (iqn, key, l) in &plan.luns_added {
+            let invalid = |msg: String| ConfigError::Invalid {
+                key: key.clone(),
+                msg,
+            };
+            let target = self
+                .shared
+                .target(iqn)
+                .ok_or_else(|| invalid(format!("no target {iqn}")))?;
+            let path = l.path.as_deref().ok_or_else(|| invalid("no path".into()))?;
+            let store = crate::media_setup::open_file_lun(dir, path, l).map_err(invalid)?;
+            let spec = crate::scsi::LunSpec {
+                lun: u64::from(l.lun),
+                store,
+                read_only: l.read_only,
+                removable: l.removable,
+                initiators: l.initiators.clone(),
+            };
+            new_luns.push((Arc::clone(target), key.clone(), spec));
+        }
         if !plan.nodes_added.is_empty() {
             let Some(agent) = &self.media.agent else {
                 let (i, _, _) = &plan.nodes_added[0];
@@ -188,12 +215,26 @@ impl Server {
                     msg,
                 })?;
         }
+        let mut luns_added = Vec::new();
+        for (target, key, spec) in new_luns {
+            let n = spec.lun;
+            target
+                .scsi
+                .add_lun(spec, dir)
+                .map_err(|e| ConfigError::Invalid {
+                    key,
+                    msg: e.to_string(),
+                })?;
+            info!(target = %target.iqn, lun = n, "LUN added by reload");
+            luns_added.push(format!("{}/{n}", target.iqn));
+        }
         let nodes_added = plan.nodes_added.into_iter().map(|(_, n, _)| n).collect();
         self.shared.set_in_force(plan.config);
         Ok(ReloadReport {
             changed: plan.changed,
             restart_needed: plan.restart_needed,
             nodes_added,
+            luns_added,
         })
     }
 
