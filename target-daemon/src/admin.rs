@@ -13,6 +13,10 @@
 //! - `sessions`: every live session (initiator, ISID, TSIH, target, peer, since when);
 //! - `queues`: every packet node's queue (packets, bytes, oldest unacked age, quota use);
 //! - `luns`: every target's LUNs (size, block size, masking);
+//! - `luns add <iqn> <lun> <bytes> [block-size]`: a new plain-file LUN, served at once
+//!   and kept in `runtime-luns.toml` for the next start;
+//! - `luns remove <iqn> <lun>`: drops a LUN added that way while no session is logged
+//!   in to its target (its file stays on disk);
 //! - `config effective`: the configuration in force (the file as read at start or at the
 //!   last accepted reload, secrets hidden) and what changed at run time (nodes
 //!   registered by their initiators, kept in the packet registry).
@@ -38,6 +42,7 @@ use tracing::{info, warn};
 use crate::iscsi::session::{SessionInfo, Shared};
 use crate::media::cache::WriteCache;
 use crate::media::mirror::{MirrorSet, MirrorState, RebuildTicket};
+use crate::runtime_luns::{RuntimeLun, RuntimeState};
 
 /// The media the admin interface manages.
 #[derive(Clone, Default)]
@@ -192,12 +197,15 @@ impl MediaHandles {
 }
 
 /// The requests the socket understands, for the refusal of any other.
-const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns | config effective; `json ` before status, nodes, sessions, queues, luns or config effective";
+const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns [add <iqn> <lun> <bytes> [block-size] | remove <iqn> <lun>] | config effective; `json ` before status, nodes, sessions, queues, luns or config effective";
 
 /// Everything the admin socket answers about: the media and the live server state.
 pub(crate) struct Admin {
     pub(crate) media: MediaHandles,
     pub(crate) shared: Arc<Shared>,
+    /// The LUNs added at run time, as stored in the data directory; the lock also keeps
+    /// two adds or removes from interleaving their file writes.
+    pub(crate) runtime: std::sync::Mutex<RuntimeState>,
 }
 
 impl MediaHandles {
@@ -301,6 +309,93 @@ impl Admin {
         out
     }
 
+    fn runtime(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
+        // The state is replaced whole after its file is written, never torn.
+        self.runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `luns add`: opens (creates) the file, serves the LUN, then records it; a record
+    /// that cannot be written takes the LUN away again, so what runs is what restarts.
+    fn add_lun(
+        &self,
+        iqn: &str,
+        lun: u16,
+        bytes: u64,
+        block_size: u32,
+    ) -> Result<std::path::PathBuf, String> {
+        let target = self
+            .shared
+            .target(iqn)
+            .ok_or_else(|| format!("no target {iqn}"))?;
+        if target.scsi.lun_exists(u64::from(lun)) {
+            return Err(format!("{iqn} already has LUN {lun}"));
+        }
+        if !matches!(block_size, 512 | 1024 | 2048 | 4096) {
+            return Err("block size must be 512, 1024, 2048 or 4096".into());
+        }
+        if bytes == 0 || !bytes.is_multiple_of(u64::from(block_size)) {
+            return Err(format!(
+                "size must be a non-zero multiple of {block_size} bytes"
+            ));
+        }
+        let mut state = self.runtime();
+        let entry = RuntimeLun {
+            target: target.iqn.clone(),
+            lun,
+            path: format!(
+                "runtime-lun-{:08x}.img",
+                crate::media_setup::volume_id(&target.iqn, lun)
+            )
+            .into(),
+            size_bytes: bytes,
+            block_size,
+        };
+        let dir = &self.shared.config.server.data_dir;
+        let store = crate::media_setup::open_runtime_lun(dir, &entry)?;
+        target
+            .scsi
+            .add_lun(crate::media_setup::runtime_spec(&entry, store), dir)
+            .map_err(|e| e.to_string())?;
+        let mut next = state.clone();
+        next.luns.push(entry.clone());
+        if let Err(e) = next.store(dir) {
+            let _ = target.scsi.remove_lun(u64::from(lun));
+            return Err(format!("not recorded, so not added: {e}"));
+        }
+        *state = next;
+        info!(target = %target.iqn, lun, bytes, "LUN added by admin");
+        Ok(dir.join(&entry.path))
+    }
+
+    /// `luns remove`: only a LUN added at run time, and only while nobody is logged in to
+    /// its target (no initiator can be using it). The record goes first, so a crash
+    /// between the two never brings back a LUN the operator removed.
+    fn remove_lun(&self, iqn: &str, lun: u16) -> Result<(), String> {
+        let target = self
+            .shared
+            .target(iqn)
+            .ok_or_else(|| format!("no target {iqn}"))?;
+        let mut state = self.runtime();
+        let Some(i) = state.position(&target.iqn, lun) else {
+            return Err(format!(
+                "{iqn}/{lun} was not added at run time: remove it from the configuration file and restart"
+            ));
+        };
+        if self.shared.registry.has_target(&target.iqn) {
+            return Err(format!("{iqn} has sessions logged in: log them out first"));
+        }
+        let mut next = state.clone();
+        next.luns.remove(i);
+        next.store(&self.shared.config.server.data_dir)
+            .map_err(|e| format!("not recorded, so not removed: {e}"))?;
+        *state = next;
+        let _ = target.scsi.remove_lun(u64::from(lun));
+        info!(target = %target.iqn, lun, "LUN removed by admin");
+        Ok(())
+    }
+
     /// Nodes registered at run time (NODE REGISTER), as `nodes` lists them.
     fn runtime_json(&self) -> serde_json::Value {
         let registered: Vec<serde_json::Value> = self
@@ -313,7 +408,7 @@ impl Admin {
             .into_iter()
             .filter(|n| n["kind"] == "registered")
             .collect();
-        json!({ "registered_nodes": registered })
+        json!({ "registered_nodes": registered, "luns": self.runtime().luns.clone() })
     }
 
     /// `config effective` for people: the TOML in force, then the run-time changes as
@@ -329,6 +424,21 @@ impl Admin {
         );
         out.push_str(&toml);
         let rt = self.runtime_json();
+        let luns = self.runtime().luns.clone();
+        out.push_str(&format!(
+            "\n# Added at run time (admin luns add; runtime-luns.toml, restored at start): {} LUN(s)\n",
+            luns.len()
+        ));
+        for l in luns {
+            out.push_str(&format!(
+                "# lun {}/{} path={} size_bytes={} block_size={}\n",
+                l.target,
+                l.lun,
+                l.path.display(),
+                l.size_bytes,
+                l.block_size
+            ));
+        }
         let nodes = rt["registered_nodes"]
             .as_array()
             .cloned()
@@ -418,6 +528,29 @@ impl Admin {
                 out
             }
             ["json", "luns"] => to_json(json!({ "luns": self.luns() })),
+            ["luns", "add", iqn, lun, bytes, rest @ ..] if rest.len() <= 1 => {
+                let (Ok(lun), Ok(bytes)) = (lun.parse::<u16>(), bytes.parse::<u64>()) else {
+                    return "error want: luns add <iqn> <lun> <bytes> [block-size]\n".into();
+                };
+                let block_size = match rest.first().map(|b| b.parse::<u32>()) {
+                    None => 512,
+                    Some(Ok(b)) => b,
+                    Some(Err(_)) => return "error block size must be a number\n".into(),
+                };
+                match self.add_lun(iqn, lun, bytes, block_size) {
+                    Ok(path) => format!("ok added {iqn}/{lun} path={}\n", path.display()),
+                    Err(e) => format!("error {e}\n"),
+                }
+            }
+            ["luns", "remove", iqn, lun] => {
+                let Ok(lun) = lun.parse::<u16>() else {
+                    return "error want: luns remove <iqn> <lun>\n".into();
+                };
+                match self.remove_lun(iqn, lun) {
+                    Ok(()) => format!("ok removed {iqn}/{lun} (its file stays)\n"),
+                    Err(e) => format!("error {e}\n"),
+                }
+            }
             ["config", "effective"] => self.effective_text(),
             ["json", "config", "effective"] => {
                 let config = self.shared.in_force().redacted();
@@ -569,6 +702,7 @@ mod tests {
         Admin {
             media: MediaHandles::default(),
             shared,
+            runtime: std::sync::Mutex::new(RuntimeState::default()),
         }
     }
 

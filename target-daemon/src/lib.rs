@@ -12,5 +12,6 @@ mod media_setup;
 pub mod metrics;
 pub mod reload;
 pub mod routing;
+pub mod runtime_luns;
 pub mod scsi;
 pub mod service;

@@ -84,14 +84,42 @@ enum AdminRequest {
     Sessions,
     /// Per packet node: queued packets and bytes, oldest unacknowledged age, quota use.
     Queues,
-    /// Every target's LUNs: size, block size, masking.
-    Luns,
+    /// Every target's LUNs: size, block size, masking; or add or remove one.
+    Luns {
+        #[command(subcommand)]
+        action: Option<LunAction>,
+    },
     /// The configuration in force and what changed at run time.
     Config {
         /// The file as last accepted (at start or by SIGHUP), secrets hidden, plus the
         /// nodes registered at run time (the only form for now).
         #[arg(long)]
         effective: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum LunAction {
+    /// A new plain-file LUN in the data directory, served at once and again after a
+    /// restart (kept in runtime-luns.toml; the configuration file is not touched).
+    Add {
+        /// Target IQN.
+        target: String,
+        /// LUN number.
+        lun: u16,
+        /// Size, e.g. 1GiB.
+        size: String,
+        /// Logical block size.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+    },
+    /// Remove a LUN added with `luns add`, while no session is logged in to its target
+    /// (its file stays).
+    Remove {
+        /// Target IQN.
+        target: String,
+        /// LUN number.
+        lun: u16,
     },
 }
 
@@ -261,7 +289,7 @@ fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow:
         AdminRequest::Nodes { retire: None } => Some("nodes"),
         AdminRequest::Sessions => Some("sessions"),
         AdminRequest::Queues => Some("queues"),
-        AdminRequest::Luns => Some("luns"),
+        AdminRequest::Luns { action: None } => Some("luns"),
         AdminRequest::Config { .. } => Some("config effective"),
         _ => None,
     };
@@ -283,8 +311,36 @@ fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow:
         | AdminRequest::Nodes { retire: None }
         | AdminRequest::Sessions
         | AdminRequest::Queues
-        | AdminRequest::Luns
+        | AdminRequest::Luns { action: None }
         | AdminRequest::Config { .. } => {}
+        AdminRequest::Luns {
+            action:
+                Some(LunAction::Add {
+                    target,
+                    lun,
+                    size,
+                    block_size,
+                }),
+        } => {
+            let bytes =
+                ftss_target::config::parse_size(&size).map_err(|e| anyhow::anyhow!("size: {e}"))?;
+            println!(
+                "{}",
+                ask(
+                    socket,
+                    &format!("luns add {target} {lun} {bytes} {block_size}")
+                )?
+                .trim()
+            );
+        }
+        AdminRequest::Luns {
+            action: Some(LunAction::Remove { target, lun }),
+        } => {
+            println!(
+                "{}",
+                ask(socket, &format!("luns remove {target} {lun}"))?.trim()
+            );
+        }
         AdminRequest::Scrub { volume } => {
             println!("{}", ask(socket, &format!("scrub {volume}"))?.trim());
         }

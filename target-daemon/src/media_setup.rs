@@ -94,6 +94,33 @@ pub(crate) fn open_file_lun(
     ))
 }
 
+/// Opens the file of a LUN added at run time, creating it when new.
+pub(crate) fn open_runtime_lun(
+    dir: &Path,
+    l: &crate::runtime_luns::RuntimeLun,
+) -> Result<Arc<dyn BlockStore>, String> {
+    let path = resolve(dir, &l.path);
+    Ok(Arc::new(
+        FileStore::open(&path, l.size_bytes, l.block_size)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    ))
+}
+
+/// The SCSI layer's view of a LUN added at run time: every initiator the target admits
+/// sees it.
+pub(crate) fn runtime_spec(
+    l: &crate::runtime_luns::RuntimeLun,
+    store: Arc<dyn BlockStore>,
+) -> LunSpec {
+    LunSpec {
+        lun: u64::from(l.lun),
+        store,
+        read_only: false,
+        removable: false,
+        initiators: None,
+    }
+}
+
 pub(crate) fn open_targets(
     config: &Config,
 ) -> Result<(Vec<Arc<TargetEntry>>, MediaHandles), ServerError> {

@@ -146,3 +146,114 @@ fn listings_show_the_live_session_in_text_and_json() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Runs `admin <args>` expecting failure; returns its stderr.
+fn admin_fails(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ftss-target"))
+        .arg("--config")
+        .arg(config)
+        .arg("admin")
+        .args(args)
+        .output()
+        .expect("run ftss-target admin");
+    assert!(!out.status.success(), "admin {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_lun_added_at_run_time_is_served_kept_across_a_restart_and_removed() {
+    let dir = temp_dir("admin-luns");
+    let port = free_port();
+    let config = write_config(&dir, port);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let login = || {
+        rt.block_on(async {
+            Session::connect(addr, SessionConfig::new(INITIATOR, Some(TARGET)))
+                .await
+                .expect("login")
+        })
+    };
+    let mut child = start_binary(&config, port);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let s = login();
+        assert_eq!(
+            rt.block_on(s.report_luns()).expect("REPORT LUNS"),
+            vec![0, 3]
+        );
+        // The new nexus's POWER ON first, so what follows the add is the add's.
+        rt.block_on(s.test_unit_ready(0)).expect("TUR");
+        let out = admin(&config, &["luns", "add", TARGET, "7", "1MiB"]);
+        assert!(
+            out.starts_with(&format!("ok added {TARGET}/7 path=")),
+            "{out}"
+        );
+        let e = admin_fails(&config, &["luns", "add", TARGET, "7", "1MiB"]);
+        assert!(e.contains("already has LUN 7"), "{e}");
+        // The logged-in session hears of it, then sees it.
+        let r = rt.block_on(s.execute(0, &[0u8; 6], None, 0)).expect("TUR");
+        let sense = r.sense.as_ref().map(|k| (k.key, k.asc, k.ascq));
+        assert_eq!(
+            sense,
+            Some((6, 0x3f, 0x0e)),
+            "REPORTED LUNS DATA HAS CHANGED"
+        );
+        assert_eq!(
+            rt.block_on(s.report_luns()).expect("REPORT LUNS"),
+            vec![0, 3, 7]
+        );
+        let cap = rt.block_on(s.read_capacity16(7)).expect("capacity");
+        assert_eq!(cap.blocks, 2048);
+        let e = admin_fails(&config, &["luns", "remove", TARGET, "7"]);
+        assert!(e.contains("sessions logged in"), "{e}");
+        let e = admin_fails(&config, &["luns", "remove", TARGET, "0"]);
+        assert!(e.contains("not added at run time"), "{e}");
+        rt.block_on(s.logout()).expect("logout");
+
+        // A restart serves it again; the configuration file was not touched.
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!std::fs::read_to_string(&config)
+            .expect("config")
+            .contains("lun = 7"));
+        child = start_binary(&config, port);
+        let s = login();
+        assert_eq!(
+            rt.block_on(s.report_luns()).expect("REPORT LUNS"),
+            vec![0, 3, 7]
+        );
+        let effective = admin(&config, &["config", "--effective"]);
+        assert!(
+            effective.contains(&format!("# lun {TARGET}/7 ")),
+            "{effective}"
+        );
+        let v = json(&config, &["config", "--effective", "--json"]);
+        assert_eq!(v["runtime"]["luns"][0]["lun"], 7, "{v}");
+        rt.block_on(s.logout()).expect("logout");
+
+        let out = admin(&config, &["luns", "remove", TARGET, "7"]);
+        assert!(out.starts_with(&format!("ok removed {TARGET}/7")), "{out}");
+        let s = login();
+        assert_eq!(
+            rt.block_on(s.report_luns()).expect("REPORT LUNS"),
+            vec![0, 3]
+        );
+        rt.block_on(s.logout()).expect("logout");
+        let _ = child.kill();
+        let _ = child.wait();
+        child = start_binary(&config, port);
+        let s = login();
+        assert_eq!(
+            rt.block_on(s.report_luns()).expect("REPORT LUNS"),
+            vec![0, 3],
+            "removal survives a restart"
+        );
+        rt.block_on(s.logout()).expect("logout");
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

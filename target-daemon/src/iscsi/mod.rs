@@ -116,9 +116,11 @@ impl Server {
             .into_iter()
             .map(|l| tokio::spawn(accept_loop(l, Arc::clone(&shared), stop_rx.clone())))
             .collect();
+        let runtime = restore_runtime_luns(&shared)?;
         let handler = crate::admin::Admin {
             media: media.clone(),
             shared: Arc::clone(&shared),
+            runtime: std::sync::Mutex::new(runtime),
         };
         let admin =
             crate::admin::start(&admin_path, handler, stop_rx).map_err(|e| ServerError::Lun {
@@ -300,6 +302,55 @@ impl Server {
             destaged,
         }
     }
+}
+
+/// Serves again the LUNs `admin luns add` created in earlier runs. A missing file stops
+/// the start (an empty LUN in its place would hide lost data); a LUN the configuration
+/// file now defines itself is the file's, and its run-time record is left unused.
+fn restore_runtime_luns(shared: &Shared) -> Result<crate::runtime_luns::RuntimeState, ServerError> {
+    use crate::runtime_luns::RuntimeState;
+    let dir = &shared.config.server.data_dir;
+    let err = |iqn: &str, lun: u16, msg: String| ServerError::Lun {
+        iqn: iqn.to_owned(),
+        lun,
+        msg: format!(
+            "{} (added at run time): {msg}",
+            crate::runtime_luns::FILE_NAME
+        ),
+    };
+    let state = RuntimeState::load(dir).map_err(|e| err("", 0, e.to_string()))?;
+    for l in &state.luns {
+        let Some(t) = shared.target(&l.target) else {
+            return Err(err(
+                &l.target,
+                l.lun,
+                "the target is no longer configured".into(),
+            ));
+        };
+        if t.scsi.lun_exists(u64::from(l.lun)) {
+            warn!(target = %l.target, lun = l.lun, "LUN added at run time is now in the configuration file; the file's definition is served");
+            continue;
+        }
+        let path = if l.path.is_absolute() {
+            l.path.clone()
+        } else {
+            dir.join(&l.path)
+        };
+        if !path.exists() {
+            return Err(err(
+                &l.target,
+                l.lun,
+                format!("{} is missing", path.display()),
+            ));
+        }
+        let store =
+            crate::media_setup::open_runtime_lun(dir, l).map_err(|m| err(&l.target, l.lun, m))?;
+        t.scsi
+            .add_lun(crate::media_setup::runtime_spec(l, store), dir)
+            .map_err(|e| err(&l.target, l.lun, e.to_string()))?;
+        info!(target = %l.target, lun = l.lun, "LUN added at run time restored");
+    }
+    Ok(state)
 }
 
 fn config_admin_path(shared: &Shared) -> std::path::PathBuf {

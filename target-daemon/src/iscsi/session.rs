@@ -398,6 +398,15 @@ impl Registry {
         out
     }
 
+    /// Whether any session is logged in to `target`.
+    pub(crate) fn has_target(&self, target: &str) -> bool {
+        self.lock().sessions.values().any(|e| {
+            e.target
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case(target))
+        })
+    }
+
     /// Live sessions per target name (`None`: discovery sessions).
     pub(crate) fn sessions_by_target(&self) -> Vec<(Option<String>, u64)> {
         let g = self.lock();

@@ -238,6 +238,27 @@ impl ScsiTarget {
         Ok(())
     }
 
+    /// Removes a LUN while the target serves; commands already holding it finish on it.
+    /// Every nexus hears REPORTED LUNS DATA HAS CHANGED on the LUNs it still sees.
+    pub fn remove_lun(&self, n: u64) -> Result<(), ScsiError> {
+        let gone = self
+            .luns
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&n);
+        if gone.is_none() {
+            return Err(ScsiError::NoSuchLun(n));
+        }
+        lock(&self.ua).retain(|(_, l), _| *l != n);
+        let nexuses: Vec<ItNexus> = lock(&self.nexuses).values().cloned().collect();
+        for nx in nexuses {
+            for other in self.lun_numbers_for(&nx) {
+                self.queue_ua(nx.id, other, REPORTED_LUNS_DATA_CHANGED);
+            }
+        }
+        Ok(())
+    }
+
     /// Every LUN now, by number.
     pub(crate) fn luns(&self) -> Vec<Arc<Lun>> {
         self.luns_now().values().cloned().collect()
