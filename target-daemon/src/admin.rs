@@ -15,6 +15,8 @@
 //! - `luns`: every target's LUNs (size, block size, masking);
 //! - `luns add <iqn> <lun> <bytes> [block-size]`: a new plain-file LUN, served at once
 //!   and kept in `runtime-luns.toml` for the next start;
+//! - `luns resize <iqn> <lun> <bytes>`: grows a LUN added that way (sessions hear
+//!   CAPACITY DATA HAS CHANGED);
 //! - `luns remove <iqn> <lun>`: drops a LUN added that way while no session is logged
 //!   in to its target (its file stays on disk);
 //! - `config effective`: the configuration in force (the file as read at start or at the
@@ -197,7 +199,7 @@ impl MediaHandles {
 }
 
 /// The requests the socket understands, for the refusal of any other.
-const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns [add <iqn> <lun> <bytes> [block-size] | remove <iqn> <lun>] | config effective; `json ` before status, nodes, sessions, queues, luns or config effective";
+const USAGE: &str = "status | rebuild <iqn>/<lun> <mirror> [bytes/s] | scrub <iqn>/<lun> | nodes [retire <initiator>] | sessions | queues | luns [add <iqn> <lun> <bytes> [block-size] | resize <iqn> <lun> <bytes> | remove <iqn> <lun>] | config effective; `json ` before status, nodes, sessions, queues, luns or config effective";
 
 /// Everything the admin socket answers about: the media and the live server state.
 pub(crate) struct Admin {
@@ -332,8 +334,9 @@ impl Admin {
         if target.scsi.lun_exists(u64::from(lun)) {
             return Err(format!("{iqn} already has LUN {lun}"));
         }
-        if !matches!(block_size, 512 | 1024 | 2048 | 4096) {
-            return Err("block size must be 512, 1024, 2048 or 4096".into());
+        // As the configuration file allows.
+        if !matches!(block_size, 512 | 4096) {
+            return Err("block size must be 512 or 4096".into());
         }
         if bytes == 0 || !bytes.is_multiple_of(u64::from(block_size)) {
             return Err(format!(
@@ -367,6 +370,50 @@ impl Admin {
         *state = next;
         info!(target = %target.iqn, lun, bytes, "LUN added by admin");
         Ok(dir.join(&entry.path))
+    }
+
+    /// `luns resize`: grows a LUN added at run time. The record goes first: a crash
+    /// before the file grows leaves a record larger than the file, which the next start
+    /// refuses by name rather than serve a LUN of the wrong size.
+    fn resize_lun(&self, iqn: &str, lun: u16, bytes: u64) -> Result<(), String> {
+        let target = self
+            .shared
+            .target(iqn)
+            .ok_or_else(|| format!("no target {iqn}"))?;
+        let mut state = self.runtime();
+        let Some(i) = state.position(&target.iqn, lun) else {
+            return Err(format!(
+                "{iqn}/{lun} was not added at run time: change its size in the configuration file and restart"
+            ));
+        };
+        let old = state.luns[i].clone();
+        if bytes < old.size_bytes {
+            return Err("a LUN only grows (shrinking would cut off data)".into());
+        }
+        if !bytes.is_multiple_of(u64::from(old.block_size)) {
+            return Err(format!(
+                "size must be a multiple of {} bytes",
+                old.block_size
+            ));
+        }
+        let dir = &self.shared.config.server.data_dir;
+        let mut next = state.clone();
+        next.luns[i].size_bytes = bytes;
+        next.store(dir)
+            .map_err(|e| format!("not recorded, so not resized: {e}"))?;
+        if let Err(e) = target
+            .scsi
+            .grow_lun(u64::from(lun), bytes / u64::from(old.block_size))
+        {
+            // Put the record back to the size the file has.
+            if let Err(e2) = state.store(dir) {
+                warn!("{iqn}/{lun}: the record says {bytes} bytes, the file did not grow: {e2}");
+            }
+            return Err(e.to_string());
+        }
+        *state = next;
+        info!(target = %target.iqn, lun, bytes, "LUN grown by admin");
+        Ok(())
     }
 
     /// `luns remove`: only a LUN added at run time, and only while nobody is logged in to
@@ -539,6 +586,15 @@ impl Admin {
                 };
                 match self.add_lun(iqn, lun, bytes, block_size) {
                     Ok(path) => format!("ok added {iqn}/{lun} path={}\n", path.display()),
+                    Err(e) => format!("error {e}\n"),
+                }
+            }
+            ["luns", "resize", iqn, lun, bytes] => {
+                let (Ok(lun), Ok(bytes)) = (lun.parse::<u16>(), bytes.parse::<u64>()) else {
+                    return "error want: luns resize <iqn> <lun> <bytes>\n".into();
+                };
+                match self.resize_lun(iqn, lun, bytes) {
+                    Ok(()) => format!("ok resized {iqn}/{lun} to {bytes} bytes\n"),
                     Err(e) => format!("error {e}\n"),
                 }
             }

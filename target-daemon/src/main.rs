@@ -113,6 +113,15 @@ enum LunAction {
         #[arg(long, default_value_t = 512)]
         block_size: u32,
     },
+    /// Grow a LUN added with `luns add` (it never shrinks).
+    Resize {
+        /// Target IQN.
+        target: String,
+        /// LUN number.
+        lun: u16,
+        /// New size, e.g. 2GiB.
+        size: String,
+    },
     /// Remove a LUN added with `luns add`, while no session is logged in to its target
     /// (its file stays).
     Remove {
@@ -331,6 +340,16 @@ fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow:
                     &format!("luns add {target} {lun} {bytes} {block_size}")
                 )?
                 .trim()
+            );
+        }
+        AdminRequest::Luns {
+            action: Some(LunAction::Resize { target, lun, size }),
+        } => {
+            let bytes =
+                ftss_target::config::parse_size(&size).map_err(|e| anyhow::anyhow!("size: {e}"))?;
+            println!(
+                "{}",
+                ask(socket, &format!("luns resize {target} {lun} {bytes}"))?.trim()
             );
         }
         AdminRequest::Luns {

@@ -161,7 +161,7 @@ fn admin_fails(config: &Path, args: &[&str]) -> String {
 }
 
 #[test]
-fn a_lun_added_at_run_time_is_served_kept_across_a_restart_and_removed() {
+fn a_lun_added_at_run_time_is_served_grown_kept_across_a_restart_and_removed() {
     let dir = temp_dir("admin-luns");
     let port = free_port();
     let config = write_config(&dir, port);
@@ -204,6 +204,17 @@ fn a_lun_added_at_run_time_is_served_kept_across_a_restart_and_removed() {
         );
         let cap = rt.block_on(s.read_capacity16(7)).expect("capacity");
         assert_eq!(cap.blocks, 2048);
+        // Grown while in use: the session hears CAPACITY DATA HAS CHANGED on it.
+        rt.block_on(s.test_unit_ready(7)).expect("TUR");
+        let out = admin(&config, &["luns", "resize", TARGET, "7", "2MiB"]);
+        assert!(out.starts_with(&format!("ok resized {TARGET}/7")), "{out}");
+        let e = admin_fails(&config, &["luns", "resize", TARGET, "7", "1MiB"]);
+        assert!(e.contains("only grows"), "{e}");
+        let r = rt.block_on(s.execute(7, &[0u8; 6], None, 0)).expect("TUR");
+        let sense = r.sense.as_ref().map(|k| (k.key, k.asc, k.ascq));
+        assert_eq!(sense, Some((6, 0x2a, 0x09)), "CAPACITY DATA HAS CHANGED");
+        let cap = rt.block_on(s.read_capacity16(7)).expect("capacity");
+        assert_eq!(cap.blocks, 4096);
         let e = admin_fails(&config, &["luns", "remove", TARGET, "7"]);
         assert!(e.contains("sessions logged in"), "{e}");
         let e = admin_fails(&config, &["luns", "remove", TARGET, "0"]);
@@ -222,6 +233,8 @@ fn a_lun_added_at_run_time_is_served_kept_across_a_restart_and_removed() {
             rt.block_on(s.report_luns()).expect("REPORT LUNS"),
             vec![0, 3, 7]
         );
+        let cap = rt.block_on(s.read_capacity16(7)).expect("capacity");
+        assert_eq!(cap.blocks, 4096, "the grown size after the restart");
         let effective = admin(&config, &["config", "--effective"]);
         assert!(
             effective.contains(&format!("# lun {TARGET}/7 ")),

@@ -36,6 +36,14 @@ pub enum ScsiError {
     /// The LUN does not exist.
     #[error("LUN {0} does not exist")]
     NoSuchLun(u64),
+    /// The LUN's store could not grow.
+    #[error("LUN {lun}: cannot grow: {msg}")]
+    Resize {
+        /// The LUN.
+        lun: u64,
+        /// Why.
+        msg: String,
+    },
     /// Saved persistent reservation state could not be loaded.
     #[error("LUN {lun}: persistent reservations: {msg}")]
     Reservations {
@@ -155,6 +163,9 @@ type NexusAborter = (ItNexus, Arc<dyn TaskAborter>);
 /// that established each.
 type UaQueue = VecDeque<(Sense, u64)>;
 
+/// CAPACITY DATA HAS CHANGED (SBC-3): READ CAPACITY answers differently now.
+const CAPACITY_DATA_CHANGED: Sense = Sense::new(0x06, 0x2a, 0x09);
+
 /// REPORTED LUNS DATA HAS CHANGED (SPC-4): the LUN inventory changed.
 const REPORTED_LUNS_DATA_CHANGED: Sense = Sense::new(0x06, 0x3f, 0x0e);
 
@@ -255,6 +266,21 @@ impl ScsiTarget {
             for other in self.lun_numbers_for(&nx) {
                 self.queue_ua(nx.id, other, REPORTED_LUNS_DATA_CHANGED);
             }
+        }
+        Ok(())
+    }
+
+    /// Grows LUN `n` to `blocks` blocks; every nexus that sees it hears CAPACITY DATA
+    /// HAS CHANGED (2Ah/09h) there.
+    pub fn grow_lun(&self, n: u64, blocks: u64) -> Result<(), ScsiError> {
+        let lun = self.lun(n).ok_or(ScsiError::NoSuchLun(n))?;
+        lun.store.grow(blocks).map_err(|e| ScsiError::Resize {
+            lun: n,
+            msg: e.to_string(),
+        })?;
+        let nexuses: Vec<ItNexus> = lock(&self.nexuses).values().cloned().collect();
+        for nx in nexuses.iter().filter(|x| lun.visible_to(&x.initiator_name)) {
+            self.queue_ua(nx.id, n, CAPACITY_DATA_CHANGED);
         }
         Ok(())
     }
