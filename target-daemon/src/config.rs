@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The configuration a bare `ftss-target` starts with.
 pub const DEFAULT_CONFIG: &str = r#"# ftss-target embedded default configuration
@@ -64,7 +64,7 @@ fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Server-wide settings.
@@ -90,7 +90,7 @@ fn vendor_payload_max() -> u64 {
 }
 
 /// `[packets]`: where packets are stored and how long they are kept.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PacketsConfig {
     /// Mirror files of the packet queue (two or more; relative to `server.data_dir`).
@@ -124,7 +124,7 @@ pub struct PacketsConfig {
 }
 
 /// `[packets.external]`: a UDP port to the network outside the nodes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalConfig {
     /// Local address the port receives on.
@@ -135,7 +135,7 @@ pub struct ExternalConfig {
 }
 
 /// `[[node]]`: a node's addresses, given to every session of its initiator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// iSCSI initiator name of the node's sessions.
@@ -167,7 +167,7 @@ fn default_dedup_window() -> usize {
 }
 
 /// `[media]`: the write cache in front of every mirrored LUN.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MediaConfig {
     /// Write-cache file; relative to `server.data_dir`.
@@ -223,7 +223,7 @@ fn default_admin_socket() -> PathBuf {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen addresses; every one is advertised in SendTargets answers.
@@ -280,7 +280,7 @@ fn default_shutdown_timeout() -> u32 {
 }
 
 /// CHAP credentials: the initiator's name and secret, and for mutual CHAP the target's.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChapConfig {
     /// Name the initiator must present (CHAP_N).
@@ -296,7 +296,7 @@ pub struct ChapConfig {
 }
 
 /// `[[target]]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// iSCSI qualified name.
@@ -330,7 +330,7 @@ impl TargetConfig {
 }
 
 /// `[[target.lun]]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LunConfig {
     /// LUN number (0..16383).
@@ -643,6 +643,45 @@ impl Config {
             .iter()
             .find(|n| n.initiator.eq_ignore_ascii_case(initiator))
             .and_then(|n| n.chap.as_ref())
+    }
+
+    /// The same configuration with every CHAP secret replaced by `<hidden secret>`, for
+    /// showing: the admin socket's peers may run the daemon but need not read secrets.
+    /// The placeholders are long enough, and differ, so the text still validates.
+    pub fn redacted(&self) -> Config {
+        fn hide(c: &mut Option<ChapConfig>) {
+            if let Some(c) = c {
+                c.secret = "<hidden secret>".into();
+                if let Some(m) = &mut c.mutual_secret {
+                    *m = "<hidden mutual secret>".into();
+                }
+            }
+        }
+        let mut c = self.clone();
+        hide(&mut c.server.discovery_chap);
+        for t in &mut c.targets {
+            hide(&mut t.chap);
+        }
+        for n in &mut c.nodes {
+            hide(&mut n.chap);
+        }
+        c
+    }
+
+    /// The target named `iqn` (names compare without case).
+    pub fn target(&self, iqn: &str) -> Option<&TargetConfig> {
+        self.targets
+            .iter()
+            .find(|t| t.iqn.eq_ignore_ascii_case(iqn))
+    }
+
+    /// Whether the ACL of target `iqn` lets `initiator` see it and log in to it (a
+    /// target this configuration does not name admits nobody).
+    pub fn target_allows(&self, iqn: &str, initiator: &str) -> bool {
+        self.target(iqn).is_some_and(|t| match &t.initiators {
+            None => true,
+            Some(list) => list.iter().any(|n| n.eq_ignore_ascii_case(initiator)),
+        })
     }
 
     /// The metrics endpoint's address, parsed (validated already); `None`: off.

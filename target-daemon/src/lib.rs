@@ -10,6 +10,8 @@ pub mod link_unit;
 pub mod media;
 mod media_setup;
 pub mod metrics;
+pub mod reload;
 pub mod routing;
+pub mod runtime_luns;
 pub mod scsi;
 pub mod service;

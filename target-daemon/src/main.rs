@@ -42,6 +42,10 @@ enum Command {
         /// The admin socket.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Answer with one JSON object (status, nodes, sessions, queues, luns), for
+        /// scripts.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         request: AdminRequest,
     },
@@ -76,6 +80,56 @@ enum AdminRequest {
         #[arg(long, value_name = "INITIATOR")]
         retire: Option<String>,
     },
+    /// Live sessions: initiator, ISID, TSIH, target, peer address, since when.
+    Sessions,
+    /// Per packet node: queued packets and bytes, oldest unacknowledged age, quota use.
+    Queues,
+    /// Every target's LUNs: size, block size, masking; or add or remove one.
+    Luns {
+        #[command(subcommand)]
+        action: Option<LunAction>,
+    },
+    /// The configuration in force and what changed at run time.
+    Config {
+        /// The file as last accepted (at start or by SIGHUP), secrets hidden, plus the
+        /// nodes registered at run time (the only form for now).
+        #[arg(long)]
+        effective: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum LunAction {
+    /// A new plain-file LUN in the data directory, served at once and again after a
+    /// restart (kept in runtime-luns.toml; the configuration file is not touched).
+    Add {
+        /// Target IQN.
+        target: String,
+        /// LUN number.
+        lun: u16,
+        /// Size, e.g. 1GiB.
+        size: String,
+        /// Logical block size.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+    },
+    /// Grow a LUN added with `luns add` (it never shrinks).
+    Resize {
+        /// Target IQN.
+        target: String,
+        /// LUN number.
+        lun: u16,
+        /// New size, e.g. 2GiB.
+        size: String,
+    },
+    /// Remove a LUN added with `luns add`, while no session is logged in to its target
+    /// (its file stays).
+    Remove {
+        /// Target IQN.
+        target: String,
+        /// LUN number.
+        lun: u16,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,7 +151,12 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Config::load(p).with_context(|| format!("configuration {}", p.display()))?,
         None => Config::default_config(),
     };
-    if let Some(Command::Admin { socket, request }) = args.command {
+    if let Some(Command::Admin {
+        socket,
+        json,
+        request,
+    }) = args.command
+    {
         let socket = socket.unwrap_or_else(|| {
             let s = &config.server;
             if s.admin_socket.is_absolute() {
@@ -106,7 +165,7 @@ fn main() -> anyhow::Result<()> {
                 s.data_dir.join(&s.admin_socket)
             }
         });
-        return admin(&socket, request);
+        return admin(&socket, request, json);
     }
     if args.check_config {
         println!("configuration OK");
@@ -127,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let config_path = args.config.clone();
     let result = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -153,9 +213,18 @@ fn main() -> anyhow::Result<()> {
                 }
             });
         }
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break }
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    notify("RELOADING=1");
+                    reload(&server, config_path.as_deref());
+                    notify("READY=1");
+                }
+            }
         }
         notify("STOPPING=1\nSTATUS=shutting down");
         tracing::info!(timeout_s = grace.as_secs(), "shutting down");
@@ -182,6 +251,38 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+/// SIGHUP: reads the file again and puts what a reload may change in force; a file that
+/// does not parse or validate, or changes what needs a restart, leaves everything as it
+/// was and says which key is at fault.
+fn reload(server: &Server, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::warn!("reload: no --config file to read again (the embedded default runs)");
+        return;
+    };
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused: {e}");
+            return;
+        }
+    };
+    match server.reload(new) {
+        Ok(r) => {
+            for key in &r.restart_needed {
+                tracing::warn!("reload: {key} changed; that takes effect at the next start");
+            }
+            tracing::info!(
+                changed = r.changed,
+                nodes_added = r.nodes_added.join(","),
+                luns_added = r.luns_added.join(","),
+                "reloaded {}: ACLs, CHAP secrets, nodes and new LUNs in force",
+                path.display()
+            );
+        }
+        Err(e) => tracing::error!("reload refused: {e}"),
+    }
+}
+
 fn ask(socket: &std::path::Path, line: &str) -> anyhow::Result<String> {
     let answer = ftss_target::admin::request(socket, line)
         .with_context(|| format!("admin socket {} (is the daemon running?)", socket.display()))?;
@@ -191,16 +292,76 @@ fn ask(socket: &std::path::Path, line: &str) -> anyhow::Result<String> {
     Ok(answer)
 }
 
-fn admin(socket: &std::path::Path, request: AdminRequest) -> anyhow::Result<()> {
+fn admin(socket: &std::path::Path, request: AdminRequest, json: bool) -> anyhow::Result<()> {
+    let listing = match &request {
+        AdminRequest::Status => Some("status"),
+        AdminRequest::Nodes { retire: None } => Some("nodes"),
+        AdminRequest::Sessions => Some("sessions"),
+        AdminRequest::Queues => Some("queues"),
+        AdminRequest::Luns { action: None } => Some("luns"),
+        AdminRequest::Config { .. } => Some("config effective"),
+        _ => None,
+    };
+    if let Some(what) = listing {
+        // The daemon answers `ok` and then the listing, as text lines or one JSON line.
+        let line = if json {
+            format!("json {what}")
+        } else {
+            what.to_owned()
+        };
+        print!("{}", ask(socket, &line)?.trim_start_matches("ok\n"));
+        return Ok(());
+    }
+    if json {
+        anyhow::bail!("--json applies to status, nodes, sessions, queues, luns and config");
+    }
     match request {
-        AdminRequest::Status => {
-            print!("{}", ask(socket, "status")?.trim_start_matches("ok\n"));
+        AdminRequest::Status
+        | AdminRequest::Nodes { retire: None }
+        | AdminRequest::Sessions
+        | AdminRequest::Queues
+        | AdminRequest::Luns { action: None }
+        | AdminRequest::Config { .. } => {}
+        AdminRequest::Luns {
+            action:
+                Some(LunAction::Add {
+                    target,
+                    lun,
+                    size,
+                    block_size,
+                }),
+        } => {
+            let bytes =
+                ftss_target::config::parse_size(&size).map_err(|e| anyhow::anyhow!("size: {e}"))?;
+            println!(
+                "{}",
+                ask(
+                    socket,
+                    &format!("luns add {target} {lun} {bytes} {block_size}")
+                )?
+                .trim()
+            );
+        }
+        AdminRequest::Luns {
+            action: Some(LunAction::Resize { target, lun, size }),
+        } => {
+            let bytes =
+                ftss_target::config::parse_size(&size).map_err(|e| anyhow::anyhow!("size: {e}"))?;
+            println!(
+                "{}",
+                ask(socket, &format!("luns resize {target} {lun} {bytes}"))?.trim()
+            );
+        }
+        AdminRequest::Luns {
+            action: Some(LunAction::Remove { target, lun }),
+        } => {
+            println!(
+                "{}",
+                ask(socket, &format!("luns remove {target} {lun}"))?.trim()
+            );
         }
         AdminRequest::Scrub { volume } => {
             println!("{}", ask(socket, &format!("scrub {volume}"))?.trim());
-        }
-        AdminRequest::Nodes { retire: None } => {
-            print!("{}", ask(socket, "nodes")?.trim_start_matches("ok\n"));
         }
         AdminRequest::Nodes {
             retire: Some(initiator),

@@ -76,6 +76,51 @@ pub(crate) fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Opens every LUN of every target.
+/// Opens (creating when new) the plain-file store of LUN `l` at `p`, relative to the
+/// data directory `dir`.
+pub(crate) fn open_file_lun(
+    dir: &Path,
+    p: &Path,
+    l: &crate::config::LunConfig,
+) -> Result<Arc<dyn BlockStore>, String> {
+    let size = parse_size(&l.size)?;
+    let path = resolve(dir, p);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    Ok(Arc::new(
+        FileStore::open(&path, size, l.block_size)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    ))
+}
+
+/// Opens the file of a LUN added at run time, creating it when new.
+pub(crate) fn open_runtime_lun(
+    dir: &Path,
+    l: &crate::runtime_luns::RuntimeLun,
+) -> Result<Arc<dyn BlockStore>, String> {
+    let path = resolve(dir, &l.path);
+    Ok(Arc::new(
+        FileStore::open(&path, l.size_bytes, l.block_size)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    ))
+}
+
+/// The SCSI layer's view of a LUN added at run time: every initiator the target admits
+/// sees it.
+pub(crate) fn runtime_spec(
+    l: &crate::runtime_luns::RuntimeLun,
+    store: Arc<dyn BlockStore>,
+) -> LunSpec {
+    LunSpec {
+        lun: u64::from(l.lun),
+        store,
+        read_only: false,
+        removable: false,
+        initiators: None,
+    }
+}
+
 pub(crate) fn open_targets(
     config: &Config,
 ) -> Result<(Vec<Arc<TargetEntry>>, MediaHandles), ServerError> {
@@ -178,18 +223,7 @@ pub(crate) fn open_targets(
                 msg,
             };
             let store: Arc<dyn BlockStore> = match (&l.path, &cache) {
-                (Some(p), _) => {
-                    let size = parse_size(&l.size).map_err(err)?;
-                    let path = resolve(dir, p);
-                    if let Some(parent) = path.parent() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(|e| err(format!("{}: {e}", parent.display())))?;
-                    }
-                    Arc::new(
-                        FileStore::open(&path, size, l.block_size)
-                            .map_err(|e| err(format!("{}: {e}", path.display())))?,
-                    )
-                }
+                (Some(p), _) => open_file_lun(dir, p, l).map_err(err)?,
                 (None, Some(cache)) => {
                     let id = volume_id(&t.iqn, l.lun);
                     let set = volumes
@@ -223,8 +257,6 @@ pub(crate) fn open_targets(
         targets.push(Arc::new(TargetEntry {
             iqn: t.iqn.clone(),
             alias: t.alias.clone(),
-            initiators: t.initiators.clone(),
-            chap: t.chap.clone(),
             scsi: Arc::new(scsi),
             connections: std::sync::atomic::AtomicU64::new(0),
         }));

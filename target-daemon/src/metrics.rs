@@ -330,12 +330,16 @@ fn ratio(part: u64, whole: u64) -> f64 {
 impl DaemonCollector {
     fn luns(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         // Label values are built once per scrape; the iteration order is stable.
-        let mut rows = Vec::new();
+        let mut luns = Vec::new();
         for t in &self.shared.targets {
-            for (n, lun) in &t.scsi.luns {
-                rows.push((t.iqn.as_str(), n.to_string(), &lun.metrics));
+            for lun in t.scsi.luns() {
+                luns.push((t.iqn.as_str(), lun));
             }
         }
+        let rows: Vec<_> = luns
+            .iter()
+            .map(|(iqn, l)| (*iqn, l.number.to_string(), &l.metrics))
+            .collect();
         let each = |f: &dyn Fn(&LunMetrics, OpKind) -> Value| {
             let mut out = Vec::new();
             for (iqn, n, m) in &rows {

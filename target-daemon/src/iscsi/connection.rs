@@ -1235,10 +1235,11 @@ impl Conn {
                 // A target reset reaches every session of the target (a cold one ends
                 // them all), so only the initiators the configuration names may send it.
                 let allowed = self.ctx.target_iqn.as_deref().is_some_and(|iqn| {
-                    self.ctx.shared.config.targets.iter().any(|c| {
-                        c.iqn.eq_ignore_ascii_case(iqn)
-                            && c.may_reset(&self.ctx.nexus.initiator_name)
-                    })
+                    self.ctx
+                        .shared
+                        .in_force()
+                        .target(iqn)
+                        .is_some_and(|c| c.may_reset(&self.ctx.nexus.initiator_name))
                 });
                 if allowed {
                     info!(initiator = %self.ctx.nexus.initiator_name, cold, "target reset");

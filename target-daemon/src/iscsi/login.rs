@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::connection::ConnParams;
 use super::session::{RegisterError, SessionKind, Shared, TargetEntry};
 use super::transfer::XferLimits;
-use crate::config::ChapConfig;
+use crate::config::{ChapConfig, Config};
 use crate::scsi::ItNexus;
 use ftss_proto::chap::{ChapSecrets, ChapStep, ChapTarget};
 use ftss_proto::negotiate::{Limits, Negotiator, Role, SessionType};
@@ -137,6 +137,9 @@ enum Auth {
 /// Login state for one connection.
 pub(crate) struct LoginMachine {
     shared: Arc<Shared>,
+    /// The configuration as the login began: a reload during it does not mix two
+    /// configurations' ACLs and secrets in one decision.
+    live: Arc<Config>,
     first: Option<LoginRequest>,
     /// Declarations owed in the first response of a normal session.
     leading_declarations: Vec<(String, String)>,
@@ -158,6 +161,7 @@ pub(crate) struct LoginMachine {
 impl LoginMachine {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
+            live: shared.in_force(),
             shared,
             first: None,
             leading_declarations: Vec::new(),
@@ -421,7 +425,7 @@ impl LoginMachine {
             let Some(t) = self.shared.target(name).cloned() else {
                 return Some(self.fail(req, status::NOT_FOUND, "unknown target"));
             };
-            if !t.allows(initiator) {
+            if !self.live.target_allows(&t.iqn, initiator) {
                 return Some(self.fail(
                     req,
                     status::FORBIDDEN,
@@ -451,12 +455,16 @@ impl LoginMachine {
     /// (`[node.chap]`) uses them whatever it logs in to: its name is then authenticated,
     /// not just asserted, and no other initiator can log in under it without the secret.
     fn chap_config(&self) -> Option<&ChapConfig> {
-        if let Some(c) = self.shared.config.node_chap(&self.initiator) {
+        if let Some(c) = self.live.node_chap(&self.initiator) {
             return Some(c);
         }
         match self.session_type {
-            SessionType::Discovery => self.shared.config.server.discovery_chap.as_ref(),
-            SessionType::Normal => self.target.as_ref().and_then(|t| t.chap.as_ref()),
+            SessionType::Discovery => self.live.server.discovery_chap.as_ref(),
+            SessionType::Normal => self
+                .target
+                .as_ref()
+                .and_then(|t| self.live.target(&t.iqn))
+                .and_then(|t| t.chap.as_ref()),
         }
     }
 

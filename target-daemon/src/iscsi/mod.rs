@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 pub(crate) use session::TargetEntry;
 use session::{SessionCtx, Shared};
 
@@ -63,6 +63,19 @@ pub struct Server {
     shared: Arc<Shared>,
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Whether an ACL, CHAP secret or node changed.
+    pub changed: bool,
+    /// Keys changed in the file that take effect only at a restart.
+    pub restart_needed: Vec<String>,
+    /// Initiators of the nodes added.
+    pub nodes_added: Vec<String>,
+    /// LUNs added, as `<iqn>/<lun>`.
+    pub luns_added: Vec<String>,
+}
+
 /// What a graceful shutdown did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -103,13 +116,18 @@ impl Server {
             .into_iter()
             .map(|l| tokio::spawn(accept_loop(l, Arc::clone(&shared), stop_rx.clone())))
             .collect();
-        let admin = crate::admin::start(&admin_path, media.clone(), stop_rx).map_err(|e| {
-            ServerError::Lun {
+        let runtime = restore_runtime_luns(&shared)?;
+        let handler = crate::admin::Admin {
+            media: media.clone(),
+            shared: Arc::clone(&shared),
+            runtime: std::sync::Mutex::new(runtime),
+        };
+        let admin =
+            crate::admin::start(&admin_path, handler, stop_rx).map_err(|e| ServerError::Lun {
                 iqn: String::new(),
                 lun: 0,
                 msg: format!("admin socket {}: {e}", admin_path.display()),
-            }
-        })?;
+            })?;
         tasks.push(admin);
         info!("admin socket {}", admin_path.display());
         let metrics_addr = match shared.config.metrics_addr() {
@@ -136,6 +154,89 @@ impl Server {
             media,
             shared,
             metrics_addr,
+        })
+    }
+
+    /// Puts the reloadable parts of `new` in force (ACLs, CHAP secrets, new nodes) for
+    /// the logins that follow, and opens and adds its new plain-file LUNs (the target's
+    /// sessions hear REPORTED LUNS DATA HAS CHANGED); live sessions stay up. Refused, with the key at
+    /// fault, when the file changes what a reload cannot (see [`crate::reload`]):
+    /// nothing changes then.
+    pub fn reload(&self, new: Config) -> Result<ReloadReport, ConfigError> {
+        let running = self.shared.in_force();
+        let plan = crate::reload::plan(&running, new)?;
+        // Storage first: opening a file is what most likely fails, and nothing has
+        // changed yet when it does.
+        let dir = &self.shared.config.server.data_dir;
+        let mut new_luns = Vec::new();
+        for (iqn, key, l) in &plan.luns_added {
+            let invalid = |msg: String| ConfigError::Invalid {
+                key: key.clone(),
+                msg,
+            };
+            let target = self
+                .shared
+                .target(iqn)
+                .ok_or_else(|| invalid(format!("no target {iqn}")))?;
+            let path = l.path.as_deref().ok_or_else(|| invalid("no path".into()))?;
+            let store = crate::media_setup::open_file_lun(dir, path, l).map_err(invalid)?;
+            let spec = crate::scsi::LunSpec {
+                lun: u64::from(l.lun),
+                store,
+                read_only: l.read_only,
+                removable: l.removable,
+                initiators: l.initiators.clone(),
+            };
+            new_luns.push((Arc::clone(target), key.clone(), spec));
+        }
+        if !plan.nodes_added.is_empty() {
+            let Some(agent) = &self.media.agent else {
+                let (i, _, _) = &plan.nodes_added[0];
+                return Err(ConfigError::Invalid {
+                    key: format!("node[{i}]"),
+                    msg: "nodes need [packets], which a reload cannot add".into(),
+                });
+            };
+            // Validated with the file: every address parses.
+            let nodes: Vec<_> = plan
+                .nodes_added
+                .iter()
+                .map(|(i, initiator, addrs)| {
+                    let addrs = addrs
+                        .iter()
+                        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                        .map(ftss_proto::vendor::NodeAddr::from)
+                        .collect();
+                    (*i, initiator.clone(), addrs)
+                })
+                .collect();
+            agent
+                .add_configured(&nodes)
+                .map_err(|(i, msg)| ConfigError::Invalid {
+                    key: format!("node[{i}].addresses"),
+                    msg,
+                })?;
+        }
+        let mut luns_added = Vec::new();
+        for (target, key, spec) in new_luns {
+            let n = spec.lun;
+            target
+                .scsi
+                .add_lun(spec, dir)
+                .map_err(|e| ConfigError::Invalid {
+                    key,
+                    msg: e.to_string(),
+                })?;
+            info!(target = %target.iqn, lun = n, "LUN added by reload");
+            luns_added.push(format!("{}/{n}", target.iqn));
+        }
+        let nodes_added = plan.nodes_added.into_iter().map(|(_, n, _)| n).collect();
+        self.shared.set_in_force(plan.config);
+        Ok(ReloadReport {
+            changed: plan.changed,
+            restart_needed: plan.restart_needed,
+            nodes_added,
+            luns_added,
         })
     }
 
@@ -201,6 +302,55 @@ impl Server {
             destaged,
         }
     }
+}
+
+/// Serves again the LUNs `admin luns add` created in earlier runs. A missing file stops
+/// the start (an empty LUN in its place would hide lost data); a LUN the configuration
+/// file now defines itself is the file's, and its run-time record is left unused.
+fn restore_runtime_luns(shared: &Shared) -> Result<crate::runtime_luns::RuntimeState, ServerError> {
+    use crate::runtime_luns::RuntimeState;
+    let dir = &shared.config.server.data_dir;
+    let err = |iqn: &str, lun: u16, msg: String| ServerError::Lun {
+        iqn: iqn.to_owned(),
+        lun,
+        msg: format!(
+            "{} (added at run time): {msg}",
+            crate::runtime_luns::FILE_NAME
+        ),
+    };
+    let state = RuntimeState::load(dir).map_err(|e| err("", 0, e.to_string()))?;
+    for l in &state.luns {
+        let Some(t) = shared.target(&l.target) else {
+            return Err(err(
+                &l.target,
+                l.lun,
+                "the target is no longer configured".into(),
+            ));
+        };
+        if t.scsi.lun_exists(u64::from(l.lun)) {
+            warn!(target = %l.target, lun = l.lun, "LUN added at run time is now in the configuration file; the file's definition is served");
+            continue;
+        }
+        let path = if l.path.is_absolute() {
+            l.path.clone()
+        } else {
+            dir.join(&l.path)
+        };
+        if !path.exists() {
+            return Err(err(
+                &l.target,
+                l.lun,
+                format!("{} is missing", path.display()),
+            ));
+        }
+        let store =
+            crate::media_setup::open_runtime_lun(dir, l).map_err(|m| err(&l.target, l.lun, m))?;
+        t.scsi
+            .add_lun(crate::media_setup::runtime_spec(l, store), dir)
+            .map_err(|e| err(&l.target, l.lun, e.to_string()))?;
+        info!(target = %l.target, lun = l.lun, "LUN added at run time restored");
+    }
+    Ok(state)
 }
 
 fn config_admin_path(shared: &Shared) -> std::path::PathBuf {
@@ -273,6 +423,7 @@ async fn serve(
         shutdown: done.shutdown,
         released: std::sync::atomic::AtomicBool::new(false),
     });
+    shared.registry.set_peer(ctx.tsih, ctx.nexus.id, peer);
     // Counted for the metrics until the connection's task ends.
     let _counted = ctx
         .target_iqn

@@ -16,8 +16,6 @@ use crate::scsi::{ItNexus, ScsiTarget};
 pub(crate) struct TargetEntry {
     pub(crate) iqn: String,
     pub(crate) alias: Option<String>,
-    pub(crate) initiators: Option<Vec<String>>,
-    pub(crate) chap: Option<crate::config::ChapConfig>,
     pub(crate) scsi: Arc<ScsiTarget>,
     /// Connections of this target in the full feature phase (for the metrics).
     pub(crate) connections: AtomicU64,
@@ -39,19 +37,13 @@ impl Drop for ConnectionCount {
     }
 }
 
-impl TargetEntry {
-    /// Whether the ACL lets `initiator` see and log in to this target.
-    pub(crate) fn allows(&self, initiator: &str) -> bool {
-        match &self.initiators {
-            None => true,
-            Some(list) => list.iter().any(|n| n.eq_ignore_ascii_case(initiator)),
-        }
-    }
-}
-
 /// State shared by every connection of the daemon.
 pub(crate) struct Shared {
+    /// The configuration the daemon started with: portals, limits, media. What a reload
+    /// may change (ACLs, CHAP secrets, nodes) is read from [`Self::in_force`] instead.
     pub(crate) config: Config,
+    /// The configuration last accepted (at start or by a reload); logins take a snapshot.
+    in_force: std::sync::RwLock<Arc<Config>>,
     pub(crate) targets: Vec<Arc<TargetEntry>>,
     pub(crate) registry: Registry,
     next_nexus: AtomicU64,
@@ -107,12 +99,34 @@ impl Drop for LiveGuard {
 impl Shared {
     pub(crate) fn new(config: Config, targets: Vec<Arc<TargetEntry>>) -> Self {
         Self {
+            in_force: std::sync::RwLock::new(Arc::new(config.clone())),
             config,
             targets,
             registry: Registry::default(),
             next_nexus: AtomicU64::new(1),
             live: LiveConnections::default(),
         }
+    }
+
+    /// The configuration in force now, for ACL and CHAP decisions.
+    pub(crate) fn in_force(&self) -> Arc<Config> {
+        // Only whole Arcs are swapped under this lock, so a poisoned one is still whole.
+        Arc::clone(
+            &self
+                .in_force
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Puts `config` in force for new logins and returns the one it replaces; live
+    /// sessions are not touched.
+    pub(crate) fn set_in_force(&self, config: Config) -> Arc<Config> {
+        let mut g = self
+            .in_force
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *g, Arc::new(config))
     }
 
     pub(crate) fn target(&self, iqn: &str) -> Option<&Arc<TargetEntry>> {
@@ -135,6 +149,7 @@ impl Shared {
         local: SocketAddr,
     ) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        let live = self.in_force();
         for t in &self.targets {
             let wanted = match value {
                 "All" => {
@@ -144,7 +159,7 @@ impl Shared {
                 "" => session_target.is_some_and(|s| s.eq_ignore_ascii_case(&t.iqn)),
                 name => name.eq_ignore_ascii_case(&t.iqn),
             };
-            if !wanted || !t.allows(initiator) {
+            if !wanted || !live.target_allows(&t.iqn, initiator) {
                 continue;
             }
             out.push(("TargetName".to_owned(), t.iqn.clone()));
@@ -222,6 +237,24 @@ struct Entry {
     target: Option<String>,
     nexus_id: u64,
     shutdown: watch::Sender<bool>,
+    /// The initiator's address, once the connection task knows it.
+    peer: Option<SocketAddr>,
+    /// When the session entered the full feature phase.
+    since: std::time::SystemTime,
+}
+
+/// One live session as `admin sessions` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct SessionInfo {
+    pub(crate) initiator: String,
+    /// The ISID as 12 hex digits.
+    pub(crate) isid: String,
+    pub(crate) tsih: u16,
+    /// `None` for a discovery session.
+    pub(crate) target: Option<String>,
+    pub(crate) peer: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub(crate) since_unix_s: u64,
 }
 
 /// Live sessions by TSIH.
@@ -314,6 +347,8 @@ impl Registry {
                 target: target.map(str::to_owned),
                 nexus_id,
                 shutdown: tx,
+                peer: None,
+                since: std::time::SystemTime::now(),
             },
         );
         Ok((tsih, rx))
@@ -328,6 +363,48 @@ impl Registry {
         {
             g.sessions.remove(&tsih);
         }
+    }
+
+    /// Notes the initiator's address of the session registered under `tsih`, if it is
+    /// still the one of `nexus_id` (login does not see the socket's peer).
+    pub(crate) fn set_peer(&self, tsih: u16, nexus_id: u64, peer: SocketAddr) {
+        let mut g = self.lock();
+        if let Some(e) = g.sessions.get_mut(&tsih) {
+            if e.nexus_id == nexus_id {
+                e.peer = Some(peer);
+            }
+        }
+    }
+
+    /// Every live session, by TSIH.
+    pub(crate) fn list(&self) -> Vec<SessionInfo> {
+        let g = self.lock();
+        let mut out: Vec<SessionInfo> = g
+            .sessions
+            .iter()
+            .map(|(&tsih, e)| SessionInfo {
+                initiator: e.initiator.clone(),
+                isid: e.isid.iter().map(|b| format!("{b:02x}")).collect(),
+                tsih,
+                target: e.target.clone(),
+                peer: e.peer.map(|p| p.to_string()),
+                since_unix_s: e
+                    .since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            })
+            .collect();
+        out.sort_by_key(|s| s.tsih);
+        out
+    }
+
+    /// Whether any session is logged in to `target`.
+    pub(crate) fn has_target(&self, target: &str) -> bool {
+        self.lock().sessions.values().any(|e| {
+            e.target
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case(target))
+        })
     }
 
     /// Live sessions per target name (`None`: discovery sessions).
@@ -401,6 +478,28 @@ mod tests {
         // The old connection's late cleanup must not remove the new session.
         r.remove(t1, 1);
         assert!(r.contains(t3));
+    }
+
+    #[test]
+    fn list_shows_each_session_with_its_peer() {
+        let r = Registry::default();
+        let (t1, _rx1) = r
+            .register("iqn.a", [0, 1, 2, 3, 4, 0xab], Some("iqn.t"), 1, 8)
+            .expect("room");
+        let (t2, _rx2) = r.register("iqn.b", [9; 6], None, 2, 8).expect("room");
+        let peer: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        r.set_peer(t1, 1, peer);
+        // A stale nexus id must not annotate a newer session.
+        r.set_peer(t2, 99, peer);
+        let l = r.list();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].initiator, "iqn.a");
+        assert_eq!(l[0].isid, "0001020304ab");
+        assert_eq!(l[0].target.as_deref(), Some("iqn.t"));
+        assert_eq!(l[0].peer.as_deref(), Some("127.0.0.1:4000"));
+        assert!(l[0].since_unix_s > 1_600_000_000);
+        assert_eq!(l[1].target, None);
+        assert_eq!(l[1].peer, None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tracing::error;
 
@@ -19,7 +19,8 @@ use super::{write_zeros, BlockStore, CacheMode, MediaError, Provisioning};
 pub struct FileStore {
     file: File,
     block_size: u32,
-    blocks: u64,
+    /// Grows at run time (`admin luns resize`), never shrinks.
+    blocks: AtomicU64,
     /// Set after an I/O error on sync: the page cache may have dropped dirty pages, so a
     /// later successful fsync proves nothing (redb's rule). The store stops serving.
     poisoned: AtomicBool,
@@ -49,7 +50,7 @@ impl FileStore {
         Ok(Self {
             file,
             block_size,
-            blocks: size / u64::from(block_size),
+            blocks: AtomicU64::new(size / u64::from(block_size)),
             poisoned: AtomicBool::new(false),
         })
     }
@@ -61,7 +62,9 @@ impl FileStore {
         let bs = u64::from(self.block_size);
         let blocks = len as u64 / bs;
         if !(len as u64).is_multiple_of(bs)
-            || lba.checked_add(blocks).is_none_or(|e| e > self.blocks)
+            || lba
+                .checked_add(blocks)
+                .is_none_or(|e| e > self.blocks.load(Ordering::Acquire))
         {
             return Err(MediaError::OutOfRange { lba, blocks });
         }
@@ -73,7 +76,10 @@ impl FileStore {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(MediaError::Failed("an earlier sync failed".into()));
         }
-        if lba.checked_add(blocks).is_none_or(|e| e > self.blocks) {
+        if lba
+            .checked_add(blocks)
+            .is_none_or(|e| e > self.blocks.load(Ordering::Acquire))
+        {
             return Err(MediaError::OutOfRange { lba, blocks });
         }
         Ok(lba * u64::from(self.block_size))
@@ -94,7 +100,21 @@ impl BlockStore for FileStore {
     }
 
     fn num_blocks(&self) -> u64 {
-        self.blocks
+        self.blocks.load(Ordering::Acquire)
+    }
+
+    fn grow(&self, blocks: u64) -> Result<(), MediaError> {
+        let bytes = blocks
+            .checked_mul(u64::from(self.block_size))
+            .ok_or(MediaError::Failed("size overflows".into()))?;
+        if blocks < self.num_blocks() {
+            return Err(MediaError::Failed("a LUN only grows".into()));
+        }
+        self.file.set_len(bytes)?;
+        self.file.sync_all()?;
+        // Only once the file holds them may a command address the new blocks.
+        self.blocks.store(blocks, Ordering::Release);
+        Ok(())
     }
 
     fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
@@ -162,7 +182,7 @@ impl BlockStore for FileStore {
         let bs = u64::from(self.block_size);
         let max = max.max(1);
         let off = self.check_blocks(lba, 1)?;
-        let end = off + max.min(self.blocks - lba) * bs;
+        let end = off + max.min(self.num_blocks() - lba) * bs;
         let fd = self.file.as_raw_fd();
         let Ok(pos) = libc::off_t::try_from(off) else {
             return Err(MediaError::OutOfRange { lba, blocks: 1 });
@@ -208,7 +228,7 @@ impl BlockStore for FileStore {
         }
         // The file may have been removed or truncated under us.
         let len = self.file.metadata()?.len();
-        if len < self.blocks * u64::from(self.block_size) {
+        if len < self.num_blocks() * u64::from(self.block_size) {
             return Err(MediaError::Failed(format!(
                 "backing file shrank to {len} bytes"
             )));

@@ -104,6 +104,12 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Number of logical blocks.
     fn num_blocks(&self) -> u64;
 
+    /// Grows the store to `blocks` blocks (`admin luns resize`); stores that cannot
+    /// grow refuse.
+    fn grow(&self, _blocks: u64) -> Result<(), MediaError> {
+        Err(MediaError::Failed("this store cannot grow".into()))
+    }
+
     /// Reads `buf.len() / block_size()` whole blocks starting at `lba` into `buf`.
     fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError>;
 

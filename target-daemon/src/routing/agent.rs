@@ -283,6 +283,24 @@ impl RoutingAgent {
         Ok(keys)
     }
 
+    /// Checks that every node in `nodes` could join the table, then adds them all, or
+    /// none: (index in the file, initiator, addresses). On refusal, the index at fault.
+    pub fn add_configured(
+        &self,
+        nodes: &[(usize, String, Vec<NodeAddr>)],
+    ) -> Result<(), (usize, String)> {
+        let mut t = lock(&self.table);
+        let mut next = t.clone();
+        for (i, initiator, addrs) in nodes {
+            next.add_configured(initiator, addrs).map_err(|e| (*i, e))?;
+        }
+        *t = next;
+        for (_, initiator, _) in nodes {
+            info!(initiator, "node added by reload");
+        }
+        Ok(())
+    }
+
     /// The `admin nodes` listing: one line per node, then one per owned address.
     pub fn nodes_report(&self) -> String {
         let t = lock(&self.table);
@@ -306,6 +324,33 @@ impl RoutingAgent {
             out.push_str(&format!("owner {a} initiator={i}\n"));
         }
         out
+    }
+
+    /// The `admin nodes` listing for scripts: the same facts as [`Self::nodes_report`].
+    pub fn nodes_json(&self) -> serde_json::Value {
+        let t = lock(&self.table);
+        let nodes: Vec<serde_json::Value> = t
+            .nodes()
+            .iter()
+            .map(|n| {
+                let s = self.queue.stats(n.key());
+                serde_json::json!({
+                    "id": n.id,
+                    "initiator": n.initiator,
+                    "kind": if n.registered { "registered" } else { "configured" },
+                    "state": format!("{:?}", n.state()),
+                    "sessions": n.nexuses.len(),
+                    "addrs": n.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "queued_records": s.queued_records,
+                    "queued_bytes": s.queued_bytes,
+                })
+            })
+            .collect();
+        let owners: Vec<serde_json::Value> = t
+            .owners()
+            .map(|(a, i)| serde_json::json!({ "addr": a.to_string(), "initiator": i }))
+            .collect();
+        serde_json::json!({ "nodes": nodes, "owners": owners })
     }
 
     /// Packets of SEND commands so far, per outcome.

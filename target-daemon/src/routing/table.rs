@@ -219,6 +219,39 @@ impl RoutingTable {
         Ok(keys.into_iter().collect())
     }
 
+    /// Adds a node configured after the start (a reload): refused when its initiator
+    /// already has a node or another node or initiator holds one of its addresses, so a
+    /// reload never takes an address from anyone. Its sessions join it at their next
+    /// login.
+    pub fn add_configured(&mut self, initiator: &str, addrs: &[NodeAddr]) -> Result<(), String> {
+        let mine = |i: &str| i.eq_ignore_ascii_case(initiator);
+        if self
+            .nodes
+            .iter()
+            .any(|n| n.initiator.as_deref().is_some_and(mine))
+        {
+            return Err(format!("{initiator} already has a node"));
+        }
+        for a in addrs {
+            if let Some(n) = self.lookup(a) {
+                return Err(format!("{a} belongs to node {}", n.id));
+            }
+            if let Some(owner) = self.owners.get(a).filter(|o| !mine(o)) {
+                return Err(format!("{a} is registered to {owner}"));
+            }
+        }
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        self.nodes.push(Node {
+            id,
+            addrs: addrs.to_vec(),
+            initiator: Some(initiator.to_owned()),
+            nexuses: BTreeSet::new(),
+            maintenance: false,
+            registered: false,
+        });
+        Ok(())
+    }
+
     /// Address owners: (address, initiator), for admin listings.
     pub fn owners(&self) -> impl Iterator<Item = (&NodeAddr, &String)> {
         self.owners.iter()
@@ -427,6 +460,28 @@ impl RegReader<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_node_added_by_reload_takes_no_address_from_anyone() {
+        let a = |x: u8| NodeAddr::from(std::net::Ipv4Addr::new(10, 0, 0, x));
+        let mut t = RoutingTable::new(&[("iqn.x:a".into(), vec![a(1)])]);
+        assert!(t.add_configured("iqn.x:b", &[a(1)]).is_err(), "a's address");
+        assert!(
+            t.add_configured("IQN.X:A", &[a(9)]).is_err(),
+            "a has a node"
+        );
+        t.add_configured("iqn.x:b", &[a(2)]).expect("free address");
+        assert_eq!(
+            t.lookup(&a(2)).and_then(|n| n.initiator.as_deref()),
+            Some("iqn.x:b")
+        );
+        assert_eq!(
+            t.nexus_added(7, "iqn.x:b"),
+            Some(a(2)),
+            "b's sessions join it"
+        );
+    }
+
     use super::*;
     use std::net::Ipv4Addr;
 

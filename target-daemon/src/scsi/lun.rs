@@ -88,6 +88,13 @@ impl Lun {
             .is_none_or(|v| v.iter().any(|n| n.eq_ignore_ascii_case(initiator)))
     }
 
+    /// The masking list as configured; `None`: every initiator sees it.
+    pub(crate) fn initiator_names(&self) -> Option<Vec<String>> {
+        self.initiators
+            .as_ref()
+            .map(|v| v.iter().map(|n| n.to_string()).collect())
+    }
+
     /// Shared media access: ordinary reads and writes run concurrently.
     pub(crate) fn media_shared(&self) -> RwLockReadGuard<'_, ()> {
         // The lock guards no data, so a panic while holding it leaves nothing torn.

@@ -1120,7 +1120,7 @@ fn sync_dir(file: &Path) -> std::io::Result<()> {
 
 /// Temp file, fsync, rename over the old one, fsync the directory: a crash leaves either
 /// the old state or the new one.
-fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = file.with_extension("tmp");

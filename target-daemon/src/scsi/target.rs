@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use ftss_proto::cdb::op;
@@ -36,6 +36,14 @@ pub enum ScsiError {
     /// The LUN does not exist.
     #[error("LUN {0} does not exist")]
     NoSuchLun(u64),
+    /// The LUN's store could not grow.
+    #[error("LUN {lun}: cannot grow: {msg}")]
+    Resize {
+        /// The LUN.
+        lun: u64,
+        /// Why.
+        msg: String,
+    },
     /// Saved persistent reservation state could not be loaded.
     #[error("LUN {lun}: persistent reservations: {msg}")]
     Reservations {
@@ -132,7 +140,9 @@ pub(crate) struct Ctx<'a> {
 /// A SCSI target device with its logical units.
 pub struct ScsiTarget {
     pub(crate) identity: TargetIdentity,
-    pub(crate) luns: BTreeMap<u64, Lun>,
+    /// The logical units by number; LUNs come and go at run time (admin, reload), so
+    /// a command holds its LUN by `Arc` for as long as it runs.
+    luns: RwLock<BTreeMap<u64, Arc<Lun>>>,
     /// Pending unit attentions per (nexus id, LUN), ticked by [`Self::ua_clock`].
     ua: Mutex<HashMap<(u64, u64), UaQueue>>,
     /// Ticks once per unit attention established: a command reports only those older than
@@ -153,6 +163,12 @@ type NexusAborter = (ItNexus, Arc<dyn TaskAborter>);
 /// that established each.
 type UaQueue = VecDeque<(Sense, u64)>;
 
+/// CAPACITY DATA HAS CHANGED (SBC-3): READ CAPACITY answers differently now.
+const CAPACITY_DATA_CHANGED: Sense = Sense::new(0x06, 0x2a, 0x09);
+
+/// REPORTED LUNS DATA HAS CHANGED (SPC-4): the LUN inventory changed.
+const REPORTED_LUNS_DATA_CHANGED: Sense = Sense::new(0x06, 0x3f, 0x0e);
+
 /// Unit attentions kept per nexus and LUN; older ones are dropped past this.
 const UA_QUEUE_MAX: usize = 16;
 
@@ -168,13 +184,13 @@ impl ScsiTarget {
         for l in luns {
             let n = l.lun;
             let lun = Lun::new(&identity.iqn, l);
-            if map.insert(n, lun).is_some() {
+            if map.insert(n, Arc::new(lun)).is_some() {
                 return Err(ScsiError::DuplicateLun(n));
             }
         }
         Ok(Self {
             identity,
-            luns: map,
+            luns: RwLock::new(map),
             ua: Mutex::new(HashMap::new()),
             ua_clock: AtomicU64::new(0),
             nexuses: Mutex::new(HashMap::new()),
@@ -190,7 +206,98 @@ impl ScsiTarget {
 
     /// Whether `lun` exists.
     pub fn lun_exists(&self, lun: u64) -> bool {
-        self.luns.contains_key(&lun)
+        self.luns_now().contains_key(&lun)
+    }
+
+    fn luns_now(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Lun>>> {
+        // Only whole entries are inserted or removed under this lock.
+        self.luns
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a LUN while the target serves (admin, reload): its APTPL reservations are
+    /// kept in a file in `dir` named by its serial. Every nexus hears REPORTED LUNS DATA
+    /// HAS CHANGED (3Fh/0Eh) on the LUNs it sees, so initiators rescan, and POWER ON
+    /// on the new LUN as if it had just logged in.
+    pub fn add_lun(&self, spec: LunSpec, dir: &std::path::Path) -> Result<(), ScsiError> {
+        let n = spec.lun;
+        let lun = Arc::new(Lun::new(&self.identity.iqn, spec));
+        lun.reservations
+            .attach(PrStore::File(dir.join(format!("pr-{}.state", lun.serial))))
+            .map_err(|msg| ScsiError::Reservations { lun: n, msg })?;
+        {
+            let mut g = self
+                .luns
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if g.contains_key(&n) {
+                return Err(ScsiError::DuplicateLun(n));
+            }
+            g.insert(n, Arc::clone(&lun));
+        }
+        let nexuses: Vec<ItNexus> = lock(&self.nexuses).values().cloned().collect();
+        for nx in nexuses {
+            for other in self.lun_numbers_for(&nx) {
+                if other == n {
+                    self.queue_ua(nx.id, n, common::POWER_ON_RESET);
+                } else {
+                    self.queue_ua(nx.id, other, REPORTED_LUNS_DATA_CHANGED);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a LUN while the target serves; commands already holding it finish on it.
+    /// Every nexus hears REPORTED LUNS DATA HAS CHANGED on the LUNs it still sees.
+    pub fn remove_lun(&self, n: u64) -> Result<(), ScsiError> {
+        let gone = self
+            .luns
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&n);
+        if gone.is_none() {
+            return Err(ScsiError::NoSuchLun(n));
+        }
+        lock(&self.ua).retain(|(_, l), _| *l != n);
+        let nexuses: Vec<ItNexus> = lock(&self.nexuses).values().cloned().collect();
+        for nx in nexuses {
+            for other in self.lun_numbers_for(&nx) {
+                self.queue_ua(nx.id, other, REPORTED_LUNS_DATA_CHANGED);
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows LUN `n` to `blocks` blocks; every nexus that sees it hears CAPACITY DATA
+    /// HAS CHANGED (2Ah/09h) there.
+    pub fn grow_lun(&self, n: u64, blocks: u64) -> Result<(), ScsiError> {
+        let lun = self.lun(n).ok_or(ScsiError::NoSuchLun(n))?;
+        lun.store.grow(blocks).map_err(|e| ScsiError::Resize {
+            lun: n,
+            msg: e.to_string(),
+        })?;
+        let nexuses: Vec<ItNexus> = lock(&self.nexuses).values().cloned().collect();
+        for nx in nexuses.iter().filter(|x| lun.visible_to(&x.initiator_name)) {
+            self.queue_ua(nx.id, n, CAPACITY_DATA_CHANGED);
+        }
+        Ok(())
+    }
+
+    /// Every LUN now, by number.
+    pub(crate) fn luns(&self) -> Vec<Arc<Lun>> {
+        self.luns_now().values().cloned().collect()
+    }
+
+    /// LUN `lun`, whoever asks.
+    pub(crate) fn lun(&self, lun: u64) -> Option<Arc<Lun>> {
+        self.luns_now().get(&lun).cloned()
+    }
+
+    /// The first LUN `f` selects.
+    pub(crate) fn lun_where(&self, f: impl Fn(&Lun) -> bool) -> Option<Arc<Lun>> {
+        self.luns_now().values().find(|l| f(l)).cloned()
     }
 
     /// Keeps each LUN's persistent reservations while APTPL is set, loading what an
@@ -203,7 +310,7 @@ impl ScsiTarget {
         dir: &std::path::Path,
         mirrored: &HashMap<u64, Arc<MirrorSet>>,
     ) -> Result<(), ScsiError> {
-        for l in self.luns.values() {
+        for l in self.luns() {
             let store = match mirrored.get(&l.number) {
                 Some(set) => PrStore::Mirror(Arc::clone(set)),
                 None => PrStore::File(dir.join(format!("pr-{}.state", l.serial))),
@@ -231,7 +338,8 @@ impl ScsiTarget {
             h.nexus_added(nexus);
         }
         lock(&self.nexuses).insert(nexus.id, nexus.clone());
-        for &l in self.luns.keys() {
+        let numbers: Vec<u64> = self.luns_now().keys().copied().collect();
+        for l in numbers {
             lock(&self.ua).remove(&(nexus.id, l));
             self.queue_ua(nexus.id, l, common::POWER_ON_RESET);
         }
@@ -290,22 +398,21 @@ impl ScsiTarget {
         }
         lock(&self.nexuses).remove(&nexus.id);
         lock(&self.ua).retain(|(n, _), _| *n != nexus.id);
-        for l in self.luns.values() {
+        for l in self.luns() {
             l.nexus_removed(nexus.id);
         }
     }
 
     /// LUN `lun` as `nexus` sees it: masked LUNs do not exist for other initiators.
-    pub(crate) fn lun_for(&self, nexus: &ItNexus, lun: u64) -> Option<&Lun> {
-        self.luns
-            .get(&lun)
+    pub(crate) fn lun_for(&self, nexus: &ItNexus, lun: u64) -> Option<Arc<Lun>> {
+        self.lun(lun)
             .filter(|l| l.visible_to(&nexus.initiator_name))
     }
 
     /// LUN numbers `nexus` sees, ascending.
     pub(crate) fn lun_numbers_for(&self, nexus: &ItNexus) -> Vec<u64> {
         let mut v: Vec<u64> = self
-            .luns
+            .luns_now()
             .values()
             .filter(|l| l.visible_to(&nexus.initiator_name))
             .map(|l| l.number)
@@ -335,11 +442,12 @@ impl ScsiTarget {
             Sense::new(0x06, 0x29, 0x02)
         };
         let all: Vec<u64> = lock(&self.nexuses).keys().copied().collect();
-        for l in self.luns.values() {
+        let luns = self.luns();
+        for l in &luns {
             l.reset();
         }
         for n in all {
-            for &lun in self.luns.keys() {
+            for lun in luns.iter().map(|l| l.number) {
                 self.queue_ua(n, lun, sense);
             }
         }
@@ -409,16 +517,13 @@ impl ScsiTarget {
         );
         write
             && data_len <= INLINE_BYTES_MAX
-            && self
-                .luns
-                .get(&lun)
-                .is_some_and(|l| l.store.writes_in_memory())
+            && self.lun(lun).is_some_and(|l| l.store.writes_in_memory())
     }
 
     /// The outcome of a command whose writes did not commit (see
     /// [`crate::media::cache::defer_commits`]): it must not report GOOD.
     pub fn commit_failed(&self, lun: u64, e: crate::media::MediaError) -> ScsiOutcome {
-        self.fail(self.luns.get(&lun), super::sbc::media(e, true))
+        self.fail(self.lun(lun).as_deref(), super::sbc::media(e, true))
     }
 
     /// Counts a command of `lun` whose response went out `latency` after it arrived,
@@ -431,7 +536,7 @@ impl ScsiTarget {
         if crate::link_unit::unit_for(opcode) == crate::link_unit::Unit::RoutingAgent {
             return;
         }
-        if let Some(l) = self.luns.get(&lun) {
+        if let Some(l) = self.lun(lun) {
             l.metrics
                 .record(crate::metrics::OpKind::of(opcode), bytes, latency);
         }
@@ -457,10 +562,10 @@ impl ScsiTarget {
             let h = lock(&self.vendor).clone();
             return match h {
                 Some(h) => h.execute(nexus, cmd),
-                None => self.fail(self.luns.get(&cmd.lun), common::INVALID_OPCODE),
+                None => self.fail(self.lun(cmd.lun).as_deref(), common::INVALID_OPCODE),
             };
         }
-        let Some(lun) = self.lun_for(nexus, cmd.lun) else {
+        let Some(held) = self.lun_for(nexus, cmd.lun) else {
             return match opcode {
                 op::INQUIRY => match spc::inquiry_no_lun(cmd) {
                     Ok(r) => outcome(r),
@@ -479,6 +584,7 @@ impl ScsiTarget {
                 _ => self.fail(None, common::LUN_NOT_SUPPORTED),
             };
         };
+        let lun: &Lun = &held;
         let Some(entry) = commands().find(|c| c.matches(cmd.cdb)) else {
             // An unsupported service action of a supported command is an invalid CDB
             // field (SPC-4); limited to the reservation and copy commands so the others
@@ -974,6 +1080,75 @@ mod tests {
             iqn: "iqn.2026-11.org.ftss:t".into(),
         };
         ScsiTarget::new(id, Vec::new()).expect("target")
+    }
+
+    #[test]
+    fn a_lun_added_at_run_time_is_reported_with_a_unit_attention() {
+        let dir = std::env::temp_dir().join(format!("ftss-addlun-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let spec = |lun: u64| LunSpec {
+            lun,
+            store: Arc::new(
+                crate::media::file::FileStore::open(&dir.join(format!("{lun}.img")), 64 * 512, 512)
+                    .expect("store"),
+            ),
+            read_only: false,
+            removable: false,
+            initiators: None,
+        };
+        let t = ScsiTarget::new(
+            TargetIdentity {
+                iqn: "iqn.2026-11.org.ftss:t".into(),
+            },
+            vec![spec(0)],
+        )
+        .expect("target");
+        let a = ItNexus {
+            id: 1,
+            initiator_name: Arc::from("iqn.2026-11.org.ftss:a"),
+            isid: [0x40, 0, 0, 0, 0, 1],
+            tpgt: 1,
+        };
+        t.nexus_added(&a);
+        let run = |lun: u64, cdb: &[u8], len: u32| {
+            t.execute(
+                &a,
+                &ScsiCommand {
+                    lun,
+                    cdb,
+                    data_out: &[],
+                    expected_len: len,
+                    attr: crate::scsi::TaskAttr::Simple,
+                    resume_until: None,
+                },
+            )
+        };
+        let tur = [0u8; 6];
+        let asc = |o: &ScsiOutcome| o.sense.as_ref().map(|s| (s[2] & 0x0f, s[12], s[13]));
+        assert_eq!(
+            asc(&run(0, &tur, 0)),
+            Some((6, 0x29, 0x00)),
+            "power on first"
+        );
+        assert_eq!(run(0, &tur, 0).status, status::GOOD);
+        t.add_lun(spec(5), &dir).expect("LUN 5 added");
+        assert!(matches!(
+            t.add_lun(spec(5), &dir),
+            Err(ScsiError::DuplicateLun(5))
+        ));
+        assert_eq!(
+            asc(&run(0, &tur, 0)),
+            Some((6, 0x3f, 0x0e)),
+            "inventory changed"
+        );
+        let report = [0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        let o = run(0, &report, 256);
+        assert_eq!(o.status, status::GOOD);
+        assert_eq!(&o.data_in[0..4], &[0, 0, 0, 16], "two LUNs");
+        assert_eq!(o.data_in[8 + 8 + 1], 5, "LUN 5 listed");
+        assert_eq!(asc(&run(5, &tur, 0)), Some((6, 0x29, 0x00)));
+        assert_eq!(run(5, &tur, 0).status, status::GOOD);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! to poll), so COPY STATUS always reports a finished operation.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ftss_proto::cdb::be;
 use ftss_proto::sense::{common, key, Sense};
@@ -206,7 +206,7 @@ pub(crate) fn extended_copy(c: &Ctx<'_>) -> CmdResult {
 }
 
 /// Resolves CSCD descriptor `index` to a LUN of this target by its NAA designator.
-fn resolve<'a>(c: &Ctx<'a>, cscds: &[&[u8]], index: u16, at: usize) -> Result<&'a Lun, Sense> {
+fn resolve(c: &Ctx<'_>, cscds: &[&[u8]], index: u16, at: usize) -> Result<Arc<Lun>, Sense> {
     let unreachable = COPY_TARGET_NOT_REACHABLE.param_field(at as u16, None);
     let d = cscds.get(usize::from(index)).ok_or(unreachable)?;
     let cscd_at = 16 + usize::from(index) * CSCD_LEN;
@@ -223,7 +223,7 @@ fn resolve<'a>(c: &Ctx<'a>, cscds: &[&[u8]], index: u16, at: usize) -> Result<&'
     let dlen = usize::from(d[7]);
     let naa = d.get(8..8 + dlen).unwrap_or_default();
     let lun = if assoc_type & 0x3f == 0x03 && dlen == 8 {
-        c.target.luns.values().find(|l| l.naa[..] == *naa)
+        c.target.lun_where(|l| l.naa[..] == *naa)
     } else {
         None
     };
@@ -248,6 +248,7 @@ fn run_segments(
         let dst = resolve(c, cscds, s.dst, s.at + 6)?;
         // The copy manager reads and writes on behalf of the nexus that sent the command,
         // so that nexus's reservation rights apply to both sides.
+        let (src, dst): (&Lun, &Lun) = (&src, &dst);
         if !pr::admits_copy(src, c.nexus, false) || !pr::admits_copy(dst, c.nexus, true) {
             return Ok(Some(status::RESERVATION_CONFLICT));
         }
