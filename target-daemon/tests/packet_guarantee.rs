@@ -350,11 +350,12 @@ async fn a_node_that_never_acknowledges_fills_only_its_own_quota() {
 }
 
 /// The documented duplicates rule is "while stored": once the destination acknowledged
-/// a packet (and nothing retains it), its id may be used again and the new packet is
-/// stored and delivered, never answered GOOD and dropped (the `sg_raw` examples reuse
-/// ids 1, 2, 3).
+/// a packet and the log released it (with `retain_s = 0`, at the next housekeeping tick,
+/// within about a second), its id may be used again and the new packet is stored and
+/// delivered, never answered GOOD and dropped (the `sg_raw` examples reuse ids 1, 2, 3).
+/// Until the release a resent id is taken for a retry: that is what keeps a retry after
+/// a crash from being delivered twice (tests/packet_crash.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open defect (issue 12): an acknowledged packet stays in the log until the tail passes it, and its id is still taken for a retry until then, so round 1 is answered GOOD and dropped"]
 async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packet() {
     let dir = fresh_dir("reuse");
     let port = free_port();
@@ -386,8 +387,10 @@ async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packe
         assert_eq!(
             got,
             vec![1, 2, 3],
-            "round {round}: ids 1..3 sent again after their ACK must arrive again"
+            "round {round}: ids 1..3 sent again after their release must arrive again"
         );
+        // Housekeeping runs every second and releases what was acknowledged.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
     }
     drop((x, s));
     kill(child);
