@@ -50,20 +50,6 @@ username = "interopnode"
 secret = "node-secret-123"
 CONF
 ftss_start "$work/ftss.toml" "$CI_OUT/interop-daemon.log" "$port"
-fails=0
-passes=0
-check() { # name, command...
-  local name=$1
-  shift
-  if "$@" >"$work/out.txt" 2>&1; then
-    echo "PASS  $name"
-    passes=$((passes + 1))
-  else
-    echo "FAIL  $name"
-    sed 's/^/      /' "$work/out.txt" | tail -5
-    fails=$((fails + 1))
-  fi
-}
 url="iscsi://127.0.0.1:$port/$T/0"
 check "iscsi-ls discovery lists the target" bash -c "iscsi-ls -s iscsi://127.0.0.1:$port | grep -q 'Target:$T Portal:127.0.0.1:$port,1'"
 check "iscsi-ls lists LUN 0 with its size" bash -c "iscsi-ls -s iscsi://127.0.0.1:$port | grep -q 'Lun:0 .*Size:12[0-9]M'"

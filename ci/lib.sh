@@ -102,3 +102,20 @@ print(int(200 / (time.time() - t)), "per second")
 os.unlink(p)
 PY
 }
+
+# check NAME COMMAND...: runs COMMAND quietly and prints PASS or FAIL with the tail of its
+# output; counts into $passes and $fails. Needs $work (a scratch directory).
+passes=0
+fails=0
+check() {
+  local name=$1
+  shift
+  if "$@" >"$work/check-out.txt" 2>&1; then
+    echo "PASS  $name"
+    passes=$((passes + 1))
+  else
+    echo "FAIL  $name"
+    sed 's/^/      /' "$work/check-out.txt" | tail -5
+    fails=$((fails + 1))
+  fi
+}

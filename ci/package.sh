@@ -20,20 +20,6 @@ deb=$(cargo deb -p ftss-target --no-build -o "$work" 2>&1 | tail -1)
 echo "built $(basename "$deb") ($(du -k "$deb" | cut -f1) KiB)"
 dpkg-deb --contents "$deb" | awk '{print "  " $6}'
 dpkg -i "$deb" >/dev/null
-fails=0
-passes=0
-check() { # name, command...
-  local name=$1
-  shift
-  if "$@" >"$work/out.txt" 2>&1; then
-    echo "PASS  $name"
-    passes=$((passes + 1))
-  else
-    echo "FAIL  $name"
-    sed 's/^/      /' "$work/out.txt" | tail -5
-    fails=$((fails + 1))
-  fi
-}
 check "dpkg lists the package as installed" bash -c "dpkg -s ftss | grep -q '^Status: install ok installed'"
 check "both binaries are on PATH" bash -c "/usr/bin/ftss-target --version && /usr/bin/ftss --version"
 check "the packaged config is valid" /usr/bin/ftss-target --config /etc/ftss/ftss.toml --check-config
