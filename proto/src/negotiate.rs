@@ -576,6 +576,11 @@ impl Negotiator {
     ) -> Result<Vec<(String, String)>, NegotiationError> {
         let mut ours = Vec::new();
         for (k, v) in answers {
+            // RFC 7143 6.1: a key is sent at most once in a negotiation (TargetAddress, a
+            // list, excepted); the initiator drops the connection when it is not.
+            if k != "TargetAddress" && !self.seen.insert(k.clone()) {
+                return Err(NegotiationError::Duplicate(k.clone()));
+            }
             if self.offered.remove(k) {
                 self.apply_answer(k, v)?;
             } else if k == "MaxRecvDataSegmentLength" {
@@ -764,6 +769,49 @@ mod tests {
             .expect_err("second time");
         assert_eq!(e, NegotiationError::Duplicate("MaxBurstLength".into()));
         assert_eq!(e.login_status(), (2, 0));
+    }
+
+    #[test]
+    fn an_initiator_refuses_a_key_the_target_sends_twice() {
+        // Found by the `negotiate` fuzz target (testdata/fuzz-regressions/negotiate): the
+        // originator answered an unknown key sent twice with two NotUnderstood.
+        let mut n = Negotiator::new(
+            Role::Initiator,
+            SessionType::Discovery,
+            true,
+            Limits::default(),
+        );
+        let _ = n.offer();
+        let e = n
+            .handle_answers(&kv(&[("E", ""), ("E", "")]))
+            .expect_err("one response");
+        assert_eq!(e, NegotiationError::Duplicate("E".into()));
+        let mut n = Negotiator::new(
+            Role::Initiator,
+            SessionType::Normal,
+            true,
+            Limits::default(),
+        );
+        let _ = n.offer();
+        n.handle_answers(&kv(&[("MaxBurstLength", "65536")]))
+            .expect("first time");
+        let e = n
+            .handle_answers(&kv(&[("MaxBurstLength", "65536")]))
+            .expect_err("a later response");
+        assert_eq!(e, NegotiationError::Duplicate("MaxBurstLength".into()));
+        // TargetAddress is a list: it may repeat.
+        let mut n = Negotiator::new(
+            Role::Initiator,
+            SessionType::Discovery,
+            true,
+            Limits::default(),
+        );
+        let _ = n.offer();
+        n.handle_answers(&kv(&[
+            ("TargetAddress", "127.0.0.1:3260,1"),
+            ("TargetAddress", "[::1]:3260,1"),
+        ]))
+        .expect("repeatable");
     }
 
     #[test]

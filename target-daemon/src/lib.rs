@@ -5,6 +5,8 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod iscsi;
 pub mod link_unit;
 pub mod media;
