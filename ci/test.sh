@@ -11,6 +11,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee ci/out-cargo-test.log
+echo "== fuzz smoke: every fuzz target 30 s after replaying its regression inputs (cargo-fuzz, nightly)"
+ci/fuzz.sh smoke 30
 echo "== conformance (libiscsi iscsi-test-cu)"
 ci/conformance.sh ftss
 echo "== interop (libiscsi tools, qemu-img)"
