@@ -2,8 +2,11 @@
 # Packet benchmark: guaranteed-delivery SENDs of 1 KiB packets with 1 and with 32 in
 # flight, and send-to-receive latency at 1000 packets/s, against ftss-target with its
 # packet queue on the mirrored, nonvolatile write-cached media (every packet msync'd
-# before GOOD). Printed beside the fsync limit of the same disk: one msync'd 4 KiB
-# write at a time, the rate a store-then-acknowledge design gets without group commit.
+# before GOOD). Printed beside its peer in the same run, redis-server (Debian's) with
+# `appendonly yes, appendfsync always` driven by redis-benchmark with XADD of a 1 KiB
+# field (`-c 1` for 1 in flight, `-c 1 -P 32` for 32), and beside the fsync limit of the
+# same disk: one msync'd 4 KiB write at a time, the rate a store-then-acknowledge design
+# gets without group commit. Writes ci/out/bench-packets.csv and a chart of it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 COUNT1=${COUNT1:-3000}
@@ -13,6 +16,9 @@ work=$(mktemp -d)
 trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build
 (cd "$CI_ROOT" && cargo build --release --bin ftss -q)
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
 port=$(free_port)
 cat >"$work/ftss.toml" <<CONF
 [server]
@@ -42,14 +48,50 @@ for _ in $(seq 1 50); do
   $tx nodes 2>/dev/null | grep -q "10.0.0.2 .*available" && break
   sleep 0.1
 done
+# The peer: redis, every XADD fsync'd to its append-only file before the reply, its data
+# in the same scratch directory as ftss's media.
+rport=$(free_port)
+mkdir -p "$work/redis"
+redis-server --port "$rport" --bind 127.0.0.1 --dir "$work/redis" --appendonly yes \
+  --appendfsync always --save '' --logfile "$CI_OUT/bench-packets-redis.log" &
+CI_PIDS+=($!)
+for _ in $(seq 1 50); do
+  redis-cli -p "$rport" ping 2>/dev/null | grep -q PONG && break
+  sleep 0.1
+done
+field=$(head -c 1024 /dev/zero | tr '\0' 'x')
+# redis_xadd ARGS...: "rps p50_ms p99_ms" of XADD with a 1 KiB field.
+redis_xadd() {
+  redis-benchmark -p "$rport" --csv "$@" XADD ftss-bench '*' f "$field" | tail -1 |
+    awk -F'","' '{gsub(/"/, "", $0); n = split($0, f, ","); print f[n-6], f[n-3], f[n-1]}'
+}
+num() { grep -oE "$1" | grep -oE '[0-9.]+' | head -1; }
 {
   echo "packet benchmark: 1 KiB guaranteed-delivery packets, loopback, $(nproc) cores"
-  echo "-- 1 SEND in flight"
-  $tx bench 10.0.0.2 --size 1024 --count "$COUNT1" --inflight 1
-  echo "-- 32 SENDs in flight"
-  $tx bench 10.0.0.2 --size 1024 --count "$COUNT32" --inflight 32
-  echo "-- send-to-receive latency at 1000 packets/s"
+  echo "-- ftss: 1 SEND in flight"
+  $tx bench 10.0.0.2 --size 1024 --count "$COUNT1" --inflight 1 | tee "$work/f1"
+  echo "-- ftss: 32 SENDs in flight"
+  $tx bench 10.0.0.2 --size 1024 --count "$COUNT32" --inflight 32 | tee "$work/f32"
+  echo "-- ftss: send-to-receive latency at 1000 packets/s"
   $F -a 10.0.0.3 --initiator iqn.2026-11.org.ftss:bench-lat latency 10.0.0.4 \
-    --peer-initiator iqn.2026-11.org.ftss:bench-lat-rx --rate 1000 --count "$LAT_COUNT" --size 1024
-  echo "fsync limit of this disk (one 4 KiB msync at a time): $(fsync_limit "$work")"
+    --peer-initiator iqn.2026-11.org.ftss:bench-lat-rx --rate 1000 --count "$LAT_COUNT" --size 1024 |
+    tee "$work/flat"
+  read -r r1 r1p50 r1p99 < <(redis_xadd -c 1 -n "$COUNT1")
+  echo "-- redis appendfsync always, XADD 1 KiB, 1 in flight: $r1 per second, p50 $r1p50 ms, p99 $r1p99 ms"
+  read -r r32 _ _ < <(redis_xadd -c 1 -P 32 -n "$COUNT32")
+  echo "-- redis appendfsync always, XADD 1 KiB, 32 in flight (-P 32): $r32 per second"
+  fl=$(fsync_limit "$work")
+  echo "fsync limit of this disk (one 4 KiB msync at a time): $fl"
+  f1=$(num '[0-9.]+ packets/s' <"$work/f1")
+  f32=$(num '[0-9.]+ packets/s' <"$work/f32")
+  printf '%-44s %10s %10s %6s\n' "1 KiB, durable before the ack" ftss redis ratio
+  printf '%-44s %10.0f %10.0f %6.2f\n' "per second, 1 in flight" "$f1" "$r1" "$(awk "BEGIN { print $f1 / $r1 }")"
+  printf '%-44s %10.0f %10.0f %6.2f\n' "per second, 32 in flight" "$f32" "$r32" "$(awk "BEGIN { print $f32 / $r32 }")"
+  csv="$CI_OUT/bench-packets.csv"
+  echo "test,ftss (default media),redis appendfsync always,fsync limit of the disk" >"$csv"
+  echo "1 KiB per second / 1 in flight,$f1,$r1,${fl%% *}" >>"$csv"
+  echo "1 KiB per second / 32 in flight,$f32,$r32,${fl%% *}" >>"$csv"
 } | tee "$CI_OUT/bench-packets.txt"
+python3 "$CI_ROOT/ci/chart.py" "$CI_OUT/bench-packets.csv" "$CI_OUT/bench-packets.svg" \
+  "Durable 1 KiB packets per second (ftss guaranteed delivery, redis XADD)"
+echo "chart: $CI_OUT/bench-packets.svg (data $CI_OUT/bench-packets.csv)"
