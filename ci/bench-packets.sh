@@ -93,5 +93,5 @@ num() { grep -oE "$1" | grep -oE '[0-9.]+' | head -1; }
   echo "1 KiB per second / 32 in flight,$f32,$r32,${fl%% *}" >>"$csv"
 } | tee "$CI_OUT/bench-packets.txt"
 python3 "$CI_ROOT/ci/chart.py" "$CI_OUT/bench-packets.csv" "$CI_OUT/bench-packets.svg" \
-  "Durable 1 KiB packets per second (ftss guaranteed delivery, redis XADD)"
+  "Durable 1 KiB packets/s"
 echo "chart: $CI_OUT/bench-packets.svg (data $CI_OUT/bench-packets.csv)"
