@@ -36,6 +36,13 @@ pid=${CI_PIDS[-1]}
 F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
 # Resident memory, split into anonymous (heap: indexes, dedup window) and file-backed
 # (the mapped write cache, at most media.cache_size).
+# rss_csv: "total,anonymous,mapped" MiB, for the CSV.
+rss_csv() {
+  awk '/^VmRSS/ {t = $2} /^RssAnon/ {a = $2} /^RssFile|^RssShmem/ {f += $2}
+       END {printf "%.0f,%.0f,%.0f", t / 1024, a / 1024, f / 1024}' "/proc/$pid/status"
+}
+csv="$CI_OUT/bench-backlog.csv"
+echo "test,daemon RSS MiB,anonymous MiB,mapped cache file MiB" >"$csv"
 rss() {
   awk '/^VmRSS/ {t = $2} /^RssAnon/ {a = $2} /^RssFile|^RssShmem/ {f += $2}
        END {printf "%.0f MiB (anonymous %.0f MiB, mapped cache file %.0f MiB)", t / 1024, a / 1024, f / 1024}' \
@@ -58,6 +65,7 @@ while [ "$sent" -lt "$PACKETS" ]; do
   out=$($tx bench 10.0.0.2 --size 64 --count "$n" --inflight 8 --batch 512 | sed -n 1p)
   sent=$(( sent + n ))
   echo "$sent queued: daemon RSS $(rss)  ($out)"
+  echo "$sent queued,$(rss_csv)" >>"$csv"
 done | tee "$CI_OUT/bench-backlog.txt"
 echo "stats of the away node: $($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | tr '\n' ' ')"
 t0=$(date +%s.%N)
@@ -66,3 +74,5 @@ t1=$(date +%s.%N)
 left=$($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | awk '/queued records/ {print $3}')
 echo "drained $PACKETS packets in $(python3 -c "print(round($t1 - $t0, 1))") s; left queued: $left; daemon RSS $(rss)" | tee -a "$CI_OUT/bench-backlog.txt"
 [ "$left" = 0 ]
+python3 "$CI_ROOT/ci/chart.py" "$csv" "$CI_OUT/bench-backlog.svg" "Memory with a packet backlog"
+echo "chart: $CI_OUT/bench-backlog.svg (data $csv)"

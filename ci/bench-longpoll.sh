@@ -96,3 +96,9 @@ polled=$(median "${polled_all[@]}")
   python3 -c "print(f'{\"ratio of medians (goal >= 0.90)\":44} {$polled / $alone:9.2f}')"
   echo "ftss-target threads while the polls were held (after 12 s): ${threads_all[*]}"
 } | tee "$CI_OUT/bench-longpoll.txt"
+{
+  echo "test,reads alone,reads beside $POLLS long polls"
+  echo "4 KiB reads -d 32 (median IOPS),$alone,$polled"
+} >"$CI_OUT/bench-longpoll.csv"
+python3 "$CI_ROOT/ci/chart.py" "$CI_OUT/bench-longpoll.csv" "$CI_OUT/bench-longpoll.svg" "LUN reads and long polls"
+echo "chart: $CI_OUT/bench-longpoll.svg (data $CI_OUT/bench-longpoll.csv)"
