@@ -9,6 +9,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo doc (warnings denied: broken links, private links, bad HTML)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace -q
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee ci/out-cargo-test.log
 echo "== fuzz smoke: every fuzz target 30 s after replaying its regression inputs (cargo-fuzz, nightly)"

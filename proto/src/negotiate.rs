@@ -1,6 +1,6 @@
 //! Login and text key negotiation (RFC 7143 sections 6.2, 12, 13), both roles.
 //!
-//! Every operational key is described once in [`KEYS`]: how its result is computed (list,
+//! Every operational key is described once in the private `KEYS` table: how its result is computed (list,
 //! boolean AND/OR, numeric min/max, declarative), its range, and whether it means anything
 //! in a discovery session. The responder answers each offered key by that rule; the
 //! originator proposes from its [`Limits`] and applies the answers. Unknown keys are

@@ -158,7 +158,7 @@ enum Cmd {
         since_ms: Option<u64>,
     },
     /// The target's routing table (answered to nodes only: give --node-addr, or be a
-    /// configured [[node]]).
+    /// configured `[[node]]`).
     Nodes,
     /// This node's receive queue statistics.
     Stats,

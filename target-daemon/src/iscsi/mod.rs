@@ -1,8 +1,8 @@
 //! The iSCSI transport: listeners, login, sessions and connections (RFC 7143).
 //!
 //! [`Server::start`] binds every portal and serves until dropped or shut down. Each
-//! accepted connection runs the login phase ([`login`]) and then the full feature phase
-//! ([`connection`]) in its own task; a bad connection never disturbs the others.
+//! accepted connection runs the login phase (`login`) and then the full feature phase
+//! (`connection`) in its own task; a bad connection never disturbs the others.
 
 pub(crate) mod connection;
 pub(crate) mod login;

@@ -3,7 +3,7 @@
 //! and the check every command passes before it runs: may this I_T nexus use the LUN now?
 //!
 //! Registrations belong to an I_T nexus identified by its iSCSI initiator port (initiator
-//! name plus ISID, the TransportID "name,i,0x<isid>") and its target port (the portal
+//! name plus ISID, the TransportID `name,i,0x<isid>`) and its target port (the portal
 //! group), not to a session: a node that logs in again with the same ISID finds its key,
 //! and one that logs in with a new ISID is a different I_T nexus. With APTPL the state is
 //! kept where [`PrStore`] says (the metadata area of the LUN's mirror set, or a file of
