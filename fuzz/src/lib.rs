@@ -399,12 +399,10 @@ pub fn exercise_recovered(sys: &System) {
 /// when the status is CHECK CONDITION, and sense data that parses as fixed or descriptor
 /// format with a length that covers its own additional length.
 pub fn check_outcome(out: &ScsiOutcome) {
-    const GOOD: u8 = 0x00;
-    const CHECK: u8 = 0x02;
-    const CONDITION_MET: u8 = 0x04;
-    const BUSY: u8 = 0x08;
-    const CONFLICT: u8 = 0x18;
-    const TASK_SET_FULL: u8 = 0x28;
+    use ftss_proto::sense::status::{
+        BUSY, CHECK_CONDITION as CHECK, CONDITION_MET, GOOD, RESERVATION_CONFLICT as CONFLICT,
+        TASK_SET_FULL,
+    };
     assert!(
         matches!(
             out.status,

@@ -10,10 +10,8 @@ use ftss_proto::sense::{key, Sense};
 
 use crate::{Error, Session, Transport};
 
-/// SCSI status GOOD.
-pub const GOOD: u8 = 0x00;
-/// SCSI status CHECK CONDITION.
-pub const CHECK_CONDITION: u8 = 0x02;
+/// SCSI status GOOD and CHECK CONDITION.
+pub use ftss_proto::sense::status::{CHECK_CONDITION, GOOD};
 
 /// How often a helper re-issues a command answered with UNIT ATTENTION: the first
 /// command after login reports the power-on reset, and a report is consumed per nexus.

@@ -27,6 +27,25 @@ pub struct FieldPointer {
     pub bit: Option<u8>,
 }
 
+/// SCSI status codes (SAM-5 5.3): the one definition the target, the vendor commands and
+/// the initiator use.
+pub mod status {
+    /// GOOD.
+    pub const GOOD: u8 = 0x00;
+    /// CHECK CONDITION: sense data follows.
+    pub const CHECK_CONDITION: u8 = 0x02;
+    /// CONDITION MET (PRE-FETCH).
+    pub const CONDITION_MET: u8 = 0x04;
+    /// BUSY.
+    pub const BUSY: u8 = 0x08;
+    /// RESERVATION CONFLICT.
+    pub const RESERVATION_CONFLICT: u8 = 0x18;
+    /// TASK SET FULL.
+    pub const TASK_SET_FULL: u8 = 0x28;
+    /// TASK ABORTED: a task another I_T nexus aborted, with TAS=1 (SAM-5 5.6).
+    pub const TASK_ABORTED: u8 = 0x40;
+}
+
 /// One sense report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sense {

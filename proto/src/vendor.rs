@@ -48,14 +48,9 @@ pub mod sa {
     pub const QUEUE_STATS: u8 = 0x04;
 }
 
-/// SCSI status codes a vendor command completes with.
-pub mod status {
-    #![allow(missing_docs)]
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-    pub const BUSY: u8 = 0x08;
-    pub const TASK_SET_FULL: u8 = 0x28;
-}
+/// SCSI status codes a vendor command completes with (GOOD, CHECK CONDITION, BUSY, TASK
+/// SET FULL among them).
+pub use crate::sense::status;
 
 /// ASC and ASCQ values of the vendor sense reports (ASC 0x80 is vendor specific in SPC-4).
 pub mod asc {

@@ -31,11 +31,12 @@ use crate::scsi::{
     AbortWait, DataInSent, Park, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter, TaskAttr,
 };
 
-/// SCSI status values the transport itself produces.
-const STATUS_GOOD: u8 = 0x00;
-const STATUS_CHECK_CONDITION: u8 = 0x02;
-/// For tasks another I_T nexus aborted, with TAS=1 in the Control mode page (SAM-5 5.6).
-const STATUS_TASK_ABORTED: u8 = 0x40;
+/// SCSI status values the transport itself produces (TASK ABORTED for tasks another I_T
+/// nexus aborted, with TAS=1 in the Control mode page).
+use ftss_proto::sense::status::{
+    CHECK_CONDITION as STATUS_CHECK_CONDITION, GOOD as STATUS_GOOD,
+    TASK_ABORTED as STATUS_TASK_ABORTED,
+};
 
 /// Largest write one command may carry; bigger ones get CHECK CONDITION without any
 /// buffer being allocated.

@@ -16,15 +16,7 @@ use crate::media::mirror::MirrorSet;
 use crate::media::BlockStore;
 
 /// SCSI status codes.
-pub mod status {
-    #![allow(missing_docs)]
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-    pub const CONDITION_MET: u8 = 0x04;
-    pub const BUSY: u8 = 0x08;
-    pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
-}
+pub use ftss_proto::sense::status;
 
 /// Errors building a target.
 #[derive(Debug, thiserror::Error)]
