@@ -163,6 +163,8 @@ pub struct WriteCache {
     durable_tx: tokio::sync::watch::Sender<u64>,
     volumes: HashMap<u32, Arc<MirrorSet>>,
     stop: AtomicBool,
+    /// The destage thread, joined by [`WriteCache::shutdown`].
+    destage_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set when a commit flush failed: no record may be called committed after that.
     stop_commits: AtomicBool,
     flushes: AtomicU64,
@@ -294,10 +296,14 @@ impl WriteCache {
     ) -> Result<Arc<Self>, MediaError> {
         let cache = Self::open_region_without_destage(map, fresh, name, volumes)?;
         let c = Arc::clone(&cache);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("ftss-destage".into())
             .spawn(move || c.destage_loop())
             .map_err(MediaError::Io)?;
+        *cache
+            .destage_thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
         Ok(cache)
     }
 
@@ -336,6 +342,7 @@ impl WriteCache {
             durable_tx: tokio::sync::watch::Sender::new(0),
             volumes,
             stop: AtomicBool::new(false),
+            destage_thread: Mutex::new(None),
             stop_commits: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             flush_us: AtomicU64::new(0),
@@ -1206,10 +1213,27 @@ impl WriteCache {
         true
     }
 
-    /// Stops the destage thread.
+    /// Stops the destage thread and waits for it to end (it finishes the batch it is
+    /// writing), so a caller that then reopens the files meets no writer left behind.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
-        self.cond.notify_all();
+        {
+            // Under the lock the loop waits on, so the wake-up cannot slip between its
+            // check of `stop` and its wait.
+            let _g = lock(&self.inner);
+            self.cond.notify_all();
+        }
+        let handle = self
+            .destage_thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                // A destage thread that panicked has already said so in the log.
+                let _ = h.join();
+            }
+        }
     }
 }
 
