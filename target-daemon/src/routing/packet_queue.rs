@@ -881,6 +881,21 @@ impl PacketQueue {
                 run_pos = g.head;
                 run_first = placed.len();
             }
+            // Checked in release builds too: a record over the tail or across the lap end
+            // would be read back as garbage or not at all after a crash.
+            assert!(
+                g.head % self.cap + len <= self.cap,
+                "record at {} of {len} bytes crosses the volume end (cap {})",
+                g.head,
+                self.cap
+            );
+            assert!(
+                g.head + len - g.tail <= self.cap,
+                "log overrun: tail {} head {} len {len} cap {}",
+                g.tail,
+                g.head,
+                self.cap
+            );
             placed.push((g.next_seq, g.head));
             g.next_seq += 1;
             run.extend_from_slice(&r);
