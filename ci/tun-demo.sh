@@ -95,7 +95,8 @@ tcp_server() {
   ip netns exec "$1" python3 -c '
 import hashlib, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); c, _ = s.accept(); h = hashlib.sha256(); n = 0
+s.bind((sys.argv[1], 5001)); s.listen(1); open(sys.argv[2] + ".ready", "w").close()
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
 while True:
     b = c.recv(1 << 20)
     if not b: break
@@ -103,7 +104,9 @@ while True:
     open(sys.argv[2] + ".bytes", "w").write(str(n))
 open(sys.argv[2], "w").write(h.hexdigest())' "$2" "$3" &
   server_pid=$!
-  sleep 0.3
+  # Listening before the client connects: a fixed 0.3 s was not enough on a loaded
+  # machine (connection refused, then the script waited for the server forever).
+  for _ in $(seq 1 300); do [ -e "$3.ready" ] && break; sleep 0.1; done
 }
 # Sends the blob from namespace $1 to $2:5001; prints MB/s.
 tcp_client() {
