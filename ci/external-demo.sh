@@ -209,7 +209,8 @@ tcp_server() {
   ip netns exec "$O" python3 -c '
 import hashlib, socket, sys, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("198.51.100.10", 5001)); s.listen(1); c, _ = s.accept(); h = hashlib.sha256(); n = 0
+s.bind(("198.51.100.10", 5001)); s.listen(1); open(sys.argv[1] + ".ready", "w").close()
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
 last = None; gap = 0.0; at = 0
 while True:
     b = c.recv(1 << 20)
@@ -222,7 +223,8 @@ while True:
 open(sys.argv[1] + ".gap", "w").write("%.3f %.3f" % (gap, at))
 open(sys.argv[1], "w").write(h.hexdigest())' "$1" &
   server_pid=$!
-  sleep 0.5
+  # Listening before the client connects, however loaded the machine.
+  for _ in $(seq 1 300); do [ -e "$1.ready" ] && break; sleep 0.1; done
 }
 # Sends the blob from namespace $1 to the outside host; prints MB/s.
 tcp_client() {
