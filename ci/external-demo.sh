@@ -191,6 +191,9 @@ received() {
 }
 
 check "path 1 ($X1) becomes active" wait_active "$X1" 30
+# (Path 2 may have been active for a moment at the start, if its first probe came back
+# first: from here on, only a cut may move the traffic.)
+switches0=$(switches)
 
 echo "== ping node A -> outside host, and H -> outside host over R1 without ftss"
 out0=$(field "$X1" out_packets)
@@ -245,7 +248,7 @@ plain_mbs=$(tcp_client "$H" || echo failed)
 wait "$server_pid" || true
 check "TCP H -> outside without ftss: sha256 matches ($plain_mbs MB/s)" test "$(cat "$work/got2" 2>/dev/null)" = "$want"
 
-check "no failover without a cut (switches=$(switches), 1: the start)" test "$(switches)" = 1
+check "no failover without a cut (switches $switches0 -> $(switches))" test "$(switches)" = "$switches0"
 
 echo "== TCP, $MIB MiB, path 1 cut in the middle"
 x2_before=$(field "$X2" out_packets)
