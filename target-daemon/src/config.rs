@@ -287,6 +287,12 @@ impl ExternalConfig {
             if x.probe_misses == 0 {
                 return Err(invalid(key("probe_misses"), "at least 1"));
             }
+            if x.probe_interval_ms > 60_000 {
+                return Err(invalid(key("probe_interval_ms"), "at most 60000"));
+            }
+            if x.hold_down_ms > 3_600_000 {
+                return Err(invalid(key("hold_down_ms"), "at most 3600000 (an hour)"));
+            }
             interfaces.push(InterfaceSpec {
                 name: x.name.clone(),
                 address,
@@ -307,6 +313,12 @@ impl ExternalConfig {
                     "is also an external interface",
                 ));
             }
+        }
+        if self.backlog_age_ms_max > 3_600_000 {
+            return Err(invalid(
+                "packets.external.backlog_age_ms_max",
+                "at most 3600000 (an hour)",
+            ));
         }
         let backlog_bytes_max = parse_size(&self.backlog_bytes_max)
             .map_err(|e| invalid("packets.external.backlog_bytes_max", e))?;
@@ -1119,6 +1131,10 @@ mod tests {
             (
                 format!("{base}echo=\"fx1\"\n{one}"),
                 "packets.external.echo",
+            ),
+            (
+                format!("{base}{one}hold_down_ms=99999999999\n"),
+                "packets.external.interface[0].hold_down_ms",
             ),
         ];
         for (text, key) in cases {

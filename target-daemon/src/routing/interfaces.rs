@@ -209,7 +209,8 @@ impl HealthCheck {
                 Health::Up
             }
             (Health::Down, true) => {
-                self.usable_from = Some(now + spec.hold_down);
+                // A hold-down too long to add is no way back at all.
+                self.usable_from = now.checked_add(spec.hold_down);
                 Health::Up
             }
             (Health::Unknown, false) if !link_up => Health::Down,

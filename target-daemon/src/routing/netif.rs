@@ -323,6 +323,10 @@ pub fn host_unreachable(from: Ipv4Addr, orig: &[u8]) -> Option<Vec<u8>> {
 /// subnet's broadcast): the daemon's own end of a TUN link whose host end is `a`.
 pub fn peer_in_subnet(a: Ipv4Addr, prefix: u8) -> Option<Ipv4Addr> {
     let host_bits = 32u32.checked_sub(u32::from(prefix))?;
+    if host_bits >= 32 {
+        // A /0 is no link.
+        return None;
+    }
     let x = u32::from(a);
     if host_bits == 1 {
         // RFC 3021 /31: two hosts, no broadcast.
@@ -424,6 +428,7 @@ mod tests {
         assert_eq!(peer_in_subnet(a("10.200.1.1"), 32), None);
         assert_eq!(peer_in_subnet(a("10.0.0.1"), 24), Some(a("10.0.0.2")));
         assert_eq!(peer_in_subnet(a("10.0.0.1"), 40), None);
+        assert_eq!(peer_in_subnet(a("10.0.0.1"), 0), None);
     }
 
     #[test]
