@@ -138,6 +138,9 @@ F="$BIN/ftss --portal 127.0.0.1:$port --target iqn.2026-11.org.ftss:ext"
 # One node: namespace $1, address $2, TUN name $3; prints the unit's pid.
 side() {
   local ns=$1 addr=$2 dev=$3
+  # Emptied first, here: the unit's own redirection runs in the background, and until
+  # it does a "ready" left by an earlier run would pass the wait below.
+  : >"$CI_OUT/external-demo-$addr.log"
   RUST_LOG=info ip netns exec "$H" $F -a "$addr" --initiator "iqn.2026-11.org.ftss:ext-$addr" \
     tun --name "$dev" >"$CI_OUT/external-demo-$addr.log" 2>&1 &
   local pid=$!
