@@ -24,5 +24,7 @@ echo "== end to end with the Linux kernel initiator (QEMU guest, ext4, sg_raw, f
 ci/e2e-vm.sh
 echo "== packet conversion unit: two namespaces joined only by ftss (needs root)"
 ci/tun-demo.sh
+echo "== external interfaces: two paths to an outside namespace, failover, echo (needs root)"
+ci/external-demo.sh
 echo "== the .deb: built with cargo-deb, installed with dpkg, the installed daemon serving"
 ci/package.sh

@@ -18,6 +18,10 @@ work=$(mktemp -d)
 tag=$$
 A=ftssA$tag B=ftssB$tag C=vethC$tag D=vethD$tag
 cleanup() {
+  # The restarted target was started in a subshell, whose CI_PIDS the parent never sees.
+  if [ -f "$work/target.pids" ]; then
+    while read -r p; do kill "$p" 2>/dev/null || true; done <"$work/target.pids"
+  fi
   ci_cleanup
   for n in "$A" "$B" "$C" "$D"; do ip netns del "$n" 2>/dev/null || true; done
   rm -rf "$work"
@@ -45,6 +49,7 @@ target_start() {
   RUST_LOG=warn "$CI_ROOT/target/release/ftss-target" --config "$work/ftss.toml" >>"$CI_OUT/tun-demo-ftss.log" 2>&1 &
   target_pid=$!
   CI_PIDS+=($target_pid)
+  echo "$target_pid" >>"$work/target.pids"
   wait_port "$port"
 }
 target_start
@@ -61,6 +66,9 @@ side() {
   local ns=$1 addr=$2 dev=$3
   ip netns add "$ns"
   ip -n "$ns" link set lo up
+  # Emptied first, here: the unit's own redirection runs in the background, and until
+  # it does a "ready" left by an earlier run would pass the wait below.
+  : >"$CI_OUT/tun-demo-$addr.log"
   RUST_LOG=info $F -a "$addr" --initiator "iqn.2026-11.org.ftss:tun-$addr" tun --name "$dev" \
     >"$CI_OUT/tun-demo-$addr.log" 2>&1 &
   CI_PIDS+=($!)
@@ -95,7 +103,8 @@ tcp_server() {
   ip netns exec "$1" python3 -c '
 import hashlib, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); c, _ = s.accept(); h = hashlib.sha256(); n = 0
+s.bind((sys.argv[1], 5001)); s.listen(1); open(sys.argv[2] + ".ready", "w").close()
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
 while True:
     b = c.recv(1 << 20)
     if not b: break
@@ -103,7 +112,9 @@ while True:
     open(sys.argv[2] + ".bytes", "w").write(str(n))
 open(sys.argv[2], "w").write(h.hexdigest())' "$2" "$3" &
   server_pid=$!
-  sleep 0.3
+  # Listening before the client connects: a fixed 0.3 s was not enough on a loaded
+  # machine (connection refused, then the script waited for the server forever).
+  for _ in $(seq 1 300); do [ -e "$3.ready" ] && break; sleep 0.1; done
 }
 # Sends the blob from namespace $1 to $2:5001; prints MB/s.
 tcp_client() {

@@ -89,6 +89,9 @@ impl MediaHandles {
         if let Some(x) = self.agent.as_ref().and_then(|a| a.external_stats()) {
             out.push_str(&format!("{x}\n"));
         }
+        if let Some(x) = self.agent.as_ref().and_then(|a| a.interfaces_status()) {
+            out.push_str(&format!("{x}\n"));
+        }
         for (name, v) in &self.volumes {
             out.push_str(&format!(
                 "volume {name} blocks={} block_size={} repairs={} repair_failures={}\n",
@@ -264,7 +267,13 @@ impl MediaHandles {
                 })
             })
             .collect();
-        json!({ "cache": cache, "external": external, "volumes": volumes })
+        let interfaces = self.agent.as_ref().and_then(|a| a.interfaces_status());
+        json!({
+            "cache": cache,
+            "external": external,
+            "external_interfaces": interfaces,
+            "volumes": volumes
+        })
     }
 }
 

@@ -6,8 +6,11 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::routing::interfaces::{InterfaceSpec, InterfacesConfig};
 
 /// The configuration a bare `ftss-target` starts with.
 pub const DEFAULT_CONFIG: &str = r#"# ftss-target embedded default configuration
@@ -123,15 +126,209 @@ pub struct PacketsConfig {
     pub external: Option<ExternalConfig>,
 }
 
-/// `[packets.external]`: a UDP port to the network outside the nodes.
+/// `[packets.external]`: the network outside the nodes, through TUN interfaces of the
+/// target host (`[[packets.external.interface]]`) or a UDP tunnel (`bind`, `peers`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalConfig {
-    /// Local address the port receives on.
-    pub bind: String,
-    /// Gateways packets go out to, in order of preference: the next is the alternate
-    /// path when one fails.
+    /// UDP tunnel: local address the port receives on (with `peers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// UDP tunnel: gateways packets go out to, in order of preference: the next is the
+    /// alternate path when one fails.
+    #[serde(default)]
     pub peers: Vec<String>,
+    /// TUN interfaces of the target host; when there are any, packets for the outside
+    /// leave through them (the UDP tunnel, if also configured, then only takes packets
+    /// in).
+    #[serde(default, rename = "interface")]
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Oldest a packet for the outside may get while no interface is healthy, in ms.
+    #[serde(default = "default_backlog_age_ms_max")]
+    pub backlog_age_ms_max: u64,
+    /// Most bytes of packets waiting for a healthy interface, with a unit.
+    #[serde(default = "default_backlog_bytes_max")]
+    pub backlog_bytes_max: String,
+    /// A monitoring TUN interface that gets a copy of every packet delivered between
+    /// nodes (off when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo: Option<String>,
+}
+
+/// `[[packets.external.interface]]`: one TUN interface of the target host.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Interface name (1 to 15 bytes), created by the daemon.
+    pub name: String,
+    /// The host's IPv4 address on it with its prefix, e.g. `10.200.1.1/30`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The daemon's own end of the link (source of probes and ICMP answers); default:
+    /// the next host address of `address`'s subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<String>,
+    /// MTU.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// Lower numbers are preferred: the healthy interface with the lowest carries the
+    /// traffic out.
+    #[serde(default)]
+    pub priority: u32,
+    /// An IPv4 address that answers ICMP echo through this interface (the health probe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+    /// Interval between probes and link-state reads, in ms.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// Unanswered probe intervals before the interface counts as failed.
+    #[serde(default = "default_probe_misses")]
+    pub probe_misses: u32,
+    /// How long a recovered interface must stay healthy before it carries traffic again,
+    /// in ms.
+    #[serde(default = "default_hold_down_ms")]
+    pub hold_down_ms: u64,
+}
+
+fn default_backlog_age_ms_max() -> u64 {
+    5_000
+}
+
+fn default_backlog_bytes_max() -> String {
+    "4MiB".into()
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+
+fn default_probe_interval_ms() -> u64 {
+    200
+}
+
+fn default_probe_misses() -> u32 {
+    3
+}
+
+fn default_hold_down_ms() -> u64 {
+    5_000
+}
+
+fn valid_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', '\0'])
+        || name == "."
+        || name == ".."
+    {
+        return Err(invalid(
+            key,
+            "an interface name has 1 to 15 bytes, no '/' or space",
+        ));
+    }
+    Ok(())
+}
+
+fn ipv4(key: &str, s: &str) -> Result<std::net::Ipv4Addr, ConfigError> {
+    s.parse::<std::net::Ipv4Addr>()
+        .map_err(|e| invalid(key, format!("{s:?}: {e} (IPv4 only)")))
+}
+
+impl ExternalConfig {
+    /// The external interfaces' settings, checked; `None` without interfaces or echo.
+    pub fn interfaces_config(&self) -> Result<Option<InterfacesConfig>, ConfigError> {
+        if self.interfaces.is_empty() && self.echo.is_none() {
+            return Ok(None);
+        }
+        let mut names = HashSet::new();
+        let mut interfaces = Vec::new();
+        for (i, x) in self.interfaces.iter().enumerate() {
+            let key = |k: &str| format!("packets.external.interface[{i}].{k}");
+            valid_ifname(&key("name"), &x.name)?;
+            if !names.insert(x.name.clone()) {
+                return Err(invalid(key("name"), "used twice"));
+            }
+            let address = match &x.address {
+                Some(a) => {
+                    let (ip, len) = a.split_once('/').ok_or_else(|| {
+                        invalid(key("address"), "needs a prefix: \"10.200.1.1/30\"")
+                    })?;
+                    let len: u8 = len
+                        .parse()
+                        .ok()
+                        .filter(|l| (1..=32).contains(l))
+                        .ok_or_else(|| invalid(key("address"), "prefix length 1 to 32"))?;
+                    Some((ipv4(&key("address"), ip)?, len))
+                }
+                None => None,
+            };
+            let local = match (&x.local, address) {
+                (Some(l), _) => Some(ipv4(&key("local"), l)?),
+                (None, Some((a, len))) => crate::routing::netif::peer_in_subnet(a, len),
+                (None, None) => None,
+            };
+            let probe = x
+                .probe
+                .as_deref()
+                .map(|p| ipv4(&key("probe"), p))
+                .transpose()?;
+            if probe.is_some() && local.is_none() {
+                return Err(invalid(
+                    key("probe"),
+                    "needs `local` (or an `address` whose subnet has room for it)",
+                ));
+            }
+            if !(68..=65_535).contains(&x.mtu) {
+                return Err(invalid(key("mtu"), "68 to 65535"));
+            }
+            if x.probe_interval_ms < 10 {
+                return Err(invalid(key("probe_interval_ms"), "at least 10"));
+            }
+            if x.probe_misses == 0 {
+                return Err(invalid(key("probe_misses"), "at least 1"));
+            }
+            if x.probe_interval_ms > 60_000 {
+                return Err(invalid(key("probe_interval_ms"), "at most 60000"));
+            }
+            if x.hold_down_ms > 3_600_000 {
+                return Err(invalid(key("hold_down_ms"), "at most 3600000 (an hour)"));
+            }
+            interfaces.push(InterfaceSpec {
+                name: x.name.clone(),
+                address,
+                local,
+                mtu: x.mtu,
+                priority: x.priority,
+                probe,
+                probe_interval: Duration::from_millis(x.probe_interval_ms),
+                probe_misses: x.probe_misses,
+                hold_down: Duration::from_millis(x.hold_down_ms),
+            });
+        }
+        if let Some(e) = &self.echo {
+            valid_ifname("packets.external.echo", e)?;
+            if names.contains(e) {
+                return Err(invalid(
+                    "packets.external.echo",
+                    "is also an external interface",
+                ));
+            }
+        }
+        if self.backlog_age_ms_max > 3_600_000 {
+            return Err(invalid(
+                "packets.external.backlog_age_ms_max",
+                "at most 3600000 (an hour)",
+            ));
+        }
+        let backlog_bytes_max = parse_size(&self.backlog_bytes_max)
+            .map_err(|e| invalid("packets.external.backlog_bytes_max", e))?;
+        Ok(Some(InterfacesConfig {
+            interfaces,
+            backlog_age_max: Duration::from_millis(self.backlog_age_ms_max),
+            backlog_bytes_max: usize::try_from(backlog_bytes_max).unwrap_or(usize::MAX),
+            echo: self.echo.clone(),
+        }))
+    }
 }
 
 /// `[[node]]`: a node's addresses, given to every session of its initiator.
@@ -490,12 +687,26 @@ impl Config {
                 return Err(invalid("packets.node_quota_records", "must be at least 1"));
             }
             if let Some(x) = &p.external {
-                x.bind
-                    .parse::<SocketAddr>()
-                    .map_err(|e| invalid("packets.external.bind", e.to_string()))?;
-                if x.peers.is_empty() {
-                    return Err(invalid("packets.external.peers", "needs at least one"));
+                match &x.bind {
+                    Some(b) => {
+                        b.parse::<SocketAddr>()
+                            .map_err(|e| invalid("packets.external.bind", e.to_string()))?;
+                        if x.peers.is_empty() {
+                            return Err(invalid("packets.external.peers", "needs at least one"));
+                        }
+                    }
+                    None if !x.peers.is_empty() => {
+                        return Err(invalid("packets.external.bind", "needed with peers"));
+                    }
+                    None if x.interfaces.is_empty() && x.echo.is_none() => {
+                        return Err(invalid(
+                            "packets.external",
+                            "needs bind and peers, an interface, or echo",
+                        ));
+                    }
+                    None => {}
                 }
+                x.interfaces_config()?;
                 for (i, a) in x.peers.iter().enumerate() {
                     a.parse::<SocketAddr>().map_err(|e| {
                         invalid(format!("packets.external.peers[{i}]"), e.to_string())
@@ -862,6 +1073,74 @@ mod tests {
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1MiB\"\n[[target.lun]]\nlun=0\npath=\"b\"\nsize=\"1MiB\"\n"
         ))
         .contains("target[0].lun[1].lun"));
+    }
+
+    #[test]
+    fn external_interfaces_are_read_and_checked_by_key() {
+        let base = "[server]\nportals=[\"127.0.0.1:3260\"]\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n[packets]\n[packets.external]\n";
+        let one = "[[packets.external.interface]]\nname=\"fx1\"\naddress=\"10.200.1.1/30\"\nprobe=\"198.51.100.1\"\npriority=10\n";
+        let c = Config::parse(&format!("{base}echo=\"mon0\"\n{one}")).expect("valid");
+        let x = c
+            .packets
+            .as_ref()
+            .and_then(|p| p.external.as_ref())
+            .expect("external");
+        let ifs = x.interfaces_config().expect("checked").expect("some");
+        let i = &ifs.interfaces[0];
+        assert_eq!(i.address, Some(("10.200.1.1".parse().expect("ip"), 30)));
+        assert_eq!(i.local, Some("10.200.1.2".parse().expect("ip")), "derived");
+        assert_eq!((i.mtu, i.priority, i.probe_misses), (1500, 10, 3));
+        assert_eq!(i.probe_interval, Duration::from_millis(200));
+        assert_eq!(ifs.echo.as_deref(), Some("mon0"));
+        assert_eq!(ifs.backlog_bytes_max, 4 << 20);
+        assert!(x.bind.is_none(), "no UDP tunnel");
+        let cases = [
+            (base.to_string(), "packets.external"),
+            (
+                format!("{base}peers=[\"127.0.0.1:1\"]\n"),
+                "packets.external.bind",
+            ),
+            (
+                format!("{base}{}", one.replace("/30", "")),
+                "packets.external.interface[0].address",
+            ),
+            (
+                format!("{base}{}", one.replace("/30", "/33")),
+                "packets.external.interface[0].address",
+            ),
+            (
+                format!("{base}{}", one.replace("/30", "/32")),
+                "packets.external.interface[0].probe",
+            ),
+            (
+                format!("{base}{one}{one}"),
+                "packets.external.interface[1].name",
+            ),
+            (
+                format!("{base}{}", one.replace("fx1", "a-very-long-interface")),
+                "packets.external.interface[0].name",
+            ),
+            (
+                format!("{base}{one}mtu=40\n"),
+                "packets.external.interface[0].mtu",
+            ),
+            (
+                format!("{base}{one}probe_misses=0\n"),
+                "packets.external.interface[0].probe_misses",
+            ),
+            (
+                format!("{base}echo=\"fx1\"\n{one}"),
+                "packets.external.echo",
+            ),
+            (
+                format!("{base}{one}hold_down_ms=99999999999\n"),
+                "packets.external.interface[0].hold_down_ms",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

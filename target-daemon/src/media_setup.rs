@@ -298,15 +298,18 @@ pub(crate) fn open_targets(
                 (n.initiator.clone(), addrs)
             })
             .collect();
-        let external = p.external.as_ref().map(|x| {
-            (
-                x.bind
-                    .parse()
-                    .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
+        let external = p.external.as_ref().and_then(|x| {
+            let bind = x.bind.as_ref()?;
+            Some((
+                bind.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
                 x.peers.iter().filter_map(|a| a.parse().ok()).collect(),
-            )
+            ))
         });
-        let agent = RoutingAgent::start(
+        let interfaces = match &p.external {
+            Some(x) => x.interfaces_config().map_err(|e| err(e.to_string()))?,
+            None => None,
+        };
+        let agent = RoutingAgent::start_with_interfaces(
             queue,
             AgentConfig {
                 nodes,
@@ -314,6 +317,7 @@ pub(crate) fn open_targets(
                 external,
                 registry: Some(Arc::clone(&set)),
             },
+            interfaces,
         )
         .map_err(|e| err(format!("routing agent: {e}")))?;
         for t in &targets {

@@ -19,6 +19,10 @@ use tracing::{error, info, warn};
 
 use super::clock::{Clock, SystemClock};
 use super::external::{DropReason, ExternalPort, ExternalStats};
+use super::interfaces::{
+    IfDrop, Inbound, Interfaces, InterfacesConfig, InterfacesStatus, SendVerdict,
+};
+use super::netif::NetifError;
 use super::packet_queue::{flags, NewPacket, Packet, PacketQueue, QueueError, StoreResult};
 use super::table::{RegisterError, RegistryError, RoutingTable};
 use crate::media::mirror::MirrorSet;
@@ -71,6 +75,9 @@ pub enum AgentError {
     /// The packet queue failed while forwarding the external backlog.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// An external interface (TUN) could not be opened or configured.
+    #[error(transparent)]
+    Interface(#[from] NetifError),
 }
 
 /// The routing agent.
@@ -78,6 +85,8 @@ pub struct RoutingAgent {
     table: Mutex<RoutingTable>,
     queue: Arc<PacketQueue>,
     external: Option<ExternalPort>,
+    /// The external interfaces (TUN devices of the host) and the echo interface.
+    interfaces: Option<Interfaces>,
     /// Last SEND's per-packet outcomes, per nexus.
     results: Mutex<HashMap<u64, (u64, Vec<PacketResult>)>>,
     delivery_timeout: Duration,
@@ -164,7 +173,33 @@ fn record_size(n: usize) -> usize {
 impl RoutingAgent {
     /// An agent over `queue`; starts its housekeeping and external-port threads.
     pub fn start(queue: Arc<PacketQueue>, cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
-        let agent = Self::without_threads(queue, cfg, Arc::new(SystemClock))?;
+        Self::start_with_interfaces(queue, cfg, None)
+    }
+
+    /// [`start`](Self::start) with external interfaces (TUN devices on this host, and
+    /// perhaps an echo interface): opens them and starts their reader and prober
+    /// threads.
+    pub fn start_with_interfaces(
+        queue: Arc<PacketQueue>,
+        cfg: AgentConfig,
+        interfaces: Option<InterfacesConfig>,
+    ) -> Result<Arc<Self>, AgentError> {
+        let interfaces = interfaces.as_ref().map(Interfaces::open).transpose()?;
+        let agent = Self::build(queue, cfg, Arc::new(SystemClock), interfaces)?;
+        if let Some(ifs) = &agent.interfaces {
+            for i in 0..ifs.len() {
+                let weak = Arc::downgrade(&agent);
+                std::thread::Builder::new()
+                    .name(format!("ftss-ext-in{i}"))
+                    .spawn(move || interface_in(&weak, i))?;
+            }
+            if !ifs.is_empty() {
+                let weak = Arc::downgrade(&agent);
+                std::thread::Builder::new()
+                    .name("ftss-ext-probe".into())
+                    .spawn(move || prober(&weak))?;
+            }
+        }
         let weak = Arc::downgrade(&agent);
         std::thread::Builder::new()
             .name("ftss-routing".into())
@@ -187,6 +222,15 @@ impl RoutingAgent {
         cfg: AgentConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, AgentError> {
+        Self::build(queue, cfg, clock, None)
+    }
+
+    fn build(
+        queue: Arc<PacketQueue>,
+        cfg: AgentConfig,
+        clock: Arc<dyn Clock>,
+        interfaces: Option<Interfaces>,
+    ) -> Result<Arc<Self>, AgentError> {
         let external = match &cfg.external {
             Some((bind, peers)) => Some(ExternalPort::open(*bind, peers)?),
             None => None,
@@ -204,6 +248,7 @@ impl RoutingAgent {
             table: Mutex::new(table),
             queue,
             external,
+            interfaces,
             results: Mutex::new(HashMap::new()),
             delivery_timeout: cfg.delivery_timeout,
             registry: cfg.registry,
@@ -228,15 +273,22 @@ impl RoutingAgent {
                 break;
             };
             total += packets.len();
-            match &self.external {
-                Some(x) => {
+            match (self.routes_out(), &self.external) {
+                (true, _) => {
+                    for p in &packets {
+                        if !self.send_out(p.dest, p.source, &p.payload) {
+                            warn!(seq = p.seq, "external backlog: no gateway took a packet");
+                        }
+                    }
+                }
+                (false, Some(x)) => {
                     for p in &packets {
                         if !x.send(p.dest, p.source, &p.payload) {
                             warn!(seq = p.seq, "external backlog: no gateway took a packet");
                         }
                     }
                 }
-                None => warn!(
+                (false, None) => warn!(
                     count = packets.len(),
                     "external backlog dropped: no external port configured"
                 ),
@@ -411,6 +463,11 @@ impl RoutingAgent {
         self.external.as_ref().map(ExternalPort::stats)
     }
 
+    /// The external interfaces' figures (for admin status), when there are any.
+    pub fn interfaces_status(&self) -> Option<InterfacesStatus> {
+        self.interfaces.as_ref().map(Interfaces::status)
+    }
+
     /// The packet queue.
     pub fn queue(&self) -> &Arc<PacketQueue> {
         &self.queue
@@ -487,7 +544,7 @@ impl RoutingAgent {
                         RouteState::Maintenance => Outcome::DestinationMaintenance,
                         RouteState::Down => Outcome::DestinationDown,
                     }
-                } else if self.external.is_some() {
+                } else if self.external.is_some() || self.routes_out() {
                     to_store.push(NewPacket {
                         flags: flags::TO_EXTERNAL,
                         ..base
@@ -516,6 +573,7 @@ impl RoutingAgent {
             }
         }
         self.forward_external(&to_store, &stored);
+        self.echo_delivered(&list.records, &slots, &stored);
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(slots.len());
         for slot in &slots {
             let o = match slot {
@@ -567,9 +625,9 @@ impl RoutingAgent {
     /// Hands stored packets for the outside to the external port; it acknowledges them
     /// (they have left), and a packet no gateway takes earns its sender a notice.
     fn forward_external(&self, stored: &[NewPacket], results: &[StoreResult]) {
-        let Some(x) = &self.external else {
+        if self.external.is_none() && !self.routes_out() {
             return;
-        };
+        }
         let mut acked = Vec::new();
         let mut notices = Vec::new();
         for (p, r) in stored.iter().zip(results) {
@@ -580,7 +638,7 @@ impl RoutingAgent {
             if p.node != EXTERNAL_KEY {
                 continue;
             }
-            if !x.send(p.dest, p.source, &p.payload) {
+            if !self.send_out(p.dest, p.source, &p.payload) {
                 notices.push(self.notice(p.sender, p.dest, p.packet_id, Outcome::DestinationDown));
             }
             acked.push(seq);
@@ -594,6 +652,45 @@ impl RoutingAgent {
         if !notices.is_empty() {
             if let Err(e) = self.queue.store(&notices) {
                 warn!("delivery-failure notices not stored: {e}");
+            }
+        }
+    }
+
+    /// Whether the external interfaces carry packets out (there is at least one).
+    fn routes_out(&self) -> bool {
+        self.interfaces.as_ref().is_some_and(|i| !i.is_empty())
+    }
+
+    /// One packet for the outside: through the external interfaces when there are any
+    /// (a packet kept until a path is healthy counts as taken), else the UDP port.
+    /// `false` when nothing took it.
+    fn send_out(&self, dest: NodeAddr, source: NodeAddr, payload: &[u8]) -> bool {
+        match (&self.interfaces, &self.external) {
+            (Some(ifs), _) if !ifs.is_empty() => ifs.send(payload) != SendVerdict::Dropped,
+            (_, Some(x)) => x.send(dest, source, payload),
+            _ => false,
+        }
+    }
+
+    /// Copies of the packets just delivered between nodes to the echo interface: one per
+    /// packet (a broadcast once), and only those that were stored.
+    fn echo_delivered(
+        &self,
+        records: &[vendor::SendRecord],
+        slots: &[Slot],
+        stored: &[StoreResult],
+    ) {
+        let Some(ifs) = self.interfaces.as_ref().filter(|i| i.echoes()) else {
+            return;
+        };
+        for (r, slot) in records.iter().zip(slots) {
+            let Slot::Copies(range, Outcome::Delivered) = slot else {
+                continue;
+            };
+            if stored.get(range.clone()).is_some_and(|c| {
+                !c.is_empty() && c.iter().all(|x| matches!(x, StoreResult::Stored(_)))
+            }) {
+                ifs.echo(&r.payload);
             }
         }
     }
@@ -911,34 +1008,77 @@ impl RoutingAgent {
         source: NodeAddr,
         payload: Vec<u8>,
     ) -> Result<(), DropReason> {
-        let node = {
-            let table = lock(&self.table);
-            // Checked before the destination, and against every node known, down or
-            // not: whether the source is spoofed does not depend on where it goes.
-            if table.lookup(&source).is_some() {
-                return Err(DropReason::SpoofedSource);
-            }
-            match table.lookup(&dest) {
-                Some(n) if n.state() == RouteState::Available => n.key(),
-                _ => return Err(DropReason::Undeliverable),
-            }
-        };
-        self.queue
-            .store(&[NewPacket {
-                node,
-                dest,
-                source,
-                sender: EXTERNAL_KEY,
-                packet_id: 0,
-                flags: flags::FROM_EXTERNAL,
-                payload,
-            }])
-            .map_err(|_| DropReason::Undeliverable)
-            .and_then(|r| match r.as_slice() {
-                [StoreResult::Stored(_)] => Ok(()),
-                // The node's quota is full: dropped like any undeliverable packet.
-                _ => Err(DropReason::Undeliverable),
+        self.take_incoming(dest, source, payload)
+            .map_err(|e| match e {
+                IfDrop::SpoofedSource => DropReason::SpoofedSource,
+                _ => DropReason::Undeliverable,
             })
+    }
+
+    /// [`deliver_incoming`](Self::deliver_incoming) with the precise reason of a drop.
+    fn take_incoming(
+        &self,
+        dest: NodeAddr,
+        source: NodeAddr,
+        payload: Vec<u8>,
+    ) -> Result<(), IfDrop> {
+        self.take_incoming_batch(vec![(dest, source, payload)])
+            .pop()
+            .unwrap_or(Err(IfDrop::QueueFull))
+    }
+
+    /// Packets from outside (destination, source, payload), decided one by one and
+    /// stored together: one commit for the batch, so a reader behind a busy interface
+    /// catches up instead of falling further behind. One result per packet, in order.
+    fn take_incoming_batch(
+        &self,
+        packets: Vec<(NodeAddr, NodeAddr, Vec<u8>)>,
+    ) -> Vec<Result<(), IfDrop>> {
+        let mut verdicts: Vec<Result<(), IfDrop>> = Vec::with_capacity(packets.len());
+        let mut to_store = Vec::new();
+        {
+            let table = lock(&self.table);
+            for (dest, source, payload) in packets {
+                // Checked before the destination, and against every node known, down or
+                // not: whether the source is spoofed does not depend on where it goes.
+                let node = if table.lookup(&source).is_some() {
+                    Err(IfDrop::SpoofedSource)
+                } else {
+                    match table.lookup(&dest) {
+                        Some(n) => match n.state() {
+                            RouteState::Available => Ok(n.key()),
+                            RouteState::Maintenance => Err(IfDrop::DestMaintenance),
+                            RouteState::Down => Err(IfDrop::DestDown),
+                        },
+                        None => Err(IfDrop::DestUnknown),
+                    }
+                };
+                verdicts.push(node.map(|node| {
+                    to_store.push(NewPacket {
+                        node,
+                        dest,
+                        source,
+                        sender: EXTERNAL_KEY,
+                        packet_id: 0,
+                        flags: flags::FROM_EXTERNAL,
+                        payload,
+                    });
+                }));
+            }
+        }
+        if to_store.is_empty() {
+            return verdicts;
+        }
+        let stored = self.queue.store(&to_store);
+        let mut results = stored.as_deref().unwrap_or(&[]).iter();
+        for v in verdicts.iter_mut().filter(|v| v.is_ok()) {
+            // The node's quota is full, or the queue failed: dropped like any
+            // undeliverable packet.
+            if !matches!(results.next(), Some(StoreResult::Stored(_))) {
+                *v = Err(IfDrop::QueueFull);
+            }
+        }
+        verdicts
     }
 }
 
@@ -969,6 +1109,75 @@ fn external_in(agent: &Weak<RoutingAgent>) {
                 Err(why) => x.drop_datagram(why, d.from),
             }
         }
+    }
+}
+
+/// Packets read from an interface in one go at most: what has queued up while the last
+/// batch was stored.
+const INBOUND_BATCH_MAX: usize = 256;
+
+/// Reads interface `i` and hands what comes in to the agent, in batches.
+fn interface_in(agent: &Weak<RoutingAgent>, i: usize) {
+    let mut buf = vec![0u8; super::interfaces::PACKET_MAX];
+    loop {
+        let Some(a) = agent.upgrade() else {
+            return;
+        };
+        let Some(ifs) = &a.interfaces else {
+            return;
+        };
+        let batch = ifs.receive_batch(i, &mut buf, Duration::from_millis(500), INBOUND_BATCH_MAX);
+        if batch.is_empty() {
+            continue;
+        }
+        let verdicts = a.take_incoming_batch(
+            batch
+                .iter()
+                .map(|d: &Inbound| {
+                    (
+                        NodeAddr::from(d.dest),
+                        NodeAddr::from(d.source),
+                        d.packet.clone(),
+                    )
+                })
+                .collect(),
+        );
+        for (d, v) in batch.iter().zip(verdicts) {
+            match v {
+                Ok(()) => ifs.taken(d),
+                Err(why) => ifs.refused(d, why),
+            }
+        }
+    }
+}
+
+/// Judges the interfaces' health every tick and sends each one's probes at its interval.
+fn prober(agent: &Weak<RoutingAgent>) {
+    let mut last_probe: Vec<Option<Instant>> = Vec::new();
+    loop {
+        let tick = {
+            let Some(a) = agent.upgrade() else {
+                return;
+            };
+            let Some(ifs) = &a.interfaces else {
+                return;
+            };
+            last_probe.resize(ifs.len(), None);
+            let now = Instant::now();
+            let due: Vec<bool> = (0..ifs.len())
+                .map(|i| {
+                    last_probe[i].is_none_or(|t| now.duration_since(t) >= ifs.probe_interval(i))
+                })
+                .collect();
+            for (i, d) in due.iter().enumerate() {
+                if *d {
+                    last_probe[i] = Some(now);
+                }
+            }
+            ifs.probe_round(now, &|i| due.get(i).copied().unwrap_or(false));
+            ifs.tick()
+        };
+        std::thread::sleep(tick);
     }
 }
 
