@@ -26,6 +26,14 @@ fn shared(chap: bool, acl: bool) -> Arc<Shared> {
     let mut config = DEFAULT.get_or_init(Config::default_config).clone();
     // `luns add` creates files: keep them out of the working directory.
     config.server.data_dir = std::env::temp_dir().join(format!("ftss-fuzz-{}", std::process::id()));
+    // Discovery has its own, optional CHAP (`server.discovery_chap`): with `chap` both
+    // session types require it, so no login of either kind may pass without it.
+    config.server.discovery_chap = chap.then(|| ChapConfig {
+        username: "discovery".into(),
+        secret: "discovery-secret".into(),
+        mutual_username: None,
+        mutual_secret: None,
+    });
     for t in &mut config.targets {
         t.iqn = TARGET_IQN.to_owned();
         t.chap = chap.then(|| ChapConfig {
@@ -65,7 +73,8 @@ pub enum LoginEnd {
 
 /// Drives the target's login state machine with the frames in `input` (the bytes an
 /// initiator would send). With `chap`, the target requires CHAP with secrets the input
-/// cannot know (the challenge is random), so a login reaching the full feature phase is a
+/// cannot know (the challenge is random), on normal and discovery sessions alike, so a
+/// login reaching the full feature phase is a
 /// bypass; with `acl`, only one initiator name may log in.
 ///
 /// Checks: every response encodes and decodes back to itself; StatSN rises by one per
