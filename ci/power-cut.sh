@@ -141,11 +141,13 @@ for ((c = 1; c <= CYCLES + 1; c++)); do
     verdict=ok
     ((rc == 0)) || { verdict="FAIL(rc=$rc)"; fails=$((fails + 1)); }
     total_w=$((total_w + ${aw:-0})) total_p=$((total_p + ${ap:-0}))
-    lost_w=$((lost_w + ${lw:-0})) lost_p=$((lost_p + ${lp:-0})) dups=$((dups + ${du:-0}))
+    lost_w=$((lost_w + ${lw:-0})) lost_p=$((lost_p + ${lp:-0}))
+    # dup_packets counts over the whole run: this cut's are the difference
+    new_dups=$((${du:-0} - dups)) dups=${du:-0}
     last_check=$chk
     checked=$((checked + 1))
     printf '%-5s %-8s %-7s %-9s %-8s %-8s %-6s %-6s %-5s %s\n' $((c - 1)) "$prev_boot_s" "$load_ms" \
-      "${aw:-?}" "${ap:-?}" "${dr:-?}" "${lw:-?}" "${lp:-?}" "${du:-?}" "$verdict"
+      "${aw:-?}" "${ap:-?}" "${dr:-?}" "${lw:-?}" "${lp:-?}" "$new_dups" "$verdict"
     ((rc == 0)) || grep -E '^  (LOST|GARBAGE|PHANTOM)' <<<"$out" | head -5 || true
   fi
   ((c <= CYCLES)) || { kill_qemu; break; }
