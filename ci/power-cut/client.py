@@ -235,6 +235,7 @@ def load(a):
 
 def check(a):
     log = Log(a.log)
+    a.cycle = a.last_cycle  # what the drain receives belongs to the cut being checked
     rc, drained = receive(a, log, "drain", a.drain_wait)
     if rc != 0:
         print(f"check: ftss recv (drain) failed with exit {rc}", file=sys.stderr)
