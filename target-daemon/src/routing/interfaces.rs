@@ -9,9 +9,10 @@
 //!
 //! Health: each interface's link must be up and running (its `IFF_UP | IFF_RUNNING`
 //! flags, as rtnetlink reports them: a dump at the start, then an event the moment a
-//! link changes, which is judged at once rather than at the next probe) and, when a probe address is configured, of the
-//! ICMP echoes sent every `probe_interval_ms` from the daemon's own end of the link no
-//! more than `probe_misses` in a row (before the one just sent) may go unanswered.
+//! link changes, which is judged at once rather than at the next probe) and, when a
+//! probe address is configured, of the ICMP echoes sent every `probe_interval_ms` from
+//! the daemon's own end of the link no more than `probe_misses` in a row (before the
+//! one just sent) may go unanswered.
 //! Misses are counted in probes, not in time: a prober thread delayed by a loaded
 //! machine sends fewer probes and so fails a path later, never falsely. A TUN's own link stays up
 //! while the network behind it is cut, so the probe is what sees a cut router. An
