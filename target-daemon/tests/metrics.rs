@@ -538,6 +538,17 @@ impl Drop for OwnLink {
     }
 }
 
+/// The daemon of a test, stopped on drop, so a failed assertion does not leave it
+/// running with its interface.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Scrapes until `ok` holds for the scrape or `within` passes; the last scrape.
 fn scrape_until(addr: SocketAddr, within: Duration, ok: &dyn Fn(&Scrape) -> bool) -> Scrape {
     let deadline = std::time::Instant::now() + within;
@@ -571,7 +582,8 @@ async fn an_external_interface_shows_its_health_role_counters_and_backlog() {
         "[packets.external]\nbacklog_age_ms_max = 60000\n[[packets.external.interface]]\nname = \"{name}\"\npriority = 10\nprobe_interval_ms = 60000\n"
     ));
     std::fs::write(&cfg, text).expect("config");
-    let mut child = start_binary(&cfg, port);
+    // Declared after `link`: dropped before it, so the interface goes with the daemon.
+    let child = Running(start_binary(&cfg, port));
     let maddr = SocketAddr::from(([127, 0, 0, 1], mport));
     wait_for(maddr);
     let ifl = [("interface", name.as_str())];
@@ -654,8 +666,7 @@ async fn an_external_interface_shows_its_health_role_counters_and_backlog() {
     assert_eq!(up(&s), 1.0, "{}", s.text);
 
     drop(n1);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     drop(link);
     let _ = std::fs::remove_dir_all(&dir);
 }
