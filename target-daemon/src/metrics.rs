@@ -9,7 +9,8 @@
 //!   adds and no allocation or lock;
 //! - gauges read at scrape time from the same sources as `admin status` and
 //!   `admin nodes` (cache dirty bytes, mirror states and rebuild or scrub progress,
-//!   per-node queues, sessions and connections per target, external port counters),
+//!   per-node queues, sessions and connections per target, external port counters, the
+//!   external interfaces' health, roles, counters and backlog),
 //!   so nothing is threaded through the daemon just to be exported.
 //!
 //! The HTTP side is deliberately tiny: one request per connection, read with a size
@@ -36,6 +37,7 @@ use tracing::{debug, warn};
 use crate::admin::MediaHandles;
 use crate::iscsi::session::Shared;
 use crate::media::mirror::MirrorState;
+use crate::routing::interfaces::{Health, IfDrop, InterfaceStatus};
 
 /// Most bytes of a request read before it is refused (431): a scrape is one short line
 /// and a few headers.
@@ -602,6 +604,161 @@ impl DaemonCollector {
         )
     }
 
+    /// The external TUN interfaces, from the figures `admin status` shows.
+    fn interfaces(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(st) = self
+            .media
+            .agent
+            .as_ref()
+            .and_then(|a| a.interfaces_status())
+        else {
+            return Ok(());
+        };
+        let ifs = &st.interfaces;
+        let gauge = |f: &dyn Fn(&InterfaceStatus) -> bool| {
+            ifs.iter()
+                .map(|i| {
+                    let v = if f(i) { 1.0 } else { 0.0 };
+                    ([("interface", i.name.as_str())], Value::Gauge(v))
+                })
+                .collect::<Vec<_>>()
+        };
+        let counter = |f: &dyn Fn(&InterfaceStatus) -> u64| {
+            ifs.iter()
+                .map(|i| ([("interface", i.name.as_str())], Value::Counter(f(i))))
+                .collect::<Vec<_>>()
+        };
+        let both_ways = |f_in: &dyn Fn(&InterfaceStatus) -> u64,
+                         f_out: &dyn Fn(&InterfaceStatus) -> u64| {
+            ifs.iter()
+                .flat_map(|i| {
+                    [
+                        (
+                            [("interface", i.name.as_str()), ("direction", "in")],
+                            Value::Counter(f_in(i)),
+                        ),
+                        (
+                            [("interface", i.name.as_str()), ("direction", "out")],
+                            Value::Counter(f_out(i)),
+                        ),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        };
+        family(
+            enc,
+            "ftss_external_interface_up",
+            "Whether an external interface is healthy (link up and probes answered): 1 or 0.",
+            None,
+            MetricType::Gauge,
+            gauge(&|i| i.state == Health::Up.name()),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface_active",
+            "Whether an external interface carries the traffic out: 1 or 0 (standby).",
+            None,
+            MetricType::Gauge,
+            gauge(&|i| i.role == "active"),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface_packets",
+            "IP packets through an external interface: in (stored for a node), out (written).",
+            None,
+            MetricType::Counter,
+            both_ways(&|i| i.in_packets, &|i| i.out_packets),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface",
+            "Bytes of those IP packets.",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+            both_ways(&|i| i.in_bytes, &|i| i.out_bytes),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface_dropped",
+            "Packets dropped at an external interface, by reason.",
+            None,
+            MetricType::Counter,
+            ifs.iter().flat_map(|i| {
+                // Every reason, zero or not: a series that appears only on its first
+                // drop cannot be rated.
+                IfDrop::ALL.iter().map(|r| {
+                    let n = i
+                        .dropped
+                        .iter()
+                        .find(|(name, _)| *name == r.name())
+                        .map_or(0, |(_, n)| *n);
+                    (
+                        [("interface", i.name.as_str()), ("reason", r.name())],
+                        Value::Counter(n),
+                    )
+                })
+            }),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface_probes_sent",
+            "ICMP echo probes sent through an external interface.",
+            None,
+            MetricType::Counter,
+            counter(&|i| i.probes_sent),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface_probes_answered",
+            "ICMP echo probes answered through an external interface.",
+            None,
+            MetricType::Counter,
+            counter(&|i| i.probes_answered),
+        )?;
+        family(
+            enc,
+            "ftss_external_interface_unreachable_sent",
+            "ICMP host unreachable answers sent back through an external interface.",
+            None,
+            MetricType::Counter,
+            counter(&|i| i.unreachable_sent),
+        )?;
+        single(
+            enc,
+            "ftss_external_backlog_packets",
+            "Packets for the outside waiting for a healthy external interface.",
+            None,
+            Value::Gauge(st.backlog_packets as f64),
+        )?;
+        single(
+            enc,
+            "ftss_external_backlog",
+            "Bytes of the packets waiting for a healthy external interface.",
+            Some(&Unit::Bytes),
+            Value::Gauge(st.backlog_bytes as f64),
+        )?;
+        family(
+            enc,
+            "ftss_external_backlog_dropped",
+            "Packets for the outside dropped before an interface took them, by reason.",
+            None,
+            MetricType::Counter,
+            [
+                (IfDrop::BacklogExpired.name(), st.backlog_expired),
+                (IfDrop::BacklogFull.name(), st.backlog_full),
+                (IfDrop::Malformed.name(), st.not_ip),
+            ]
+            .map(|(r, v)| ([("reason", r)], Value::Counter(v))),
+        )?;
+        single(
+            enc,
+            "ftss_external_interface_switches",
+            "Times the active external interface changed (to none included).",
+            None,
+            Value::Counter(st.switches),
+        )
+    }
+
     fn sessions(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let sessions = self.shared.registry.sessions_by_target();
         let rows: Vec<(&str, u64, u64)> = self
@@ -656,6 +813,7 @@ impl Collector for DaemonCollector {
         self.cache(&mut enc)?;
         self.mirrors(&mut enc)?;
         self.packets(&mut enc)?;
+        self.interfaces(&mut enc)?;
         self.sessions(&mut enc)
     }
 }

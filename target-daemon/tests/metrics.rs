@@ -523,3 +523,150 @@ async fn without_the_key_there_is_no_endpoint_and_a_bad_address_names_it() {
     let e = Config::parse(&bad).expect_err("refused").to_string();
     assert!(e.starts_with("server.metrics:"), "{e}");
 }
+
+/// A TUN interface name of this test process; deleted (if the daemon left it) on drop,
+/// so a failed assertion does not leave it behind. Only this name is ever touched.
+struct OwnLink(String);
+
+impl Drop for OwnLink {
+    fn drop(&mut self) {
+        if Path::new("/sys/class/net").join(&self.0).exists() {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", "dev", &self.0])
+                .status();
+        }
+    }
+}
+
+/// The daemon of a test, stopped on drop, so a failed assertion does not leave it
+/// running with its interface.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Scrapes until `ok` holds for the scrape or `within` passes; the last scrape.
+fn scrape_until(addr: SocketAddr, within: Duration, ok: &dyn Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let s = scrape(addr);
+        if ok(&s) || std::time::Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_interface_shows_its_health_role_counters_and_backlog() {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    #[allow(unsafe_code)]
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: creating a TUN interface needs root");
+        return;
+    }
+    let name = format!("ftsst{}", std::process::id());
+    let link = OwnLink(name.clone());
+    let dir = common::temp_dir("metrics-ext");
+    let (port, mport) = (free_port(), free_port());
+    let cfg = write_config(&dir, port, mport);
+    // No address (no route is added to the host) and no probe; a probe interval far
+    // longer than the test, so only rtnetlink can tell the link went down in time.
+    let mut text = std::fs::read_to_string(&cfg).expect("config");
+    text.push_str(&format!(
+        "[packets.external]\nbacklog_age_ms_max = 60000\n[[packets.external.interface]]\nname = \"{name}\"\npriority = 10\nprobe_interval_ms = 60000\n"
+    ));
+    std::fs::write(&cfg, text).expect("config");
+    // Declared after `link`: dropped before it, so the interface goes with the daemon.
+    let child = Running(start_binary(&cfg, port));
+    let maddr = SocketAddr::from(([127, 0, 0, 1], mport));
+    wait_for(maddr);
+    let ifl = [("interface", name.as_str())];
+    let up = |s: &Scrape| s.get("ftss_external_interface_up", &ifl);
+    let active = |s: &Scrape| s.get("ftss_external_interface_active", &ifl);
+
+    let s = scrape_until(maddr, Duration::from_secs(5), &|s| active(s) == 1.0);
+    assert_eq!((up(&s), active(&s)), (1.0, 1.0), "{}", s.text);
+    assert_eq!(s.get("ftss_external_backlog_packets", &[]), 0.0);
+    for r in ["dest_unknown", "write_failed", "backlog_full"] {
+        assert_eq!(
+            s.get(
+                "ftss_external_interface_dropped_total",
+                &[ifl[0], ("reason", r)]
+            ),
+            0.0,
+            "every reason is there before its first drop"
+        );
+    }
+
+    // A packet for the outside leaves through the interface.
+    let n1 = login(port, &init(1)).await;
+    let outside = Ipv4Addr::new(198, 51, 100, 77);
+    let packet =
+        ftss_target::routing::netif::echo_request(Ipv4Addr::new(10, 0, 0, 1), outside, 1, 1);
+    assert!(send(&n1, NodeAddr::from(outside), 1, &packet)
+        .await
+        .is_some());
+    let out = [ifl[0], ("direction", "out")];
+    let s = scrape_until(maddr, Duration::from_secs(5), &|s| {
+        s.get("ftss_external_interface_packets_total", &out) >= 1.0
+    });
+    assert_eq!(s.get("ftss_external_interface_packets_total", &out), 1.0);
+    assert_eq!(
+        s.get("ftss_external_interface_bytes_total", &out),
+        packet.len() as f64
+    );
+    assert_eq!(
+        s.get(
+            "ftss_external_interface_packets_total",
+            &[ifl[0], ("direction", "in")]
+        ),
+        0.0
+    );
+
+    // The link goes down: the next probe is a minute away, so only the rtnetlink event
+    // can fail the path this soon.
+    let downed = std::time::Instant::now();
+    let st = std::process::Command::new("ip")
+        .args(["link", "set", "dev", &name, "down"])
+        .status()
+        .expect("ip link set down");
+    assert!(st.success());
+    let s = scrape_until(maddr, Duration::from_secs(3), &|s| up(s) == 0.0);
+    assert_eq!((up(&s), active(&s)), (0.0, 0.0), "{}", s.text);
+    eprintln!("path down {:?} after the link", downed.elapsed());
+    assert!(s.get("ftss_external_interface_switches_total", &[]) >= 2.0);
+
+    // With no path, a packet waits in the backlog.
+    assert!(send(&n1, NodeAddr::from(outside), 2, &packet)
+        .await
+        .is_some());
+    let s = scrape_until(maddr, Duration::from_secs(5), &|s| {
+        s.get("ftss_external_backlog_packets", &[]) >= 1.0
+    });
+    assert_eq!(s.get("ftss_external_backlog_packets", &[]), 1.0);
+    assert_eq!(
+        s.get("ftss_external_backlog_bytes", &[]),
+        packet.len() as f64
+    );
+
+    // Up again: healthy at once (after a known failure, carrying traffic only after the
+    // hold-down).
+    let st = std::process::Command::new("ip")
+        .args(["link", "set", "dev", &name, "up"])
+        .status()
+        .expect("ip link set up");
+    assert!(st.success());
+    let s = scrape_until(maddr, Duration::from_secs(3), &|s| up(s) == 1.0);
+    assert_eq!(up(&s), 1.0, "{}", s.text);
+
+    drop(n1);
+    drop(child);
+    drop(link);
+    let _ = std::fs::remove_dir_all(&dir);
+}

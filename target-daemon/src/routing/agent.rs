@@ -1151,33 +1151,40 @@ fn interface_in(agent: &Weak<RoutingAgent>, i: usize) {
     }
 }
 
-/// Judges the interfaces' health every tick and sends each one's probes at its interval.
+/// Judges the interfaces' health every tick and sends each one's probes at its interval;
+/// between ticks it waits on rtnetlink, and judges again at once when a link changes, so
+/// a link that drops fails its path without waiting for probe misses.
 fn prober(agent: &Weak<RoutingAgent>) {
     let mut last_probe: Vec<Option<Instant>> = Vec::new();
     loop {
-        let tick = {
-            let Some(a) = agent.upgrade() else {
-                return;
-            };
-            let Some(ifs) = &a.interfaces else {
-                return;
-            };
-            last_probe.resize(ifs.len(), None);
-            let now = Instant::now();
-            let due: Vec<bool> = (0..ifs.len())
-                .map(|i| {
-                    last_probe[i].is_none_or(|t| now.duration_since(t) >= ifs.probe_interval(i))
-                })
-                .collect();
-            for (i, d) in due.iter().enumerate() {
-                if *d {
-                    last_probe[i] = Some(now);
-                }
-            }
-            ifs.probe_round(now, &|i| due.get(i).copied().unwrap_or(false));
-            ifs.tick()
+        let Some(a) = agent.upgrade() else {
+            return;
         };
-        std::thread::sleep(tick);
+        let Some(ifs) = &a.interfaces else {
+            return;
+        };
+        last_probe.resize(ifs.len(), None);
+        let now = Instant::now();
+        let due: Vec<bool> = (0..ifs.len())
+            .map(|i| last_probe[i].is_none_or(|t| now.duration_since(t) >= ifs.probe_interval(i)))
+            .collect();
+        for (i, d) in due.iter().enumerate() {
+            if *d {
+                last_probe[i] = Some(now);
+            }
+        }
+        ifs.probe_round(now, &|i| due.get(i).copied().unwrap_or(false));
+        let next = now + ifs.tick();
+        loop {
+            let left = next.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if ifs.watch_links(left) {
+                // No probe is due: only the link states are judged again.
+                ifs.probe_round(Instant::now(), &|_| false);
+            }
+        }
     }
 }
 

@@ -8,9 +8,11 @@
 //! stored for that node like any packet (the routing agent decides; Figure 8).
 //!
 //! Health: each interface's link must be up and running (its `IFF_UP | IFF_RUNNING`
-//! flags, read every probe interval) and, when a probe address is configured, of the
-//! ICMP echoes sent every `probe_interval_ms` from the daemon's own end of the link no
-//! more than `probe_misses` in a row (before the one just sent) may go unanswered.
+//! flags, as rtnetlink reports them: a dump at the start, then an event the moment a
+//! link changes, which is judged at once rather than at the next probe) and, when a
+//! probe address is configured, of the ICMP echoes sent every `probe_interval_ms` from
+//! the daemon's own end of the link no more than `probe_misses` in a row (before the
+//! one just sent) may go unanswered.
 //! Misses are counted in probes, not in time: a prober thread delayed by a loaded
 //! machine sends fewer probes and so fails a path later, never falsely. A TUN's own link stays up
 //! while the network behind it is cut, so the probe is what sees a cut router. An
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::linkwatch::LinkWatch;
 use super::netif::{self, NetifError, TunDevice};
 
 /// Largest IP packet read from an interface (the vendor payload limit).
@@ -40,6 +43,9 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Shortest interval between two ICMP unreachable answers from one interface: a flood
 /// from outside must not become a flood back.
 const UNREACHABLE_GAP: Duration = Duration::from_millis(10);
+/// Longest wait for the kernel's answer to the first link dump; it is local and quick,
+/// so running out means something is badly wrong.
+const LINK_DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One interface's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +64,7 @@ pub struct InterfaceSpec {
     pub priority: u32,
     /// Address answering ICMP echo through this interface, when probed.
     pub probe: Option<Ipv4Addr>,
-    /// Interval between probes (and link-state reads).
+    /// Interval between probes.
     pub probe_interval: Duration,
     /// Consecutive unanswered probe intervals that make the interface unhealthy.
     pub probe_misses: u32,
@@ -255,6 +261,8 @@ struct Counters {
 struct Iface {
     spec: InterfaceSpec,
     tun: TunDevice,
+    /// The link's index, by which rtnetlink reports its state.
+    index: u32,
     check: Mutex<HealthCheck>,
     counters: Counters,
     /// Identifier of this interface's echo requests.
@@ -371,6 +379,8 @@ struct Backlog {
 /// The external interfaces of the target host.
 pub struct Interfaces {
     ifaces: Vec<Iface>,
+    /// Link state of the interfaces (`None` without any): only the prober waits on it.
+    links: Mutex<Option<LinkWatch>>,
     active: Mutex<Option<usize>>,
     backlog: Mutex<Backlog>,
     backlog_age_max: Duration,
@@ -419,9 +429,11 @@ impl Interfaces {
                 probe = ?spec.probe,
                 "external interface open"
             );
+            let index = tun.index()?;
             ifaces.push(Iface {
                 spec: spec.clone(),
                 tun,
+                index,
                 check: Mutex::new(HealthCheck::new()),
                 counters: Counters::default(),
                 probe_id: (std::process::id() as u16) ^ ((i as u16) << 12),
@@ -443,8 +455,26 @@ impl Interfaces {
             }
             None => None,
         };
+        let links = if ifaces.is_empty() {
+            None
+        } else {
+            let indexes: Vec<u32> = ifaces.iter().map(|f| f.index).collect();
+            Some(
+                LinkWatch::open(&indexes, LINK_DUMP_TIMEOUT).map_err(|source| NetifError::Os {
+                    what: "reading link state (rtnetlink)",
+                    name: cfg
+                        .interfaces
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    source,
+                })?,
+            )
+        };
         Ok(Interfaces {
             ifaces,
+            links: Mutex::new(links),
             active: Mutex::new(None),
             backlog: Mutex::new(Backlog::default()),
             backlog_age_max: cfg.backlog_age_max,
@@ -675,14 +705,46 @@ impl Interfaces {
         }
     }
 
-    /// One round of the prober: reads every link's state, sends due probes, judges
-    /// health, picks the active interface and, when there is one, flushes the backlog.
+    /// Waits up to `timeout` for link-state news from rtnetlink; returns whether an
+    /// interface's link became usable or unusable (the caller judges again at once).
+    /// Without interfaces it just sleeps.
+    pub fn watch_links(&self, timeout: Duration) -> bool {
+        let mut links = lock(&self.links);
+        let Some(w) = links.as_mut() else {
+            drop(links);
+            std::thread::sleep(timeout);
+            return false;
+        };
+        match w.wait(timeout) {
+            Ok(changed) => changed,
+            Err(e) => {
+                // The last known state stands; the probes still see a dead path.
+                warn!("rtnetlink: {e}");
+                drop(links);
+                // Not a busy loop if the socket keeps failing.
+                std::thread::sleep(timeout);
+                false
+            }
+        }
+    }
+
+    /// Whether interface `i`'s link is up and running, as rtnetlink last said.
+    fn link_up(&self, i: usize) -> bool {
+        let Some(f) = self.ifaces.get(i) else {
+            return false;
+        };
+        lock(&self.links)
+            .as_ref()
+            .is_some_and(|w| w.usable(f.index))
+    }
+
+    /// One round of the prober: sends due probes on links that are up, judges health,
+    /// picks the active interface and, when there is one, flushes the backlog.
     /// `due(i)` says whether interface `i` probes this round.
     pub fn probe_round(&self, now: Instant, due: &dyn Fn(usize) -> bool) {
         let mut checks = Vec::with_capacity(self.ifaces.len());
         for (i, f) in self.ifaces.iter().enumerate() {
-            let flags = netif::link_flags(f.tun.name()).unwrap_or(0);
-            let link_up = netif::link_usable(flags);
+            let link_up = self.link_up(i);
             if due(i) && link_up {
                 if let (Some(probe), Some(local)) = (f.spec.probe, f.spec.local) {
                     let seq = {

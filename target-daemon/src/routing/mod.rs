@@ -6,6 +6,7 @@ pub mod agent;
 pub mod clock;
 pub mod external;
 pub mod interfaces;
+pub mod linkwatch;
 pub mod netif;
 pub mod packet_queue;
 pub mod table;

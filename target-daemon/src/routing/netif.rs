@@ -92,7 +92,8 @@ fn if_ioctl(request: libc::c_ulong, req: &mut IfReq) -> std::io::Result<()> {
 }
 
 /// The interface's flags (`IFF_*`), or an error when it does not exist (any more) in
-/// the daemon's network namespace.
+/// the daemon's network namespace. Used to bring a link up; its health comes from
+/// rtnetlink (`routing::linkwatch`).
 pub fn link_flags(name: &str) -> std::io::Result<u32> {
     let mut req = IfReq::new(name);
     if_ioctl(libc::SIOCGIFFLAGS, &mut req)?;
@@ -146,6 +147,14 @@ impl TunDevice {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The interface index: how rtnetlink names the link.
+    pub fn index(&self) -> Result<u32, NetifError> {
+        let mut req = IfReq::new(&self.name);
+        if_ioctl(libc::SIOCGIFINDEX, &mut req).map_err(os("SIOCGIFINDEX", &self.name))?;
+        // ifr_ifindex is an int at the start of the union; the kernel's are positive.
+        Ok(i32::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]]) as u32)
     }
 
     /// Gives the interface an IPv4 address and prefix, an MTU, and brings it up.
