@@ -140,6 +140,15 @@ pub enum NegotiationError {
         /// Value.
         value: String,
     },
+    /// A declarative key (MaxRecvDataSegmentLength) with a value outside its range.
+    /// Declarations get no answer, so there is no Reject to send: the login fails.
+    #[error("invalid declaration {key}={value}")]
+    BadDeclaration {
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+    },
 }
 
 impl NegotiationError {
@@ -389,6 +398,15 @@ impl Negotiator {
                 continue;
             }
             if let Some(answer) = self.answer(k, v) {
+                if self.is_declarative(k) {
+                    // Found by the `negotiate` fuzz target: a bad declaration was answered
+                    // with Reject, and the target's own declaration of the same key
+                    // followed in the same response: one key twice.
+                    return Err(NegotiationError::BadDeclaration {
+                        key: k.clone(),
+                        value: v.clone(),
+                    });
+                }
                 out.push((k.clone(), answer));
             }
         }
@@ -410,6 +428,16 @@ impl Negotiator {
             "MaxRecvDataSegmentLength".to_owned(),
             self.limits.max_recv_data_segment_length.to_string(),
         )]
+    }
+
+    /// Whether `k` is a declarative key this negotiator knows (it is never answered) in
+    /// this session type.
+    fn is_declarative(&self, k: &str) -> bool {
+        KEYS.iter().any(|d| {
+            d.name == k
+                && d.kind == Kind::Declarative
+                && (self.session_type == SessionType::Normal || d.discovery)
+        })
     }
 
     fn answer(&mut self, k: &str, v: &str) -> Option<String> {
@@ -769,6 +797,35 @@ mod tests {
             .expect_err("second time");
         assert_eq!(e, NegotiationError::Duplicate("MaxBurstLength".into()));
         assert_eq!(e.login_status(), (2, 0));
+    }
+
+    #[test]
+    fn a_declaration_out_of_range_fails_the_login_rather_than_being_answered() {
+        // Found by the `negotiate` fuzz target (testdata/fuzz-regressions/negotiate): the
+        // answer held MaxRecvDataSegmentLength twice, Reject and our own declaration.
+        for bad in ["100", "16777216", "lots", "0x"] {
+            let mut n = Negotiator::new(Role::Target, SessionType::Normal, true, Limits::default());
+            let e = n
+                .respond(&kv(&[("MaxRecvDataSegmentLength", bad)]))
+                .expect_err(bad);
+            assert!(
+                matches!(e, NegotiationError::BadDeclaration { .. }),
+                "{bad}: {e:?}"
+            );
+            assert_eq!(e.login_status(), (2, 0));
+        }
+        let mut n = Negotiator::new(Role::Target, SessionType::Normal, true, Limits::default());
+        let a = n
+            .respond(&kv(&[("MaxRecvDataSegmentLength", "65536")]))
+            .expect("valid");
+        assert_eq!(
+            a.iter()
+                .filter(|(k, _)| k == "MaxRecvDataSegmentLength")
+                .count(),
+            1,
+            "{a:?}"
+        );
+        assert_eq!(n.params().peer_max_recv_data_segment_length, 65536);
     }
 
     #[test]
