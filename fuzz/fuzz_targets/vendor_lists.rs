@@ -4,7 +4,7 @@
 //! decode to the same value, and no decode allocates beyond its input's worth.
 #![no_main]
 
-use ftss_proto::vendor::{AckList, AddressList, NodeInfo, RecordList, RoutingTable, SendList};
+use ftss_proto::vendor::{AckList, AddressList, NodeInfo, RecordList, RouteList, SendList};
 use libfuzzer_sys::fuzz_target;
 
 macro_rules! round_trip {
@@ -26,6 +26,6 @@ fuzz_target!(|data: &[u8]| {
         2 => round_trip!(AckList, d),
         3 => round_trip!(AddressList, d),
         4 => round_trip!(NodeInfo, d),
-        _ => round_trip!(RoutingTable, d),
+        _ => round_trip!(RouteList, d),
     }
 });

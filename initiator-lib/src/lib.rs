@@ -59,6 +59,6 @@ pub use sg::SgTransport;
 pub use transport::{IscsiTransport, Transport};
 // The vendor types the packet API returns, so users need not depend on ftss-proto.
 pub use ftss_proto::vendor::{
-    DeliveryFlags, NodeInfo, NodeState, Outcome, QueueStats, ReplayFrom, RouteEntry, RouteState,
-    RoutingTable,
+    DeliveryFlags, NodeInfo, NodeState, Outcome, QueueStats, ReplayFrom, RouteEntry, RouteList,
+    RouteState,
 };

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use ftss_proto::sense::{key, Sense};
 use ftss_proto::vendor::{
     self, AckCdb, AckList, AddressList, DeliveredRecord, DeliveryFlags, NodeAddr, NodeCdb,
-    NodeInfo, NodeState, Outcome, QueueStats, RecordList, ReplayCdb, ReplayFrom, RoutingTable,
+    NodeInfo, NodeState, Outcome, QueueStats, RecordList, ReplayCdb, ReplayFrom, RouteList,
     SendCdb, SendList, SendRecord, SendResults, SendResultsCdb, SendStatus,
 };
 
@@ -631,12 +631,12 @@ impl<T: Transport> PacketClient<T> {
     }
 
     /// The target's routing table, whole.
-    pub async fn routing_table(&self) -> Result<RoutingTable, Error> {
+    pub async fn routing_table(&self) -> Result<RouteList, Error> {
         let mut alloc = ROUTES_FIRST_ALLOC;
         loop {
             let cdb = NodeCdb::RoutingTable { alloc_len: alloc }.encode();
             let r = self.run_good(&cdb, None, alloc).await?;
-            let table = RoutingTable::decode(&r.data_in)?;
+            let table = RouteList::decode(&r.data_in)?;
             let need = (vendor::LIST_HEADER_LEN
                 + vendor::ROUTE_ENTRY_LEN * usize::from(table.total)) as u32;
             // Entries may come and go between the two reads: only grow, never loop back.
@@ -1480,11 +1480,11 @@ mod tests {
     #[tokio::test]
     async fn node_commands_decode_their_lists() {
         let log = log();
-        let table = RoutingTable {
+        let table = RouteList {
             total: 300,
             entries: Vec::new(),
         };
-        let full = RoutingTable {
+        let full = RouteList {
             total: 1,
             entries: vec![vendor::RouteEntry {
                 addr: NodeAddr::from(ip(1)),

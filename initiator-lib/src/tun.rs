@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ftss_proto::vendor::{NodeAddr, RoutingTable};
+use ftss_proto::vendor::{NodeAddr, RouteList};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -176,7 +176,7 @@ pub struct NodeMap {
 
 impl NodeMap {
     /// The map of a routing table (external routes belong to no node).
-    pub fn from_table(t: &RoutingTable) -> Self {
+    pub fn from_table(t: &RouteList) -> Self {
         NodeMap {
             node_of: t
                 .entries
@@ -522,7 +522,7 @@ mod tests {
             external: false,
             node_id,
         };
-        let nodes = NodeMap::from_table(&RoutingTable {
+        let nodes = NodeMap::from_table(&RouteList {
             total: 3,
             entries: vec![
                 entry("10.0.0.1", 1),

@@ -690,7 +690,7 @@ pub enum NodeCdb {
         /// Allocation length.
         alloc_len: u32,
     },
-    /// ROUTING TABLE: data-in is [`RoutingTable`].
+    /// ROUTING TABLE: data-in is [`RouteList`].
     RoutingTable {
         /// Allocation length.
         alloc_len: u32,
@@ -1652,14 +1652,14 @@ pub struct RouteEntry {
 
 /// NODE ROUTING TABLE data-in: the "FT" list of route entries.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct RoutingTable {
+pub struct RouteList {
     /// Entries in all; `entries` holds those that fit the allocation length.
     pub total: u16,
     /// Entries.
     pub entries: Vec<RouteEntry>,
 }
 
-impl RoutingTable {
+impl RouteList {
     /// The data-in bytes.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
@@ -1700,7 +1700,7 @@ impl RoutingTable {
             });
         }
         r.end()?;
-        Ok(RoutingTable { total, entries })
+        Ok(RouteList { total, entries })
     }
 }
 
@@ -2355,7 +2355,7 @@ mod tests {
                 addrs,
             };
             prop_assert_eq!(NodeInfo::decode(&n.encode()), Ok(n));
-            let t = RoutingTable {
+            let t = RouteList {
                 total: routes.len() as u16 + extra,
                 entries: routes
                     .into_iter()
@@ -2368,7 +2368,7 @@ mod tests {
                     })
                     .collect(),
             };
-            prop_assert_eq!(RoutingTable::decode(&t.encode()), Ok(t));
+            prop_assert_eq!(RouteList::decode(&t.encode()), Ok(t));
             let q = QueueStats {
                 queued_records: stats[0],
                 queued_bytes: stats[1],
@@ -2398,7 +2398,7 @@ mod tests {
             let _ = AckList::decode(&data);
             let _ = AddressList::decode(&data);
             let _ = NodeInfo::decode(&data);
-            let _ = RoutingTable::decode(&data);
+            let _ = RouteList::decode(&data);
             let _ = QueueStats::decode(&data);
             let _ = SendResults::decode(&data);
         }
@@ -2414,7 +2414,7 @@ mod tests {
             let _ = RecordList::decode(&d);
             let _ = AddressList::decode(&d);
             let _ = NodeInfo::decode(&d);
-            let _ = RoutingTable::decode(&d);
+            let _ = RouteList::decode(&d);
             let _ = QueueStats::decode(&d);
             let _ = SendResults::decode(&d);
         }

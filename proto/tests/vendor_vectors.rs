@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 
 use ftss_proto::vendor::{
-    AckCdb, AckList, AddressList, NodeCdb, NodeInfo, QueueStats, RecordList, RoutingTable,
-    SendList, SendResults, SendStatus, VendorCdb, VendorError,
+    AckCdb, AckList, AddressList, NodeCdb, NodeInfo, QueueStats, RecordList, RouteList, SendList,
+    SendResults, SendStatus, VendorCdb, VendorError,
 };
 use serde::Deserialize;
 
@@ -111,7 +111,7 @@ fn decode(v: &Vector) -> Result<String, VendorError> {
                 round_trip(&inn, NodeInfo::decode, NodeInfo::encode)?
             }
             VendorCdb::Node(NodeCdb::RoutingTable { .. }) => {
-                round_trip(&inn, RoutingTable::decode, RoutingTable::encode)?
+                round_trip(&inn, RouteList::decode, RouteList::encode)?
             }
             VendorCdb::Node(NodeCdb::QueueStats { .. }) => {
                 round_trip(&inn, QueueStats::decode, QueueStats::encode)?

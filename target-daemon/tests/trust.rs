@@ -15,7 +15,7 @@ use common::{kv, Raw, INITIATOR, TARGET};
 use ftss_initiator::{ChapCredentials, Error, Session, SessionConfig};
 use ftss_proto::pdu::{Itt, LoginRequest, Lun, Pdu, Stage, TaskMgmtRequest, TmfFunction};
 use ftss_proto::serial::{CmdSn, DataSn, StatSn};
-use ftss_proto::vendor::{NodeAddr, NodeCdb, NodeInfo, ReceiveCdb, RecordList, RoutingTable};
+use ftss_proto::vendor::{NodeAddr, NodeCdb, NodeInfo, ReceiveCdb, RecordList, RouteList};
 use ftss_target::config::Config;
 use ftss_target::iscsi::Server;
 
@@ -198,7 +198,7 @@ async fn routing_table_only_for_registered_nodes() {
     let n2 = node2(d.addr).await;
     let r = n2.execute(0, &cdb, None, 4096).await.expect("completes");
     assert_eq!(r.status, 0, "{:?}", r.sense);
-    let t = RoutingTable::decode(&r.data_in).expect("FT");
+    let t = RouteList::decode(&r.data_in).expect("FT");
     assert_eq!(t.entries.len(), 2);
     drop(d);
 }

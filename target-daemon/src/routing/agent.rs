@@ -921,7 +921,7 @@ impl RoutingAgent {
                 let fit = (alloc_len as usize).saturating_sub(vendor::LIST_HEADER_LEN)
                     / vendor::ROUTE_ENTRY_LEN;
                 good(
-                    vendor::RoutingTable {
+                    vendor::RouteList {
                         total: entries.len().min(usize::from(u16::MAX)) as u16,
                         entries: entries.into_iter().take(fit).collect(),
                     }
