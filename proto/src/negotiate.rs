@@ -661,6 +661,13 @@ impl Negotiator {
             "DataSequenceInOrder" => p.data_sequence_in_order = parse_bool(v).ok_or_else(bad)?,
             _ => {
                 let n = parse_num(v).ok_or_else(bad)?;
+                // An answer outside the key's RFC 7143 range fails the negotiation: found by
+                // the `negotiate` fuzz target, FirstBurstLength=262 was taken as is.
+                if let Some(def) = KEYS.iter().find(|d| d.name == k) {
+                    if n < u64::from(def.min) || n > u64::from(def.max) {
+                        return Err(bad());
+                    }
+                }
                 let n = u32::try_from(n).map_err(|_| bad())?;
                 match k {
                     "MaxConnections" => p.max_connections = n.min(l.max_connections),
@@ -826,6 +833,42 @@ mod tests {
             "{a:?}"
         );
         assert_eq!(n.params().peer_max_recv_data_segment_length, 65536);
+    }
+
+    #[test]
+    fn an_initiator_refuses_numeric_answers_outside_the_rfc_ranges() {
+        // Found by the `negotiate` fuzz target (testdata/fuzz-regressions/negotiate).
+        for (k, v) in [
+            ("FirstBurstLength", "262"),
+            ("MaxBurstLength", "16777216"),
+            ("MaxConnections", "0"),
+            ("MaxOutstandingR2T", "0"),
+            ("DefaultTime2Wait", "3601"),
+            ("DefaultTime2Retain", "99999"),
+        ] {
+            let mut n = Negotiator::new(
+                Role::Initiator,
+                SessionType::Normal,
+                true,
+                Limits::default(),
+            );
+            let _ = n.offer();
+            let e = n.handle_answers(&kv(&[(k, v)])).expect_err(k);
+            assert!(
+                matches!(e, NegotiationError::BadAnswer { .. }),
+                "{k}={v}: {e:?}"
+            );
+        }
+        let mut n = Negotiator::new(
+            Role::Initiator,
+            SessionType::Normal,
+            true,
+            Limits::default(),
+        );
+        let _ = n.offer();
+        n.handle_answers(&kv(&[("FirstBurstLength", "512")]))
+            .expect("the RFC minimum");
+        assert_eq!(n.params().first_burst_length, 512);
     }
 
     #[test]
