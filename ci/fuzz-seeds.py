@@ -126,7 +126,6 @@ def main():
                  "luns resize iqn.2026-11.org.ftss:target0 5 2097152",
                  "luns remove iqn.2026-11.org.ftss:target0 5"):
         put("admin", line.encode())
-    sys.path.insert(0, ROOT)
     for path in ("contrib/ftss.toml",):
         with open(os.path.join(ROOT, path), "rb") as f:
             put("config", f.read())

@@ -243,13 +243,18 @@ pub fn join(sys: &System, k: u8) -> ScsiOutcome {
     })
     .encode();
     let out = exec(sys, &n, &cdb, &list, list.len() as u32);
-    // A new nexus first hears POWER ON (and perhaps more) unit attentions on the LUN.
+    clear_unit_attentions(sys, &n);
+    out
+}
+
+/// A new nexus first hears POWER ON (and perhaps more) unit attentions on the LUN: TEST
+/// UNIT READY until it answers GOOD, so the commands after it run.
+fn clear_unit_attentions(sys: &System, n: &ItNexus) {
     for _ in 0..8 {
-        if exec(sys, &n, &[0u8; 6], &[], 0).status == 0 {
+        if exec(sys, n, &[0u8; 6], &[], 0).status == 0 {
             break;
         }
     }
-    out
 }
 
 /// Node `from` sends `count` packets of `len` bytes to node `to`, ids from `first_id`.
@@ -372,11 +377,7 @@ pub fn exercise_recovered(sys: &System) {
     }
     for k in 0..2 {
         sys.target.nexus_added(&nexus(k));
-        for _ in 0..8 {
-            if exec(sys, &nexus(k), &[0u8; 6], &[], 0).status == 0 {
-                break;
-            }
-        }
+        clear_unit_attentions(sys, &nexus(k));
         for cdb in [
             VendorCdb::Receive(vendor::ReceiveCdb {
                 wait: false,

@@ -806,6 +806,13 @@ mod tests {
         assert_eq!(e.login_status(), (2, 0));
     }
 
+    /// An initiator that has made its first offer, waiting for the target's answers.
+    fn offering(st: SessionType) -> Negotiator {
+        let mut n = Negotiator::new(Role::Initiator, st, true, Limits::default());
+        let _ = n.offer();
+        n
+    }
+
     #[test]
     fn a_declaration_out_of_range_fails_the_login_rather_than_being_answered() {
         // Found by the `negotiate` fuzz target (testdata/fuzz-regressions/negotiate): the
@@ -846,26 +853,14 @@ mod tests {
             ("DefaultTime2Wait", "3601"),
             ("DefaultTime2Retain", "99999"),
         ] {
-            let mut n = Negotiator::new(
-                Role::Initiator,
-                SessionType::Normal,
-                true,
-                Limits::default(),
-            );
-            let _ = n.offer();
+            let mut n = offering(SessionType::Normal);
             let e = n.handle_answers(&kv(&[(k, v)])).expect_err(k);
             assert!(
                 matches!(e, NegotiationError::BadAnswer { .. }),
                 "{k}={v}: {e:?}"
             );
         }
-        let mut n = Negotiator::new(
-            Role::Initiator,
-            SessionType::Normal,
-            true,
-            Limits::default(),
-        );
-        let _ = n.offer();
+        let mut n = offering(SessionType::Normal);
         n.handle_answers(&kv(&[("FirstBurstLength", "512")]))
             .expect("the RFC minimum");
         assert_eq!(n.params().first_burst_length, 512);
@@ -875,24 +870,12 @@ mod tests {
     fn an_initiator_refuses_a_key_the_target_sends_twice() {
         // Found by the `negotiate` fuzz target (testdata/fuzz-regressions/negotiate): the
         // originator answered an unknown key sent twice with two NotUnderstood.
-        let mut n = Negotiator::new(
-            Role::Initiator,
-            SessionType::Discovery,
-            true,
-            Limits::default(),
-        );
-        let _ = n.offer();
+        let mut n = offering(SessionType::Discovery);
         let e = n
             .handle_answers(&kv(&[("E", ""), ("E", "")]))
             .expect_err("one response");
         assert_eq!(e, NegotiationError::Duplicate("E".into()));
-        let mut n = Negotiator::new(
-            Role::Initiator,
-            SessionType::Normal,
-            true,
-            Limits::default(),
-        );
-        let _ = n.offer();
+        let mut n = offering(SessionType::Normal);
         n.handle_answers(&kv(&[("MaxBurstLength", "65536")]))
             .expect("first time");
         let e = n
@@ -900,13 +883,7 @@ mod tests {
             .expect_err("a later response");
         assert_eq!(e, NegotiationError::Duplicate("MaxBurstLength".into()));
         // TargetAddress is a list: it may repeat.
-        let mut n = Negotiator::new(
-            Role::Initiator,
-            SessionType::Discovery,
-            true,
-            Limits::default(),
-        );
-        let _ = n.offer();
+        let mut n = offering(SessionType::Discovery);
         n.handle_answers(&kv(&[
             ("TargetAddress", "127.0.0.1:3260,1"),
             ("TargetAddress", "[::1]:3260,1"),
