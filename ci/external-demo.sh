@@ -209,45 +209,13 @@ check "the pings left through $X1 (out_packets +$((out1 - out0)) >= 20)" test $(
 
 head -c $((MIB << 20)) /dev/urandom >"$work/blob"
 want=$(sha256sum "$work/blob" | cut -d' ' -f1)
-# A TCP receiver in O on 198.51.100.10:5001: writes the sha256 of what it got to $1, the
-# bytes so far to $1.bytes, and the longest pause between two reads (s) to $1.gap.
-tcp_server() {
-  ip netns exec "$O" python3 -c '
-import hashlib, socket, sys, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("198.51.100.10", 5001)); s.listen(1); open(sys.argv[1] + ".ready", "w").close()
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-last = None; gap = 0.0; at = 0
-while True:
-    b = c.recv(1 << 20)
-    now = time.time()
-    if not b: break
-    if last is not None and now - last > gap: gap, at = now - last, last
-    last = now
-    h.update(b); n += len(b)
-    open(sys.argv[1] + ".bytes", "w").write(str(n))
-open(sys.argv[1] + ".gap", "w").write("%.3f %.3f" % (gap, at))
-open(sys.argv[1], "w").write(h.hexdigest())' "$1" &
-  server_pid=$!
-  # Listening before the client connects, however loaded the machine.
-  for _ in $(seq 1 300); do [ -e "$1.ready" ] && break; sleep 0.1; done
-}
-# Sends the blob from namespace $1 to the outside host; prints MB/s.
-tcp_client() {
-  ip netns exec "$1" python3 -c '
-import socket, sys, time
-d = open(sys.argv[1], "rb").read(); t = time.time()
-s = socket.create_connection(("198.51.100.10", 5001), timeout=120); s.sendall(d); s.shutdown(socket.SHUT_WR)
-s.recv(1); print(round(len(d) / (time.time() - t) / 1e6, 1))' "$work/blob"
-}
-
 echo "== TCP, $MIB MiB, to the outside host"
-tcp_server "$work/got1"
-ftss_mbs=$(tcp_client "$A" || echo failed)
+tcp_server "$O" 198.51.100.10 "$work/got1"
+ftss_mbs=$(tcp_client "$A" 198.51.100.10 "$work/blob" || echo failed)
 wait "$server_pid" || true
 check "TCP node -> outside through ftss: sha256 matches ($ftss_mbs MB/s)" test "$(cat "$work/got1" 2>/dev/null)" = "$want"
-tcp_server "$work/got2"
-plain_mbs=$(tcp_client "$H" || echo failed)
+tcp_server "$O" 198.51.100.10 "$work/got2"
+plain_mbs=$(tcp_client "$H" 198.51.100.10 "$work/blob" || echo failed)
 wait "$server_pid" || true
 check "TCP H -> outside without ftss: sha256 matches ($plain_mbs MB/s)" test "$(cat "$work/got2" 2>/dev/null)" = "$want"
 
@@ -255,7 +223,7 @@ check "no failover without a cut (switches $switches0 -> $(switches))" test "$(s
 
 echo "== TCP, $MIB MiB, path 1 cut in the middle"
 x2_before=$(field "$X2" out_packets)
-tcp_server "$work/got3"
+tcp_server "$O" 198.51.100.10 "$work/got3"
 (
   for _ in $(seq 1 6000); do
     got=$(cat "$work/got3.bytes" 2>/dev/null || echo 0)
@@ -268,7 +236,7 @@ tcp_server "$work/got3"
   wait_active "$X2" 10 "$cut" >"$work/failover_s" || echo "none" >"$work/failover_s"
 ) &
 cutter=$!
-cut_mbs=$(tcp_client "$A" || echo failed)
+cut_mbs=$(tcp_client "$A" 198.51.100.10 "$work/blob" || echo failed)
 wait "$cutter" || true
 wait "$server_pid" || true
 failover_s=$(cat "$work/failover_s" 2>/dev/null || echo none)

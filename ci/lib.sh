@@ -119,3 +119,38 @@ check() {
     fails=$((fails + 1))
   fi
 }
+
+# tcp_server NS ADDR OUT: a TCP receiver in namespace NS on ADDR:5001 that writes the
+# sha256 of what it got to OUT, the bytes so far to OUT.bytes and the longest pause
+# between two reads ("seconds at") to OUT.gap; sets $server_pid. Returns once it listens
+# (a fixed sleep was not enough on a loaded machine: connection refused, then a wait for
+# the server forever).
+tcp_server() {
+  ip netns exec "$1" python3 -c '
+import hashlib, socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5001)); s.listen(1); open(sys.argv[2] + ".ready", "w").close()
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+last = None; gap = 0.0; at = 0
+while True:
+    b = c.recv(1 << 20)
+    now = time.time()
+    if not b: break
+    if last is not None and now - last > gap: gap, at = now - last, last
+    last = now
+    h.update(b); n += len(b)
+    open(sys.argv[2] + ".bytes", "w").write(str(n))
+open(sys.argv[2] + ".gap", "w").write("%.3f %.3f" % (gap, at))
+open(sys.argv[2], "w").write(h.hexdigest())' "$2" "$3" &
+  server_pid=$!
+  for _ in $(seq 1 300); do [ -e "$3.ready" ] && break; sleep 0.1; done
+}
+
+# tcp_client NS ADDR FILE: sends FILE from namespace NS to ADDR:5001; prints MB/s.
+tcp_client() {
+  ip netns exec "$1" python3 -c '
+import socket, sys, time
+d = open(sys.argv[2], "rb").read(); t = time.time()
+s = socket.create_connection((sys.argv[1], 5001), timeout=120); s.sendall(d); s.shutdown(socket.SHUT_WR)
+s.recv(1); print(round(len(d) / (time.time() - t) / 1e6, 1))' "$2" "$3"
+}

@@ -98,32 +98,6 @@ ip -n "$D" link set "vd$tag" up
 head -c $((MIB << 20)) /dev/urandom >"$work/blob"
 want=$(sha256sum "$work/blob" | cut -d' ' -f1)
 
-# A TCP receiver in namespace $1 on $2:5001 that writes the sha256 of what it got to $3.
-tcp_server() {
-  ip netns exec "$1" python3 -c '
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); open(sys.argv[2] + ".ready", "w").close()
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    h.update(b); n += len(b)
-    open(sys.argv[2] + ".bytes", "w").write(str(n))
-open(sys.argv[2], "w").write(h.hexdigest())' "$2" "$3" &
-  server_pid=$!
-  # Listening before the client connects: a fixed 0.3 s was not enough on a loaded
-  # machine (connection refused, then the script waited for the server forever).
-  for _ in $(seq 1 300); do [ -e "$3.ready" ] && break; sleep 0.1; done
-}
-# Sends the blob from namespace $1 to $2:5001; prints MB/s.
-tcp_client() {
-  ip netns exec "$1" python3 -c '
-import socket, sys, time
-d = open(sys.argv[2], "rb").read(); t = time.time()
-s = socket.create_connection((sys.argv[1], 5001), timeout=120); s.sendall(d); s.shutdown(socket.SHUT_WR)
-s.recv(1); print(round(len(d) / (time.time() - t) / 1e6, 1))' "$2" "$work/blob"
-}
 rtt() { # namespace, address -> "min/avg/max ms"
   ip netns exec "$1" ping -q -c 20 -i 0.2 -W 5 "$2" | awk -F'= ' '/rtt/ {print $2}'
 }
@@ -135,11 +109,11 @@ check "ping through ftss ($ftss_rtt)" test -n "$ftss_rtt"
 
 echo "== TCP, $MIB MiB"
 tcp_server "$B" 10.99.0.2 "$work/got1"
-ftss_mbs=$(tcp_client "$A" 10.99.0.2)
+ftss_mbs=$(tcp_client "$A" 10.99.0.2 "$work/blob")
 wait "$server_pid"
 check "TCP through ftss: sha256 matches ($ftss_mbs MB/s)" test "$(cat "$work/got1")" = "$want"
 tcp_server "$D" 10.98.0.2 "$work/got2"
-veth_mbs=$(tcp_client "$C" 10.98.0.2)
+veth_mbs=$(tcp_client "$C" 10.98.0.2 "$work/blob")
 wait "$server_pid"
 check "TCP over veth: sha256 matches ($veth_mbs MB/s)" test "$(cat "$work/got2")" = "$want"
 
@@ -159,7 +133,7 @@ tcp_server "$B" 10.99.0.2 "$work/got3"
   echo "restarted" >"$work/restarted"
 ) &
 killer=$!
-crash_mbs=$(tcp_client "$A" 10.99.0.2 || echo failed)
+crash_mbs=$(tcp_client "$A" 10.99.0.2 "$work/blob" || echo failed)
 date +%s.%N >"$work/done_at"
 wait "$killer" || true
 wait "$server_pid" || true
