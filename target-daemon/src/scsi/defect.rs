@@ -4,7 +4,7 @@
 use ftss_proto::cdb::be;
 use ftss_proto::sense::{common, Sense};
 
-use super::target::{CmdResult, Ctx, Reply};
+use super::command::{CmdResult, Ctx, Reply};
 
 pub(crate) const READ_DEFECT_DATA_10: u8 = 0x37;
 pub(crate) const READ_DEFECT_DATA_12: u8 = 0xb7;

@@ -119,11 +119,15 @@ pub struct ScsiOutcome {
     pub on_sent: Option<DataInSent>,
 }
 
+pub(crate) mod atomic_io;
+pub(crate) mod block_io;
+pub(crate) mod command;
+pub(crate) mod commands;
 pub(crate) mod defect;
 pub(crate) mod lun;
+pub(crate) mod medium;
 pub(crate) mod pr;
-pub(crate) mod sbc;
-pub(crate) mod sbc_ext;
+pub(crate) mod provisioning;
 pub(crate) mod spc;
 pub mod target;
 pub(crate) mod xcopy;

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use ftss_proto::cdb::be;
 use ftss_proto::sense::{common, key, Sense};
 
+use super::command::{CmdResult, Ctx, Reply};
 use super::lun::Lun;
-use super::target::{status, CmdResult, Ctx, Reply};
+use super::target::status;
 use super::ItNexus;
 use crate::media::mirror::MirrorSet;
 
@@ -654,9 +655,15 @@ pub(crate) fn persistent_reserve_out(c: &Ctx<'_>) -> CmdResult {
     let mut st = lock(&r.pr);
     let mut new = st.clone();
     let mut fx = Effects::default();
-    let outcome = apply(
-        c, &mut new, &mut fx, action, kind, res_key, sa_key, flags, data,
-    )?;
+    let request = Request {
+        action,
+        kind,
+        res_key,
+        sa_key,
+        flags,
+        data,
+    };
+    let outcome = apply(c, &mut new, &mut fx, &request)?;
     if !outcome {
         reply.status = status::RESERVATION_CONFLICT;
         return Ok(reply);
@@ -712,192 +719,256 @@ fn abort_preempted(c: &Ctx<'_>, preempted: &[Registration]) {
     }
 }
 
-/// Applies one service action to `st`. `Ok(false)`: RESERVATION CONFLICT.
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    c: &Ctx<'_>,
-    st: &mut PrState,
-    fx: &mut Effects,
+/// A PERSISTENT RESERVE OUT command, decoded: the service action, the TYPE, and the
+/// parameter list (RESERVATION KEY, SERVICE ACTION RESERVATION KEY, the flags byte and
+/// the whole list for REGISTER AND MOVE's transport ID).
+struct Request<'a> {
     action: u8,
     kind: u8,
     res_key: u64,
     sa_key: u64,
     flags: u8,
-    data: &[u8],
+    data: &'a [u8],
+}
+
+impl Request<'_> {
+    /// APTPL: the registrations persist through a power loss.
+    fn aptpl(&self) -> bool {
+        self.flags & 0x01 != 0
+    }
+}
+
+/// Applies one service action to `st`. `Ok(false)`: RESERVATION CONFLICT.
+fn apply(c: &Ctx<'_>, st: &mut PrState, fx: &mut Effects, r: &Request<'_>) -> Result<bool, Sense> {
+    match r.action {
+        sa::REGISTER | sa::REGISTER_AND_IGNORE => sa_register(c, st, fx, r),
+        sa::RESERVE => sa_reserve(c, st, r),
+        sa::RELEASE => sa_release(c, st, fx, r),
+        sa::CLEAR => sa_clear(c, st, fx, r),
+        // The state change is the same; PREEMPT AND ABORT then aborts the preempted
+        // nexuses' tasks once the new state stands (persistent_reserve_out).
+        sa::PREEMPT | sa::PREEMPT_AND_ABORT => sa_preempt(c, st, fx, r),
+        sa::REGISTER_AND_MOVE => sa_register_and_move(c, st, r),
+        _ => Err(field(1, Some(4))),
+    }
+}
+
+/// REGISTER and REGISTER AND IGNORE EXISTING KEY (SPC-4 5.15.11.2.2): add, change or
+/// (with a zero key) remove the nexus's registration.
+fn sa_register(
+    c: &Ctx<'_>,
+    st: &mut PrState,
+    fx: &mut Effects,
+    r: &Request<'_>,
 ) -> Result<bool, Sense> {
     let me = st.find(c.nexus);
-    let aptpl = flags & 0x01 != 0;
-    match action {
-        sa::REGISTER | sa::REGISTER_AND_IGNORE => {
-            let ignore = action == sa::REGISTER_AND_IGNORE;
-            match me {
-                None => {
-                    if !ignore && res_key != 0 {
-                        return Ok(false);
-                    }
-                    if sa_key == 0 {
-                        return Ok(true); // nothing to register
-                    }
-                    if st.regs.len() >= REGISTRATIONS_MAX {
-                        return Err(INSUFFICIENT_REGISTRATION_RESOURCES);
-                    }
-                    st.regs.push(Registration {
-                        key: sa_key,
-                        port: Port::of(c.nexus),
-                        tpgt: c.nexus.tpgt,
-                        all_tg_pt: flags & 0x04 != 0,
-                    });
-                }
-                Some(i) => {
-                    if !ignore && res_key != st.regs[i].key {
-                        return Ok(false);
-                    }
-                    if sa_key == 0 {
-                        let kind = st.res.as_ref().map(|h| h.kind);
-                        let was_holder = st.holds(i);
-                        let released = st.unregister(i);
-                        // Losing the holder of a registrants-only reservation releases
-                        // it for the remaining registrants (SPC-4 5.15.11.2.3).
-                        if released && was_holder && kind.is_some_and(registrants_only) {
-                            for r in &st.regs {
-                                fx.ua.push((r.clone(), RESERVATIONS_RELEASED));
-                            }
-                        }
-                    } else {
-                        st.regs[i].key = sa_key;
-                    }
-                }
-            }
-            st.aptpl = aptpl;
-            st.generation = st.generation.wrapping_add(1);
-        }
-        sa::RESERVE => {
-            let Some(i) = me else { return Ok(false) };
-            if st.regs[i].key != res_key {
+    let ignore = r.action == sa::REGISTER_AND_IGNORE;
+    match me {
+        None => {
+            if !ignore && r.res_key != 0 {
                 return Ok(false);
             }
-            match &st.res {
-                None => st.res = Some(Held { kind, holder: i }),
-                // Reserving again what one holds is a no-op; anything else conflicts.
-                Some(h) => {
-                    if !(st.holds(i) && h.kind == kind) {
-                        return Ok(false);
-                    }
-                }
+            if r.sa_key == 0 {
+                return Ok(true); // nothing to register
             }
-        }
-        sa::RELEASE => {
-            let Some(i) = me else { return Ok(false) };
-            if st.regs[i].key != res_key {
-                return Ok(false);
+            if st.regs.len() >= REGISTRATIONS_MAX {
+                return Err(INSUFFICIENT_REGISTRATION_RESOURCES);
             }
-            let Some(h) = st.res.clone() else {
-                return Ok(true);
-            };
-            if !st.holds(i) {
-                return Ok(true); // SPC-4 5.15.11.2.2: not the holder, nothing happens
-            }
-            if h.kind != kind {
-                return Err(INVALID_RELEASE);
-            }
-            st.res = None;
-            if registrants_only(h.kind) || all_registrants(h.kind) {
-                for (j, r) in st.regs.iter().enumerate() {
-                    if j != i {
-                        fx.ua.push((r.clone(), RESERVATIONS_RELEASED));
-                    }
-                }
-            }
-        }
-        sa::CLEAR => {
-            let Some(i) = me else { return Ok(false) };
-            if st.regs[i].key != res_key {
-                return Ok(false);
-            }
-            for (j, r) in st.regs.iter().enumerate() {
-                if j != i {
-                    fx.ua.push((r.clone(), RESERVATIONS_PREEMPTED));
-                }
-            }
-            st.regs.clear();
-            st.res = None;
-            st.generation = st.generation.wrapping_add(1);
-        }
-        sa::PREEMPT | sa::PREEMPT_AND_ABORT => {
-            // The state change is the same; PREEMPT AND ABORT then aborts the preempted
-            // nexuses' tasks once the new state stands (persistent_reserve_out).
-            let Some(i) = me else { return Ok(false) };
-            if st.regs[i].key != res_key {
-                return Ok(false);
-            }
-            if !preempt(st, fx, i, kind, sa_key)? {
-                return Ok(false);
-            }
-            st.generation = st.generation.wrapping_add(1);
-        }
-        sa::REGISTER_AND_MOVE => {
-            let Some(i) = me else { return Ok(false) };
-            if st.regs[i].key != res_key {
-                return Ok(false);
-            }
-            let Some(h) = st.res.clone() else {
-                return Ok(false);
-            };
-            if all_registrants(h.kind) || !st.holds(i) {
-                return Ok(false);
-            }
-            if sa_key == 0 {
-                return Err(param(8, None));
-            }
-            let tpgt = u16::from_be_bytes([data[18], data[19]]);
-            let tlen = u32::from_be_bytes([data[20], data[21], data[22], data[23]]) as usize;
-            if data.len() < 24 + tlen {
-                return Err(common::PARAM_LIST_LENGTH_ERROR);
-            }
-            let port = parse_transport_id(&data[24..24 + tlen], 24)?;
-            if port == st.regs[i].port && tpgt == st.regs[i].tpgt {
-                return Err(param(24, None)); // moving to itself
-            }
-            let dest = match st
-                .regs
-                .iter()
-                .position(|r| r.port == port && (r.all_tg_pt || r.tpgt == tpgt))
-            {
-                Some(d) => {
-                    st.regs[d].key = sa_key;
-                    d
-                }
-                None => {
-                    if st.regs.len() >= REGISTRATIONS_MAX {
-                        return Err(INSUFFICIENT_REGISTRATION_RESOURCES);
-                    }
-                    st.regs.push(Registration {
-                        key: sa_key,
-                        port,
-                        tpgt,
-                        all_tg_pt: false,
-                    });
-                    st.regs.len() - 1
-                }
-            };
-            st.res = Some(Held {
-                kind: h.kind,
-                holder: dest,
+            st.regs.push(Registration {
+                key: r.sa_key,
+                port: Port::of(c.nexus),
+                tpgt: c.nexus.tpgt,
+                all_tg_pt: r.flags & 0x04 != 0,
             });
-            if flags & 0x02 != 0 {
-                // UNREG: the source leaves; its reservation already moved.
-                st.regs.remove(i);
-                if let Some(hh) = &mut st.res {
-                    if hh.holder > i {
-                        hh.holder -= 1;
+        }
+        Some(i) => {
+            if !ignore && r.res_key != st.regs[i].key {
+                return Ok(false);
+            }
+            if r.sa_key == 0 {
+                let kind = st.res.as_ref().map(|h| h.kind);
+                let was_holder = st.holds(i);
+                let released = st.unregister(i);
+                // Losing the holder of a registrants-only reservation releases
+                // it for the remaining registrants (SPC-4 5.15.11.2.3).
+                if released && was_holder && kind.is_some_and(registrants_only) {
+                    for reg in &st.regs {
+                        fx.ua.push((reg.clone(), RESERVATIONS_RELEASED));
                     }
                 }
+            } else {
+                st.regs[i].key = r.sa_key;
             }
-            st.aptpl = aptpl;
-            st.generation = st.generation.wrapping_add(1);
         }
-        _ => return Err(field(1, Some(4))),
     }
+    st.aptpl = r.aptpl();
+    st.generation = st.generation.wrapping_add(1);
+    Ok(true)
+}
+
+/// RESERVE: the registered nexus takes the reservation, or already holds it.
+fn sa_reserve(c: &Ctx<'_>, st: &mut PrState, r: &Request<'_>) -> Result<bool, Sense> {
+    let me = st.find(c.nexus);
+    let Some(i) = me else { return Ok(false) };
+    if st.regs[i].key != r.res_key {
+        return Ok(false);
+    }
+    match &st.res {
+        None => {
+            st.res = Some(Held {
+                kind: r.kind,
+                holder: i,
+            })
+        }
+        // Reserving again what one holds is a no-op; anything else conflicts.
+        Some(h) => {
+            if !(st.holds(i) && h.kind == r.kind) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// RELEASE: the holder gives the reservation up.
+fn sa_release(
+    c: &Ctx<'_>,
+    st: &mut PrState,
+    fx: &mut Effects,
+    r: &Request<'_>,
+) -> Result<bool, Sense> {
+    let me = st.find(c.nexus);
+    let Some(i) = me else { return Ok(false) };
+    if st.regs[i].key != r.res_key {
+        return Ok(false);
+    }
+    let Some(h) = st.res.clone() else {
+        return Ok(true);
+    };
+    if !st.holds(i) {
+        return Ok(true); // SPC-4 5.15.11.2.2: not the holder, nothing happens
+    }
+    if h.kind != r.kind {
+        return Err(INVALID_RELEASE);
+    }
+    st.res = None;
+    if registrants_only(h.kind) || all_registrants(h.kind) {
+        for (j, reg) in st.regs.iter().enumerate() {
+            if j != i {
+                fx.ua.push((reg.clone(), RESERVATIONS_RELEASED));
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// CLEAR: every registration and the reservation go.
+fn sa_clear(
+    c: &Ctx<'_>,
+    st: &mut PrState,
+    fx: &mut Effects,
+    r: &Request<'_>,
+) -> Result<bool, Sense> {
+    let me = st.find(c.nexus);
+    let Some(i) = me else { return Ok(false) };
+    if st.regs[i].key != r.res_key {
+        return Ok(false);
+    }
+    for (j, reg) in st.regs.iter().enumerate() {
+        if j != i {
+            fx.ua.push((reg.clone(), RESERVATIONS_PREEMPTED));
+        }
+    }
+    st.regs.clear();
+    st.res = None;
+    st.generation = st.generation.wrapping_add(1);
+    Ok(true)
+}
+
+/// PREEMPT and PREEMPT AND ABORT: remove the registrations with the given key.
+fn sa_preempt(
+    c: &Ctx<'_>,
+    st: &mut PrState,
+    fx: &mut Effects,
+    r: &Request<'_>,
+) -> Result<bool, Sense> {
+    let me = st.find(c.nexus);
+    // The state change is the same; PREEMPT AND ABORT then aborts the preempted
+    // nexuses' tasks once the new state stands (persistent_reserve_out).
+    let Some(i) = me else { return Ok(false) };
+    if st.regs[i].key != r.res_key {
+        return Ok(false);
+    }
+    if !preempt(st, fx, i, r.kind, r.sa_key)? {
+        return Ok(false);
+    }
+    st.generation = st.generation.wrapping_add(1);
+    Ok(true)
+}
+
+/// REGISTER AND MOVE: the holder registers another I_T nexus and hands it the
+/// reservation.
+fn sa_register_and_move(c: &Ctx<'_>, st: &mut PrState, r: &Request<'_>) -> Result<bool, Sense> {
+    let me = st.find(c.nexus);
+    let Some(i) = me else { return Ok(false) };
+    if st.regs[i].key != r.res_key {
+        return Ok(false);
+    }
+    let Some(h) = st.res.clone() else {
+        return Ok(false);
+    };
+    if all_registrants(h.kind) || !st.holds(i) {
+        return Ok(false);
+    }
+    if r.sa_key == 0 {
+        return Err(param(8, None));
+    }
+    let tpgt = u16::from_be_bytes([r.data[18], r.data[19]]);
+    let tlen = u32::from_be_bytes([r.data[20], r.data[21], r.data[22], r.data[23]]) as usize;
+    if r.data.len() < 24 + tlen {
+        return Err(common::PARAM_LIST_LENGTH_ERROR);
+    }
+    let port = parse_transport_id(&r.data[24..24 + tlen], 24)?;
+    if port == st.regs[i].port && tpgt == st.regs[i].tpgt {
+        return Err(param(24, None)); // moving to itself
+    }
+    let dest = match st
+        .regs
+        .iter()
+        .position(|r| r.port == port && (r.all_tg_pt || r.tpgt == tpgt))
+    {
+        Some(d) => {
+            st.regs[d].key = r.sa_key;
+            d
+        }
+        None => {
+            if st.regs.len() >= REGISTRATIONS_MAX {
+                return Err(INSUFFICIENT_REGISTRATION_RESOURCES);
+            }
+            st.regs.push(Registration {
+                key: r.sa_key,
+                port,
+                tpgt,
+                all_tg_pt: false,
+            });
+            st.regs.len() - 1
+        }
+    };
+    st.res = Some(Held {
+        kind: h.kind,
+        holder: dest,
+    });
+    if r.flags & 0x02 != 0 {
+        // UNREG: the source leaves; its reservation already moved.
+        st.regs.remove(i);
+        if let Some(hh) = &mut st.res {
+            if hh.holder > i {
+                hh.holder -= 1;
+            }
+        }
+    }
+    st.aptpl = r.aptpl();
+    st.generation = st.generation.wrapping_add(1);
     Ok(true)
 }
 

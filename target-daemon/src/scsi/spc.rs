@@ -6,8 +6,10 @@ use ftss_proto::cdb::{allocation_length, be, op};
 use ftss_proto::pdu::Lun as WireLun;
 use ftss_proto::sense::{common, Sense};
 
+use super::command::{CmdResult, Ctx, Reply};
+use super::commands::commands;
 use super::lun::Lun;
-use super::target::{commands, CmdResult, Ctx, Reply, ScsiTarget};
+use super::target::ScsiTarget;
 use super::{ItNexus, ScsiCommand};
 use crate::media::CacheMode;
 
@@ -155,7 +157,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
             p[4..8].copy_from_slice(&l.transfer_blocks_max().to_be_bytes());
             // Optimal transfer length: 1 MiB.
             p[8..12].copy_from_slice(&((1u32 << 20) / l.block_size()).to_be_bytes());
-            super::sbc_ext::block_limits(l, &mut p);
+            super::provisioning::block_limits(l, &mut p);
             d.extend_from_slice(&p);
         }
         0xb1 => {
@@ -165,7 +167,7 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
             p[3] = 0x40;
             d.extend_from_slice(&p);
         }
-        0xb2 => d.extend_from_slice(&super::sbc_ext::provisioning_vpd(l)),
+        0xb2 => d.extend_from_slice(&super::provisioning::provisioning_vpd(l)),
         _ => return Err(field(2, None)),
     }
     let len = (d.len() - 4) as u16;

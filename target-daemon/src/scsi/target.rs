@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use ftss_proto::cdb::op;
 use ftss_proto::sense::{common, Sense};
 
+use super::command::{Ctx, Reply};
+use super::commands::{commands, SA_IN_BYTE_1};
 use super::lun::Lun;
 use super::pr::PrStore;
-use super::{defect, pr, sbc, spc, xcopy, ItNexus, ScsiCommand, ScsiOutcome};
+use super::{block_io, pr, spc, ItNexus, ScsiCommand, ScsiOutcome};
 use crate::media::mirror::MirrorSet;
 use crate::media::BlockStore;
 
@@ -95,38 +97,6 @@ pub trait TaskAborter: Send + Sync {
     /// end at once; running ones end when their execution returns. The transport keeps a
     /// clone of `wait` with each task until it has ended, then drops it.
     fn abort_lun_tasks(&self, lun: u64, wait: AbortWait);
-}
-
-/// What a command returns before the transport sees it.
-pub(crate) struct Reply {
-    pub(crate) status: u8,
-    pub(crate) data: Vec<u8>,
-    pub(crate) data_out_len: Option<u32>,
-}
-
-impl Reply {
-    pub(crate) fn good(data: Vec<u8>) -> Self {
-        Reply {
-            status: status::GOOD,
-            data,
-            data_out_len: None,
-        }
-    }
-    pub(crate) fn none() -> Self {
-        Self::good(Vec::new())
-    }
-}
-
-pub(crate) type CmdResult = Result<Reply, Sense>;
-
-/// Context one command runs with.
-pub(crate) struct Ctx<'a> {
-    pub(crate) target: &'a ScsiTarget,
-    pub(crate) nexus: &'a ItNexus,
-    pub(crate) lun: &'a Lun,
-    pub(crate) cmd: &'a ScsiCommand<'a>,
-    /// Unit attention clock when the command arrived (see [`ScsiTarget::arrival`]).
-    pub(crate) arrived: u64,
 }
 
 /// A SCSI target device with its logical units.
@@ -515,7 +485,7 @@ impl ScsiTarget {
     /// The outcome of a command whose writes did not commit (see
     /// [`crate::media::cache::defer_commits`]): it must not report GOOD.
     pub fn commit_failed(&self, lun: u64, e: crate::media::MediaError) -> ScsiOutcome {
-        self.fail(self.lun(lun).as_deref(), super::sbc::media(e, true))
+        self.fail(self.lun(lun).as_deref(), super::command::media(e, true))
     }
 
     /// Counts a command of `lun` whose response went out `latency` after it arrived,
@@ -607,7 +577,7 @@ impl ScsiTarget {
         if !pr::admits(lun, nexus, cmd.cdb) {
             return ScsiOutcome {
                 status: status::RESERVATION_CONFLICT,
-                data_out_len: sbc::data_out_len(lun, cmd.cdb),
+                data_out_len: block_io::data_out_len(lun, cmd.cdb),
                 ..ScsiOutcome::default()
             };
         }
@@ -622,7 +592,7 @@ impl ScsiTarget {
             Ok(r) => outcome(r),
             Err(s) => {
                 let mut o = self.fail(Some(lun), s);
-                o.data_out_len = sbc::data_out_len(lun, cmd.cdb);
+                o.data_out_len = block_io::data_out_len(lun, cmd.cdb);
                 o
             }
         }
@@ -636,405 +606,6 @@ fn outcome(r: Reply) -> ScsiOutcome {
         data_in: r.data,
         data_out_len: r.data_out_len,
         ..ScsiOutcome::default()
-    }
-}
-
-/// One supported command: how to recognise it, what REPORT SUPPORTED OPERATION CODES
-/// says about it, and the function that runs it.
-pub(crate) struct Command {
-    pub(crate) opcode: u8,
-    /// Service action (in byte 1, low 5 bits), for commands that have them.
-    pub(crate) sa: Option<u8>,
-    pub(crate) cdb_len: u8,
-    /// CDB usage map: which bits of each byte the command looks at.
-    pub(crate) usage: &'static [u8],
-    pub(crate) run: fn(&Ctx<'_>) -> CmdResult,
-}
-
-impl Command {
-    fn matches(&self, cdb: &[u8]) -> bool {
-        cdb.first() == Some(&self.opcode)
-            && self
-                .sa
-                .is_none_or(|sa| cdb.get(1).is_some_and(|b| b & 0x1f == sa))
-    }
-}
-
-/// Every command this target executes: the table below, then the SBC-3 extensions kept
-/// in their own module's table.
-pub(crate) fn commands() -> impl Iterator<Item = &'static Command> {
-    COMMANDS.iter().chain(super::sbc_ext::COMMANDS)
-}
-
-/// The SPC and basic SBC commands.
-pub(crate) static COMMANDS: &[Command] = &[
-    Command {
-        opcode: op::TEST_UNIT_READY,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0, 0, 0, 0, 0x04],
-        run: spc::test_unit_ready,
-    },
-    Command {
-        opcode: op::REQUEST_SENSE,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x01, 0, 0, 0xff, 0x04],
-        run: spc::request_sense_cmd,
-    },
-    Command {
-        opcode: op::READ_6,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x1f, 0xff, 0xff, 0xff, 0x04],
-        run: sbc::read,
-    },
-    Command {
-        opcode: op::WRITE_6,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x1f, 0xff, 0xff, 0xff, 0x04],
-        run: sbc::write,
-    },
-    Command {
-        opcode: op::INQUIRY,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x01, 0xff, 0xff, 0xff, 0x04],
-        run: spc::inquiry,
-    },
-    Command {
-        opcode: op::MODE_SELECT_6,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x11, 0, 0, 0xff, 0x04],
-        run: spc::mode_select,
-    },
-    Command {
-        opcode: op::MODE_SENSE_6,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x08, 0xff, 0xff, 0xff, 0x04],
-        run: spc::mode_sense,
-    },
-    Command {
-        opcode: op::START_STOP_UNIT,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0x01, 0, 0x0f, 0xf7, 0x04],
-        run: sbc::start_stop_unit,
-    },
-    Command {
-        opcode: op::PREVENT_ALLOW,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0, 0, 0, 0x03, 0x04],
-        run: sbc::prevent_allow,
-    },
-    Command {
-        opcode: op::READ_CAPACITY_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x04],
-        run: sbc::read_capacity_10,
-    },
-    Command {
-        opcode: op::READ_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: sbc::read,
-    },
-    Command {
-        opcode: op::WRITE_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: sbc::write,
-    },
-    Command {
-        opcode: op::WRITE_VERIFY_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0xf2, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: sbc::write_verify,
-    },
-    Command {
-        opcode: op::VERIFY_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0xf6, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: sbc::verify,
-    },
-    Command {
-        opcode: op::PRE_FETCH_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0x02, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: sbc::pre_fetch,
-    },
-    Command {
-        opcode: op::SYNCHRONIZE_CACHE_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0x06, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: sbc::synchronize_cache,
-    },
-    Command {
-        opcode: op::MODE_SELECT_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0x11, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
-        run: spc::mode_select,
-    },
-    Command {
-        opcode: op::MODE_SENSE_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x04],
-        run: spc::mode_sense,
-    },
-    Command {
-        opcode: op::READ_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: sbc::read,
-    },
-    Command {
-        opcode: op::WRITE_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: sbc::write,
-    },
-    Command {
-        opcode: op::WRITE_VERIFY_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xf2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: sbc::write_verify,
-    },
-    Command {
-        opcode: op::VERIFY_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xf6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: sbc::verify,
-    },
-    Command {
-        opcode: op::PRE_FETCH_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: sbc::pre_fetch,
-    },
-    Command {
-        opcode: op::SYNCHRONIZE_CACHE_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x06, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: sbc::synchronize_cache,
-    },
-    Command {
-        opcode: op::SERVICE_ACTION_IN_16,
-        sa: Some(op::SA_READ_CAPACITY_16),
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
-        ],
-        run: sbc::read_capacity_16,
-    },
-    Command {
-        opcode: op::REPORT_LUNS,
-        sa: None,
-        cdb_len: 12,
-        usage: &[0xff, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04],
-        run: spc::report_luns_cmd,
-    },
-    Command {
-        opcode: op::MAINTENANCE_IN,
-        sa: Some(op::SA_REPORT_SUPPORTED_OPCODES),
-        cdb_len: 12,
-        usage: &[
-            0xff, 0x1f, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
-        ],
-        run: spc::report_supported_opcodes,
-    },
-    Command {
-        opcode: op::MAINTENANCE_IN,
-        sa: Some(op::SA_REPORT_SUPPORTED_TMFS),
-        cdb_len: 12,
-        usage: &[0xff, 0x1f, 0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04],
-        run: spc::report_supported_tmfs,
-    },
-    Command {
-        opcode: op::READ_12,
-        sa: None,
-        cdb_len: 12,
-        usage: &[
-            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04,
-        ],
-        run: sbc::read,
-    },
-    Command {
-        opcode: op::WRITE_12,
-        sa: None,
-        cdb_len: 12,
-        usage: &[
-            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04,
-        ],
-        run: sbc::write,
-    },
-    Command {
-        opcode: op::WRITE_VERIFY_12,
-        sa: None,
-        cdb_len: 12,
-        usage: &[
-            0xff, 0xf2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04,
-        ],
-        run: sbc::write_verify,
-    },
-    Command {
-        opcode: op::VERIFY_12,
-        sa: None,
-        cdb_len: 12,
-        usage: &[
-            0xff, 0xf6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04,
-        ],
-        run: sbc::verify,
-    },
-    // ---- reservations (pr.rs), copy manager (xcopy.rs), defect data (defect.rs) ----
-    Command {
-        opcode: pr::op::RESERVE_6,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0, 0, 0, 0, 0x04],
-        run: pr::reserve,
-    },
-    Command {
-        opcode: pr::op::RELEASE_6,
-        sa: None,
-        cdb_len: 6,
-        usage: &[0xff, 0, 0, 0, 0, 0x04],
-        run: pr::release,
-    },
-    Command {
-        opcode: pr::op::RESERVE_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x04],
-        run: pr::reserve,
-    },
-    Command {
-        opcode: pr::op::RELEASE_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x04],
-        run: pr::release,
-    },
-    pr_in(0x00),  // READ KEYS
-    pr_in(0x01),  // READ RESERVATION
-    pr_in(0x02),  // REPORT CAPABILITIES
-    pr_in(0x03),  // READ FULL STATUS
-    pr_out(0x00), // REGISTER
-    pr_out(0x01), // RESERVE
-    pr_out(0x02), // RELEASE
-    pr_out(0x03), // CLEAR
-    pr_out(0x04), // PREEMPT
-    pr_out(0x05), // PREEMPT AND ABORT
-    pr_out(0x06), // REGISTER AND IGNORE EXISTING KEY
-    pr_out(0x07), // REGISTER AND MOVE
-    Command {
-        opcode: xcopy::op::EXTENDED_COPY,
-        sa: Some(xcopy::op::SA_EXTENDED_COPY_LID1),
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
-        ],
-        run: xcopy::extended_copy,
-    },
-    Command {
-        opcode: xcopy::op::RECEIVE_COPY_RESULTS,
-        sa: Some(xcopy::op::SA_COPY_STATUS),
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x1f, 0xff, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
-        ],
-        run: xcopy::receive_copy_results,
-    },
-    Command {
-        opcode: xcopy::op::RECEIVE_COPY_RESULTS,
-        sa: Some(xcopy::op::SA_OPERATING_PARAMETERS),
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
-        ],
-        run: xcopy::receive_copy_results,
-    },
-    Command {
-        opcode: defect::READ_DEFECT_DATA_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x04],
-        run: defect::read_defect_data,
-    },
-    Command {
-        opcode: defect::READ_DEFECT_DATA_12,
-        sa: None,
-        cdb_len: 12,
-        usage: &[0xff, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04],
-        run: defect::read_defect_data,
-    },
-];
-
-/// Commands whose service action field (byte 1, bits 4-0) selects among the table's
-/// entries: an unlisted service action is an invalid CDB field, not an unknown opcode.
-const SA_IN_BYTE_1: [u8; 5] = [
-    pr::op::PERSISTENT_RESERVE_IN,
-    pr::op::PERSISTENT_RESERVE_OUT,
-    xcopy::op::EXTENDED_COPY,
-    xcopy::op::RECEIVE_COPY_RESULTS,
-    super::sbc_ext::SANITIZE,
-];
-
-/// PERSISTENT RESERVE IN with service action `sa`.
-const fn pr_in(sa: u8) -> Command {
-    Command {
-        opcode: pr::op::PERSISTENT_RESERVE_IN,
-        sa: Some(sa),
-        cdb_len: 10,
-        usage: &[0xff, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
-        run: pr::persistent_reserve_in,
-    }
-}
-
-/// PERSISTENT RESERVE OUT with service action `sa`.
-const fn pr_out(sa: u8) -> Command {
-    Command {
-        opcode: pr::op::PERSISTENT_RESERVE_OUT,
-        sa: Some(sa),
-        cdb_len: 10,
-        usage: &[0xff, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x04],
-        run: pr::persistent_reserve_out,
     }
 }
 

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use ftss_proto::cdb::be;
 use ftss_proto::sense::{common, key, Sense};
 
+use super::command::{CmdResult, Ctx, Reply};
 use super::lun::Lun;
 use super::pr;
 use super::spc::ready;
-use super::target::{status, CmdResult, Ctx, Reply};
+use super::target::status;
 
 /// Opcodes and service actions.
 pub(crate) mod op {

@@ -1,25 +1,16 @@
-//! SBC-3 block commands beyond plain reads and writes: COMPARE AND WRITE, WRITE SAME (10)
-//! and (16), UNMAP, GET LBA STATUS, ORWRITE (16) and WRITE ATOMIC (16), with the Block
-//! Limits and Logical Block Provisioning VPD fields and the READ CAPACITY (16) bits that
-//! describe them.
-//!
-//! Atomicity: COMPARE AND WRITE, ORWRITE and WRITE ATOMIC hold the LUN's media lock
-//! exclusively across their read and write, and every other media access holds it shared,
-//! so no command on the LUN sees or changes the blocks between the two steps.
+//! Logical block provisioning: WRITE SAME (10) and (16), UNMAP, GET LBA STATUS and
+//! SANITIZE, with the Block Limits and Logical Block Provisioning VPD fields and the READ
+//! CAPACITY (16) bits that describe them.
 
 use ftss_proto::cdb::{allocation_length, be, op};
-use ftss_proto::sense::{common, Sense};
+use ftss_proto::sense::common;
 
+use super::atomic_io::{atomic_blocks_max, CAW_BLOCKS_MAX};
+use super::block_io::writable;
+use super::command::{field, in_range, media, reply_out, CmdResult, Ctx, Reply};
 use super::lun::Lun;
-use super::sbc::{checked_range, field, media, writable};
 use super::spc::ready;
-use super::target::{status, CmdResult, Command, Ctx, Reply};
 use crate::media::Provisioning;
-
-/// MAXIMUM COMPARE AND WRITE LENGTH (Block Limits VPD): the most blocks one COMPARE AND
-/// WRITE may compare and write. It holds every other command on the LUN off while it
-/// runs, so it is kept well under the one-byte field's 255.
-pub(crate) const CAW_BLOCKS_MAX: u8 = 128;
 
 /// Bytes one WRITE SAME may cover on a thin store (MAXIMUM WRITE SAME LENGTH is this over
 /// the block size): it bounds how long one command keeps a worker writing its pattern.
@@ -30,10 +21,6 @@ const WRITE_SAME_BYTES_MAX: u64 = 1 << 30;
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT: as many as a parameter list can carry (its
 /// length field is 16 bits, the header 8 bytes).
 const UNMAP_DESCRIPTORS_MAX: u32 = (0xffff - 8) / 16;
-
-/// Bytes one WRITE ATOMIC may write (MAXIMUM ATOMIC TRANSFER LENGTH is this over the
-/// block size).
-const ATOMIC_BYTES_MAX: u64 = 1 << 20;
 
 /// GET LBA STATUS returns at most this many descriptors, however large the allocation
 /// length: each may need a pair of `lseek` calls.
@@ -56,14 +43,6 @@ fn unmap_blocks_max(l: &Lun) -> u32 {
     } else {
         u32::try_from(write_same_blocks_max(l)).unwrap_or(u32::MAX - 1)
     }
-}
-
-/// MAXIMUM ATOMIC TRANSFER LENGTH for this LUN, in blocks.
-fn atomic_blocks_max(l: &Lun) -> u32 {
-    let n = ATOMIC_BYTES_MAX / u64::from(l.block_size());
-    u32::try_from(n)
-        .unwrap_or(u32::MAX)
-        .min(l.transfer_blocks_max())
 }
 
 /// READ CAPACITY (16) byte 14: LBPME where the store deallocates (thin provisioning),
@@ -95,81 +74,6 @@ pub(crate) fn block_limits(l: &Lun, p: &mut [u8; 60]) {
 pub(crate) fn provisioning_vpd(l: &Lun) -> [u8; 4] {
     let ptype = if l.store.thin_provisioned() { 0x02 } else { 0 };
     [0, 0x80 | 0x40 | 0x20 | 0x04, ptype, 0]
-}
-
-/// Bytes of data-out the CDB of one of these commands calls for.
-pub(crate) fn data_out_len(l: &Lun, cdb: &[u8]) -> Option<u32> {
-    let bs = u64::from(l.block_size());
-    let n = match *cdb.first()? {
-        op::COMPARE_AND_WRITE => 2 * u64::from(*cdb.get(13)?) * bs,
-        op::WRITE_SAME_10 => bs,
-        op::WRITE_SAME_16 if cdb.get(1)? & 0x01 != 0 => 0,
-        op::WRITE_SAME_16 => bs,
-        op::UNMAP => be(cdb, 7, 2)?,
-        op::ORWRITE_16 => be(cdb, 10, 4)? * bs,
-        op::WRITE_ATOMIC_16 => be(cdb, 12, 2)? * bs,
-        _ => return None,
-    };
-    u32::try_from(n).ok()
-}
-
-fn reply_out(len: usize) -> Reply {
-    Reply {
-        status: status::GOOD,
-        data: Vec::new(),
-        data_out_len: Some(len as u32),
-    }
-}
-
-/// LBA OUT OF RANGE unless `lba + blocks` fits the medium.
-fn in_range(l: &Lun, lba: u64, blocks: u64) -> Result<(), Sense> {
-    if lba.checked_add(blocks).is_none_or(|e| e > l.blocks()) {
-        return Err(common::LBA_OUT_OF_RANGE);
-    }
-    Ok(())
-}
-
-/// COMPARE AND WRITE (SBC-3 5.2): the first half of the data-out is compared with the
-/// blocks; only if every byte matches is the second half written. MISCOMPARE carries the
-/// offset of the first differing byte in INFORMATION.
-pub(crate) fn compare_and_write(c: &Ctx<'_>) -> CmdResult {
-    let cdb = c.cmd.cdb;
-    if cdb[1] >> 5 != 0 {
-        return Err(field(1, Some(7))); // WRPROTECT: no protection information here
-    }
-    let fua = cdb[1] & 0x08 != 0;
-    let lba = be(cdb, 2, 8).unwrap_or(0);
-    let n = cdb[13];
-    if u32::from(n) > u32::from(CAW_BLOCKS_MAX) {
-        return Err(field(13, None));
-    }
-    in_range(c.lun, lba, u64::from(n))?;
-    writable(c)?;
-    let len = usize::from(n) * c.lun.block_size() as usize;
-    // The data-out splits into a verify half and a write half at `len`: when the transfer
-    // the initiator sent disagrees with NUMBER OF LOGICAL BLOCKS, where it meant the split
-    // is unknown, so nothing is compared or written.
-    if c.cmd.expected_len as usize != 2 * len || c.cmd.data_out.len() < 2 * len {
-        return Err(field(13, None));
-    }
-    if n == 0 {
-        return Ok(reply_out(0)); // SBC-3: zero blocks is not an error
-    }
-    let (verify, write) = c.cmd.data_out[..2 * len].split_at(len);
-    let _media = c.lun.media_exclusive();
-    let mut cur = vec![0u8; len];
-    c.lun
-        .store
-        .read_blocks(lba, &mut cur)
-        .map_err(|e| media(e, false))?;
-    if let Some(i) = cur.iter().zip(verify).position(|(a, b)| a != b) {
-        return Err(common::MISCOMPARE_DURING_VERIFY.with_info(i as u64));
-    }
-    c.lun
-        .store
-        .write_blocks(lba, write, fua)
-        .map_err(|e| media(e, true))?;
-    Ok(reply_out(2 * len))
 }
 
 /// WRITE SAME (10) and (16) (SBC-3 5.41, 5.42): one block of data-out (or zeros, with
@@ -331,75 +235,12 @@ pub(crate) fn get_lba_status(c: &Ctx<'_>) -> CmdResult {
     Ok(Reply::good(d))
 }
 
-/// ORWRITE (16) (SBC-3 5.8): each block becomes itself ORed with the data-out, as one
-/// step against other commands on the LUN.
-pub(crate) fn orwrite(c: &Ctx<'_>) -> CmdResult {
-    let r = checked_range(c)?;
-    writable(c)?;
-    let bs = c.lun.block_size() as usize;
-    let len = r.blocks as usize * bs;
-    // As for WRITE (FCP-4 9.4.2 (a)): the whole blocks that arrived are processed.
-    let have = c.cmd.data_out.len().min(len) / bs * bs;
-    let data = &c.cmd.data_out[..have];
-    if !data.is_empty() {
-        let _media = c.lun.media_exclusive();
-        let mut cur = vec![0u8; data.len()];
-        c.lun
-            .store
-            .read_blocks(r.lba, &mut cur)
-            .map_err(|e| media(e, false))?;
-        for (a, b) in cur.iter_mut().zip(data) {
-            *a |= b;
-        }
-        c.lun
-            .store
-            .write_blocks(r.lba, &cur, r.fua())
-            .map_err(|e| media(e, true))?;
-    }
-    Ok(reply_out(len))
-}
-
-/// WRITE ATOMIC (16) (SBC-4 5.48): all of the blocks or none, as one step against other
-/// commands on the LUN. No atomic boundaries are supported, so ATOMIC BOUNDARY must be 0.
-pub(crate) fn write_atomic(c: &Ctx<'_>) -> CmdResult {
-    let cdb = c.cmd.cdb;
-    if cdb[1] >> 5 != 0 {
-        return Err(field(1, Some(7))); // WRPROTECT
-    }
-    let fua = cdb[1] & 0x08 != 0;
-    let lba = be(cdb, 2, 8).unwrap_or(0);
-    if be(cdb, 10, 2).unwrap_or(0) != 0 {
-        return Err(field(10, None));
-    }
-    let n = be(cdb, 12, 2).unwrap_or(0);
-    if n > u64::from(atomic_blocks_max(c.lun)) {
-        return Err(field(12, None));
-    }
-    in_range(c.lun, lba, n)?;
-    writable(c)?;
-    let len = n as usize * c.lun.block_size() as usize;
-    // Part of an atomic write is not the write that was asked for.
-    let data = c
-        .cmd
-        .data_out
-        .get(..len)
-        .ok_or(common::INVALID_FIELD_IN_COMMAND_IU)?;
-    if !data.is_empty() {
-        let _media = c.lun.media_exclusive();
-        c.lun
-            .store
-            .write_blocks(lba, data, fua)
-            .map_err(|e| media(e, true))?;
-    }
-    Ok(reply_out(len))
-}
-
 /// SANITIZE operation code (SBC-3 5.30).
 pub(crate) const SANITIZE: u8 = 0x48;
 /// SANITIZE service action BLOCK ERASE.
-const SANITIZE_BLOCK_ERASE: u8 = 0x02;
+pub(crate) const SANITIZE_BLOCK_ERASE: u8 = 0x02;
 /// SANITIZE service action EXIT FAILURE MODE.
-const SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1f;
+pub(crate) const SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1f;
 
 /// SANITIZE (48h), BLOCK ERASE: every block is deallocated, so all of it reads back as
 /// zeros (LBPRZ) and no earlier data can be read again. Where the store cannot
@@ -447,88 +288,6 @@ pub(crate) fn sanitize_exit_failure_mode(c: &Ctx<'_>) -> CmdResult {
     writable(c)?;
     Ok(Reply::none())
 }
-
-/// The commands of this module, listed after the base table (see
-/// [`commands`](super::target::commands)).
-pub(crate) static COMMANDS: &[Command] = &[
-    Command {
-        opcode: SANITIZE,
-        sa: Some(SANITIZE_BLOCK_ERASE),
-        cdb_len: 10,
-        usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
-        run: sanitize,
-    },
-    Command {
-        opcode: SANITIZE,
-        sa: Some(SANITIZE_EXIT_FAILURE_MODE),
-        cdb_len: 10,
-        usage: &[0xff, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
-        run: sanitize_exit_failure_mode,
-    },
-    Command {
-        opcode: op::WRITE_SAME_10,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0xe8, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x04],
-        run: write_same,
-    },
-    Command {
-        opcode: op::UNMAP,
-        sa: None,
-        cdb_len: 10,
-        usage: &[0xff, 0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0x04],
-        run: unmap,
-    },
-    Command {
-        opcode: op::COMPARE_AND_WRITE,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0x1f, 0x04,
-        ],
-        run: compare_and_write,
-    },
-    Command {
-        opcode: op::ORWRITE_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xfa, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: orwrite,
-    },
-    Command {
-        opcode: op::WRITE_SAME_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xe9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: write_same,
-    },
-    Command {
-        opcode: op::WRITE_ATOMIC_16,
-        sa: None,
-        cdb_len: 16,
-        usage: &[
-            0xff, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-            0x1f, 0x04,
-        ],
-        run: write_atomic,
-    },
-    Command {
-        opcode: op::SERVICE_ACTION_IN_16,
-        sa: Some(op::SA_GET_LBA_STATUS),
-        cdb_len: 16,
-        usage: &[
-            0xff, 0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
-            0x04,
-        ],
-        run: get_lba_status,
-    },
-];
 
 #[cfg(test)]
 mod tests {

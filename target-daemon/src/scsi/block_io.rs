@@ -1,27 +1,13 @@
-//! SBC-3 block commands: READ, WRITE, WRITE AND VERIFY, VERIFY, PRE-FETCH, SYNCHRONIZE
-//! CACHE, READ CAPACITY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL.
+//! SBC-3 reads and writes: READ, WRITE, WRITE AND VERIFY, VERIFY, PRE-FETCH and
+//! SYNCHRONIZE CACHE, with the range checks every block command makes.
 
-use ftss_proto::cdb::{allocation_length, block_range, op, BlockRange};
+use ftss_proto::cdb::{be, block_range, op, BlockRange};
 use ftss_proto::sense::{common, Sense};
 
+use super::command::{field, media, CmdResult, Ctx, Reply};
 use super::lun::Lun;
 use super::spc::ready;
-use super::target::{status, CmdResult, Ctx, Reply};
-use crate::media::MediaError;
-
-pub(crate) fn field(byte: u16, bit: Option<u8>) -> Sense {
-    common::INVALID_FIELD_IN_CDB.cdb_field(byte, bit)
-}
-
-pub(crate) fn media(e: MediaError, writing: bool) -> Sense {
-    match e {
-        MediaError::OutOfRange { .. } => common::LBA_OUT_OF_RANGE,
-        MediaError::Failed(_) => common::LOGICAL_UNIT_FAILURE,
-        MediaError::Full => Sense::new(0x0b, 0x55, 0x03), // insufficient resources
-        _ if writing => common::WRITE_ERROR,
-        _ => common::UNRECOVERED_READ_ERROR,
-    }
-}
+use super::target::status;
 
 /// Bytes of data-out the CDB calls for, for commands that carry data-out.
 pub(crate) fn data_out_len(lun: &Lun, cdb: &[u8]) -> Option<u32> {
@@ -46,8 +32,24 @@ pub(crate) fn data_out_len(lun: &Lun, cdb: &[u8]) -> Option<u32> {
                 _ => Some(0),
             }
         }
-        _ => super::sbc_ext::data_out_len(lun, cdb),
+        _ => extended_data_out_len(lun, cdb),
     }
+}
+
+/// Bytes of data-out the CDB of one of these commands calls for.
+fn extended_data_out_len(l: &Lun, cdb: &[u8]) -> Option<u32> {
+    let bs = u64::from(l.block_size());
+    let n = match *cdb.first()? {
+        op::COMPARE_AND_WRITE => 2 * u64::from(*cdb.get(13)?) * bs,
+        op::WRITE_SAME_10 => bs,
+        op::WRITE_SAME_16 if cdb.get(1)? & 0x01 != 0 => 0,
+        op::WRITE_SAME_16 => bs,
+        op::UNMAP => be(cdb, 7, 2)?,
+        op::ORWRITE_16 => be(cdb, 10, 4)? * bs,
+        op::WRITE_ATOMIC_16 => be(cdb, 12, 2)? * bs,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
 }
 
 /// The checks every block command makes: protection fields, capacity, transfer limit.
@@ -219,74 +221,5 @@ pub(crate) fn synchronize_cache(c: &Ctx<'_>) -> CmdResult {
     }
     ready(c.lun)?;
     c.lun.store.flush().map_err(|e| media(e, true))?;
-    Ok(Reply::none())
-}
-
-pub(crate) fn read_capacity_10(c: &Ctx<'_>) -> CmdResult {
-    let cdb = c.cmd.cdb;
-    let pmi = cdb[8] & 0x01 != 0;
-    let lba = u32::from_be_bytes([cdb[2], cdb[3], cdb[4], cdb[5]]);
-    if !pmi && lba != 0 {
-        return Err(field(2, None));
-    }
-    ready(c.lun)?;
-    let last = c.lun.blocks() - 1;
-    let mut d = Vec::with_capacity(8);
-    d.extend_from_slice(&(last.min(0xffff_ffff) as u32).to_be_bytes());
-    d.extend_from_slice(&c.lun.block_size().to_be_bytes());
-    Ok(Reply::good(d))
-}
-
-pub(crate) fn read_capacity_16(c: &Ctx<'_>) -> CmdResult {
-    ready(c.lun)?;
-    let alloc = allocation_length(c.cmd.cdb).unwrap_or(0);
-    let mut d = vec![0u8; 32];
-    d[0..8].copy_from_slice(&(c.lun.blocks() - 1).to_be_bytes());
-    d[8..12].copy_from_slice(&c.lun.block_size().to_be_bytes());
-    d[14] = super::sbc_ext::provisioning_bits(c.lun);
-    d.truncate(alloc as usize);
-    Ok(Reply::good(d))
-}
-
-pub(crate) fn start_stop_unit(c: &Ctx<'_>) -> CmdResult {
-    let b4 = c.cmd.cdb[4];
-    let power_condition = b4 >> 4;
-    let loej = b4 & 0x02 != 0;
-    let start = b4 & 0x01 != 0;
-    if power_condition != 0 {
-        // Power conditions change nothing on this device; LOEJ and START are ignored.
-        return Ok(Reply::none());
-    }
-    if !loej {
-        return Ok(Reply::none());
-    }
-    if !c.lun.removable {
-        return Err(field(4, Some(1)));
-    }
-    let mut s = c.lun.state();
-    // SBC-3 5.25: with removal prevented, LOEJ is refused whether it loads or ejects.
-    if !s.prevent.is_empty() {
-        return Err(common::MEDIUM_REMOVAL_PREVENTED);
-    }
-    s.ejected = !start;
-    Ok(Reply::none())
-}
-
-pub(crate) fn prevent_allow(c: &Ctx<'_>) -> CmdResult {
-    let prevent = c.cmd.cdb[4] & 0x03;
-    if !c.lun.removable {
-        // Nothing can be removed; SBC-3 lets the command succeed without effect.
-        return Ok(Reply::none());
-    }
-    let mut s = c.lun.state();
-    match prevent {
-        0 => {
-            s.prevent.remove(&c.nexus.id);
-        }
-        1 => {
-            s.prevent.insert(c.nexus.id);
-        }
-        _ => return Err(field(4, Some(0))),
-    }
     Ok(Reply::none())
 }
