@@ -202,7 +202,25 @@ pub(crate) fn preallocate(f: &std::fs::File, size: u64) -> Result<(), MediaError
     Ok(())
 }
 
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+/// The cache's state. A thread that panicked holding it (a failed assertion on ring or
+/// index arithmetic) may have left it half-changed, so from then on every operation fails
+/// instead of trusting it. The records on the media are untouched: recovery at the next
+/// start rebuilds the state from them.
+fn lock(m: &Mutex<Inner>) -> Result<MutexGuard<'_, Inner>, MediaError> {
+    m.lock().map_err(poisoned)
+}
+
+/// The error every operation returns once the state's lock is poisoned (see [`lock`]).
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> MediaError {
+    MediaError::Failed(
+        "write cache state abandoned by a panicking thread; restart to recover from the media"
+            .into(),
+    )
+}
+
+/// The state for a figure that only reports (statistics, the last sequence number): a
+/// poisoned lock is no reason to stop reporting, and nothing is changed.
+fn lock_to_report(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -359,7 +377,7 @@ impl WriteCache {
             cache.recover(name)?;
         } else {
             cache.write_superblock(0, 1, 1)?;
-            lock(&cache.inner).sb_seq = 1;
+            lock(&cache.inner)?.sb_seq = 1;
         }
         Ok(Arc::new(cache))
     }
@@ -368,7 +386,7 @@ impl WriteCache {
     /// thread does in batches); for caches opened without that thread.
     pub fn destage_committed(&self) -> Result<(), MediaError> {
         let batch: Vec<Pending> = {
-            let g = lock(&self.inner);
+            let g = lock(&self.inner)?;
             let durable = g.durable_seq;
             g.queue
                 .iter()
@@ -516,7 +534,7 @@ impl WriteCache {
         // them for a new record written at the same place with the same number.
         let seq = seq + self.ring / ALIGN + 1;
         self.write_superblock(pos, seq, sb_seq + 1)?;
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         g.head = pos;
         g.tail = pos;
         g.durable_pos = pos;
@@ -587,7 +605,7 @@ impl WriteCache {
             .get(&volume)
             .map_or(512, |m| u64::from(m.block_size()));
         let deadline = Instant::now() + SPACE_WAIT;
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         loop {
             // A record never straddles the ring end: it starts over at the ring start.
             let room_to_end = self.ring - g.head % self.ring;
@@ -626,7 +644,7 @@ impl WriteCache {
                 .cond
                 .wait_timeout(g, deadline - now)
                 .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+                .map_err(poisoned)?;
         }
         let seq = g.next_seq;
         let pos = g.head;
@@ -753,7 +771,7 @@ impl WriteCache {
 
     /// Sequence number of the last record appended.
     pub fn appended_seq(&self) -> u64 {
-        lock(&self.inner).appended_seq
+        lock_to_report(&self.inner).appended_seq
     }
 
     /// Claims the next commit flush if record `seq` needs one and a flush may start: it
@@ -782,7 +800,7 @@ impl WriteCache {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.commit_latency.observe(took);
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         if let Err(e) = r {
             // An msync failure leaves the cache's contents unknown: stop taking writes
             // rather than acknowledge what may not be stored. The flight stays unfinished,
@@ -821,7 +839,9 @@ impl WriteCache {
             if self.fly(f).is_err() {
                 return;
             }
-            let mut g = lock(&self.inner);
+            let Ok(mut g) = lock(&self.inner) else {
+                return;
+            };
             let wanted = g.wanted_seq;
             match self.claim(&mut g, wanted) {
                 Some(next) => f = next,
@@ -833,7 +853,7 @@ impl WriteCache {
     /// Waits until record `seq` is committed, blocking the thread. A waiter whose record
     /// no running flush covers runs one itself for everything appended so far.
     pub fn wait_durable(&self, seq: u64) -> Result<(), MediaError> {
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         loop {
             if g.durable_seq >= seq {
                 return Ok(());
@@ -845,9 +865,9 @@ impl WriteCache {
             if let Some(f) = self.claim(&mut g, seq) {
                 drop(g);
                 self.fly(f)?;
-                g = lock(&self.inner);
+                g = lock(&self.inner)?;
             } else {
-                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.cond.wait(g).map_err(poisoned)?;
             }
         }
     }
@@ -862,7 +882,7 @@ impl WriteCache {
             // Marked seen before the check, so a flush finishing after it wakes us.
             rx.borrow_and_update();
             {
-                let mut g = lock(&self.inner);
+                let mut g = lock(&self.inner)?;
                 if g.durable_seq >= seq {
                     return Ok(());
                 }
@@ -920,7 +940,7 @@ impl WriteCache {
         let bs = m.block_size() as usize;
         let n = buf.len() / bs;
         let sources = {
-            let g = lock(&self.inner);
+            let g = lock(&self.inner)?;
             let sources = Self::sources(&g, volume, lba, n as u64);
             // Copied under the lock: destage may release the space once it lets go.
             for (k, src) in sources.iter().enumerate() {
@@ -977,7 +997,7 @@ impl WriteCache {
         while at < end {
             let n = (end - at).min(chunk);
             chunk = (chunk * 2).min(PROVISIONING_CHUNK_MAX);
-            let sources = Self::sources(&lock(&self.inner), volume, at, n);
+            let sources = Self::sources(&*lock(&self.inner)?, volume, at, n);
             let crcs = m.checksums(at, n)?;
             for (src, crc) in sources.iter().zip(crcs) {
                 let s = match src {
@@ -1022,7 +1042,10 @@ impl WriteCache {
                 // Destage in large batches: every mirror sync is a file-system commit
                 // that the writers' msyncs queue behind, so fewer, bigger ones keep
                 // commits fast. Go at once when the ring is half full.
-                let mut g = lock(&self.inner);
+                let Ok(mut g) = lock(&self.inner) else {
+                    error!("write cache state lost to a panic: destage stops");
+                    return;
+                };
                 let started = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {
                     let pending = !g.queue.is_empty();
@@ -1038,14 +1061,18 @@ impl WriteCache {
                             if let Err(e) = self.wait_durable(seq) {
                                 error!("commit before destage failed: {e}");
                             }
-                            g = lock(&self.inner);
+                            let Ok(ng) = lock(&self.inner) else {
+                                error!("write cache state lost to a panic: destage stops");
+                                return;
+                            };
+                            g = ng;
                         }
                         break;
                     }
-                    let (ng, _) = self
-                        .cond
-                        .wait_timeout(g, Duration::from_millis(10))
-                        .unwrap_or_else(|e| e.into_inner());
+                    let Ok((ng, _)) = self.cond.wait_timeout(g, Duration::from_millis(10)) else {
+                        error!("write cache state lost to a panic: destage stops");
+                        return;
+                    };
                     g = ng;
                 }
                 let durable = g.durable_seq;
@@ -1145,7 +1172,7 @@ impl WriteCache {
         }
         let last = batch.last().map_or(0, |b| b.seq);
         let (new_tail, tail_seq, sb_seq) = {
-            let g = lock(&self.inner);
+            let g = lock(&self.inner)?;
             let end = g
                 .queue
                 .iter()
@@ -1156,7 +1183,7 @@ impl WriteCache {
         };
         // The mirrors hold everything before `new_tail`; only now may the ring reuse it.
         self.write_superblock(new_tail, tail_seq, sb_seq)?;
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         assert!(
             g.tail <= new_tail && new_tail <= g.head,
             "tail {} moved to {new_tail} outside the log (head {})",
@@ -1193,7 +1220,7 @@ impl WriteCache {
 
     /// Counters.
     pub fn stats(&self) -> CacheStats {
-        let g = lock(&self.inner);
+        let g = lock_to_report(&self.inner);
         CacheStats {
             commit_flushes: self.flushes.load(Ordering::Relaxed),
             commit_flush_us: self.flush_us.load(Ordering::Relaxed),
@@ -1218,17 +1245,19 @@ impl WriteCache {
             return false;
         }
         let deadline = Instant::now() + timeout;
-        let mut g = lock(&self.inner);
+        let Ok(mut g) = lock(&self.inner) else {
+            return false;
+        };
         while !g.queue.is_empty() {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            g = self
-                .cond
-                .wait_timeout(g, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+            let ng = self.cond.wait_timeout(g, deadline - now).map(|(g, _)| g);
+            let Ok(ng) = ng else {
+                return false;
+            };
+            g = ng;
         }
         true
     }
@@ -1547,6 +1576,53 @@ mod tests {
         let _ = std::fs::remove_dir_all(d);
     }
 
+    /// A thread that panics holding the cache's state (an assertion on ring arithmetic
+    /// failing) leaves it untrusted: every later write, commit wait and read fails with an
+    /// error instead of working from it, statistics still report, and the next start
+    /// recovers every committed record from the media.
+    #[test]
+    fn a_panic_under_the_state_lock_fails_every_later_operation_until_a_restart() {
+        let (d, vols) = setup("poison", 2);
+        let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("open");
+        let v = CachedVolume::new(
+            Arc::clone(&c),
+            Arc::clone(&vols[&0]),
+            0,
+            CacheMode::Nonvolatile,
+        );
+        for i in 0..8u64 {
+            v.write_blocks(i, &block(i), false).expect("write");
+        }
+        let held = Arc::clone(&c);
+        let panicked = std::thread::spawn(move || {
+            let _g = held.inner.lock().expect("not poisoned yet");
+            panic!("an assertion failed mid-update");
+        })
+        .join();
+        assert!(panicked.is_err(), "the thread panicked");
+        let refused = |r: Result<(), MediaError>, what: &str| match r {
+            Err(MediaError::Failed(msg)) => assert!(msg.contains("restart"), "{what}: {msg}"),
+            other => panic!("{what} after the panic: {other:?}"),
+        };
+        refused(v.write_blocks(9, &block(9), false).map(|_| ()), "write");
+        refused(c.wait_durable(c.appended_seq()), "commit wait");
+        let mut b = vec![0u8; 512];
+        refused(v.read_blocks(0, &mut b), "read");
+        assert!(!c.drain(Duration::from_millis(50)), "nothing drains");
+        assert_eq!(c.stats().records, 8, "statistics still report");
+        c.shutdown();
+        drop(v);
+        drop(c);
+        let vols = open_volumes(&d);
+        let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("reopen");
+        for i in 0..8u64 {
+            c.read(0, i, &mut b).expect("read after restart");
+            assert_eq!(b, block(i), "block {i} recovered");
+        }
+        c.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
     #[test]
     fn ring_wraps_many_times() {
         let (d, vols) = setup("wrap", 1);
@@ -1588,7 +1664,12 @@ mod tests {
                 let s = c.append(0, *lba, &block(100 + i as u64)).expect("append");
                 c.wait_durable(s).expect("commit");
             }
-            positions = lock(&c.inner).queue.iter().map(|p| p.pos).collect();
+            positions = lock(&c.inner)
+                .expect("not poisoned")
+                .queue
+                .iter()
+                .map(|p| p.pos)
+                .collect();
             c.put(c.phys(positions[0]) + HDR_LEN + 3, &[0x55])
                 .expect("put");
             c.map.flush_range(0, c.map.size()).expect("flush");
@@ -1639,7 +1720,12 @@ mod tests {
             // One more record, torn: written but with its payload damaged.
             let s = c.append(0, 100, &block(9999)).expect("append");
             c.wait_durable(s).expect("commit");
-            let pos = lock(&c.inner).queue.back().map(|p| p.pos).expect("queued");
+            let pos = lock(&c.inner)
+                .expect("not poisoned")
+                .queue
+                .back()
+                .map(|p| p.pos)
+                .expect("queued");
             let off = c.phys(pos) + HDR_LEN + 7;
             c.put(off, &[0xee]).expect("put");
             c.map.flush_range(0, c.map.size()).expect("flush");
@@ -1777,13 +1863,13 @@ mod tests {
             }
         });
         let appended = c.appended_seq();
-        assert!(lock(&c.inner).durable_seq >= appended);
+        assert!(lock(&c.inner).expect("not poisoned").durable_seq >= appended);
         let s = c.stats();
         assert!(s.commit_flushes >= 1 && s.commit_flushes < 64);
         // Outside a scope a write waits for its own commit, as before.
         v.write_blocks(1000, &block(1000), false).expect("write");
         let appended = c.appended_seq();
-        assert!(lock(&c.inner).durable_seq >= appended);
+        assert!(lock(&c.inner).expect("not poisoned").durable_seq >= appended);
         // A command that panics leaves the thread deferring nothing.
         let r = std::panic::catch_unwind(|| defer_commits(|| panic!("command panicked")));
         assert!(r.is_err());
@@ -2016,6 +2102,7 @@ mod discard_tests {
         v.unmap(0, 4).expect("unmap");
         // The same record as a newer build's kind 9, crc and all.
         let pos = lock(&cache.inner)
+            .expect("not poisoned")
             .queue
             .back()
             .map(|p| p.pos)

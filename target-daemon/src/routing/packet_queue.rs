@@ -111,6 +111,11 @@ pub enum QueueError {
     /// The volume holds something that is not a packet queue.
     #[error("packet queue: {0}")]
     Corrupt(String),
+    /// A thread panicked while changing the queue's state (a failed assertion), so the
+    /// index may be half-updated: nothing is served from it any more. The log on the
+    /// media is untouched and the next start rebuilds the index from it.
+    #[error("packet queue state abandoned by a panicking thread; restart to recover from the log")]
+    Poisoned,
 }
 
 /// What became of one packet handed to [`PacketQueue::store`].
@@ -450,7 +455,14 @@ struct Hdr {
     body_len: usize,
 }
 
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+/// The queue's state, or [`QueueError::Poisoned`] once a thread panicked holding it.
+fn lock(m: &Mutex<Inner>) -> Result<MutexGuard<'_, Inner>, QueueError> {
+    m.lock().map_err(|_| QueueError::Poisoned)
+}
+
+/// The state for figures that only report (statistics, overdue lists, space used): a
+/// poisoned lock is no reason to stop reporting, and nothing is changed.
+fn lock_to_report(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -593,7 +605,7 @@ impl PacketQueue {
             }
             (le64(&sb, 12), le64(&sb, 20))
         };
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         g.tail = tail;
         g.tail_seq = tail_seq;
         let (mut pos, mut seq) = (tail, tail_seq);
@@ -932,7 +944,7 @@ impl PacketQueue {
         }
         let ts = self.clock.now_ms();
         let (cache_seq, results, last) = {
-            let mut g = lock(&self.inner);
+            let mut g = lock(&self.inner)?;
             let results = self.admit(&g, packets);
             let bodies: Vec<Vec<u8>> = packets
                 .iter()
@@ -994,7 +1006,7 @@ impl PacketQueue {
         };
         self.cache.wait_durable(cache_seq)?;
         if last > 0 {
-            self.advance_frontier(last);
+            self.advance_frontier(last)?;
             self.wake_stored(packets);
         }
         Ok(results)
@@ -1064,16 +1076,22 @@ impl PacketQueue {
     }
 
     /// Every record up to `seq` is durable: deliverable from now on.
-    fn advance_frontier(&self, seq: u64) {
-        let mut g = lock(&self.inner);
+    fn advance_frontier(&self, seq: u64) -> Result<(), QueueError> {
+        let mut g = lock(&self.inner)?;
         // Appends are in log order, so a commit covers every earlier record too.
         g.frontier = g.frontier.max(seq);
+        Ok(())
     }
 
     /// The outcome and sequence number a (sender, packet id) got, while that packet is
     /// stored.
     pub fn duplicate(&self, sender: NodeAddr, packet_id: u64) -> Option<(Outcome, u64)> {
-        lock(&self.inner).dedup.get(&(sender, packet_id)).copied()
+        // A poisoned state knows no duplicates; the store that follows fails anyway.
+        lock(&self.inner)
+            .ok()?
+            .dedup
+            .get(&(sender, packet_id))
+            .copied()
     }
 
     /// Returns once stored packet `seq` is durable, or the error that keeps it from ever
@@ -1081,7 +1099,7 @@ impl PacketQueue {
     /// is answered with its original's outcome only after this.
     pub fn wait_stored(&self, seq: u64) -> Result<(), QueueError> {
         let (cache_seq, upto) = {
-            let g = lock(&self.inner);
+            let g = lock(&self.inner)?;
             if g.frontier >= seq {
                 return Ok(());
             }
@@ -1090,14 +1108,14 @@ impl PacketQueue {
             (self.cache.appended_seq(), g.next_seq - 1)
         };
         self.cache.wait_durable(cache_seq)?;
-        self.advance_frontier(upto);
+        self.advance_frontier(upto)?;
         Ok(())
     }
 
     /// Acknowledges packets of `node`, durably.
     pub fn ack(&self, node: NodeAddr, upto: u64, list: &[u64]) -> Result<(), QueueError> {
         let cache_seq = {
-            let mut g = lock(&self.inner);
+            let mut g = lock(&self.inner)?;
             // Applied first, so the tail may pass what this acknowledges and make room
             // for the ACK record itself. Safe before the record is durable: a crash
             // before it only redelivers packets the destination has (at least once),
@@ -1122,7 +1140,7 @@ impl PacketQueue {
             cache_seq
         };
         self.cache.wait_durable(cache_seq)?;
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         self.refill(&mut g, node)?;
         Ok(())
     }
@@ -1231,7 +1249,7 @@ impl PacketQueue {
     ) -> Result<(Vec<Packet>, bool), QueueError> {
         let max = max.max(1);
         let (picked, more) = {
-            let mut g = lock(&self.inner);
+            let mut g = lock(&self.inner)?;
             let frontier = g.frontier;
             let Some(n) = g.nodes.get_mut(&node) else {
                 return Ok((Vec::new(), false));
@@ -1286,7 +1304,7 @@ impl PacketQueue {
                 .map(Some)
                 .ok_or_else(|| QueueError::Corrupt(format!("packet {} malformed", e.seq)));
         }
-        let g = lock(&self.inner);
+        let g = lock(&self.inner)?;
         let pending = g
             .nodes
             .get(&node)
@@ -1304,7 +1322,9 @@ impl PacketQueue {
     /// that record did not reach the initiator whole, so it and every later record are
     /// delivered again (at least once; never skipped).
     pub fn undeliver(&self, node: NodeAddr, first_unsent: u64) {
-        let mut g = lock(&self.inner);
+        let Ok(mut g) = lock(&self.inner) else {
+            return;
+        };
         if let Some(n) = g.nodes.get_mut(&node) {
             let back = first_unsent.saturating_sub(1).max(n.acked_upto);
             n.delivered = n.delivered.min(back);
@@ -1316,7 +1336,9 @@ impl PacketQueue {
     /// Puts a node's RECEIVE position back to its first unacknowledged packet (a new
     /// session of the node gets again what an old one may have lost).
     pub fn rewind(&self, node: NodeAddr) {
-        let mut g = lock(&self.inner);
+        let Ok(mut g) = lock(&self.inner) else {
+            return;
+        };
         if let Some(n) = g.nodes.get_mut(&node) {
             n.delivered = n.acked_upto;
         }
@@ -1337,7 +1359,7 @@ impl PacketQueue {
         size_of: impl Fn(usize) -> usize,
     ) -> Result<(Vec<Packet>, bool), QueueError> {
         let (tail, tail_seq, head, frontier) = {
-            let g = lock(&self.inner);
+            let g = lock(&self.inner)?;
             (g.tail, g.tail_seq, g.head, g.frontier)
         };
         let scan = ReplayScan {
@@ -1362,7 +1384,7 @@ impl PacketQueue {
         }
         // No mark, or it no longer verifies (the tail passed it): scan from the tail.
         let (tail, tail_seq) = if mark.is_some() {
-            let g = lock(&self.inner);
+            let g = lock(&self.inner)?;
             (g.tail, g.tail_seq)
         } else {
             (tail, tail_seq)
@@ -1419,7 +1441,7 @@ impl PacketQueue {
 
     /// QUEUE STATS figures of `node`.
     pub fn stats(&self, node: NodeAddr) -> NodeStats {
-        let g = lock(&self.inner);
+        let g = lock_to_report(&self.inner);
         g.nodes
             .get(&node)
             .map_or_else(NodeStats::default, |n| NodeStats {
@@ -1446,7 +1468,7 @@ impl PacketQueue {
     /// Unacknowledged packets of `node` stored before `older_than_ms` that have not been
     /// reported yet: (sender, packet id, seq). Marks them reported.
     pub fn overdue(&self, node: NodeAddr, older_than_ms: u64) -> Vec<(NodeAddr, u64, u64)> {
-        let mut g = lock(&self.inner);
+        let mut g = lock_to_report(&self.inner);
         let Some(n) = g.nodes.get_mut(&node) else {
             return Vec::new();
         };
@@ -1468,7 +1490,7 @@ impl PacketQueue {
 
     /// Moves the tail past expired, acknowledged packets (retention by age).
     pub fn expire(&self) -> Result<(), QueueError> {
-        let mut g = lock(&self.inner);
+        let mut g = lock(&self.inner)?;
         match self.make_room(&mut g, 0) {
             Ok(()) | Err(QueueError::Full) => Ok(()),
             Err(e) => {
@@ -1480,7 +1502,7 @@ impl PacketQueue {
 
     /// Bytes used by the log (live records, acknowledged ones still retained included).
     pub fn used_bytes(&self) -> u64 {
-        let g = lock(&self.inner);
+        let g = lock_to_report(&self.inner);
         g.head - g.tail
     }
 }
@@ -1556,6 +1578,44 @@ mod tests {
 
     fn take(q: &PacketQueue, node: NodeAddr, max: usize) -> (Vec<Packet>, bool) {
         q.receive(node, max, 1 << 20, |n| 52 + n).expect("receive")
+    }
+
+    /// A thread that panics holding the queue's state leaves its index untrusted: stores,
+    /// receives and ACKs fail with `Poisoned` (the agent answers them with an error, not
+    /// from a half-updated index), statistics still report, and a restart rebuilds the
+    /// index from the log with every stored packet.
+    #[test]
+    fn a_panic_under_the_state_lock_fails_stores_and_receives_until_a_restart() {
+        let d = dir("poison");
+        let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+        r.q.store(&[pkt(a(2), 1, 10), pkt(a(2), 2, 20)])
+            .expect("store");
+        let q = Arc::clone(&r.q);
+        let panicked = std::thread::spawn(move || {
+            let _g = q.inner.lock().expect("not poisoned yet");
+            panic!("an assertion failed mid-update");
+        })
+        .join();
+        assert!(panicked.is_err(), "the thread panicked");
+        assert!(matches!(
+            r.q.store(&[pkt(a(2), 3, 30)]),
+            Err(QueueError::Poisoned)
+        ));
+        assert!(matches!(
+            r.q.receive(a(2), 10, 1 << 20, |n| 52 + n),
+            Err(QueueError::Poisoned)
+        ));
+        assert!(matches!(r.q.ack(a(2), 1, &[]), Err(QueueError::Poisoned)));
+        assert_eq!(r.q.duplicate(a(1), 1), None, "no answer from the index");
+        assert_eq!(r.q.stats(a(2)).queued_records, 2, "statistics still report");
+        let r = r.crash_and_reopen(QueueOptions::default());
+        let (got, _) = take(&r.q, a(2), 10);
+        assert_eq!(
+            got.iter().map(|p| p.packet_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        r.cache.shutdown();
+        let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]
@@ -1898,7 +1958,7 @@ mod tests {
                     }),
             );
         }
-        let tail_seq = lock(&r.q.inner).tail_seq;
+        let tail_seq = lock(&r.q.inner).expect("not poisoned").tail_seq;
         let from = seqs[300];
         let mark = lock_sparse(&r.q)
             .start(from, 0, tail_seq)
