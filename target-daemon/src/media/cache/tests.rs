@@ -1,0 +1,391 @@
+use super::*;
+use std::path::PathBuf;
+
+fn setup(tag: &str, cache_mib: u64) -> (PathBuf, HashMap<u32, Arc<MirrorSet>>) {
+    let d = std::env::temp_dir().join(format!("ftss-cache-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    let _ = cache_mib;
+    let vols = open_volumes(&d);
+    (d, vols)
+}
+
+fn open_volumes(d: &Path) -> HashMap<u32, Arc<MirrorSet>> {
+    let m = MirrorSet::open(&[d.join("v0a"), d.join("v0b")], 4096, 512).expect("mirrors");
+    HashMap::from([(0u32, Arc::new(m))])
+}
+
+fn block(tag: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(tag ^ i as u64).to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn writes_read_back_before_and_after_destage() {
+    for map_stores in [false, true] {
+        writes_read_back(map_stores);
+    }
+}
+
+/// Both ways records enter the file (pwrite, stores through the map) are read back
+/// through the map, from the ring and after destage, and recovered after a reopen.
+fn writes_read_back(map_stores: bool) {
+    let (d, vols) = setup(if map_stores { "rw-map" } else { "rw" }, 2);
+    let c = WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), map_stores).expect("open");
+    let v = CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Nonvolatile,
+    );
+    for i in 0..64u64 {
+        v.write_blocks(i, &block(i), false).expect("write");
+    }
+    let mut b = vec![0u8; 512];
+    v.read_blocks(5, &mut b).expect("read");
+    assert_eq!(b, block(5));
+    assert!(c.drain(Duration::from_secs(10)), "destage drains");
+    let mut raw = vec![0u8; 512];
+    vols[&0].read(63, &mut raw).expect("mirror read");
+    assert_eq!(raw, block(63), "destaged to the mirrors");
+    // Committed but not destaged: replayed from the file after a reopen.
+    for i in 0..16u64 {
+        v.write_blocks(100 + i, &block(1000 + i), false)
+            .expect("write");
+    }
+    c.shutdown();
+    drop(v);
+    drop(c);
+    let vols = open_volumes(&d);
+    let c =
+        WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), map_stores).expect("reopen");
+    for i in 0..16u64 {
+        c.read(0, 100 + i, &mut b).expect("read");
+        assert_eq!(b, block(1000 + i), "block {} after reopen", 100 + i);
+    }
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// A thread that panics holding the cache's state (an assertion on ring arithmetic
+/// failing) leaves it untrusted: every later write, commit wait and read fails with an
+/// error instead of working from it, statistics still report, and the next start
+/// recovers every committed record from the media.
+#[test]
+fn a_panic_under_the_state_lock_fails_every_later_operation_until_a_restart() {
+    let (d, vols) = setup("poison", 2);
+    let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("open");
+    let v = CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Nonvolatile,
+    );
+    for i in 0..8u64 {
+        v.write_blocks(i, &block(i), false).expect("write");
+    }
+    let held = Arc::clone(&c);
+    let panicked = std::thread::spawn(move || {
+        let _g = held.inner.lock().expect("not poisoned yet");
+        panic!("an assertion failed mid-update");
+    })
+    .join();
+    assert!(panicked.is_err(), "the thread panicked");
+    let refused = |r: Result<(), MediaError>, what: &str| match r {
+        Err(MediaError::Failed(msg)) => assert!(msg.contains("restart"), "{what}: {msg}"),
+        other => panic!("{what} after the panic: {other:?}"),
+    };
+    refused(v.write_blocks(9, &block(9), false).map(|_| ()), "write");
+    refused(c.wait_durable(c.appended_seq()), "commit wait");
+    let mut b = vec![0u8; 512];
+    refused(v.read_blocks(0, &mut b), "read");
+    assert!(!c.drain(Duration::from_millis(50)), "nothing drains");
+    assert_eq!(c.stats().records, 8, "statistics still report");
+    c.shutdown();
+    drop(v);
+    drop(c);
+    let vols = open_volumes(&d);
+    let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("reopen");
+    for i in 0..8u64 {
+        c.read(0, i, &mut b).expect("read after restart");
+        assert_eq!(b, block(i), "block {i} recovered");
+    }
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn ring_wraps_many_times() {
+    let (d, vols) = setup("wrap", 1);
+    let c = WriteCache::open(&d.join("wc"), RING_START + (1 << 20), vols.clone()).expect("open");
+    let v = CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Nonvolatile,
+    );
+    // 12 MiB through a 1 MiB ring, in 4 KiB + header records (which do not divide
+    // the ring evenly, so wrap records are exercised).
+    for i in 0..3000u64 {
+        let lba = (i * 8) % 4000;
+        let data: Vec<u8> = (0..8).flat_map(|k| block(i * 8 + k)).collect();
+        v.write_blocks(lba, &data, false).expect("write");
+    }
+    assert!(c.drain(Duration::from_secs(20)));
+    let mut b = vec![0u8; 512];
+    let last = 2999u64;
+    v.read_blocks((last * 8) % 4000, &mut b).expect("read");
+    assert_eq!(b, block(last * 8));
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn stale_records_past_a_hole_are_never_replayed_after_a_second_crash() {
+    let (d, vols) = setup("stale", 4);
+    let path = d.join("wc");
+    let positions: Vec<u64>;
+    {
+        let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("open");
+        c.shutdown();
+        std::thread::sleep(Duration::from_millis(100));
+        // Five records reach the disk, but the first one's bytes do not (a hole).
+        for (i, lba) in [0u64, 1, 2, 5, 6].iter().enumerate() {
+            let s = c.append(0, *lba, &block(100 + i as u64)).expect("append");
+            c.wait_durable(s).expect("commit");
+        }
+        positions = lock(&c.inner)
+            .expect("not poisoned")
+            .queue
+            .iter()
+            .map(|p| p.pos)
+            .collect();
+        c.put(c.phys(positions[0]) + HDR_LEN + 3, &[0x55])
+            .expect("put");
+        c.map.flush_range(0, c.map.size()).expect("flush");
+    }
+    drop(vols);
+    let vols = open_volumes(&d);
+    {
+        let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen");
+        assert_eq!(c.stats().recovered_records, 0, "nothing before the hole");
+        c.shutdown();
+        std::thread::sleep(Duration::from_millis(100));
+        // The same shapes again, at the same places: acknowledged new data for lba 5.
+        let s = c.append(0, 5, &block(900)).expect("append");
+        c.wait_durable(s).expect("commit");
+        let s = c.append(0, 7, &block(901)).expect("append");
+        c.wait_durable(s).expect("commit");
+    }
+    drop(vols);
+    let vols = open_volumes(&d);
+    let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen again");
+    assert_eq!(c.stats().recovered_records, 2, "only the two new records");
+    let mut b = vec![0u8; 512];
+    vols[&0].read(5, &mut b).expect("mirror");
+    assert_eq!(
+        b,
+        block(900),
+        "the acknowledged write wins over a stale record"
+    );
+    vols[&0].read(6, &mut b).expect("mirror");
+    assert!(b.iter().all(|&x| x == 0), "a stale record is never applied");
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn committed_records_are_replayed_and_a_torn_tail_is_dropped() {
+    let (d, vols) = setup("recover", 4);
+    let path = d.join("wc");
+    {
+        let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("open");
+        // Stop destage first, so the records stay only in the cache.
+        c.shutdown();
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..100u64 {
+            let s = c.append(0, i, &block(1000 + i)).expect("append");
+            c.wait_durable(s).expect("commit");
+        }
+        // One more record, torn: written but with its payload damaged.
+        let s = c.append(0, 100, &block(9999)).expect("append");
+        c.wait_durable(s).expect("commit");
+        let pos = lock(&c.inner)
+            .expect("not poisoned")
+            .queue
+            .back()
+            .map(|p| p.pos)
+            .expect("queued");
+        let off = c.phys(pos) + HDR_LEN + 7;
+        c.put(off, &[0xee]).expect("put");
+        c.map.flush_range(0, c.map.size()).expect("flush");
+    }
+    drop(vols);
+    let vols = open_volumes(&d);
+    let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen recovers");
+    assert_eq!(c.stats().recovered_records, 100, "torn tail record dropped");
+    let mut b = vec![0u8; 512];
+    for i in 0..100u64 {
+        vols[&0].read(i, &mut b).expect("mirror");
+        assert_eq!(b, block(1000 + i), "record {i} replayed to the mirrors");
+    }
+    vols[&0].read(100, &mut b).expect("mirror");
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "the torn record was never applied"
+    );
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn concurrent_writers_share_flushes() {
+    let (d, vols) = setup("group", 16);
+    let c = WriteCache::open(&d.join("wc"), 16 << 20, vols.clone()).expect("open");
+    let v = Arc::new(CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Nonvolatile,
+    ));
+    let threads: Vec<_> = (0..32u64)
+        .map(|t| {
+            let v = Arc::clone(&v);
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    v.write_blocks(t * 100 + i, &block(t * 1000 + i), false)
+                        .expect("write");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer");
+    }
+    let s = c.stats();
+    eprintln!(
+        "group commit: {} records, {} msyncs, {} us in them",
+        s.records, s.commit_flushes, s.commit_flush_us
+    );
+    assert_eq!(s.records, 1600);
+    // Every msync here wrote pages of a real file: none took no time.
+    assert!(s.commit_flush_us > 0, "msync time not counted");
+    assert!(
+        s.commit_flushes < 1600,
+        "{} flushes for 1600 writes: no grouping",
+        s.commit_flushes
+    );
+    let mut b = vec![0u8; 512];
+    v.read_blocks(31 * 100 + 49, &mut b).expect("read");
+    assert_eq!(b, block(31 * 1000 + 49));
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn an_inline_write_that_would_wait_for_ring_space_is_refused_without_effect() {
+    let (d, vols) = setup("inline", 2);
+    let c = WriteCache::open(&d.join("wc"), 2 << 20, vols.clone()).expect("open");
+    let v = CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Volatile,
+    );
+    // Both mirrors fail, so destage cannot free the ring: it fills up.
+    vols[&0].inject_eio(0, true);
+    vols[&0].inject_eio(1, true);
+    let mut refused = None;
+    for i in 0..10_000u64 {
+        let before = c.appended_seq();
+        match run_inline(|| v.write_blocks(i % 4096, &block(i), false)) {
+            Some(r) => r.expect("a write with room succeeds"),
+            None => {
+                refused = Some((i, before));
+                break;
+            }
+        }
+    }
+    let (i, before) = refused.expect("the ring filled up and an inline write was refused");
+    assert!(i > 1000, "refused only when full, after {i} writes");
+    assert_eq!(c.appended_seq(), before, "a refused write appends nothing");
+    // Outside the scope the same write would wait for space instead (not run here: it
+    // would wait out SPACE_WAIT); inside a new scope it is refused again.
+    assert!(run_inline(|| v.write_blocks(0, &block(0), false)).is_none());
+    assert!(run_inline(|| 7).is_some());
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn deferred_writes_are_committed_by_async_waiters_and_survive_a_reopen() {
+    let (d, vols) = setup("defer", 16);
+    let c = WriteCache::open(&d.join("wc"), 16 << 20, vols.clone()).expect("open");
+    let v = Arc::new(CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Nonvolatile,
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    // 64 commands of 4 writes each, as the connection runs them: execute under
+    // `defer_commits`, then wait for the commits asynchronously.
+    let mut waits = Vec::new();
+    for t in 0..64u64 {
+        let v = Arc::clone(&v);
+        let ((), commits) = defer_commits(|| {
+            for i in 0..4 {
+                v.write_blocks(t * 4 + i, &block(t * 10 + i), false)
+                    .expect("write");
+            }
+        });
+        // One cache, so one wait per command, for its newest record.
+        assert_eq!(commits.0.len(), 1);
+        assert_eq!(commits.0[0].1, c.appended_seq());
+        waits.push(rt.spawn(commits.wait()));
+    }
+    rt.block_on(async {
+        for w in waits {
+            w.await.expect("task").expect("commit");
+        }
+    });
+    let appended = c.appended_seq();
+    assert!(lock(&c.inner).expect("not poisoned").durable_seq >= appended);
+    let s = c.stats();
+    assert!(s.commit_flushes >= 1 && s.commit_flushes < 64);
+    // Outside a scope a write waits for its own commit, as before.
+    v.write_blocks(1000, &block(1000), false).expect("write");
+    let appended = c.appended_seq();
+    assert!(lock(&c.inner).expect("not poisoned").durable_seq >= appended);
+    // A command that panics leaves the thread deferring nothing.
+    let r = std::panic::catch_unwind(|| defer_commits(|| panic!("command panicked")));
+    assert!(r.is_err());
+    assert!(!defer(&c, 1));
+    // Committed, not yet destaged (or destaged): a reopen reads them all back.
+    c.shutdown();
+    drop(v);
+    drop(c);
+    let vols = open_volumes(&d);
+    let c = WriteCache::open(&d.join("wc"), 16 << 20, vols.clone()).expect("reopen");
+    let v = CachedVolume::new(
+        Arc::clone(&c),
+        Arc::clone(&vols[&0]),
+        0,
+        CacheMode::Nonvolatile,
+    );
+    let mut b = vec![0u8; 512];
+    for t in 0..64u64 {
+        for i in 0..4 {
+            v.read_blocks(t * 4 + i, &mut b).expect("read");
+            assert_eq!(b, block(t * 10 + i), "block {}", t * 4 + i);
+        }
+    }
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
