@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod config;
+mod counters;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub mod iscsi;
