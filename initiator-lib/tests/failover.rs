@@ -14,7 +14,7 @@ use bytes::Bytes;
 use ftss_initiator::multipath::MultipathTransport;
 use ftss_initiator::{OutPacket, Outcome, PacketClient, Receiver, SessionConfig};
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 

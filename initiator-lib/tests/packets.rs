@@ -13,7 +13,7 @@ use ftss_initiator::{
     SessionConfig,
 };
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 const TARGET: &str = "iqn.2026-11.org.ftss:packets";
 const WAIT: Duration = Duration::from_secs(5);

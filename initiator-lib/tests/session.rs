@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ftss_initiator::{ChapCredentials, Digest, Error, MutualChap, Session, SessionConfig};
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 const TARGET: &str = "iqn.2026-11.org.ftss:itest";
 const INITIATOR: &str = "iqn.2026-11.org.ftss:initiator";

@@ -358,17 +358,17 @@ impl Admin {
             lun,
             path: format!(
                 "runtime-lun-{:08x}.img",
-                crate::media_setup::volume_id(&target.iqn, lun)
+                crate::media::volume_id(&target.iqn, lun)
             )
             .into(),
             size_bytes: bytes,
             block_size,
         };
         let dir = &self.shared.config.server.data_dir;
-        let store = crate::media_setup::open_runtime_lun(dir, &entry)?;
+        let store = entry.open(dir)?;
         target
             .scsi
-            .add_lun(crate::media_setup::runtime_spec(&entry, store), dir)
+            .add_lun(entry.spec(store), dir)
             .map_err(|e| e.to_string())?;
         let mut next = state.clone();
         next.luns.push(entry.clone());

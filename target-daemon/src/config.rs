@@ -1,15 +1,19 @@
 //! Daemon configuration: TOML with portals, targets by IQN, LUNs, CHAP and initiator ACLs.
 //!
-//! Parsing rejects unknown keys; [`Config::validate`] checks the values and names the
-//! offending key in every error, e.g. `target[1].lun[0].size: ...`.
+//! Parsing rejects unknown keys; [`Config::resolve`] checks the values, naming the
+//! offending key in every error (e.g. `target[1].lun[0].size: ...`), and parses the ones
+//! written as text (sizes, addresses, modes) into a [`ResolvedConfig`]: the daemon takes
+//! its values from there and never reads those strings again. [`Config`] itself stays
+//! the file as written, which is what `admin config --effective` shows.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::media::CacheMode;
 use crate::routing::interfaces::{InterfaceSpec, InterfacesConfig};
 
 /// The configuration a bare `ftss-target` starts with.
@@ -457,6 +461,17 @@ pub struct ServerConfig {
     pub metrics: Option<String>,
 }
 
+impl ServerConfig {
+    /// The admin socket's path: `admin_socket`, relative to `data_dir` unless absolute.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        if self.admin_socket.is_absolute() {
+            self.admin_socket.clone()
+        } else {
+            self.data_dir.join(&self.admin_socket)
+        }
+    }
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./ftss-data")
 }
@@ -614,18 +629,53 @@ impl Config {
 
     /// Checks every value, naming the key of the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.resolve().map(|_| ())
+    }
+
+    /// Checks every value, naming the key of the first bad one, and parses the ones
+    /// written as text (sizes, addresses, modes) into what the daemon runs on. The one
+    /// place those strings are read: whoever starts or reloads the daemon takes the
+    /// values from here, so a value cannot pass the check and then be read otherwise.
+    pub fn resolve(&self) -> Result<ResolvedConfig, ConfigError> {
+        let (portals, metrics) = self.resolve_server()?;
+        let media = self.media.resolve()?;
+        let packets = self
+            .packets
+            .as_ref()
+            .map(PacketsConfig::resolve)
+            .transpose()?;
+        let node_addresses = self.resolve_nodes()?;
+        let lun_sizes = self.resolve_targets()?;
+        Ok(ResolvedConfig {
+            file: self.clone(),
+            portals,
+            metrics,
+            media,
+            lun_sizes,
+            packets,
+            node_addresses,
+        })
+    }
+
+    /// `[server]`: the portals and the metrics endpoint, parsed.
+    fn resolve_server(&self) -> Result<(Vec<SocketAddr>, Option<SocketAddr>), ConfigError> {
         let s = &self.server;
         if s.portals.is_empty() {
             return Err(invalid("server.portals", "at least one portal is required"));
         }
-        for (i, p) in s.portals.iter().enumerate() {
-            p.parse::<SocketAddr>().map_err(|e| {
-                invalid(
-                    format!("server.portals[{i}]"),
-                    format!("{p:?}: {e} (want host:port)"),
-                )
-            })?;
-        }
+        let portals = s
+            .portals
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        format!("server.portals[{i}]"),
+                        format!("{p:?}: {e} (want host:port)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if !(1..=4096).contains(&s.cmd_window) {
             return Err(invalid("server.cmd_window", "must be 1..=4096"));
         }
@@ -641,80 +691,21 @@ impl Config {
         if let Some(c) = &s.discovery_chap {
             c.validate("server.discovery_chap")?;
         }
-        if let Some(m) = &s.metrics {
-            m.parse::<SocketAddr>()
-                .map_err(|e| invalid("server.metrics", format!("{m:?}: {e} (want host:port)")))?;
-        }
-        let m = &self.media;
-        let cache = parse_size(&m.cache_size).map_err(|e| invalid("media.cache_size", e))?;
-        if cache < (2 << 20) {
-            return Err(invalid("media.cache_size", "must be at least 2MiB"));
-        }
-        parse_size(&m.rebuild_rate).map_err(|e| invalid("media.rebuild_rate", e))?;
-        if m.cache != "nonvolatile" && m.cache != "volatile" {
-            return Err(invalid(
-                "media.cache",
-                format!("{:?}: want \"nonvolatile\" or \"volatile\"", m.cache),
-            ));
-        }
-        if m.cache_writes != "write" && m.cache_writes != "map" {
-            return Err(invalid(
-                "media.cache_writes",
-                format!("{:?}: want \"write\" or \"map\"", m.cache_writes),
-            ));
-        }
-        if let Some(p) = &self.packets {
-            if p.mirrors.len() < 2 {
-                return Err(invalid("packets.mirrors", "needs at least two files"));
-            }
-            let size = parse_size(&p.size).map_err(|e| invalid("packets.size", e))?;
-            if size < (1 << 20) {
-                return Err(invalid("packets.size", "must be at least 1MiB"));
-            }
-            if p.dedup_window == 0 {
-                return Err(invalid("packets.dedup_window", "must be at least 1"));
-            }
-            if let Some(q) = &p.node_quota_bytes {
-                let q = parse_size(q).map_err(|e| invalid("packets.node_quota_bytes", e))?;
-                if q < vendor_payload_max() || q > size {
-                    return Err(invalid(
-                        "packets.node_quota_bytes",
-                        "must hold one largest packet (64KiB) and fit in packets.size",
-                    ));
-                }
-            }
-            if p.node_quota_records == Some(0) {
-                return Err(invalid("packets.node_quota_records", "must be at least 1"));
-            }
-            if let Some(x) = &p.external {
-                match &x.bind {
-                    Some(b) => {
-                        b.parse::<SocketAddr>()
-                            .map_err(|e| invalid("packets.external.bind", e.to_string()))?;
-                        if x.peers.is_empty() {
-                            return Err(invalid("packets.external.peers", "needs at least one"));
-                        }
-                    }
-                    None if !x.peers.is_empty() => {
-                        return Err(invalid("packets.external.bind", "needed with peers"));
-                    }
-                    None if x.interfaces.is_empty() && x.echo.is_none() => {
-                        return Err(invalid(
-                            "packets.external",
-                            "needs bind and peers, an interface, or echo",
-                        ));
-                    }
-                    None => {}
-                }
-                x.interfaces_config()?;
-                for (i, a) in x.peers.iter().enumerate() {
-                    a.parse::<SocketAddr>().map_err(|e| {
-                        invalid(format!("packets.external.peers[{i}]"), e.to_string())
-                    })?;
-                }
-            }
-        }
+        let metrics = s
+            .metrics
+            .as_deref()
+            .map(|m| {
+                m.parse::<SocketAddr>()
+                    .map_err(|e| invalid("server.metrics", format!("{m:?}: {e} (want host:port)")))
+            })
+            .transpose()?;
+        Ok((portals, metrics))
+    }
+
+    /// `[[node]]`: each node's addresses, parsed, in the file's order.
+    fn resolve_nodes(&self) -> Result<Vec<Vec<IpAddr>>, ConfigError> {
         let mut seen = HashSet::new();
+        let mut all = Vec::with_capacity(self.nodes.len());
         for (i, n) in self.nodes.iter().enumerate() {
             validate_name(&n.initiator).map_err(|e| invalid(format!("node[{i}].initiator"), e))?;
             if let Some(c) = &n.chap {
@@ -739,8 +730,9 @@ impl Config {
                     "needs at least one",
                 ));
             }
+            let mut addrs = Vec::with_capacity(n.addresses.len());
             for (j, a) in n.addresses.iter().enumerate() {
-                let ip: std::net::IpAddr = a.parse().map_err(|e| {
+                let ip: IpAddr = a.parse().map_err(|e| {
                     invalid(format!("node[{i}].addresses[{j}]"), format!("{a:?}: {e}"))
                 })?;
                 if ip.is_unspecified() || !seen.insert(ip) {
@@ -749,12 +741,21 @@ impl Config {
                         format!("{a} is unspecified or given to two nodes"),
                     ));
                 }
+                addrs.push(ip);
             }
+            all.push(addrs);
         }
+        Ok(all)
+    }
+
+    /// `[[target]]`: names, ACLs and LUNs checked; each LUN's size in bytes, by target
+    /// and LUN in the file's order.
+    fn resolve_targets(&self) -> Result<Vec<Vec<u64>>, ConfigError> {
         if self.targets.is_empty() {
             return Err(invalid("target", "at least one [[target]] is required"));
         }
         let mut iqns = HashSet::new();
+        let mut sizes = Vec::with_capacity(self.targets.len());
         for (ti, t) in self.targets.iter().enumerate() {
             let key = format!("target[{ti}]");
             validate_name(&t.iqn).map_err(|m| invalid(format!("{key}.iqn"), m))?;
@@ -776,6 +777,7 @@ impl Config {
                 validate_name(n).map_err(|m| invalid(format!("{key}.reset_initiators[{i}]"), m))?;
             }
             let mut luns = HashSet::new();
+            let mut target_sizes = Vec::with_capacity(t.luns.len());
             for (li, l) in t.luns.iter().enumerate() {
                 let lk = format!("{key}.lun[{li}]");
                 if l.lun > 16383 {
@@ -787,65 +789,11 @@ impl Config {
                         format!("LUN {} is configured twice", l.lun),
                     ));
                 }
-                if l.block_size != 512 && l.block_size != 4096 {
-                    return Err(invalid(format!("{lk}.block_size"), "must be 512 or 4096"));
-                }
-                if let Some(list) = &l.initiators {
-                    for (i, n) in list.iter().enumerate() {
-                        validate_name(n)
-                            .map_err(|m| invalid(format!("{lk}.initiators[{i}]"), m))?;
-                    }
-                }
-                let size = parse_size(&l.size).map_err(|m| invalid(format!("{lk}.size"), m))?;
-                if size < u64::from(l.block_size) * 16 {
-                    return Err(invalid(
-                        format!("{lk}.size"),
-                        "must hold at least 16 blocks",
-                    ));
-                }
-                if size % u64::from(l.block_size) != 0 {
-                    return Err(invalid(
-                        format!("{lk}.size"),
-                        format!(
-                            "{size} bytes is not a multiple of block_size {}",
-                            l.block_size
-                        ),
-                    ));
-                }
-                match (&l.path, l.mirrors.len()) {
-                    (Some(_), n) if n > 0 => {
-                        return Err(invalid(
-                            format!("{lk}.mirrors"),
-                            "give either path or mirrors, not both",
-                        ))
-                    }
-                    (Some(p), _) if p.as_os_str().is_empty() => {
-                        return Err(invalid(format!("{lk}.path"), "must not be empty"))
-                    }
-                    (None, 0) => {
-                        return Err(invalid(
-                            format!("{lk}.path"),
-                            "a LUN needs a path or mirrors",
-                        ))
-                    }
-                    (None, 1) => {
-                        return Err(invalid(
-                            format!("{lk}.mirrors"),
-                            "a mirror set needs at least two files",
-                        ))
-                    }
-                    _ => {}
-                }
-                let distinct: HashSet<&PathBuf> = l.mirrors.iter().collect();
-                if distinct.len() != l.mirrors.len() {
-                    return Err(invalid(
-                        format!("{lk}.mirrors"),
-                        "the same file is listed twice",
-                    ));
-                }
+                target_sizes.push(l.resolve(&lk)?);
             }
+            sizes.push(target_sizes);
         }
-        Ok(())
+        Ok(sizes)
     }
 
     /// The per-initiator CHAP credentials of `initiator` (`[node.chap]`), if any.
@@ -894,20 +842,249 @@ impl Config {
             Some(list) => list.iter().any(|n| n.eq_ignore_ascii_case(initiator)),
         })
     }
+}
 
-    /// The metrics endpoint's address, parsed (validated already); `None`: off.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.server.metrics.as_deref().and_then(|m| m.parse().ok())
+impl LunConfig {
+    /// Checks this LUN (`lk` is its key, `target[i].lun[j]`) and returns its size in
+    /// bytes.
+    fn resolve(&self, lk: &str) -> Result<u64, ConfigError> {
+        let l = self;
+        if l.block_size != 512 && l.block_size != 4096 {
+            return Err(invalid(format!("{lk}.block_size"), "must be 512 or 4096"));
+        }
+        if let Some(list) = &l.initiators {
+            for (i, n) in list.iter().enumerate() {
+                validate_name(n).map_err(|m| invalid(format!("{lk}.initiators[{i}]"), m))?;
+            }
+        }
+        let size = parse_size(&l.size).map_err(|m| invalid(format!("{lk}.size"), m))?;
+        if size < u64::from(l.block_size) * 16 {
+            return Err(invalid(
+                format!("{lk}.size"),
+                "must hold at least 16 blocks",
+            ));
+        }
+        if size % u64::from(l.block_size) != 0 {
+            return Err(invalid(
+                format!("{lk}.size"),
+                format!(
+                    "{size} bytes is not a multiple of block_size {}",
+                    l.block_size
+                ),
+            ));
+        }
+        match (&l.path, l.mirrors.len()) {
+            (Some(_), n) if n > 0 => {
+                return Err(invalid(
+                    format!("{lk}.mirrors"),
+                    "give either path or mirrors, not both",
+                ))
+            }
+            (Some(p), _) if p.as_os_str().is_empty() => {
+                return Err(invalid(format!("{lk}.path"), "must not be empty"))
+            }
+            (None, 0) => {
+                return Err(invalid(
+                    format!("{lk}.path"),
+                    "a LUN needs a path or mirrors",
+                ))
+            }
+            (None, 1) => {
+                return Err(invalid(
+                    format!("{lk}.mirrors"),
+                    "a mirror set needs at least two files",
+                ))
+            }
+            _ => {}
+        }
+        let distinct: HashSet<&PathBuf> = l.mirrors.iter().collect();
+        if distinct.len() != l.mirrors.len() {
+            return Err(invalid(
+                format!("{lk}.mirrors"),
+                "the same file is listed twice",
+            ));
+        }
+        Ok(size)
     }
+}
 
-    /// Listen addresses, parsed (validated already).
-    pub fn portal_addrs(&self) -> Vec<SocketAddr> {
-        self.server
-            .portals
+impl MediaConfig {
+    /// Checks `[media]` and parses its sizes and modes.
+    fn resolve(&self) -> Result<MediaSettings, ConfigError> {
+        let m = self;
+        let cache_bytes = parse_size(&m.cache_size).map_err(|e| invalid("media.cache_size", e))?;
+        if cache_bytes < (2 << 20) {
+            return Err(invalid("media.cache_size", "must be at least 2MiB"));
+        }
+        let rebuild_bytes_per_s =
+            parse_size(&m.rebuild_rate).map_err(|e| invalid("media.rebuild_rate", e))?;
+        let mode = match m.cache.as_str() {
+            "nonvolatile" => CacheMode::Nonvolatile,
+            "volatile" => CacheMode::Volatile,
+            other => {
+                return Err(invalid(
+                    "media.cache",
+                    format!("{other:?}: want \"nonvolatile\" or \"volatile\""),
+                ))
+            }
+        };
+        let map_writes = match m.cache_writes.as_str() {
+            "write" => false,
+            "map" => true,
+            other => {
+                return Err(invalid(
+                    "media.cache_writes",
+                    format!("{other:?}: want \"write\" or \"map\""),
+                ))
+            }
+        };
+        Ok(MediaSettings {
+            cache_bytes,
+            rebuild_bytes_per_s,
+            mode,
+            map_writes,
+        })
+    }
+}
+
+impl PacketsConfig {
+    /// Checks `[packets]` and parses its sizes and external addresses.
+    fn resolve(&self) -> Result<PacketSettings, ConfigError> {
+        let p = self;
+        if p.mirrors.len() < 2 {
+            return Err(invalid("packets.mirrors", "needs at least two files"));
+        }
+        let size_bytes = parse_size(&p.size).map_err(|e| invalid("packets.size", e))?;
+        if size_bytes < (1 << 20) {
+            return Err(invalid("packets.size", "must be at least 1MiB"));
+        }
+        if p.dedup_window == 0 {
+            return Err(invalid("packets.dedup_window", "must be at least 1"));
+        }
+        let node_quota_bytes = match &p.node_quota_bytes {
+            Some(q) => {
+                let q = parse_size(q).map_err(|e| invalid("packets.node_quota_bytes", e))?;
+                if q < vendor_payload_max() || q > size_bytes {
+                    return Err(invalid(
+                        "packets.node_quota_bytes",
+                        "must hold one largest packet (64KiB) and fit in packets.size",
+                    ));
+                }
+                Some(q)
+            }
+            None => None,
+        };
+        if p.node_quota_records == Some(0) {
+            return Err(invalid("packets.node_quota_records", "must be at least 1"));
+        }
+        let (udp, interfaces) = match &p.external {
+            Some(x) => x.resolve()?,
+            None => (None, None),
+        };
+        Ok(PacketSettings {
+            size_bytes,
+            node_quota_bytes,
+            udp,
+            interfaces,
+        })
+    }
+}
+
+/// The UDP tunnel of the external port: the local address and the gateways, in order
+/// of preference.
+type UdpTunnel = (SocketAddr, Vec<SocketAddr>);
+
+impl ExternalConfig {
+    /// Checks `[packets.external]`: the UDP tunnel's addresses, parsed, and the
+    /// interfaces' settings.
+    fn resolve(&self) -> Result<(Option<UdpTunnel>, Option<InterfacesConfig>), ConfigError> {
+        let x = self;
+        let bind = match &x.bind {
+            Some(b) => {
+                let bind = b
+                    .parse::<SocketAddr>()
+                    .map_err(|e| invalid("packets.external.bind", e.to_string()))?;
+                if x.peers.is_empty() {
+                    return Err(invalid("packets.external.peers", "needs at least one"));
+                }
+                Some(bind)
+            }
+            None if !x.peers.is_empty() => {
+                return Err(invalid("packets.external.bind", "needed with peers"));
+            }
+            None if x.interfaces.is_empty() && x.echo.is_none() => {
+                return Err(invalid(
+                    "packets.external",
+                    "needs bind and peers, an interface, or echo",
+                ));
+            }
+            None => None,
+        };
+        let interfaces = x.interfaces_config()?;
+        let peers = x
+            .peers
             .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid(format!("packets.external.peers[{i}]"), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((bind.map(|b| (b, peers)), interfaces))
     }
+}
+
+/// A configuration with its text values parsed: what [`Config::resolve`] returns and
+/// what the daemon starts and reloads from.
+#[derive(Debug, Clone)]
+pub struct ResolvedConfig {
+    /// The file as read (what `admin config --effective` shows).
+    pub(crate) file: Config,
+    /// `server.portals`.
+    pub(crate) portals: Vec<SocketAddr>,
+    /// `server.metrics`; `None`: no endpoint.
+    pub(crate) metrics: Option<SocketAddr>,
+    /// `[media]`.
+    pub(crate) media: MediaSettings,
+    /// Each LUN's size in bytes, by target and LUN in the file's order.
+    pub(crate) lun_sizes: Vec<Vec<u64>>,
+    /// `[packets]`.
+    pub(crate) packets: Option<PacketSettings>,
+    /// Each `[[node]]`'s addresses, in the file's order.
+    pub(crate) node_addresses: Vec<Vec<IpAddr>>,
+}
+
+impl ResolvedConfig {
+    /// The configuration as written.
+    pub fn file(&self) -> &Config {
+        &self.file
+    }
+}
+
+/// `[media]`, parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct MediaSettings {
+    /// `media.cache_size`.
+    pub(crate) cache_bytes: u64,
+    /// `media.rebuild_rate`.
+    pub(crate) rebuild_bytes_per_s: u64,
+    /// `media.cache`.
+    pub(crate) mode: CacheMode,
+    /// `media.cache_writes = "map"`.
+    pub(crate) map_writes: bool,
+}
+
+/// `[packets]`, parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct PacketSettings {
+    /// `packets.size`.
+    pub(crate) size_bytes: u64,
+    /// `packets.node_quota_bytes`.
+    pub(crate) node_quota_bytes: Option<u64>,
+    /// `packets.external.bind` and `peers`.
+    pub(crate) udp: Option<UdpTunnel>,
+    /// `[[packets.external.interface]]` and `packets.external.echo`.
+    pub(crate) interfaces: Option<InterfacesConfig>,
 }
 
 impl ChapConfig {
@@ -1003,7 +1180,7 @@ mod tests {
     #[test]
     fn default_is_valid() {
         let c = Config::default_config();
-        assert_eq!(c.portal_addrs().len(), 1);
+        assert_eq!(c.resolve().expect("valid").portals.len(), 1);
         assert_eq!(c.targets[0].luns[0].size, "1GiB");
         assert_eq!(c.targets[0].luns[0].mirrors.len(), 2);
         assert_eq!(c.media.cache, "nonvolatile");
@@ -1024,10 +1201,10 @@ mod tests {
             format!("[server]\nportals=[\"127.0.0.1:3260\"]\n{line}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n")
         };
         let off = Config::parse(&with("")).expect("valid");
-        assert_eq!(off.metrics_addr(), None);
+        assert_eq!(off.resolve().expect("valid").metrics, None);
         let on = Config::parse(&with("metrics=\"127.0.0.1:9470\"")).expect("valid");
         assert_eq!(
-            on.metrics_addr(),
+            on.resolve().expect("valid").metrics,
             Some(SocketAddr::from(([127, 0, 0, 1], 9470)))
         );
         for bad in ["localhost", "127.0.0.1", ":9470", "127.0.0.1:99999"] {

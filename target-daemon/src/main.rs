@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use ftss_target::config::{Config, DEFAULT_CONFIG};
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 /// ftss iSCSI target daemon.
 #[derive(Parser)]
@@ -157,14 +157,7 @@ fn main() -> anyhow::Result<()> {
         request,
     }) = args.command
     {
-        let socket = socket.unwrap_or_else(|| {
-            let s = &config.server;
-            if s.admin_socket.is_absolute() {
-                s.admin_socket.clone()
-            } else {
-                s.data_dir.join(&s.admin_socket)
-            }
-        });
+        let socket = socket.unwrap_or_else(|| config.server.admin_socket_path());
         return admin(&socket, request, json);
     }
     if args.check_config {

@@ -10,7 +10,9 @@
 //! changes (portals, limits, media, packets, aliases, LUN masking, the addresses of a
 //! node already known) are left for a restart and named in [`Plan::restart_needed`].
 
-use crate::config::{Config, ConfigError, LunConfig};
+use std::net::IpAddr;
+
+use crate::config::{Config, ConfigError, LunConfig, ResolvedConfig};
 
 /// What a reload puts in force.
 #[derive(Debug)]
@@ -21,11 +23,24 @@ pub struct Plan {
     /// Keys whose change in the file waits for a restart.
     pub restart_needed: Vec<String>,
     /// `[[node]]` entries new in the file: (index in the file, initiator, addresses).
-    pub nodes_added: Vec<(usize, String, Vec<String>)>,
-    /// Plain-file LUNs new in the file: (target IQN, key, the LUN).
-    pub luns_added: Vec<(String, String, LunConfig)>,
+    pub nodes_added: Vec<(usize, String, Vec<IpAddr>)>,
+    /// Plain-file LUNs new in the file.
+    pub luns_added: Vec<AddedLun>,
     /// Whether any ACL, CHAP secret or node differs from what was in force.
     pub changed: bool,
+}
+
+/// A plain-file LUN new in the file.
+#[derive(Debug)]
+pub struct AddedLun {
+    /// Its target's IQN.
+    pub iqn: String,
+    /// Its key, `target[i].lun[j]`.
+    pub key: String,
+    /// The LUN as written.
+    pub lun: LunConfig,
+    /// Its size in bytes.
+    pub size_bytes: u64,
 }
 
 fn refuse(key: String, msg: impl Into<String>) -> ConfigError {
@@ -36,7 +51,8 @@ fn refuse(key: String, msg: impl Into<String>) -> ConfigError {
 }
 
 /// Compares `new` (parsed and validated) with `running` and plans the reload.
-pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
+pub fn plan(running: &Config, resolved: &ResolvedConfig) -> Result<Plan, ConfigError> {
+    let new = resolved.file();
     let mut restart_needed = Vec::new();
     let mut note = |differs: bool, key: String| {
         if differs {
@@ -87,7 +103,13 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
                         format!("LUN {} is new and mirrored; that needs a restart", nl.lun),
                     ));
                 }
-                luns_added.push((nt.iqn.clone(), key, nl.clone()));
+                let size_bytes = resolved.lun_sizes[j][k];
+                luns_added.push(AddedLun {
+                    iqn: nt.iqn.clone(),
+                    key,
+                    lun: nl.clone(),
+                    size_bytes,
+                });
                 continue;
             };
             let storage = [
@@ -112,8 +134,8 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
         rt.luns.extend(
             luns_added
                 .iter()
-                .filter(|(iqn, _, _)| iqn == &nt.iqn)
-                .map(|(_, _, l)| l.clone()),
+                .filter(|a| a.iqn == nt.iqn)
+                .map(|a| a.lun.clone()),
         );
         note(rt.alias != nt.alias, format!("target[{j}].alias"));
         rt.initiators = nt.initiators.clone();
@@ -145,7 +167,7 @@ pub fn plan(running: &Config, new: Config) -> Result<Plan, ConfigError> {
             .find(|r| r.initiator.eq_ignore_ascii_case(&n.initiator))
         {
             Some(r) => note(r.addresses != n.addresses, format!("node[{i}].addresses")),
-            None => nodes_added.push((i, n.initiator.clone(), n.addresses.clone())),
+            None => nodes_added.push((i, n.initiator.clone(), resolved.node_addresses[i].clone())),
         }
     }
     for (i, r) in running.nodes.iter().enumerate() {
@@ -191,8 +213,12 @@ size = "16MiB"
         Config::parse(text).expect("valid")
     }
 
+    fn resolved(text: &str) -> ResolvedConfig {
+        cfg(text).resolve().expect("valid")
+    }
+
     fn refused(new: &str) -> String {
-        match plan(&cfg(BASE), cfg(new)) {
+        match plan(&cfg(BASE), &resolved(new)) {
             Ok(p) => panic!("accepted: {p:?}"),
             Err(e) => e.to_string(),
         }
@@ -206,14 +232,14 @@ size = "16MiB"
                 "[[target.lun]]",
                 "[target.chap]\nusername = \"u\"\nsecret = \"secret-12345\"\n[[target.lun]]",
             );
-        let p = plan(&cfg(BASE), cfg(&new)).expect("reloadable");
+        let p = plan(&cfg(BASE), &resolved(&new)).expect("reloadable");
         assert!(p.changed);
         assert!(p.restart_needed.is_empty(), "{:?}", p.restart_needed);
         assert!(p.config.target_allows("iqn.2026-12.x:t", "iqn.2026-12.x:b"));
         assert!(!p.config.target_allows("iqn.2026-12.x:t", "iqn.2026-12.x:a"));
         let chap = p.config.targets[0].chap.as_ref().expect("chap");
         assert_eq!(chap.secret, "secret-12345");
-        let same = plan(&cfg(BASE), cfg(BASE)).expect("same file");
+        let same = plan(&cfg(BASE), &resolved(BASE)).expect("same file");
         assert!(!same.changed);
     }
 
@@ -223,10 +249,14 @@ size = "16MiB"
             "{}[[node]]\ninitiator = \"iqn.2026-12.x:n\"\naddresses = [\"10.0.0.7\"]\n",
             BASE.replace("3260", "3261")
         );
-        let p = plan(&cfg(BASE), cfg(&new)).expect("reloadable");
+        let p = plan(&cfg(BASE), &resolved(&new)).expect("reloadable");
         assert_eq!(
             p.nodes_added,
-            vec![(0, "iqn.2026-12.x:n".to_owned(), vec!["10.0.0.7".to_owned()])]
+            vec![(
+                0,
+                "iqn.2026-12.x:n".to_owned(),
+                vec![IpAddr::from([10, 0, 0, 7])]
+            )]
         );
         assert_eq!(p.restart_needed, vec!["server".to_owned()]);
         assert_eq!(p.config.server.portals, vec!["127.0.0.1:3260".to_owned()]);
@@ -235,12 +265,13 @@ size = "16MiB"
     #[test]
     fn a_new_plain_file_lun_is_added() {
         let new = format!("{BASE}[[target.lun]]\nlun = 4\npath = \"lun4.img\"\nsize = \"1MiB\"\n");
-        let p = plan(&cfg(BASE), cfg(&new)).expect("reloadable");
+        let p = plan(&cfg(BASE), &resolved(&new)).expect("reloadable");
         assert!(p.changed);
         assert_eq!(p.luns_added.len(), 1);
-        assert_eq!(p.luns_added[0].0, "iqn.2026-12.x:t");
-        assert_eq!(p.luns_added[0].1, "target[0].lun[1]");
-        assert_eq!(p.luns_added[0].2.lun, 4);
+        assert_eq!(p.luns_added[0].iqn, "iqn.2026-12.x:t");
+        assert_eq!(p.luns_added[0].key, "target[0].lun[1]");
+        assert_eq!(p.luns_added[0].lun.lun, 4);
+        assert_eq!(p.luns_added[0].size_bytes, 1 << 20);
         assert_eq!(
             p.config.targets[0].luns.len(),
             2,

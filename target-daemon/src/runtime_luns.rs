@@ -7,8 +7,13 @@
 //! crash leaves the old list or the new one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::media::file::FileStore;
+use crate::media::BlockStore;
+use crate::scsi::LunSpec;
 
 /// The state file's name in the data directory.
 pub const FILE_NAME: &str = "runtime-luns.toml";
@@ -49,6 +54,33 @@ pub struct RuntimeLun {
     pub size_bytes: u64,
     /// Logical block size.
     pub block_size: u32,
+}
+
+impl RuntimeLun {
+    /// Opens its file in `data_dir` (unless the path is absolute), creating it when new.
+    pub(crate) fn open(&self, data_dir: &Path) -> Result<Arc<dyn BlockStore>, String> {
+        let path = if self.path.is_absolute() {
+            self.path.clone()
+        } else {
+            data_dir.join(&self.path)
+        };
+        Ok(Arc::new(
+            FileStore::open(&path, self.size_bytes, self.block_size)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        ))
+    }
+
+    /// The SCSI layer's view of it over `store`: every initiator the target admits sees
+    /// it.
+    pub(crate) fn spec(&self, store: Arc<dyn BlockStore>) -> LunSpec {
+        LunSpec {
+            lun: u64::from(self.lun),
+            store,
+            read_only: false,
+            removable: false,
+            initiators: None,
+        }
+    }
 }
 
 /// Everything the admin socket changed that outlives the process.

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use ftss_initiator::{Session, SessionConfig};
 use ftss_target::admin;
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 const TARGET: &str = "iqn.2026-11.org.ftss:faults";
 const BS: u32 = 512;

@@ -252,7 +252,7 @@ async fn abort_task_and_lun_reset_end_a_parked_receive_at_once() {
     let dir = common::temp_dir("longpoll-abort");
     let config =
         ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
-    let server = ftss_target::iscsi::Server::start(config)
+    let server = ftss_target::startup::Server::start(config)
         .await
         .expect("daemon");
     let addr = server.local_addrs()[0];
@@ -281,7 +281,7 @@ async fn a_receive_cut_by_its_expected_length_skips_no_record() {
     let dir = common::temp_dir("longpoll-edtl");
     let config =
         ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
-    let server = ftss_target::iscsi::Server::start(config)
+    let server = ftss_target::startup::Server::start(config)
         .await
         .expect("daemon");
     let addr = server.local_addrs()[0];
@@ -321,7 +321,7 @@ async fn a_receive_whose_data_in_is_not_transferred_is_delivered_again() {
     let dir = common::temp_dir("longpoll-unsent");
     let config =
         ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
-    let server = ftss_target::iscsi::Server::start(config)
+    let server = ftss_target::startup::Server::start(config)
         .await
         .expect("daemon");
     let addr = server.local_addrs()[0];
@@ -359,7 +359,7 @@ async fn a_receive_response_is_capped_whatever_its_allocation_length() {
     // 128 MiB of queue: the default per-node quota (a quarter) holds the 18 MB below.
     let config = ftss_target::config::Config::parse(&config_sized(&dir, "127.0.0.1:0", "128MiB"))
         .expect("config");
-    let server = ftss_target::iscsi::Server::start(config)
+    let server = ftss_target::startup::Server::start(config)
         .await
         .expect("daemon");
     let addr = server.local_addrs()[0];

@@ -16,7 +16,7 @@ use ftss_proto::vendor::{
     ReplayFrom, SendCdb, SendList, SendRecord, SendResults, SendResultsCdb, SendStatus,
 };
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 const TARGET: &str = "iqn.2026-11.org.ftss:packets";
 

@@ -16,8 +16,8 @@ use ftss_proto::pdu::{DataOut, Itt, Lun, Pdu, R2t};
 use ftss_proto::sense::Sense;
 use ftss_proto::serial::DataSn;
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
 use ftss_target::media::mirror::{MirrorSet, MirrorState};
+use ftss_target::startup::Server;
 
 const NODE_A: &str = "iqn.2026-11.org.ftss:cluster-node-a";
 const NODE_B: &str = "iqn.2026-11.org.ftss:cluster-node-b";

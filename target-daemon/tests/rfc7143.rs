@@ -169,7 +169,7 @@ async fn target_pings_idle_connections() {
         "[server]\nportals=[\"127.0.0.1:0\"]\ndata_dir=\"{}\"\nnop_interval_s=1\nnop_timeout_s=2\n[[target]]\niqn=\"{TARGET}\"\n[[target.lun]]\nlun=0\npath=\"l.img\"\nsize=\"1MiB\"\n",
         dir.display()
     );
-    let server = ftss_target::iscsi::Server::start(
+    let server = ftss_target::startup::Server::start(
         ftss_target::config::Config::parse(&text).expect("config"),
     )
     .await
@@ -528,7 +528,7 @@ async fn send_targets_longer_than_max_recv_segment_is_continued() {
             "[[target]]\niqn=\"iqn.2026-11.org.ftss:a-rather-long-target-name-to-fill-pdus-{i:03}\"\n"
         ));
     }
-    let server = ftss_target::iscsi::Server::start(
+    let server = ftss_target::startup::Server::start(
         ftss_target::config::Config::parse(&text).expect("config"),
     )
     .await

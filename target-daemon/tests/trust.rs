@@ -17,7 +17,7 @@ use ftss_proto::pdu::{Itt, LoginRequest, Lun, Pdu, Stage, TaskMgmtRequest, TmfFu
 use ftss_proto::serial::{CmdSn, DataSn, StatSn};
 use ftss_proto::vendor::{NodeAddr, NodeCdb, NodeInfo, ReceiveCdb, RecordList, RouteList};
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 const NODE1: &str = "iqn.2026-11.org.ftss:trust-node1";
 const NODE2: &str = "iqn.2026-11.org.ftss:trust-node2";

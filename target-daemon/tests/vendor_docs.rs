@@ -13,7 +13,7 @@ use bytes::Bytes;
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::vendor::{AddressList, NodeAddr, NodeCdb, RecordList};
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 
 const TARGET: &str = "iqn.2026-11.org.ftss:docs";
 

@@ -30,7 +30,7 @@ size = "128MiB"
         common::TARGET
     );
     let config = ftss_target::config::Config::parse(&text).expect("config");
-    let server = ftss_target::iscsi::Server::start(config)
+    let server = ftss_target::startup::Server::start(config)
         .await
         .expect("daemon");
     let addr = server.local_addrs()[0];

@@ -45,6 +45,9 @@ pub(crate) struct Shared {
     /// The configuration last accepted (at start or by a reload); logins take a snapshot.
     in_force: std::sync::RwLock<Arc<Config>>,
     pub(crate) targets: Vec<Arc<TargetEntry>>,
+    /// The portals as bound (the real port where the configuration said 0), set once
+    /// they listen; SendTargets answers list them.
+    portals: std::sync::OnceLock<Vec<SocketAddr>>,
     pub(crate) registry: Registry,
     next_nexus: AtomicU64,
     /// Connections being served (login or full feature phase, until their commands
@@ -102,6 +105,7 @@ impl Shared {
             in_force: std::sync::RwLock::new(Arc::new(config.clone())),
             config,
             targets,
+            portals: std::sync::OnceLock::new(),
             registry: Registry::default(),
             next_nexus: AtomicU64::new(1),
             live: LiveConnections::default(),
@@ -127,6 +131,17 @@ impl Shared {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::replace(&mut *g, Arc::new(config))
+    }
+
+    /// Records the portals as bound, for SendTargets, and puts them in the configuration
+    /// in force (so `config effective` and a reload see the real ports). Set once, before
+    /// the first connection is accepted; a second call changes nothing.
+    pub(crate) fn set_portals(&self, bound: Vec<SocketAddr>) {
+        let mut config = (*self.in_force()).clone();
+        config.server.portals = bound.iter().map(ToString::to_string).collect();
+        if self.portals.set(bound).is_ok() {
+            self.set_in_force(config);
+        }
     }
 
     pub(crate) fn target(&self, iqn: &str) -> Option<&Arc<TargetEntry>> {
@@ -163,7 +178,7 @@ impl Shared {
                 continue;
             }
             out.push(("TargetName".to_owned(), t.iqn.clone()));
-            for addr in self.config.portal_addrs() {
+            for addr in self.portals.get().into_iter().flatten() {
                 // A wildcard portal is advertised as the address this connection reached.
                 let ip = if addr.ip().is_unspecified() {
                     local.ip()

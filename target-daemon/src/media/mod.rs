@@ -10,6 +10,18 @@ pub mod mirror;
 
 use std::io;
 
+/// The write cache's volume id for a LUN: a stable hash of target and LUN, so reordering
+/// the configuration can never replay one LUN's records into another.
+pub(crate) fn volume_id(iqn: &str, lun: u16) -> u32 {
+    let h = format!("{}/{lun}", iqn.to_ascii_lowercase())
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+    // u32::MAX marks wrap records.
+    h.min(u32::MAX - 1)
+}
+
 /// How a store acknowledges writes; reported to initiators in the Caching mode page
 /// (WCE) and the Extended INQUIRY Data VPD page (V_SUP / NV_SUP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

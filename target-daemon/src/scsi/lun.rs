@@ -47,7 +47,7 @@ pub(crate) struct Lun {
     /// it shared, so nothing slips between their read and their write.
     media: RwLock<()>,
     /// Commands, bytes and latency by kind, for the metrics endpoint.
-    pub(crate) metrics: crate::metrics::LunMetrics,
+    pub(crate) metrics: crate::counters::LunMetrics,
 }
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded per process).
@@ -76,7 +76,7 @@ impl Lun {
             reservations: Reservations::default(),
             copies: CopyResults::default(),
             media: RwLock::new(()),
-            metrics: crate::metrics::LunMetrics::default(),
+            metrics: crate::counters::LunMetrics::default(),
         }
     }
 

@@ -500,7 +500,7 @@ impl ScsiTarget {
         }
         if let Some(l) = self.lun(lun) {
             l.metrics
-                .record(crate::metrics::OpKind::of(opcode), bytes, latency);
+                .record(crate::counters::OpKind::of(opcode), bytes, latency);
         }
     }
 

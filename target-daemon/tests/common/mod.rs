@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use ftss_proto::pdu::*;
 use ftss_proto::serial::{CmdSn, DataSn, StatSn};
 use ftss_target::config::Config;
-use ftss_target::iscsi::Server;
+use ftss_target::startup::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

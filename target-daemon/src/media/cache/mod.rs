@@ -177,7 +177,7 @@ pub struct WriteCache {
     /// Microseconds spent in commit msyncs.
     flush_us: AtomicU64,
     /// Each commit msync's duration, for the metrics endpoint.
-    commit_latency: crate::metrics::Histogram,
+    commit_latency: crate::counters::Histogram,
     /// Bytes written to the mirror sets by destage.
     destaged: AtomicU64,
     records: AtomicU64,
@@ -370,7 +370,7 @@ impl WriteCache {
             stop_commits: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             flush_us: AtomicU64::new(0),
-            commit_latency: crate::metrics::Histogram::default(),
+            commit_latency: crate::counters::Histogram::default(),
             destaged: AtomicU64::new(0),
             records: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
@@ -416,7 +416,7 @@ impl WriteCache {
     }
 
     /// Durations of the commit msyncs so far.
-    pub fn commit_latency(&self) -> &crate::metrics::Histogram {
+    pub fn commit_latency(&self) -> &crate::counters::Histogram {
         &self.commit_latency
     }
 }
