@@ -182,6 +182,7 @@ pub fn open_system(fs: &SimFs, fresh: bool) -> Result<System, String> {
             read_only: false,
             removable: false,
             initiators: None,
+            physical_block_size: None,
         }],
     )
     .map_err(|e| e.to_string())?;

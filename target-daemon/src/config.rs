@@ -571,6 +571,12 @@ pub struct LunConfig {
     /// affected.
     #[serde(default)]
     pub initiators: Option<Vec<String>>,
+    /// Physical block size reported to initiators (READ CAPACITY (16)), a power-of-two
+    /// multiple of `block_size` up to 32768 blocks; absent: `block_size`. 4096 on a
+    /// 512-byte LUN says what the media does (its files are read, written back and
+    /// punched in 4 KiB pages), so initiators align partitions and I/O to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_block_size: Option<u32>,
 }
 
 fn default_block_size() -> u32 {
@@ -851,6 +857,18 @@ impl LunConfig {
         let l = self;
         if l.block_size != 512 && l.block_size != 4096 {
             return Err(invalid(format!("{lk}.block_size"), "must be 512 or 4096"));
+        }
+        if let Some(p) = l.physical_block_size {
+            let ratio = p / l.block_size;
+            if p % l.block_size != 0 || !ratio.is_power_of_two() || ratio > 1 << 15 {
+                return Err(invalid(
+                    format!("{lk}.physical_block_size"),
+                    format!(
+                        "must be block_size ({}) times a power of two up to 32768",
+                        l.block_size
+                    ),
+                ));
+            }
         }
         if let Some(list) = &l.initiators {
             for (i, n) in list.iter().enumerate() {
@@ -1233,6 +1251,16 @@ mod tests {
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nblock_size=1000\n"
         ))
         .contains("target[0].lun[0].block_size"));
+        for bad in [0, 1000, 1536, 512 << 16] {
+            assert!(err(&format!(
+                "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nphysical_block_size={bad}\n"
+            ))
+            .contains("target[0].lun[0].physical_block_size"));
+        }
+        Config::parse(&format!(
+            "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1GiB\"\nphysical_block_size=4096\n"
+        ))
+        .expect("4096 over 512-byte blocks");
         assert!(err(&format!(
             "{base}[[target.lun]]\nlun=0\npath=\"a\"\nsize=\"1 furlong\"\n"
         ))

@@ -79,6 +79,7 @@ impl RuntimeLun {
             read_only: false,
             removable: false,
             initiators: None,
+            physical_block_size: None,
         }
     }
 }

@@ -56,6 +56,8 @@ fn scsi_vectors() {
         read_only,
         removable,
         initiators: None,
+        // 4 KiB pages under 512-byte blocks, as a LUN on a file is.
+        physical_block_size: Some(4096),
     };
     let target = ScsiTarget::new(
         TargetIdentity {

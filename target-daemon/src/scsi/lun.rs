@@ -31,6 +31,8 @@ pub(crate) struct Lun {
     pub(crate) store: Arc<dyn BlockStore>,
     pub(crate) read_only: bool,
     pub(crate) removable: bool,
+    /// See [`LunSpec::physical_block_size`].
+    physical_block_size: Option<u32>,
     /// LUN masking: the initiator names that see it; `None`: everyone.
     initiators: Option<Vec<Arc<str>>>,
     /// Unit serial number (VPD 0x80), stable across restarts.
@@ -67,6 +69,7 @@ impl Lun {
             store: spec.store,
             read_only: spec.read_only,
             removable: spec.removable,
+            physical_block_size: spec.physical_block_size,
             initiators: spec
                 .initiators
                 .map(|v| v.into_iter().map(Arc::from).collect()),
@@ -126,6 +129,19 @@ impl Lun {
 
     pub(crate) fn blocks(&self) -> u64 {
         self.store.num_blocks()
+    }
+
+    /// Logical blocks per physical block as READ CAPACITY (16) carries it (LOGICAL BLOCKS
+    /// PER PHYSICAL BLOCK EXPONENT, 4 bits). The configuration checks the physical block
+    /// is a power-of-two multiple of the logical one; anything else reads as 0 rather
+    /// than a physical block the medium does not have.
+    pub(crate) fn physical_exponent(&self) -> u8 {
+        let ratio = self.physical_block_size.unwrap_or(0) / self.block_size().max(1);
+        if ratio.is_power_of_two() && ratio.trailing_zeros() <= 15 {
+            ratio.trailing_zeros() as u8
+        } else {
+            0
+        }
     }
 
     /// Most blocks one command may transfer.

@@ -28,6 +28,8 @@ pub(crate) fn read_capacity_16(c: &Ctx<'_>) -> CmdResult {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&(c.lun.blocks() - 1).to_be_bytes());
     d[8..12].copy_from_slice(&c.lun.block_size().to_be_bytes());
+    d[13] = c.lun.physical_exponent();
+    // LOWEST ALIGNED LOGICAL BLOCK ADDRESS stays 0: LBA 0 starts a physical block.
     d[14] = super::provisioning::provisioning_bits(c.lun);
     d.truncate(alloc as usize);
     Ok(Reply::good(d))

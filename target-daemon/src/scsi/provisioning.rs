@@ -62,6 +62,13 @@ pub(crate) fn block_limits(l: &Lun, p: &mut [u8; 60]) {
     put(5, &[CAW_BLOCKS_MAX]);
     put(20, &unmap_blocks_max(l).to_be_bytes());
     put(24, &UNMAP_DESCRIPTORS_MAX.to_be_bytes());
+    if l.store.thin_provisioned() {
+        // OPTIMAL UNMAP GRANULARITY: one physical block, the unit the medium frees;
+        // UNMAP GRANULARITY ALIGNMENT 0 with UGAVALID: LBA 0 starts one. A part of one is
+        // zeroed where it lies.
+        put(28, &(1u32 << l.physical_exponent()).to_be_bytes());
+        put(32, &0x8000_0000u32.to_be_bytes());
+    }
     put(36, &write_same_blocks_max(l).to_be_bytes());
     // Atomic writes: no alignment or granularity rule, no atomic boundaries.
     put(44, &atomic_blocks_max(l).to_be_bytes());
@@ -349,6 +356,8 @@ mod tests {
                 read_only: false,
                 removable: false,
                 initiators: None,
+                // As a 512-byte LUN on 4 KiB pages is configured.
+                physical_block_size: Some(4096),
             }],
         )
         .expect("target");
@@ -470,12 +479,17 @@ mod tests {
         rc16[13] = 32;
         let o = run(&t, &n, &rc16, &[]);
         assert_eq!(o.data_in[14], 0xc0, "LBPME, LBPRZ");
+        assert_eq!(o.data_in[13], 3, "8 logical blocks per physical block");
         // Logical Block Provisioning VPD: LBPU, LBPWS, LBPWS10, LBPRZ; thin provisioned.
         let o = run(&t, &n, &[0x12, 0x01, 0xb2, 0, 0x40, 0], &[]);
         assert_eq!(&o.data_in[..8], &[0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]);
         // Block Limits: unmapping deallocates, so its count is unbounded.
         let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
         assert_eq!(&o.data_in[20..24], &u32::MAX.to_be_bytes());
+        // Transfers and unmaps are best in whole physical blocks, aligned to LBA 0.
+        assert_eq!(&o.data_in[6..8], &8u16.to_be_bytes(), "transfer granularity");
+        assert_eq!(&o.data_in[28..32], &8u32.to_be_bytes(), "unmap granularity");
+        assert_eq!(&o.data_in[32..36], &0x8000_0000u32.to_be_bytes(), "UGAVALID, 0");
         assert_eq!(
             lba_status(&t, &n, 0),
             vec![(0, 1024, 1)],
@@ -557,6 +571,7 @@ mod tests {
         // Block Limits: unmapping and WRITE SAME write, so they get a WRITE's bound.
         let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
         assert_eq!(&o.data_in[20..24], &65536u32.to_be_bytes());
+        assert_eq!(&o.data_in[28..36], &[0; 8], "no unmap granularity: nothing is freed");
         assert_eq!(&o.data_in[36..44], &65536u64.to_be_bytes());
         // UNMAP blocks 4-7.
         let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];

@@ -154,6 +154,8 @@ pub(crate) fn inquiry(c: &Ctx<'_>) -> CmdResult {
         0x8f => d.extend(super::xcopy::third_party_copy_vpd(l)),
         0xb0 => {
             let mut p = [0u8; 60];
+            // OPTIMAL TRANSFER LENGTH GRANULARITY (page bytes 6-7): one physical block.
+            p[2..4].copy_from_slice(&(1u16 << l.physical_exponent()).to_be_bytes());
             p[4..8].copy_from_slice(&l.transfer_blocks_max().to_be_bytes());
             // Optimal transfer length: 1 MiB.
             p[8..12].copy_from_slice(&((1u32 << 20) / l.block_size()).to_be_bytes());

@@ -60,6 +60,10 @@ pub struct LunSpec {
     pub removable: bool,
     /// LUN masking: the initiator names that see it; `None`: everyone.
     pub initiators: Option<Vec<String>>,
+    /// Bytes per physical block, a power-of-two multiple of the logical block that READ
+    /// CAPACITY (16) reports (`target.lun.physical_block_size`); `None`: the logical
+    /// block.
+    pub physical_block_size: Option<u32>,
 }
 
 /// Identity of the target device, for the device identification VPD page.
@@ -658,6 +662,7 @@ mod tests {
             read_only: false,
             removable: false,
             initiators: None,
+            physical_block_size: None,
         };
         let t = ScsiTarget::new(
             TargetIdentity {
@@ -727,6 +732,7 @@ mod tests {
             read_only: false,
             removable: false,
             initiators,
+            physical_block_size: None,
         };
         let t = ScsiTarget::new(
             TargetIdentity {

@@ -215,6 +215,7 @@ pub(super) fn lun_spec(l: &LunConfig, store: Arc<dyn BlockStore>) -> LunSpec {
         read_only: l.read_only,
         removable: l.removable,
         initiators: l.initiators.clone(),
+        physical_block_size: l.physical_block_size,
     }
 }
 
