@@ -2,7 +2,7 @@
 //! CHAP when credentials are configured, then operational negotiation, then the full
 //! feature phase.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use ftss_proto::chap::ChapInitiator;
 use ftss_proto::negotiate::{Limits, Negotiator, Params, Role, SessionType};
 use ftss_proto::pdu::{Framing, Itt, LoginRequest, LoginResponse, Pdu, Stage};
@@ -54,7 +54,7 @@ struct Login<'a> {
     stream: &'a mut TcpStream,
     cfg: &'a SessionConfig,
     framing: Framing,
-    buf: BytesMut,
+    frames: wire::PduReader,
     exp_stat_sn: StatSn,
     tsih: u16,
     last: Option<LoginResponse>,
@@ -129,7 +129,7 @@ pub(crate) async fn login(
         stream,
         cfg,
         framing: Framing::default(),
-        buf: BytesMut::new(),
+        frames: wire::PduReader::new(Framing::default()),
         exp_stat_sn: StatSn(0),
         tsih: 0,
         last: None,
@@ -268,7 +268,7 @@ impl Login<'_> {
         self.stream
             .write_all(&wire::encode(&req, &self.framing))
             .await?;
-        let pdu = wire::read_pdu(self.stream, &self.framing, &mut self.buf).await?;
+        let pdu = self.frames.read_pdu(self.stream).await?;
         let Pdu::LoginResponse(r) = pdu else {
             return Err(Error::Protocol(format!(
                 "expected a Login Response, got opcode {:#04x}",

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ftss_proto::pdu::{Framing, LoginRequest, LoginResponse, Pdu, Stage, BHS_LEN};
+use ftss_proto::pdu::{Framing, LoginRequest, LoginResponse, Pdu, Stage};
 use ftss_proto::serial::{CmdSn, StatSn};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::connection::ConnParams;
+use super::connection::{ConnParams, FrameReader};
 use super::session::{RegisterError, SessionKind, Shared, TargetEntry};
 use super::transfer::XferLimits;
 use crate::config::{ChapConfig, Config};
@@ -86,15 +86,15 @@ pub(crate) async fn run(
             max_recv_data_segment: LOGIN_SEGMENT_MAX,
             ..Framing::default()
         };
-        let mut buf = vec![0u8; BHS_LEN];
+        // Any framing error ends the login: nothing has been agreed that a Reject could
+        // rely on.
+        let mut frames = FrameReader::new(framing);
         loop {
-            buf.resize(BHS_LEN, 0);
-            rd.read_exact(&mut buf[..BHS_LEN]).await?;
-            let len = framing.frame_len(&buf)?;
-            buf.resize(len, 0);
-            rd.read_exact(&mut buf[BHS_LEN..]).await?;
-            let (pdu, _) = Pdu::decode(&buf, &framing)?;
-            let Pdu::LoginRequest(req) = pdu else {
+            let frame = frames
+                .read_frame(rd)
+                .await?
+                .map_err(ftss_proto::pdu::DecodeError::from)?;
+            let Pdu::LoginRequest(req) = frame.decode()? else {
                 return Err(LoginError::NotLogin);
             };
             let step = m.handle(&req);
