@@ -14,6 +14,7 @@ pub mod cdb;
 pub mod chap;
 pub mod cmdsn;
 pub mod digest;
+pub mod entropy;
 pub mod frame;
 pub mod negotiate;
 pub mod pdu;
