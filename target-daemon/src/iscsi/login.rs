@@ -30,6 +30,10 @@ use ftss_proto::chap::{ChapSecrets, ChapStep, ChapTarget};
 use ftss_proto::negotiate::{Limits, Negotiator, Role, SessionType};
 
 mod os_entropy;
+#[cfg(test)]
+mod pair;
+#[cfg(test)]
+mod rfc7143;
 
 use os_entropy::OsEntropy;
 
