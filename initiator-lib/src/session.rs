@@ -847,9 +847,9 @@ fn sequence_numbers(p: &Pdu) -> Option<(CmdSn, CmdSn, Option<StatSn>)> {
 /// ErrorRecoveryLevel 0 the recovery is a new session.
 async fn reader(inner: Arc<Inner>, rd: OwnedReadHalf) {
     let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let mut buf = BytesMut::new();
+    let mut frames = wire::PduReader::new(inner.framing);
     let why = loop {
-        let pdu = match wire::read_pdu(&mut rd, &inner.framing, &mut buf).await {
+        let pdu = match frames.read_pdu(&mut rd).await {
             Ok(p) => p,
             Err(e) => break e,
         };

@@ -8,11 +8,12 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use ftss_proto::entropy::SeededEntropy;
 use ftss_proto::pdu::{Framing, LoginResponse, Pdu, Stage};
 
 use crate::admin::{Admin, MediaHandles};
 use crate::config::{ChapConfig, Config};
-use crate::iscsi::login::{LoginMachine, Step};
+use crate::iscsi::login::{register, LoginMachine, Step};
 use crate::iscsi::session::{SessionKind, Shared, TargetEntry};
 use crate::runtime_luns::RuntimeState;
 use crate::scsi::target::{ScsiTarget, TargetIdentity};
@@ -83,7 +84,12 @@ pub enum LoginEnd {
 /// nothing answers after the end; CHAP is never bypassed; the ACL is never bypassed.
 pub fn login(chap: bool, acl: bool, mut input: &[u8]) -> LoginEnd {
     let shared = shared(chap, acl);
-    let mut m = LoginMachine::new(Arc::clone(&shared));
+    // A fixed clock and a seeded generator: a crash replays from its input alone. The
+    // challenge is predictable across runs, but the secrets are not in the input, so a
+    // response still cannot be computed from it.
+    let now = std::time::Instant::now();
+    let mut rng = SeededEntropy::new(0x5eed);
+    let mut m = LoginMachine::new(Arc::clone(&shared), now);
     let framing = Framing {
         max_recv_data_segment: 8192,
         ..Framing::default()
@@ -97,7 +103,15 @@ pub fn login(chap: bool, acl: bool, mut input: &[u8]) -> LoginEnd {
         let Pdu::LoginRequest(req) = pdu else {
             return LoginEnd::Unfinished;
         };
-        let step = m.handle(&req);
+        let mut done = None;
+        let step = match m.handle(&req, now, &mut rng) {
+            Step::Register(acc) => {
+                let (step, d) = register(&shared, &mut m, acc);
+                done = d;
+                step
+            }
+            step => step,
+        };
         let out: Vec<LoginResponse> = m.take_output();
         assert!(!out.is_empty(), "a Login Request must be answered");
         for r in &out {
@@ -120,7 +134,7 @@ pub fn login(chap: bool, acl: bool, mut input: &[u8]) -> LoginEnd {
                 assert_ne!(last.status_class, 0, "a failed login says why");
                 return LoginEnd::Failed;
             }
-            Step::Done => {
+            Step::FullFeature => {
                 assert!(
                     last.transit && last.nsg == Stage::FullFeature && last.status_class == 0,
                     "the full feature phase is announced: {last:?}"
@@ -129,7 +143,7 @@ pub fn login(chap: bool, acl: bool, mut input: &[u8]) -> LoginEnd {
                     !chap,
                     "CHAP was required and the login got through without it"
                 );
-                if let Some(done) = m.into_done() {
+                if let Some(done) = done {
                     if acl && matches!(done.kind, SessionKind::Normal(_)) {
                         assert!(
                             done.nexus
@@ -142,6 +156,8 @@ pub fn login(chap: bool, acl: bool, mut input: &[u8]) -> LoginEnd {
                 }
                 return LoginEnd::FullFeature;
             }
+            Step::Register(_) => panic!("a registration is answered, not asked again"),
+            Step::TimedOut => panic!("the clock stands still: no login times out"),
         }
     }
 }

@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ftss_proto::cmdsn::{Admit, CmdWindow};
+use ftss_proto::frame::{Frame, FrameDecoder, FrameError};
 use ftss_proto::pdu::{
     self, DataIn, DecodeError, Framing, Itt, LogoutRequest, LogoutResponse, Lun, NopIn, NopOut,
     Pdu, R2t, Reject, RejectReason, Residual, ScsiResponse, TaskMgmtRequest, TaskMgmtResponse,
     TextRequest, TextResponse, TmfFunction, Ttt, BHS_LEN, RESERVED_TAG,
 };
 use ftss_proto::serial::{CmdSn, DataSn, R2tSn, StatSn};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -272,54 +273,66 @@ struct Conn {
 }
 
 async fn read_loop(mut rd: OwnedReadHalf, framing: Framing, tx: mpsc::Sender<ReadEvent>) {
-    let mut bhs = [0u8; BHS_LEN];
-    let mut frame = Vec::new();
+    let mut frames = FrameReader::new(framing);
     loop {
-        if rd.read_exact(&mut bhs).await.is_err() {
-            return;
-        }
-        let len = match framing.frame_len(&bhs) {
-            Ok(l) => l,
-            Err(e @ DecodeError::DataSegmentTooLong { .. }) => {
-                // Skip the oversized segment in bounded chunks so framing survives, then
-                // let the connection reject the PDU.
-                let dsl = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
-                let mut rest = usize::from(bhs[4]) * 4
-                    + dsl
-                    + ftss_proto::digest::pad_len(dsl)
-                    + if framing.header_digest { 4 } else { 0 }
-                    + if framing.data_digest { 4 } else { 0 };
-                let mut sink = [0u8; 8192];
-                while rest > 0 {
-                    let n = rest.min(sink.len());
-                    if rd.read_exact(&mut sink[..n]).await.is_err() {
-                        return;
-                    }
-                    rest -= n;
-                }
-                if tx.send(ReadEvent::Bad(e, bhs)).await.is_err() {
+        let ev = match frames.read_frame(&mut rd).await {
+            Err(_) => return,
+            Ok(Ok(frame)) => match frame.decode() {
+                Ok(p) => ReadEvent::Pdu(p, frame.bhs()),
+                Err(DecodeError::HeaderDigest) => {
+                    warn!("header digest error: closing the connection");
                     return;
                 }
-                continue;
+                Err(e) => ReadEvent::Bad(e, frame.bhs()),
+            },
+            // The decoder skips the oversized segment as it is read, so framing survives;
+            // the connection rejects the PDU.
+            Ok(Err(FrameError::TooLong { bhs, len, max })) => {
+                ReadEvent::Bad(DecodeError::DataSegmentTooLong { len, max }, bhs)
             }
-            Err(_) => return,
-        };
-        frame.clear();
-        frame.extend_from_slice(&bhs);
-        frame.resize(len, 0);
-        if rd.read_exact(&mut frame[BHS_LEN..]).await.is_err() {
-            return;
-        }
-        let ev = match Pdu::decode(&frame, &framing) {
-            Ok((p, _)) => ReadEvent::Pdu(p, bhs),
-            Err(DecodeError::HeaderDigest) => {
-                warn!("header digest error: closing the connection");
+            Ok(Err(e)) => {
+                warn!("{e}: closing the connection");
                 return;
             }
-            Err(e) => ReadEvent::Bad(e, bhs),
         };
         if tx.send(ev).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Reads frames off a socket through the shared decoder ([`FrameDecoder`]), never reading
+/// past the current frame: the login hands the socket to the full feature phase with
+/// nothing of the next phase read ahead.
+pub(crate) struct FrameReader {
+    dec: FrameDecoder,
+    scratch: Vec<u8>,
+}
+
+impl FrameReader {
+    pub(crate) fn new(framing: Framing) -> Self {
+        FrameReader {
+            dec: FrameDecoder::new(framing),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The next frame, or why the stream cannot be framed; `Err` when the socket fails
+    /// or closes.
+    pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+    ) -> std::io::Result<Result<Frame, FrameError>> {
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(f)) => return Ok(Ok(f)),
+                Err(e) => return Ok(Err(e)),
+                Ok(None) => {}
+            }
+            let n = self.dec.want();
+            self.scratch.resize(n, 0);
+            rd.read_exact(&mut self.scratch[..n]).await?;
+            self.dec.feed(&self.scratch[..n]);
         }
     }
 }

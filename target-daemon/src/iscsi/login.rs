@@ -2,27 +2,40 @@
 //! or none), operational negotiation, and the move to the full feature phase.
 //!
 //! [`LoginMachine`] holds the state and turns each Login Request into Login Responses
-//! without touching the socket; [`run`] is the thin loop that reads and writes for it.
+//! without touching the socket, the clock or the kernel's randomness: `now` and an
+//! [`Entropy`] come in with each call. It does not register the session either: when a
+//! login may complete it returns [`Step::Register`], and the shell registers the session
+//! and tells it the result ([`LoginMachine::registered`]), which decides the final
+//! response. [`run`] is the thin loop that reads, writes and registers for it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use ftss_proto::pdu::{Framing, LoginRequest, LoginResponse, Pdu, Stage, BHS_LEN};
+use ftss_proto::entropy::Entropy;
+use ftss_proto::pdu::{Framing, LoginRequest, LoginResponse, Pdu, Stage};
 use ftss_proto::serial::{CmdSn, StatSn};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::connection::ConnParams;
+use super::connection::{ConnParams, FrameReader};
 use super::session::{RegisterError, SessionKind, Shared, TargetEntry};
 use super::transfer::XferLimits;
 use crate::config::{ChapConfig, Config};
 use crate::scsi::ItNexus;
 use ftss_proto::chap::{ChapSecrets, ChapStep, ChapTarget};
 use ftss_proto::negotiate::{Limits, Negotiator, Role, SessionType};
+
+mod os_entropy;
+#[cfg(test)]
+mod pair;
+#[cfg(test)]
+mod rfc7143;
+
+use os_entropy::OsEntropy;
 
 /// The whole login must finish within this time.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,6 +45,9 @@ const LOGIN_TEXT_BYTES_MAX: usize = 64 << 10;
 const LOGIN_SEGMENT_MAX: u32 = 8192;
 /// What we declare as our MaxRecvDataSegmentLength for the full feature phase.
 const RECV_SEGMENT_MAX: u32 = 256 << 10;
+/// Bytes of a CHAP challenge we send (RFC 7143 12.1.3 asks for at least as long as the
+/// digest; 32 covers SHA-256).
+const CHAP_CHALLENGE_BYTES: usize = 32;
 
 /// Login status class/detail pairs (RFC 7143 11.13.5).
 mod status {
@@ -41,9 +57,11 @@ mod status {
     pub(super) const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
     pub(super) const TOO_MANY_CONNECTIONS: (u8, u8) = (0x02, 0x06);
     pub(super) const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
+    pub(super) const SESSION_TYPE_UNSUPPORTED: (u8, u8) = (0x02, 0x09);
     pub(super) const SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
     pub(super) const INVALID_DURING_LOGIN: (u8, u8) = (0x02, 0x0b);
     pub(super) const INITIATOR_ERROR: (u8, u8) = (0x02, 0x00);
+    pub(super) const TARGET_ERROR: (u8, u8) = (0x03, 0x00);
     pub(super) const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
     pub(super) const SERVICE_UNAVAILABLE: (u8, u8) = (0x03, 0x01);
 }
@@ -61,7 +79,7 @@ pub(crate) enum LoginError {
     Decode(#[from] ftss_proto::pdu::DecodeError),
 }
 
-/// A login that reached the full feature phase.
+/// A login that reached the full feature phase, with its session registered.
 pub(crate) struct LoginDone {
     pub(crate) kind: SessionKind,
     pub(crate) target_iqn: Option<String>,
@@ -73,6 +91,19 @@ pub(crate) struct LoginDone {
     pub(crate) stat_sn: StatSn,
 }
 
+/// What the machine accepted: everything the session needs except what registering it
+/// gives (the TSIH, the shutdown signal, the nexus id).
+pub(crate) struct Accepted {
+    pub(crate) kind: SessionKind,
+    pub(crate) target_iqn: Option<String>,
+    pub(crate) initiator: Arc<str>,
+    pub(crate) isid: [u8; 6],
+    pub(crate) params: ConnParams,
+    pub(crate) exp_cmd_sn: CmdSn,
+    /// The StatSN of the first response after the final login response.
+    pub(crate) stat_sn: StatSn,
+}
+
 /// Runs the login phase on a fresh connection.
 pub(crate) async fn run(
     rd: &mut OwnedReadHalf,
@@ -80,24 +111,33 @@ pub(crate) async fn run(
     shared: &Arc<Shared>,
     _local: SocketAddr,
 ) -> Result<Option<LoginDone>, LoginError> {
-    tokio::time::timeout(LOGIN_TIMEOUT, async {
-        let mut m = LoginMachine::new(Arc::clone(shared));
-        let framing = Framing {
-            max_recv_data_segment: LOGIN_SEGMENT_MAX,
-            ..Framing::default()
-        };
-        let mut buf = vec![0u8; BHS_LEN];
+    let mut m = LoginMachine::new(Arc::clone(shared), Instant::now());
+    let deadline = tokio::time::Instant::from_std(m.poll_timeout());
+    let framing = Framing {
+        max_recv_data_segment: LOGIN_SEGMENT_MAX,
+        ..Framing::default()
+    };
+    let io = async {
+        // Any framing error ends the login: nothing has been agreed that a Reject could
+        // rely on.
+        let mut frames = FrameReader::new(framing);
         loop {
-            buf.resize(BHS_LEN, 0);
-            rd.read_exact(&mut buf[..BHS_LEN]).await?;
-            let len = framing.frame_len(&buf)?;
-            buf.resize(len, 0);
-            rd.read_exact(&mut buf[BHS_LEN..]).await?;
-            let (pdu, _) = Pdu::decode(&buf, &framing)?;
-            let Pdu::LoginRequest(req) = pdu else {
+            let frame = frames
+                .read_frame(rd)
+                .await?
+                .map_err(ftss_proto::pdu::DecodeError::from)?;
+            let Pdu::LoginRequest(req) = frame.decode()? else {
                 return Err(LoginError::NotLogin);
             };
-            let step = m.handle(&req);
+            let mut done = None;
+            let step = match m.handle(&req, Instant::now(), &mut OsEntropy) {
+                Step::Register(acc) => {
+                    let (step, d) = register(shared, &mut m, acc);
+                    done = d;
+                    step
+                }
+                step => step,
+            };
             let mut out = BytesMut::new();
             for r in &m.take_output() {
                 Pdu::LoginResponse(r.clone()).encode(&mut out, &Framing::default());
@@ -105,24 +145,85 @@ pub(crate) async fn run(
             wr.write_all(&out).await?;
             match step {
                 Step::Continue => {}
-                Step::Failed => return Ok(None),
-                Step::Done => return Ok(m.into_done()),
+                Step::FullFeature => return Ok(done),
+                Step::Failed | Step::Register(_) => return Ok(None),
+                Step::TimedOut => return Err(LoginError::Timeout),
             }
         }
-    })
-    .await
-    .map_err(|_| LoginError::Timeout)?
+    };
+    tokio::time::timeout_at(deadline, io)
+        .await
+        .map_err(|_| LoginError::Timeout)?
+}
+
+/// Registers the session `acc` describes (reinstating an older one with the same
+/// initiator, ISID and target, RFC 7143 6.3.5) and tells the machine the outcome, which
+/// prepares the final response or the failure response. The session comes back only when
+/// the final response says the login succeeded.
+pub(crate) fn register(
+    shared: &Shared,
+    m: &mut LoginMachine,
+    acc: Accepted,
+) -> (Step, Option<LoginDone>) {
+    let nexus_id = shared.next_nexus_id();
+    let reg = shared.registry.register(
+        &acc.initiator,
+        acc.isid,
+        acc.target_iqn.as_deref(),
+        nexus_id,
+        shared.config.server.sessions_max,
+    );
+    match reg {
+        Ok((tsih, shutdown)) => {
+            info!(initiator = %acc.initiator, target = ?acc.target_iqn, tsih, "login complete");
+            let step = m.registered(Ok(tsih));
+            let done = LoginDone {
+                kind: acc.kind,
+                target_iqn: acc.target_iqn,
+                nexus: ItNexus {
+                    id: nexus_id,
+                    initiator_name: acc.initiator,
+                    isid: acc.isid,
+                    tpgt: 1,
+                },
+                tsih,
+                shutdown,
+                params: acc.params,
+                exp_cmd_sn: acc.exp_cmd_sn,
+                stat_sn: acc.stat_sn,
+            };
+            (step, Some(done))
+        }
+        Err(e) => (m.registered(Err(e)), None),
+    }
 }
 
 /// What the connection does after a Login Request.
-#[derive(Debug, PartialEq, Eq)]
+#[must_use]
 pub(crate) enum Step {
     /// Send the responses and read the next request.
     Continue,
+    /// The login may complete: register the session (see [`register`]) and pass the
+    /// result to [`LoginMachine::registered`], which prepares the final response.
+    Register(Accepted),
     /// Send the responses; the connection enters the full feature phase.
-    Done,
+    FullFeature,
     /// Send the (failure) response and close.
     Failed,
+    /// The login took too long: close without an answer.
+    TimedOut,
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Continue => "Continue",
+            Step::Register(_) => "Register",
+            Step::FullFeature => "FullFeature",
+            Step::Failed => "Failed",
+            Step::TimedOut => "TimedOut",
+        })
+    }
 }
 
 enum Auth {
@@ -155,11 +256,20 @@ pub(crate) struct LoginMachine {
     auth: Auth,
     negotiator: Option<Negotiator>,
     out: Vec<LoginResponse>,
-    done: Option<LoginDone>,
+    /// The request the final response answers and its text, held while the session is
+    /// registered.
+    pending_final: Option<(LoginRequest, Bytes)>,
+    /// Set by a successful registration; only the final response carries it (RFC 7143
+    /// 11.13.4).
+    tsih: u16,
+    deadline: Instant,
+    /// Accepted, failed or timed out: nothing more is answered.
+    over: bool,
 }
 
 impl LoginMachine {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    /// A login that began at `now`.
+    pub(crate) fn new(shared: Arc<Shared>, now: Instant) -> Self {
         Self {
             live: shared.in_force(),
             shared,
@@ -175,8 +285,27 @@ impl LoginMachine {
             auth: Auth::Pending,
             negotiator: None,
             out: Vec::new(),
-            done: None,
+            pending_final: None,
+            tsih: 0,
+            deadline: now + LOGIN_TIMEOUT,
+            over: false,
         }
+    }
+
+    /// When the login times out.
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Whether the login has run out of time at `now`; once it has, the login is over.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> bool {
+        if now >= self.deadline && !self.over {
+            warn!(initiator = %self.initiator, "login did not finish within {LOGIN_TIMEOUT:?}");
+            self.over = true;
+            self.pending_final = None;
+            return true;
+        }
+        false
     }
 
     /// Responses produced by the last [`handle`](Self::handle).
@@ -184,9 +313,30 @@ impl LoginMachine {
         std::mem::take(&mut self.out)
     }
 
-    /// The session, once [`Step::Done`] was returned.
-    pub(crate) fn into_done(self) -> Option<LoginDone> {
-        self.done
+    /// The outcome of registering the session [`Step::Register`] asked for: the final
+    /// response with the TSIH ([`Step::FullFeature`]), or a failure response
+    /// ([`Step::Failed`]).
+    pub(crate) fn registered(&mut self, result: Result<u16, RegisterError>) -> Step {
+        let Some((req, text)) = self.pending_final.take() else {
+            // Nothing was accepted: a shell bug, not the initiator's; refuse rather than
+            // enter the full feature phase.
+            self.over = true;
+            return Step::Failed;
+        };
+        match result {
+            Ok(tsih) => {
+                self.tsih = tsih;
+                self.respond(&req, true, Stage::FullFeature, text, false);
+                Step::FullFeature
+            }
+            Err(e) => {
+                let st = match e {
+                    RegisterError::TooMany => status::OUT_OF_RESOURCES,
+                    RegisterError::ShuttingDown => status::SERVICE_UNAVAILABLE,
+                };
+                self.fail(&req, st, "cannot create the session")
+            }
+        }
     }
 
     fn respond(&mut self, req: &LoginRequest, transit: bool, nsg: Stage, text: Bytes, cont: bool) {
@@ -202,7 +352,7 @@ impl LoginMachine {
             version_max: 0,
             version_active: 0,
             isid: first.isid,
-            tsih: self.done.as_ref().map_or(0, |d| d.tsih),
+            tsih: self.tsih,
             itt: req.itt,
             stat_sn,
             exp_cmd_sn: req.cmd_sn,
@@ -234,11 +384,26 @@ impl LoginMachine {
             status_detail: detail,
             data: Bytes::new(),
         });
+        self.over = true;
+        self.pending_final = None;
         Step::Failed
     }
 
-    /// Handles one Login Request.
-    pub(crate) fn handle(&mut self, req: &LoginRequest) -> Step {
+    /// Handles one Login Request that arrived at `now`; `rng` supplies CHAP challenges.
+    pub(crate) fn handle(
+        &mut self,
+        req: &LoginRequest,
+        now: Instant,
+        rng: &mut dyn Entropy,
+    ) -> Step {
+        if self.handle_timeout(now) {
+            return Step::TimedOut;
+        }
+        if self.over {
+            // A request after the end (or while the session is being registered): the
+            // shell has closed or is about to; answer nothing twice.
+            return Step::Failed;
+        }
         if self.first.is_none() {
             if req.version_min > 0 {
                 return self.fail(req, status::UNSUPPORTED_VERSION, "version-min above 0");
@@ -256,12 +421,7 @@ impl LoginMachine {
         if !self.text_out.is_empty() {
             let rest = std::mem::take(&mut self.text_out);
             let (transit, nsg) = self.text_out_transit;
-            self.send_text(req, rest, transit, nsg);
-            return if self.done.is_some() && self.text_out.is_empty() {
-                Step::Done
-            } else {
-                Step::Continue
-            };
+            return self.send_text(req, rest, transit, nsg);
         }
         if self.text_in.len() + req.data.len() > LOGIN_TEXT_BYTES_MAX {
             return self.fail(req, status::INITIATOR_ERROR, "login text too long");
@@ -293,9 +453,18 @@ impl LoginMachine {
         for (k, v) in pairs {
             match k.as_str() {
                 "InitiatorName" | "TargetName" | "SessionType" | "InitiatorAlias" => {}
-                "AuthMethod" => match self.choose_auth(&v) {
-                    Some(m) => answer.push((k, m.to_owned())),
-                    None => return self.fail(req, status::AUTH_FAILED, "no acceptable AuthMethod"),
+                "AuthMethod" => match self.choose_auth(&v, rng) {
+                    Ok(Some(m)) => answer.push((k, m.to_owned())),
+                    Ok(None) => {
+                        return self.fail(req, status::AUTH_FAILED, "no acceptable AuthMethod")
+                    }
+                    Err(e) => {
+                        return self.fail(
+                            req,
+                            status::TARGET_ERROR,
+                            &format!("CHAP challenge: {e}"),
+                        )
+                    }
                 },
                 _ if k.starts_with("CHAP_") => operational.push((k, v)),
                 _ => operational.push((k, v)),
@@ -361,25 +530,18 @@ impl LoginMachine {
                 // Keys we must still declare (e.g. our MaxRecvDataSegmentLength).
                 answer.extend(neg.pending_declarations());
             }
-            if let Err(st) = self.enter_full_feature(req) {
-                return self.fail(req, st, "cannot create the session");
-            }
         } else if transit && nsg == Stage::Security {
             transit = false;
             nsg = req.csg;
         }
         let mut out = Vec::new();
         ftss_proto::text::encode(&answer, &mut out);
-        self.send_text(req, Bytes::from(out), transit, nsg);
-        if self.done.is_some() && self.text_out.is_empty() {
-            Step::Done
-        } else {
-            // Not done, or the final answer did not fit and goes out in continuations.
-            Step::Continue
-        }
+        self.send_text(req, Bytes::from(out), transit, nsg)
     }
 
-    fn send_text(&mut self, req: &LoginRequest, text: Bytes, transit: bool, nsg: Stage) {
+    /// Answers `req` with `text`, in continuations when it exceeds the segment size. The
+    /// final response of a successful login is held until the session is registered.
+    fn send_text(&mut self, req: &LoginRequest, text: Bytes, transit: bool, nsg: Stage) -> Step {
         let seg = LOGIN_SEGMENT_MAX as usize;
         if text.len() > seg {
             self.text_out = text.slice(seg..);
@@ -387,9 +549,20 @@ impl LoginMachine {
             // A response with C=1 must not transit (RFC 7143 11.13.2); the last part of
             // the answer carries the transit.
             self.respond(req, false, nsg, text.slice(..seg), true);
-        } else {
-            self.respond(req, transit, nsg, text, false);
+            return Step::Continue;
         }
+        if transit && nsg == Stage::FullFeature {
+            return match self.accepted(req) {
+                Some(acc) => {
+                    self.pending_final = Some((req.clone(), text));
+                    self.over = true;
+                    Step::Register(acc)
+                }
+                None => self.fail(req, status::TARGET_ERROR, "no negotiation to finish"),
+            };
+        }
+        self.respond(req, transit, nsg, text, false);
+        Step::Continue
     }
 
     /// Reads the session-wide keys from the leading request and checks the target.
@@ -407,7 +580,13 @@ impl LoginMachine {
         self.session_type = match get("SessionType") {
             None | Some("Normal") => SessionType::Normal,
             Some("Discovery") => SessionType::Discovery,
-            Some(_) => return Some(self.fail(req, (0x02, 0x09), "unknown SessionType")),
+            Some(_) => {
+                return Some(self.fail(
+                    req,
+                    status::SESSION_TYPE_UNSUPPORTED,
+                    "unknown SessionType",
+                ))
+            }
         };
         if req.tsih != 0 {
             // MaxConnections is 1: a connection cannot join an existing session.
@@ -472,15 +651,20 @@ impl LoginMachine {
         self.chap_config().is_some()
     }
 
-    /// Picks our AuthMethod from the initiator's list; sets up CHAP when chosen.
-    fn choose_auth(&mut self, offered: &str) -> Option<&'static str> {
+    /// Picks our AuthMethod from the initiator's list; sets up CHAP when chosen. Fails
+    /// only when no randomness is to be had for the challenge.
+    fn choose_auth(
+        &mut self,
+        offered: &str,
+        rng: &mut dyn Entropy,
+    ) -> Result<Option<&'static str>, ftss_proto::entropy::EntropyError> {
         let list: Vec<&str> = offered.split(',').collect();
-        match self.chap_config().cloned() {
+        Ok(match self.chap_config().cloned() {
             Some(c) if list.contains(&"CHAP") => {
-                let mut challenge = [0u8; 32];
-                random_bytes(&mut challenge);
+                let mut challenge = [0u8; CHAP_CHALLENGE_BYTES];
+                rng.fill(&mut challenge)?;
                 let mut id = [0u8; 1];
-                random_bytes(&mut id);
+                rng.fill(&mut id)?;
                 let secrets = ChapSecrets {
                     username: c.username,
                     secret: c.secret.into_bytes(),
@@ -502,32 +686,13 @@ impl LoginMachine {
                 Some("None")
             }
             None => None,
-        }
+        })
     }
 
-    fn enter_full_feature(&mut self, req: &LoginRequest) -> Result<(), (u8, u8)> {
-        let first = self.first.clone().unwrap_or_else(|| req.clone());
-        let nexus_id = self.shared.next_nexus_id();
-        let target_iqn = self.target.as_ref().map(|t| t.iqn.clone());
-        let (tsih, shutdown) = self
-            .shared
-            .registry
-            .register(
-                &self.initiator,
-                first.isid,
-                target_iqn.as_deref(),
-                nexus_id,
-                self.shared.config.server.sessions_max,
-            )
-            .map_err(|e| match e {
-                RegisterError::TooMany => status::OUT_OF_RESOURCES,
-                RegisterError::ShuttingDown => status::SERVICE_UNAVAILABLE,
-            })?;
-        let neg = self
-            .negotiator
-            .as_ref()
-            .expect("set up by the leading request");
-        let p = neg.params();
+    /// What a login that enters the full feature phase with `req` leaves the session.
+    fn accepted(&self, req: &LoginRequest) -> Option<Accepted> {
+        let first = self.first.as_ref().unwrap_or(req);
+        let p = self.negotiator.as_ref()?.params();
         let params = ConnParams {
             framing: Framing {
                 header_digest: p.header_digest,
@@ -547,24 +712,16 @@ impl LoginMachine {
             Some(t) => SessionKind::Normal(Arc::clone(&t.scsi)),
             None => SessionKind::Discovery,
         };
-        info!(initiator = %self.initiator, target = ?target_iqn, tsih, "login complete");
-        self.done = Some(LoginDone {
+        Some(Accepted {
             kind,
-            target_iqn,
-            nexus: ItNexus {
-                id: nexus_id,
-                initiator_name: Arc::from(self.initiator.as_str()),
-                isid: first.isid,
-                tpgt: 1,
-            },
-            tsih,
-            shutdown,
+            target_iqn: self.target.as_ref().map(|t| t.iqn.clone()),
+            initiator: Arc::from(self.initiator.as_str()),
+            isid: first.isid,
             params,
             exp_cmd_sn: req.cmd_sn,
-            // The next response after the last login response.
+            // The final response takes the current StatSN; the connection goes on after it.
             stat_sn: self.stat_sn.next(),
-        });
-        Ok(())
+        })
     }
 }
 
@@ -576,23 +733,5 @@ fn limits() -> Limits {
         first_burst_length: 256 << 10,
         max_outstanding_r2t: 16,
         ..Limits::default()
-    }
-}
-
-/// Fills `buf` from the kernel's CSPRNG (CHAP challenges must be unpredictable).
-fn random_bytes(buf: &mut [u8]) {
-    use std::io::Read;
-    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf));
-    if ok.is_err() {
-        // No /dev/urandom: fall back to the clock and the address of the buffer, and say so;
-        // CHAP stays correct, only weaker against an active attacker.
-        warn!("/dev/urandom unavailable: CHAP challenges are weaker");
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (seed >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
-        }
     }
 }
