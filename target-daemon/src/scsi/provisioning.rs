@@ -487,9 +487,17 @@ mod tests {
         let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
         assert_eq!(&o.data_in[20..24], &u32::MAX.to_be_bytes());
         // Transfers and unmaps are best in whole physical blocks, aligned to LBA 0.
-        assert_eq!(&o.data_in[6..8], &8u16.to_be_bytes(), "transfer granularity");
+        assert_eq!(
+            &o.data_in[6..8],
+            &8u16.to_be_bytes(),
+            "transfer granularity"
+        );
         assert_eq!(&o.data_in[28..32], &8u32.to_be_bytes(), "unmap granularity");
-        assert_eq!(&o.data_in[32..36], &0x8000_0000u32.to_be_bytes(), "UGAVALID, 0");
+        assert_eq!(
+            &o.data_in[32..36],
+            &0x8000_0000u32.to_be_bytes(),
+            "UGAVALID, 0"
+        );
         assert_eq!(
             lba_status(&t, &n, 0),
             vec![(0, 1024, 1)],
@@ -571,7 +579,11 @@ mod tests {
         // Block Limits: unmapping and WRITE SAME write, so they get a WRITE's bound.
         let o = run(&t, &n, &[0x12, 0x01, 0xb0, 0, 0x40, 0], &[]);
         assert_eq!(&o.data_in[20..24], &65536u32.to_be_bytes());
-        assert_eq!(&o.data_in[28..36], &[0; 8], "no unmap granularity: nothing is freed");
+        assert_eq!(
+            &o.data_in[28..36],
+            &[0; 8],
+            "no unmap granularity: nothing is freed"
+        );
         assert_eq!(&o.data_in[36..44], &65536u64.to_be_bytes());
         // UNMAP blocks 4-7.
         let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
