@@ -168,7 +168,15 @@ impl WriteCache {
             .volumes
             .get(&volume)
             .map_or(512, |m| u64::from(m.block_size()));
-        let deadline = Instant::now() + SPACE_WAIT;
+        // Only a destage thread frees space while a writer waits. Without one (the
+        // deterministic simulations, which destage between steps) a full ring is full
+        // at once: waiting would only stall the one thread that could destage.
+        let wait = if lock_plain(&self.destage_thread).is_some() {
+            SPACE_WAIT
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + wait;
         let mut g = lock(&self.inner)?;
         loop {
             // A record never straddles the ring end: it starts over at the ring start.

@@ -236,3 +236,31 @@ fn a_record_of_an_unknown_kind_stops_recovery() {
     .expect("refused");
     assert!(e.to_string().contains("unknown kind 9"), "{e}");
 }
+
+/// Without a destage thread nothing frees ring space while a writer waits, so a full
+/// ring refuses at once instead of stalling the only thread that could destage for
+/// SPACE_WAIT (the fuzz harness's WRITE SAME hung 30 s this way); after an explicit
+/// destage the same write goes in.
+#[test]
+fn without_a_destage_thread_a_full_ring_refuses_at_once() {
+    let fs = SimFs::new(5);
+    let (cache, _set, v) = media_of(&fs, true, 4096);
+    let chunk = vec![0x5au8; 64 * 512];
+    let mut full = None;
+    for i in 0..64u64 {
+        let started = Instant::now();
+        match v.write_blocks(i * 64 % 4096, &chunk, false) {
+            Ok(()) => {}
+            Err(e) => {
+                full = Some((e, started.elapsed()));
+                break;
+            }
+        }
+    }
+    let (e, took) = full.expect("a 1 MiB ring fills with 2 MiB of writes");
+    assert!(matches!(e, MediaError::Full), "{e:?}");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    cache.destage_committed().expect("destage");
+    v.write_blocks(0, &chunk, false)
+        .expect("room again after destage");
+}
