@@ -14,6 +14,8 @@ use super::commands::{commands, SA_IN_BYTE_1};
 use super::lun::Lun;
 use super::pr::PrStore;
 use super::{block_io, pr, spc, ItNexus, ScsiCommand, ScsiOutcome};
+pub use crate::link_unit::VendorHandler;
+use crate::link_unit::{LinkUnit, Routed};
 use crate::media::mirror::MirrorSet;
 use crate::media::BlockStore;
 
@@ -72,19 +74,6 @@ pub struct TargetIdentity {
     pub iqn: String,
 }
 
-/// Handles vendor-specific opcodes (0xC0-0xFF): the link unit sends them here instead
-/// of to the LUN.
-pub trait VendorHandler: Send + Sync {
-    /// Executes a vendor command.
-    fn execute(&self, nexus: &ItNexus, cmd: &ScsiCommand<'_>) -> ScsiOutcome;
-
-    /// A session logged in.
-    fn nexus_added(&self, _nexus: &ItNexus) {}
-
-    /// A session ended.
-    fn nexus_removed(&self, _nexus: &ItNexus) {}
-}
-
 /// Held by every task an abort is waiting for, until that task has ended: the aborting
 /// side waits until all its clones are gone, so a task signals its end just by dropping
 /// its clone, even when it ends by unwinding or with its connection.
@@ -119,7 +108,8 @@ pub struct ScsiTarget {
     /// How to reach each nexus's transport to abort its tasks, by nexus id. Kept past
     /// the nexus's removal while commands it sent still execute.
     aborters: Mutex<HashMap<u64, NexusAborter>>,
-    vendor: Mutex<Option<Arc<dyn VendorHandler>>>,
+    /// Splits each command between this target's LUNs and the routing agent.
+    link: LinkUnit,
 }
 
 /// A nexus and the way to abort its tasks.
@@ -161,13 +151,13 @@ impl ScsiTarget {
             ua_clock: AtomicU64::new(0),
             nexuses: Mutex::new(HashMap::new()),
             aborters: Mutex::new(HashMap::new()),
-            vendor: Mutex::new(None),
+            link: LinkUnit::default(),
         })
     }
 
-    /// Routes vendor opcodes (0xC0-0xFF) to `h` (the link unit's vendor side).
+    /// Routes vendor opcodes (0xC0-0xFF) to `h`, the routing agent (see [`LinkUnit`]).
     pub fn set_vendor_handler(&self, h: Arc<dyn VendorHandler>) {
-        *lock(&self.vendor) = Some(h);
+        self.link.attach_routing_agent(h);
     }
 
     /// Whether `lun` exists.
@@ -300,9 +290,7 @@ impl ScsiTarget {
 
     /// A new I_T nexus: it starts with a power-on unit attention on every LUN.
     pub fn nexus_added(&self, nexus: &ItNexus) {
-        if let Some(h) = lock(&self.vendor).clone() {
-            h.nexus_added(nexus);
-        }
+        self.link.nexus_added(nexus);
         lock(&self.nexuses).insert(nexus.id, nexus.clone());
         let numbers: Vec<u64> = self.luns_now().keys().copied().collect();
         for l in numbers {
@@ -359,9 +347,7 @@ impl ScsiTarget {
 
     /// The nexus is gone.
     pub fn nexus_removed(&self, nexus: &ItNexus) {
-        if let Some(h) = lock(&self.vendor).clone() {
-            h.nexus_removed(nexus);
-        }
+        self.link.nexus_removed(nexus);
         lock(&self.nexuses).remove(&nexus.id);
         lock(&self.ua).retain(|(n, _), _| *n != nexus.id);
         for l in self.luns() {
@@ -524,12 +510,12 @@ impl ScsiTarget {
         let Some(&opcode) = cmd.cdb.first() else {
             return self.fail(None, common::INVALID_OPCODE);
         };
-        if crate::link_unit::unit_for(opcode) == crate::link_unit::Unit::RoutingAgent {
-            let h = lock(&self.vendor).clone();
-            return match h {
-                Some(h) => h.execute(nexus, cmd),
-                None => self.fail(self.lun(cmd.lun).as_deref(), common::INVALID_OPCODE),
-            };
+        match self.link.route(nexus, cmd) {
+            Routed::FileOperations => {}
+            Routed::RoutingAgent(o) => return o,
+            Routed::NoRoutingAgent => {
+                return self.fail(self.lun(cmd.lun).as_deref(), common::INVALID_OPCODE)
+            }
         }
         let Some(held) = self.lun_for(nexus, cmd.lun) else {
             return match opcode {
