@@ -9,6 +9,10 @@
 //! flight and finish in any order.
 
 pub(crate) mod machine;
+#[cfg(test)]
+mod pair;
+#[cfg(test)]
+mod rfc7143;
 
 use std::collections::HashMap;
 use std::sync::Arc;
