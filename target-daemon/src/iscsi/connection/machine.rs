@@ -1,7 +1,7 @@
 //! The full feature phase of one connection as a sans-IO state machine: no socket, no
 //! clock, no threads. The shell ([`super::run`]) feeds it frames, finished commands,
 //! wake-ups and the time, and writes, executes and parks what it polls out; a test feeds
-//! it the same way on virtual time ([`super::pair`]).
+//! it the same way on virtual time (`connection/pair.rs`).
 //!
 //! Inputs: [`Machine::handle_frame`] (and [`Machine::handle_frame_error`]),
 //! [`Machine::handle_done`], [`Machine::handle_resume`], [`Machine::handle_control`],

@@ -17,7 +17,7 @@ use super::pair::{
     command, data_out, logout, nop_out, read10, tmf, write10, Pair, CMD_WINDOW, FIRST_CMD_SN,
     NOP_INTERVAL_S, NOP_TIMEOUT_S, RESERVED, TUR,
 };
-use crate::scsi::{AbortWait, ScsiOutcome};
+use crate::scsi::{AbortWait, Park, ScsiOutcome};
 
 const F: u32 = FIRST_CMD_SN;
 
@@ -655,4 +655,120 @@ fn close_drains_running_commands_silently() {
     pair.finish_held(running, ScsiOutcome::default());
     assert_eq!(pair.m.running_tasks(), 0);
     assert!(pair.recv().is_none(), "a closed connection answers nothing");
+}
+
+/// A command the SCSI layer parks (a long poll) holds no execution: it waits, runs again
+/// with the deadline it chose when resumed, and answers then. ABORT TASK on a parked
+/// command ends it at once and ends its wait.
+#[test]
+fn parked_command_resumes_and_abort_ends_its_wait() {
+    let mut pair = Pair::new();
+    pair.auto_run = false;
+    let park = |pair: &Pair| {
+        // The sender is dropped: only the deadline would end this wait in the shell.
+        let (_, wake) = tokio::sync::watch::channel(());
+        ScsiOutcome {
+            park: Some(Park {
+                wake,
+                until: pair.now + Duration::from_secs(20),
+            }),
+            ..ScsiOutcome::default()
+        }
+    };
+    let polled = tur(&mut pair, F);
+    let outcome = park(&pair);
+    pair.finish_held(polled, outcome);
+    assert!(
+        pair.recv().is_none(),
+        "a parked command is not answered yet"
+    );
+    let p = pair.parks.pop().expect("the command was parked");
+    assert!(pair.m.is_parked(p.itt, p.generation));
+    pair.m.handle_resume(p.itt, p.generation, p.park.until);
+    pair.drive();
+    let again = pair.executing.pop().expect("resumed: it runs again");
+    assert_eq!(again.resume_until, Some(p.park.until));
+    pair.executing.push(again);
+    pair.finish_held(polled, ScsiOutcome::default());
+    assert_eq!(response(pair.recv()).itt, polled);
+
+    let aborted = tur(&mut pair, F + 1);
+    let outcome = park(&pair);
+    pair.finish_held(aborted, outcome);
+    let p = pair.parks.pop().expect("the command was parked");
+    let abort = pair.itt();
+    pair.send(&tmf(TmfFunction::AbortTask, abort, aborted, F + 2, F + 1));
+    let r = tmf_response(pair.recv());
+    assert_eq!(
+        (r.itt, r.response),
+        (abort, 0),
+        "nothing executes: answered at once"
+    );
+    assert!(
+        !pair.m.is_parked(p.itt, p.generation),
+        "the shell ends the wait"
+    );
+    // A resume that still arrives finds no task.
+    pair.m.handle_resume(p.itt, p.generation, p.park.until);
+    pair.drive();
+    assert!(pair.executing.is_empty() && pair.recv().is_none());
+}
+
+/// 11.10, 11.11: a Text Response longer than the initiator's MaxRecvDataSegmentLength
+/// goes in parts: C=1 with a TTT, the initiator asks for more with an empty Text Request
+/// quoting it, and the last part has F=1 and the reserved TTT. A TTT the target did not
+/// give resets the negotiation.
+#[test]
+fn long_text_answers_are_continued() {
+    let mut pair = Pair::new();
+    let mut request = Vec::new();
+    for i in 0..100 {
+        request.extend_from_slice(format!("X-org.ftss.unknown-{i:03}=yes").as_bytes());
+        request.push(0);
+    }
+    let text = |itt: Itt, ttt: u32, cmd_sn: u32, data: Vec<u8>| {
+        Pdu::TextRequest(ftss_proto::pdu::TextRequest {
+            immediate: false,
+            final_: true,
+            continue_: false,
+            lun: super::pair::lun0(),
+            itt,
+            ttt: Ttt(ttt),
+            cmd_sn: CmdSn(cmd_sn),
+            exp_stat_sn: StatSn(0),
+            data: data.into(),
+        })
+    };
+    let itt = pair.itt();
+    pair.send(&text(itt, RESERVED, F, request));
+    let mut answer = Vec::new();
+    let mut cmd_sn = F + 1;
+    let mut parts = 0;
+    loop {
+        let r = match pair.recv() {
+            Some(Pdu::TextResponse(r)) => r,
+            other => panic!("expected a Text Response, got {other:?}"),
+        };
+        parts += 1;
+        assert!(r.data.len() <= 1024, "MaxRecvDataSegmentLength");
+        answer.extend_from_slice(&r.data);
+        if r.final_ {
+            assert_eq!(r.ttt, Ttt(RESERVED));
+            assert!(!r.continue_);
+            break;
+        }
+        assert!(r.continue_);
+        assert_ne!(r.ttt, Ttt(RESERVED));
+        pair.send(&text(itt, r.ttt.0, cmd_sn, Vec::new()));
+        cmd_sn += 1;
+    }
+    assert!(parts > 2, "{parts} parts");
+    let answer = String::from_utf8(answer).expect("text");
+    assert_eq!(answer.matches("NotUnderstood").count(), 100, "{answer}");
+    // A TTT it never gave: a fresh (empty) negotiation, answered in one part.
+    pair.send(&text(itt, 0x1234, cmd_sn, Vec::new()));
+    match pair.recv() {
+        Some(Pdu::TextResponse(r)) => assert!(r.final_ && r.data.is_empty()),
+        other => panic!("expected a Text Response, got {other:?}"),
+    }
 }
