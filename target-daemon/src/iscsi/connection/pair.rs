@@ -132,6 +132,15 @@ impl Pair {
 
     /// A normal session with the given data movement limits.
     pub(super) fn with(xfer: XferLimits) -> Self {
+        Self::build(xfer, false)
+    }
+
+    /// A normal session with [`limits`] and CRC32C header and data digests both ways.
+    pub(super) fn with_digests() -> Self {
+        Self::build(limits(), true)
+    }
+
+    fn build(xfer: XferLimits, digests: bool) -> Self {
         let mut config = Config::default_config();
         for t in &mut config.targets {
             t.iqn = TARGET.to_owned();
@@ -184,8 +193,8 @@ impl Pair {
             released: std::sync::atomic::AtomicBool::new(false),
         });
         let framing = Framing {
-            header_digest: false,
-            data_digest: false,
+            header_digest: digests,
+            data_digest: digests,
             max_recv_data_segment: 8192,
         };
         let params = ConnParams { framing, xfer };
@@ -236,9 +245,15 @@ impl Pair {
 
     /// Sends one PDU as the initiator would, and lets the target answer.
     pub(super) fn send(&mut self, p: &Pdu) {
+        let b = self.encode(p);
+        self.send_bytes(&b);
+    }
+
+    /// `p` as the initiator puts it on the wire (digests included when in use).
+    pub(super) fn encode(&self, p: &Pdu) -> BytesMut {
         let mut b = BytesMut::new();
         p.encode(&mut b, &self.framing);
-        self.send_bytes(&b);
+        b
     }
 
     /// Sends raw bytes (a malformed PDU, several PDUs at once), and lets the target

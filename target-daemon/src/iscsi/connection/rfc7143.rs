@@ -772,3 +772,38 @@ fn long_text_answers_are_continued() {
         other => panic!("expected a Text Response, got {other:?}"),
     }
 }
+
+/// 11.17.1, 7.8 at ErrorRecoveryLevel 0: a Data-Out whose data digest fails is rejected
+/// (reason 2) and its command ends with CHECK CONDITION (ABORTED COMMAND); a header
+/// digest error leaves nothing to trust and closes the connection.
+#[test]
+fn digest_errors_fail_the_command_or_close() {
+    let mut pair = Pair::with_digests();
+    let itt = pair.itt();
+    pair.send(&Pdu::ScsiCommand(write10(itt, F, 2048, 0, true)));
+    let t = r2t(pair.recv());
+    let mut bad = pair.encode(&data_out(itt, t.ttt.0, 0, 0, 1024, false));
+    // One bit of the data segment (after the BHS and its digest).
+    bad[48 + 4 + 10] ^= 0x01;
+    pair.send_bytes(&bad);
+    let all = pair.recv_all();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let r = response(Some(all[0].clone()));
+    assert_eq!((r.itt, r.status), (itt, 2));
+    assert_eq!(r.sense.get(2..3), Some(&[0x0b][..]), "ABORTED COMMAND");
+    let j = reject(Some(all[1].clone()));
+    assert_eq!(j.reason, RejectReason::DataDigestError as u8);
+    // The connection goes on.
+    let next = tur(&mut pair, F + 1);
+    assert_eq!(response(pair.recv()).itt, next);
+    assert!(!pair.m.is_closed());
+
+    let mut bad = pair.encode(&nop_out(9, RESERVED, F + 2, false));
+    bad[20] ^= 0x01;
+    pair.send_bytes(&bad);
+    assert!(pair.recv().is_none());
+    assert!(
+        pair.m.is_closed(),
+        "a header digest error closes the connection"
+    );
+}
