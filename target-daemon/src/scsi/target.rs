@@ -83,6 +83,16 @@ pub struct AbortWait {
     _held: std::sync::mpsc::Sender<()>,
 }
 
+#[cfg(test)]
+impl AbortWait {
+    /// A wait as [`ScsiTarget`] makes one for an abort, with the receiver that reports
+    /// (disconnected) once every clone is gone: for transport tests.
+    pub(crate) fn for_tests() -> (Self, std::sync::mpsc::Receiver<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (AbortWait { _held: tx }, rx)
+    }
+}
+
 /// The transport side of one I_T nexus, through which the SCSI layer aborts that nexus's
 /// tasks (PREEMPT AND ABORT from another nexus, SPC-4 5.15.11.2.6).
 pub trait TaskAborter: Send + Sync {
