@@ -55,6 +55,15 @@ fn align(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// Raises `max` to the microseconds since `since`. Loads first: on the common path (no
+/// new maximum) every writer only reads the shared counter.
+fn raise_max(max: &AtomicU64, since: Instant) {
+    let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+    if us > max.load(Ordering::Relaxed) {
+        max.fetch_max(us, Ordering::Relaxed);
+    }
+}
+
 /// Counters for status and benchmarks.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CacheStats {
@@ -63,6 +72,11 @@ pub struct CacheStats {
     /// Microseconds those msyncs took in all: with `commit_flushes` and `records`, the
     /// cost of a commit on this device and how many records share one.
     pub commit_flush_us: u64,
+    /// Longest one writer waited for its record to be committed, in microseconds: an
+    /// average hides the stall a sustained load meets behind a slow msync.
+    pub commit_wait_max_us: u64,
+    /// Longest one append waited for ring space (destage behind), in microseconds.
+    pub space_wait_max_us: u64,
     /// Records appended (each committed before its write is acknowledged in nonvolatile
     /// mode; in volatile mode only by a later flush or destage).
     pub records: u64,
@@ -172,6 +186,9 @@ pub struct WriteCache {
     flush_us: AtomicU64,
     /// Each commit msync's duration, for the metrics endpoint.
     commit_latency: crate::metrics::Histogram,
+    /// See [`CacheStats::commit_wait_max_us`] and [`CacheStats::space_wait_max_us`].
+    commit_wait_max_us: AtomicU64,
+    space_wait_max_us: AtomicU64,
     /// Bytes written to the mirror sets by destage.
     destaged: AtomicU64,
     records: AtomicU64,
@@ -347,6 +364,8 @@ impl WriteCache {
             flushes: AtomicU64::new(0),
             flush_us: AtomicU64::new(0),
             commit_latency: crate::metrics::Histogram::default(),
+            commit_wait_max_us: AtomicU64::new(0),
+            space_wait_max_us: AtomicU64::new(0),
             destaged: AtomicU64::new(0),
             records: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
@@ -586,7 +605,9 @@ impl WriteCache {
             .volumes
             .get(&volume)
             .map_or(512, |m| u64::from(m.block_size()));
-        let deadline = Instant::now() + SPACE_WAIT;
+        let started = Instant::now();
+        let deadline = started + SPACE_WAIT;
+        let mut waited = false;
         let mut g = lock(&self.inner);
         loop {
             // A record never straddles the ring end: it starts over at the ring start.
@@ -620,13 +641,20 @@ impl WriteCache {
             }
             let now = Instant::now();
             if now >= deadline || self.stop.load(Ordering::Relaxed) || refuse_wait() {
+                if waited {
+                    raise_max(&self.space_wait_max_us, started);
+                }
                 return Err(MediaError::Full);
             }
+            waited = true;
             g = self
                 .cond
                 .wait_timeout(g, deadline - now)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
+        }
+        if waited {
+            raise_max(&self.space_wait_max_us, started);
         }
         let seq = g.next_seq;
         let pos = g.head;
@@ -833,6 +861,15 @@ impl WriteCache {
     /// Waits until record `seq` is committed, blocking the thread. A waiter whose record
     /// no running flush covers runs one itself for everything appended so far.
     pub fn wait_durable(&self, seq: u64) -> Result<(), MediaError> {
+        let started = Instant::now();
+        self.wait_commit(seq)?;
+        raise_max(&self.commit_wait_max_us, started);
+        Ok(())
+    }
+
+    /// [`wait_durable`](Self::wait_durable) for the cache's own waits (destage in volatile
+    /// mode, drain): no writer stalls in them, so they stay out of the maximum.
+    fn wait_commit(&self, seq: u64) -> Result<(), MediaError> {
         let mut g = lock(&self.inner);
         loop {
             if g.durable_seq >= seq {
@@ -857,6 +894,7 @@ impl WriteCache {
     /// each, and a finished flush wakes them with one notification instead of a
     /// condition-variable stampede. The msync itself runs on a blocking thread.
     pub async fn committed(self: &Arc<Self>, seq: u64) -> Result<(), MediaError> {
+        let started = Instant::now();
         let mut rx = self.durable_tx.subscribe();
         loop {
             // Marked seen before the check, so a flush finishing after it wakes us.
@@ -864,6 +902,8 @@ impl WriteCache {
             {
                 let mut g = lock(&self.inner);
                 if g.durable_seq >= seq {
+                    drop(g);
+                    raise_max(&self.commit_wait_max_us, started);
                     return Ok(());
                 }
                 if self.stop_commits.load(Ordering::Relaxed) {
@@ -1035,7 +1075,7 @@ impl WriteCache {
                             // and move the tail).
                             let seq = g.appended_seq;
                             drop(g);
-                            if let Err(e) = self.wait_durable(seq) {
+                            if let Err(e) = self.wait_commit(seq) {
                                 error!("commit before destage failed: {e}");
                             }
                             g = lock(&self.inner);
@@ -1197,6 +1237,8 @@ impl WriteCache {
         CacheStats {
             commit_flushes: self.flushes.load(Ordering::Relaxed),
             commit_flush_us: self.flush_us.load(Ordering::Relaxed),
+            commit_wait_max_us: self.commit_wait_max_us.load(Ordering::Relaxed),
+            space_wait_max_us: self.space_wait_max_us.load(Ordering::Relaxed),
             records: self.records.load(Ordering::Relaxed),
             recovered_records: self.recovered.load(Ordering::Relaxed),
             recovery_ms: self.recovery_ms.load(Ordering::Relaxed),
@@ -1214,7 +1256,7 @@ impl WriteCache {
     /// Waits until everything appended has been destaged (for tests and shutdown).
     pub fn drain(&self, timeout: Duration) -> bool {
         let seq = self.appended_seq();
-        if self.wait_durable(seq).is_err() {
+        if self.wait_commit(seq).is_err() {
             return false;
         }
         let deadline = Instant::now() + timeout;
@@ -2056,6 +2098,47 @@ mod discard_tests {
 #[cfg(test)]
 mod volatile_tests {
     use super::*;
+
+    #[test]
+    fn the_longest_space_and_commit_waits_are_kept() {
+        let d = std::env::temp_dir().join(format!("ftss-cache-waits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        let m = Arc::new(MirrorSet::open(&[d.join("a"), d.join("b")], 4096, 512).expect("mirrors"));
+        let vols = HashMap::from([(0u32, Arc::clone(&m))]);
+        let c = WriteCache::open(&d.join("wc"), RING_START + (1 << 20), vols).expect("open");
+        let s = c.stats();
+        assert_eq!((s.commit_wait_max_us, s.space_wait_max_us), (0, 0));
+        // Volatile writes are copies into the map: ten times the ring outruns destage (a
+        // mirror sync per batch), so some append waits for space.
+        let v = CachedVolume::new(Arc::clone(&c), Arc::clone(&m), 0, CacheMode::Volatile);
+        for i in 0..2500u64 {
+            v.write_blocks((i * 8) % 4000, &vec![(i % 251) as u8; 4096], false)
+                .expect("write");
+        }
+        let s = c.stats();
+        assert!(s.space_wait_max_us > 0, "{s:?}");
+        // Destage committed those records itself; no writer waited for a commit.
+        assert_eq!(s.commit_wait_max_us, 0, "{s:?}");
+        // A nonvolatile write waits at least for the msync of a real file.
+        let v = CachedVolume::new(Arc::clone(&c), Arc::clone(&m), 0, CacheMode::Nonvolatile);
+        v.write_blocks(0, &[7u8; 4096], false).expect("write");
+        let first = c.stats().commit_wait_max_us;
+        assert!(first > 0);
+        // A wait for a record already committed returns at once and lowers nothing.
+        c.wait_durable(c.appended_seq()).expect("committed");
+        assert!(c.stats().commit_wait_max_us >= first);
+        // The async waiter keeps the same figure.
+        let seq = c.append(0, 8, &[9u8; 4096]).expect("append");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(c.committed(seq)).expect("committed");
+        assert!(c.stats().commit_wait_max_us >= first);
+        assert!(c.drain(Duration::from_secs(10)));
+        c.shutdown();
+        let _ = std::fs::remove_dir_all(d);
+    }
 
     #[test]
     fn volatile_mode_destages_without_flushes_from_writers() {
