@@ -181,8 +181,7 @@ kv() {
 # wait_cache_clean CONFIG [SECONDS]: waits until destage has emptied the write cache, so a
 # write test starts from the state the previous one did not leave behind.
 wait_cache_clean() {
-  local i
-  for i in $(seq 1 $((${2:-120} * 10))); do
+  for _ in $(seq 1 $((${2:-120} * 10))); do
     [ "$(kv "$(cache_status "$1")" dirty_bytes)" = 0 ] && return 0
     sleep 0.1
   done

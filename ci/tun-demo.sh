@@ -103,6 +103,7 @@ rtt() { # namespace, address, file -> "min/avg/max/mdev ms"; the replies go to t
   ip netns exec "$1" ping -c 20 -i 0.2 -W 5 "$2" | tee "$3" | awk -F'= ' '/rtt/ {print $2}'
 }
 p50() { # file of rtt -> the median reply time in ms (the summary has no median)
+  # shellcheck disable=SC2046 # one reply time a word
   median $(grep -oE 'time=[0-9.]+' "$1" | cut -d= -f2)
 }
 
