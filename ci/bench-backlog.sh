@@ -4,11 +4,15 @@
 # the backlog grows, then the node drains it (RECEIVE and ACK) and its queue statistics
 # must show nothing left. Shows that memory
 # stays bounded (a fixed per-node index, the dedup window and the write cache's index)
-# however far the backlog outgrows RAM. Needs about PACKETS x 1.1 KiB of disk.
+# however far the backlog outgrows RAM. Needs about PACKETS x 1.1 KiB of disk (two mirrors
+# of 512 bytes a packet), in BENCH_DIR (default /var/tmp). DRAIN=0 skips the drain (ci/bench.sh
+# wants only the memory). Writes ci/out/bench-backlog.figures (key=value, for ci/bench.sh).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 PACKETS=${PACKETS:-10000000}
 STEP=${STEP:-1000000}
+DRAIN=${DRAIN:-1}
+CACHE_MIB=${CACHE_MIB:-256}
 work=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}")
 trap 'ci_cleanup; rm -rf "$work"' EXIT
 ftss_build
@@ -21,7 +25,7 @@ cat >"$work/ftss.toml" <<CONF
 portals = ["127.0.0.1:$port"]
 data_dir = "$work"
 [media]
-cache_size = "256MiB"
+cache_size = "${CACHE_MIB}MiB"
 [[target]]
 iqn = "iqn.2026-11.org.ftss:backlog"
 [[target.lun]]
@@ -60,6 +64,7 @@ done
 echo "backlog benchmark: $PACKETS packets of 64 bytes to a node that does not receive"
 echo "start: daemon RSS $(rss)"
 sent=0
+t_start=$SECONDS
 while [ "$sent" -lt "$PACKETS" ]; do
   n=$(( PACKETS - sent < STEP ? PACKETS - sent : STEP ))
   out=$($tx bench 10.0.0.2 --size 64 --count "$n" --inflight 8 --batch 512 | sed -n 1p)
@@ -67,6 +72,18 @@ while [ "$sent" -lt "$PACKETS" ]; do
   echo "$sent queued: daemon RSS $(rss)  ($out)"
   echo "$sent queued,$(rss_csv)" >>"$csv"
 done | tee "$CI_OUT/bench-backlog.txt"
+figs="$CI_OUT/bench-backlog.figures"
+: >"$figs"
+figure "$figs" packets "$PACKETS"
+figure "$figs" queue_seconds $((SECONDS - t_start))
+figure "$figs" cache_mib "$CACHE_MIB"
+# The memory with the whole backlog queued (the last row; the daemon keeps running).
+figure "$figs" rss_mib "$(tail -1 "$csv" | grep "^$PACKETS queued," | cut -d, -f2)"
+figure "$figs" anon_mib "$(tail -1 "$csv" | grep "^$PACKETS queued," | cut -d, -f3)"
+if [ "$DRAIN" = 0 ]; then
+  python3 "$CI_ROOT/ci/chart.py" "$csv" "$CI_OUT/bench-backlog.svg" "Memory with a packet backlog"
+  exit 0
+fi
 echo "stats of the away node: $($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | tr '\n' ' ')"
 t0=$(date +%s.%N)
 $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away recv --wait 5 --count "$PACKETS" >/dev/null

@@ -110,9 +110,6 @@ all() { # label, function, args -> one row over the seven LUNs
   row "$label" "$($fn "$nurl" "$@")" "$($fn "$murl" "$@")" "$($fn "$xurl" "$@")" \
     "$($fn "$vurl" "$@")" "$($fn "$furl" "$@")" "$($fn "$turl" "$@")" "$($fn "$surl" "$@")"
 }
-cache_status() { # config -> the "cache ..." line of the daemon's admin status
-  "$CI_ROOT/target/release/ftss-target" --config "$1" admin status | grep '^cache '
-}
 commits() { # status line before, after -> the group commits between them
   python3 -c "
 import re, sys

@@ -6,9 +6,14 @@
 # `appendonly yes, appendfsync always` driven by redis-benchmark with XADD of a 1 KiB
 # field (`-c 1` for 1 in flight, `-c 1 -P 32` for 32), and beside the fsync limit of the
 # same disk: one msync'd 4 KiB write at a time, the rate a store-then-acknowledge design
-# gets without group commit. Writes ci/out/bench-packets.csv and a chart of it.
+# gets without group commit. ftss runs its embedded default configuration (portal and data
+# directory moved). Writes ci/out/bench-packets.csv, a chart of it, and
+# ci/out/bench-packets.figures (key=value, for ci/bench.sh). BENCH_QUICK=1 sends fewer.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+  COUNT1=${COUNT1:-300} COUNT32=${COUNT32:-3000} LAT_COUNT=${LAT_COUNT:-500}
+fi
 COUNT1=${COUNT1:-3000}
 COUNT32=${COUNT32:-50000}
 LAT_COUNT=${LAT_COUNT:-5000}
@@ -20,23 +25,8 @@ if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/nu
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 port=$(free_port)
-cat >"$work/ftss.toml" <<CONF
-[server]
-portals = ["127.0.0.1:$port"]
-data_dir = "$work"
-[media]
-cache_size = "256MiB"
-cache = "nonvolatile"
-[[target]]
-iqn = "iqn.2026-11.org.ftss:bench"
-[[target.lun]]
-lun = 0
-mirrors = ["lun-a.mirror", "lun-b.mirror"]
-size = "64MiB"
-[packets]
-mirrors = ["packets-a.mirror", "packets-b.mirror"]
-size = "1GiB"
-CONF
+# The default media: 256 MiB nonvolatile write cache, packet queue on two mirrors.
+ftss_default_config "$port" "$work/ftss" >"$work/ftss.toml"
 RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-packets-ftss.log" "$port"
 F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
 # The destination node takes and acknowledges everything.
@@ -84,6 +74,18 @@ num() { grep -oE "$1" | grep -oE '[0-9.]+' | head -1; }
   echo "fsync limit of this disk (one 4 KiB msync at a time): $fl"
   f1=$(num '[0-9.]+ packets/s' <"$work/f1")
   f32=$(num '[0-9.]+ packets/s' <"$work/f32")
+  # ms from "p50 N us" (n/a when the line is missing).
+  lat() { { grep -oE "$1 [0-9]+ us" "$work/flat" || true; } | awk '{print $2 / 1000; n++} END {if (!n) print "n/a"}' | head -1; }
+  figs="$CI_OUT/bench-packets.figures"
+  : >"$figs"
+  figure "$figs" ftss_1 "$f1"
+  figure "$figs" ftss_32 "$f32"
+  figure "$figs" redis_1 "$r1"
+  figure "$figs" redis_32 "$r32"
+  figure "$figs" lat_p50_ms "$(lat p50)"
+  figure "$figs" lat_p99_ms "$(lat p99)"
+  figure "$figs" redis_p50_ms "$r1p50"
+  figure "$figs" redis_p99_ms "$r1p99"
   printf '%-44s %10s %10s %6s\n' "1 KiB, durable before the ack" ftss redis ratio
   printf '%-44s %10.0f %10.0f %6.2f\n' "per second, 1 in flight" "$f1" "$r1" "$(awk "BEGIN { print $f1 / $r1 }")"
   printf '%-44s %10.0f %10.0f %6.2f\n' "per second, 32 in flight" "$f32" "$r32" "$(awk "BEGIN { print $f32 / $r32 }")"

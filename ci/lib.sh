@@ -154,3 +154,88 @@ d = open(sys.argv[2], "rb").read(); t = time.time()
 s = socket.create_connection((sys.argv[1], 5001), timeout=120); s.sendall(d); s.shutdown(socket.SHUT_WR)
 s.recv(1); print(round(len(d) / (time.time() - t) / 1e6, 1))' "$2" "$3"
 }
+
+# ftss_default_config PORT DATA_DIR: the embedded default configuration (a mirrored 1 GiB
+# LUN behind the nonvolatile write cache, the packet queue on mirrors) with only its
+# portal and data directory moved, so benchmarks measure what `ftss-target` alone serves.
+ftss_default_config() {
+  "$CI_ROOT/target/release/ftss-target" --print-default-config |
+    sed -e "s|^portals = .*|portals = [\"127.0.0.1:$1\"]|" -e "s|^data_dir = .*|data_dir = \"$2\"|"
+}
+
+# ftss_default_iqn: the target name of the embedded default configuration.
+ftss_default_iqn() {
+  "$CI_ROOT/target/release/ftss-target" --print-default-config | sed -n 's/^iqn = "\(.*\)"$/\1/p' | head -1
+}
+
+# cache_status CONFIG: the "cache ..." line of the daemon's admin status (key=value pairs).
+cache_status() {
+  "$CI_ROOT/target/release/ftss-target" --config "$1" admin status | grep '^cache '
+}
+
+# kv LINE KEY: the value of KEY=... in LINE, or nothing.
+kv() {
+  echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1
+}
+
+# wait_cache_clean CONFIG [SECONDS]: waits until destage has emptied the write cache, so a
+# write test starts from the state the previous one did not leave behind.
+wait_cache_clean() {
+  for _ in $(seq 1 $((${2:-120} * 10))); do
+    [ "$(kv "$(cache_status "$1")" dirty_bytes)" = 0 ] && return 0
+    sleep 0.1
+  done
+  echo "write cache of $1 still dirty after ${2:-120} s" >&2
+  return 1
+}
+
+# qemu_bench URL COUNT DEPTH SIZE ARGS...: seconds qemu-img bench takes for COUNT requests
+# of SIZE bytes at consecutive offsets (-S SIZE), queue depth DEPTH, host cache off; empty
+# when it failed (the caller prints n/a).
+qemu_bench() {
+  local url=$1 count=$2 depth=$3 size=$4
+  shift 4
+  qemu-img bench -f raw -t none -c "$count" -d "$depth" -s "$size" -S "$size" "$@" "$url" 2>&1 |
+    grep -oE 'completed in [0-9.]+' | grep -oE '[0-9.]+$' || true
+}
+
+# median VALUES...: the median of numbers ("n/a" and empty values ignored); n/a if none.
+median() {
+  printf '%s\n' "$@" | awk '/^[0-9.]+$/' | sort -g |
+    awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "n/a"}'
+}
+
+# figure FILE KEY VALUE: records one result as KEY=VALUE in FILE (ci/out/*.figures), for
+# ci/bench.sh to collect; an empty value is written as n/a.
+figure() {
+  echo "$2=${3:-n/a}" >>"$1"
+}
+
+# fdatasync_rate DIR N: 4 KiB pwrite + fdatasync per second on a pre-written 4 MiB file in
+# DIR (overwrites only: no allocation or size change in the loop), over N writes.
+fdatasync_rate() {
+  python3 - "$1" "$2" <<'PY'
+import os, sys, tempfile, time
+fd, p = tempfile.mkstemp(dir=sys.argv[1]); n = int(sys.argv[2])
+os.pwrite(fd, bytes(4 << 20), 0); os.fsync(fd)
+b = b"x" * 4096; t = time.time()
+for i in range(n):
+    os.pwrite(fd, b, (i % 1024) * 4096)
+    os.fdatasync(fd)
+print(int(n / (time.time() - t)))
+os.unlink(p)
+PY
+}
+
+# seq_write_mbs DIR MIB: sequential write bandwidth in MB/s of MIB MiB in 1 MiB blocks,
+# fdatasync'd before dd reports (the figure includes reaching the disk).
+seq_write_mbs() {
+  local f
+  f=$(mktemp -p "$1")
+  local t0 t1
+  t0=$(date +%s.%N)
+  dd if=/dev/zero of="$f" bs=1M count="$2" conv=fdatasync status=none
+  t1=$(date +%s.%N)
+  rm -f "$f"
+  python3 -c "print(round($2 * 1048576 / ($t1 - $t0) / 1e6))"
+}

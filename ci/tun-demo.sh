@@ -5,7 +5,8 @@
 # namespace after it is created). Then: ping, a 100 MiB TCP transfer checked by sha256,
 # and the same transfer while the target is killed with SIGKILL and restarted (TCP may
 # stall, must not break). The same two measurements over a plain veth pair, beside.
-# Needs root (namespaces, TUN); prints SKIP with the reason otherwise.
+# Needs root (namespaces, TUN); prints SKIP with the reason otherwise. Writes
+# ci/out/tun-demo.figures (key=value, for ci/bench.sh).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 if [ "$(id -u)" != 0 ] || [ ! -c /dev/net/tun ] || ! command -v ip >/dev/null; then
@@ -98,13 +99,19 @@ ip -n "$D" link set "vd$tag" up
 head -c $((MIB << 20)) /dev/urandom >"$work/blob"
 want=$(sha256sum "$work/blob" | cut -d' ' -f1)
 
-rtt() { # namespace, address -> "min/avg/max ms"
-  ip netns exec "$1" ping -q -c 20 -i 0.2 -W 5 "$2" | awk -F'= ' '/rtt/ {print $2}'
+rtt() { # namespace, address, file -> "min/avg/max/mdev ms"; the replies go to the file
+  ip netns exec "$1" ping -c 20 -i 0.2 -W 5 "$2" | tee "$3" | awk -F'= ' '/rtt/ {print $2}'
+}
+p50() { # file of rtt -> the median reply time in ms (the summary has no median)
+  # shellcheck disable=SC2046 # one reply time a word
+  median $(grep -oE 'time=[0-9.]+' "$1" | cut -d= -f2)
 }
 
 echo "== ping"
-ftss_rtt=$(rtt "$A" 10.99.0.2)
-veth_rtt=$(rtt "$C" 10.98.0.2)
+ftss_rtt=$(rtt "$A" 10.99.0.2 "$work/ping-ftss")
+veth_rtt=$(rtt "$C" 10.98.0.2 "$work/ping-veth")
+ftss_p50=$(p50 "$work/ping-ftss")
+veth_p50=$(p50 "$work/ping-veth")
 check "ping through ftss ($ftss_rtt)" test -n "$ftss_rtt"
 
 echo "== TCP, $MIB MiB"
@@ -141,14 +148,24 @@ check "target was killed and restarted mid-transfer" \
   python3 -c "import sys; sys.exit(not float(open('$work/killed_at').read()) < float(open('$work/done_at').read()))"
 check "target restarted" test -f "$work/restarted"
 check "TCP across the crash: sha256 matches ($crash_mbs MB/s)" test "$(cat "$work/got3" 2>/dev/null)" = "$want"
-check "ping after the restart" test -n "$(rtt "$A" 10.99.0.2)"
+check "ping after the restart" test -n "$(rtt "$A" 10.99.0.2 "$work/ping-after")"
 
 {
   echo "TUN demo: two namespaces joined only by ftss (mirrored, nonvolatile packet queue) vs a veth pair"
   printf '%-34s %-28s %s\n' "" "ftss" "veth"
-  printf '%-34s %-28s %s\n' "ping rtt min/avg/max" "$ftss_rtt" "$veth_rtt"
+  printf '%-34s %-28s %s\n' "ping rtt min/avg/max/mdev" "$ftss_rtt" "$veth_rtt"
+  printf '%-34s %-28s %s\n' "ping rtt median (ms)" "$ftss_p50" "$veth_p50"
   printf '%-34s %-28s %s\n' "TCP $MIB MiB throughput (MB/s)" "$ftss_mbs" "$veth_mbs"
   printf '%-34s %-28s\n' "same, SIGKILL + restart mid-way" "$crash_mbs"
 } | tee "$CI_OUT/tun-demo.txt"
+figs="$CI_OUT/tun-demo.figures"
+: >"$figs"
+figure "$figs" mib "$MIB"
+figure "$figs" ftss_ping_p50_ms "$ftss_p50"
+figure "$figs" veth_ping_p50_ms "$veth_p50"
+# A transfer that failed printed nothing or "failed": n/a, not a number.
+num_or_na() { [[ $1 =~ ^[0-9.]+$ ]] && echo "$1" || echo n/a; }
+figure "$figs" ftss_tcp_mbs "$(num_or_na "$ftss_mbs")"
+figure "$figs" veth_tcp_mbs "$(num_or_na "$veth_mbs")"
 echo "tun-demo: $fails failed"
 [ "$fails" = 0 ]

@@ -75,13 +75,15 @@ impl MediaHandles {
         if let Some(c) = &self.cache {
             let s = c.stats();
             out.push_str(&format!(
-                "cache mode={} ring_bytes={} dirty_bytes={} records={} commit_flushes={} commit_flush_us={} recovered_records={} recovery_ms={}\n",
+                "cache mode={} ring_bytes={} dirty_bytes={} records={} commit_flushes={} commit_flush_us={} commit_wait_max_us={} space_wait_max_us={} recovered_records={} recovery_ms={}\n",
                 self.cache_mode,
                 s.ring_bytes,
                 s.dirty_bytes,
                 s.records,
                 s.commit_flushes,
                 s.commit_flush_us,
+                s.commit_wait_max_us,
+                s.space_wait_max_us,
                 s.recovered_records,
                 s.recovery_ms
             ));
@@ -225,6 +227,8 @@ impl MediaHandles {
                 "records": s.records,
                 "commit_flushes": s.commit_flushes,
                 "commit_flush_us": s.commit_flush_us,
+                "commit_wait_max_us": s.commit_wait_max_us,
+                "space_wait_max_us": s.space_wait_max_us,
                 "recovered_records": s.recovered_records,
                 "recovery_ms": s.recovery_ms,
             })

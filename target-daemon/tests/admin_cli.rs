@@ -132,6 +132,8 @@ fn listings_show_the_live_session_in_text_and_json() {
 
         let v = json(&config, &["status", "--json"]);
         assert!(v["cache"]["ring_bytes"].as_u64().is_some(), "{v}");
+        assert!(v["cache"]["commit_wait_max_us"].as_u64().is_some(), "{v}");
+        assert!(v["cache"]["space_wait_max_us"].as_u64().is_some(), "{v}");
         let v = json(&config, &["nodes", "--json"]);
         assert_eq!(v["nodes"][0]["initiator"], INITIATOR, "{v}");
         assert_eq!(v["nodes"][0]["addrs"][0], "10.0.0.1", "{v}");

@@ -176,7 +176,9 @@ impl WriteCache {
         } else {
             Duration::ZERO
         };
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let deadline = started + wait;
+        let mut waited = false;
         let mut g = lock(&self.inner)?;
         loop {
             // A record never straddles the ring end: it starts over at the ring start.
@@ -210,13 +212,20 @@ impl WriteCache {
             }
             let now = Instant::now();
             if now >= deadline || self.stop.load(Ordering::Relaxed) || refuse_wait() {
+                if waited {
+                    raise_max(&self.space_wait_max_us, started);
+                }
                 return Err(MediaError::Full);
             }
+            waited = true;
             g = self
                 .cond
                 .wait_timeout(g, deadline - now)
                 .map(|(g, _)| g)
                 .map_err(poisoned)?;
+        }
+        if waited {
+            raise_max(&self.space_wait_max_us, started);
         }
         let seq = g.next_seq;
         let pos = g.head;
@@ -391,6 +400,15 @@ impl WriteCache {
     /// Waits until record `seq` is committed, blocking the thread. A waiter whose record
     /// no running flush covers runs one itself for everything appended so far.
     pub fn wait_durable(&self, seq: u64) -> Result<(), MediaError> {
+        let started = Instant::now();
+        self.wait_commit(seq)?;
+        raise_max(&self.commit_wait_max_us, started);
+        Ok(())
+    }
+
+    /// [`wait_durable`](Self::wait_durable) for the cache's own waits (destage in volatile
+    /// mode, drain): no writer stalls in them, so they stay out of the maximum.
+    pub(super) fn wait_commit(&self, seq: u64) -> Result<(), MediaError> {
         let mut g = lock(&self.inner)?;
         loop {
             if g.durable_seq >= seq {
@@ -415,6 +433,7 @@ impl WriteCache {
     /// each, and a finished flush wakes them with one notification instead of a
     /// condition-variable stampede. The msync itself runs on a blocking thread.
     pub async fn committed(self: &Arc<Self>, seq: u64) -> Result<(), MediaError> {
+        let started = Instant::now();
         let mut rx = self.durable_tx.subscribe();
         loop {
             // Marked seen before the check, so a flush finishing after it wakes us.
@@ -422,6 +441,8 @@ impl WriteCache {
             {
                 let mut g = lock(&self.inner)?;
                 if g.durable_seq >= seq {
+                    drop(g);
+                    raise_max(&self.commit_wait_max_us, started);
                     return Ok(());
                 }
                 if self.stop_commits.load(Ordering::Relaxed) {

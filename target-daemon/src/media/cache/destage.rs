@@ -61,7 +61,7 @@ impl WriteCache {
                             // and move the tail).
                             let seq = g.appended_seq;
                             drop(g);
-                            if let Err(e) = self.wait_durable(seq) {
+                            if let Err(e) = self.wait_commit(seq) {
                                 error!("commit before destage failed: {e}");
                             }
                             let Ok(ng) = lock(&self.inner) else {
@@ -224,7 +224,7 @@ impl WriteCache {
     /// Waits until everything appended has been destaged (for tests and shutdown).
     pub fn drain(&self, timeout: Duration) -> bool {
         let seq = self.appended_seq();
-        if self.wait_durable(seq).is_err() {
+        if self.wait_commit(seq).is_err() {
             return false;
         }
         let deadline = Instant::now() + timeout;

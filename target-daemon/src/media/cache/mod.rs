@@ -61,6 +61,15 @@ fn align(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// Raises `max` to the microseconds since `since`. Loads first: on the common path (no
+/// new maximum) every writer only reads the shared counter.
+fn raise_max(max: &AtomicU64, since: Instant) {
+    let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+    if us > max.load(Ordering::Relaxed) {
+        max.fetch_max(us, Ordering::Relaxed);
+    }
+}
+
 /// Counters for status and benchmarks.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CacheStats {
@@ -69,6 +78,11 @@ pub struct CacheStats {
     /// Microseconds those msyncs took in all: with `commit_flushes` and `records`, the
     /// cost of a commit on this device and how many records share one.
     pub commit_flush_us: u64,
+    /// Longest one writer waited for its record to be committed, in microseconds: an
+    /// average hides the stall a sustained load meets behind a slow msync.
+    pub commit_wait_max_us: u64,
+    /// Longest one append waited for ring space (destage behind), in microseconds.
+    pub space_wait_max_us: u64,
     /// Records appended (each committed before its write is acknowledged in nonvolatile
     /// mode; in volatile mode only by a later flush or destage).
     pub records: u64,
@@ -178,6 +192,9 @@ pub struct WriteCache {
     flush_us: AtomicU64,
     /// Each commit msync's duration, for the metrics endpoint.
     commit_latency: crate::counters::Histogram,
+    /// See [`CacheStats::commit_wait_max_us`] and [`CacheStats::space_wait_max_us`].
+    commit_wait_max_us: AtomicU64,
+    space_wait_max_us: AtomicU64,
     /// Bytes written to the mirror sets by destage.
     destaged: AtomicU64,
     records: AtomicU64,
@@ -371,6 +388,8 @@ impl WriteCache {
             flushes: AtomicU64::new(0),
             flush_us: AtomicU64::new(0),
             commit_latency: crate::counters::Histogram::default(),
+            commit_wait_max_us: AtomicU64::new(0),
+            space_wait_max_us: AtomicU64::new(0),
             destaged: AtomicU64::new(0),
             records: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
@@ -406,6 +425,8 @@ impl WriteCache {
         CacheStats {
             commit_flushes: self.flushes.load(Ordering::Relaxed),
             commit_flush_us: self.flush_us.load(Ordering::Relaxed),
+            commit_wait_max_us: self.commit_wait_max_us.load(Ordering::Relaxed),
+            space_wait_max_us: self.space_wait_max_us.load(Ordering::Relaxed),
             records: self.records.load(Ordering::Relaxed),
             recovered_records: self.recovered.load(Ordering::Relaxed),
             recovery_ms: self.recovery_ms.load(Ordering::Relaxed),
