@@ -740,15 +740,22 @@ impl Request<'_> {
 
 /// Applies one service action to `st`. `Ok(false)`: RESERVATION CONFLICT.
 fn apply(c: &Ctx<'_>, st: &mut PrState, fx: &mut Effects, r: &Request<'_>) -> Result<bool, Sense> {
+    // persistent_reserve_out refused service actions past REGISTER AND MOVE.
+    if matches!(r.action, sa::REGISTER | sa::REGISTER_AND_IGNORE) {
+        return sa_register(c, st, fx, r);
+    }
+    // Every other service action needs the nexus registered under the key it names.
+    let Some(i) = st.find(c.nexus).filter(|&i| st.regs[i].key == r.res_key) else {
+        return Ok(false);
+    };
     match r.action {
-        sa::REGISTER | sa::REGISTER_AND_IGNORE => sa_register(c, st, fx, r),
-        sa::RESERVE => sa_reserve(c, st, r),
-        sa::RELEASE => sa_release(c, st, fx, r),
-        sa::CLEAR => sa_clear(c, st, fx, r),
+        sa::RESERVE => sa_reserve(st, i, r),
+        sa::RELEASE => sa_release(st, i, fx, r),
+        sa::CLEAR => sa_clear(st, i, fx),
         // The state change is the same; PREEMPT AND ABORT then aborts the preempted
         // nexuses' tasks once the new state stands (persistent_reserve_out).
-        sa::PREEMPT | sa::PREEMPT_AND_ABORT => sa_preempt(c, st, fx, r),
-        sa::REGISTER_AND_MOVE => sa_register_and_move(c, st, r),
+        sa::PREEMPT | sa::PREEMPT_AND_ABORT => sa_preempt(st, i, fx, r),
+        sa::REGISTER_AND_MOVE => sa_register_and_move(st, i, r),
         _ => Err(field(1, Some(4))),
     }
 }
@@ -807,12 +814,7 @@ fn sa_register(
 }
 
 /// RESERVE: the registered nexus takes the reservation, or already holds it.
-fn sa_reserve(c: &Ctx<'_>, st: &mut PrState, r: &Request<'_>) -> Result<bool, Sense> {
-    let me = st.find(c.nexus);
-    let Some(i) = me else { return Ok(false) };
-    if st.regs[i].key != r.res_key {
-        return Ok(false);
-    }
+fn sa_reserve(st: &mut PrState, i: usize, r: &Request<'_>) -> Result<bool, Sense> {
     match &st.res {
         None => {
             st.res = Some(Held {
@@ -832,16 +834,11 @@ fn sa_reserve(c: &Ctx<'_>, st: &mut PrState, r: &Request<'_>) -> Result<bool, Se
 
 /// RELEASE: the holder gives the reservation up.
 fn sa_release(
-    c: &Ctx<'_>,
     st: &mut PrState,
+    i: usize,
     fx: &mut Effects,
     r: &Request<'_>,
 ) -> Result<bool, Sense> {
-    let me = st.find(c.nexus);
-    let Some(i) = me else { return Ok(false) };
-    if st.regs[i].key != r.res_key {
-        return Ok(false);
-    }
     let Some(h) = st.res.clone() else {
         return Ok(true);
     };
@@ -863,17 +860,7 @@ fn sa_release(
 }
 
 /// CLEAR: every registration and the reservation go.
-fn sa_clear(
-    c: &Ctx<'_>,
-    st: &mut PrState,
-    fx: &mut Effects,
-    r: &Request<'_>,
-) -> Result<bool, Sense> {
-    let me = st.find(c.nexus);
-    let Some(i) = me else { return Ok(false) };
-    if st.regs[i].key != r.res_key {
-        return Ok(false);
-    }
+fn sa_clear(st: &mut PrState, i: usize, fx: &mut Effects) -> Result<bool, Sense> {
     for (j, reg) in st.regs.iter().enumerate() {
         if j != i {
             fx.ua.push((reg.clone(), RESERVATIONS_PREEMPTED));
@@ -887,18 +874,11 @@ fn sa_clear(
 
 /// PREEMPT and PREEMPT AND ABORT: remove the registrations with the given key.
 fn sa_preempt(
-    c: &Ctx<'_>,
     st: &mut PrState,
+    i: usize,
     fx: &mut Effects,
     r: &Request<'_>,
 ) -> Result<bool, Sense> {
-    let me = st.find(c.nexus);
-    // The state change is the same; PREEMPT AND ABORT then aborts the preempted
-    // nexuses' tasks once the new state stands (persistent_reserve_out).
-    let Some(i) = me else { return Ok(false) };
-    if st.regs[i].key != r.res_key {
-        return Ok(false);
-    }
     if !preempt(st, fx, i, r.kind, r.sa_key)? {
         return Ok(false);
     }
@@ -908,12 +888,7 @@ fn sa_preempt(
 
 /// REGISTER AND MOVE: the holder registers another I_T nexus and hands it the
 /// reservation.
-fn sa_register_and_move(c: &Ctx<'_>, st: &mut PrState, r: &Request<'_>) -> Result<bool, Sense> {
-    let me = st.find(c.nexus);
-    let Some(i) = me else { return Ok(false) };
-    if st.regs[i].key != r.res_key {
-        return Ok(false);
-    }
+fn sa_register_and_move(st: &mut PrState, i: usize, r: &Request<'_>) -> Result<bool, Sense> {
     let Some(h) = st.res.clone() else {
         return Ok(false);
     };

@@ -168,16 +168,8 @@ impl WriteCache {
             .volumes
             .get(&volume)
             .map_or(512, |m| u64::from(m.block_size()));
-        // Only a destage thread frees space while a writer waits. Without one (the
-        // deterministic simulations, which destage between steps) a full ring is full
-        // at once: waiting would only stall the one thread that could destage.
-        let wait = if lock_plain(&self.destage_thread).is_some() {
-            SPACE_WAIT
-        } else {
-            Duration::ZERO
-        };
         let started = Instant::now();
-        let deadline = started + wait;
+        let deadline = started + SPACE_WAIT;
         let mut waited = false;
         let mut g = lock(&self.inner)?;
         loop {
@@ -211,7 +203,13 @@ impl WriteCache {
                 break;
             }
             let now = Instant::now();
-            if now >= deadline || self.stop.load(Ordering::Relaxed) || refuse_wait() {
+            // Only a destage thread frees space while a writer waits. Without one (the
+            // deterministic simulations, which destage between steps) a full ring is
+            // full at once: waiting would only stall the one thread that could destage.
+            // Asked only here, so the common append takes no extra lock.
+            let no_destage = || lock_plain(&self.destage_thread).is_none();
+            if now >= deadline || self.stop.load(Ordering::Relaxed) || refuse_wait() || no_destage()
+            {
                 if waited {
                     raise_max(&self.space_wait_max_us, started);
                 }
