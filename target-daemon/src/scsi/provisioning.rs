@@ -3,7 +3,7 @@
 //! CAPACITY (16) bits that describe them.
 
 use ftss_proto::cdb::{allocation_length, be, op};
-use ftss_proto::sense::common;
+use ftss_proto::sense::{common, Sense};
 
 use super::atomic_io::{atomic_blocks_max, CAW_BLOCKS_MAX};
 use super::block_io::writable;
@@ -256,6 +256,17 @@ pub(crate) const SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1f;
 /// operation completes before the status, with or without IMMED, so there is never a
 /// sanitize in progress to report.
 pub(crate) fn sanitize(c: &Ctx<'_>) -> CmdResult {
+    check_sanitize_cdb(c)?;
+    let _g = c.lun.media_exclusive();
+    let blocks = c.lun.blocks();
+    c.lun.store.unmap(0, blocks).map_err(|e| media(e, true))?;
+    c.lun.store.flush().map_err(|e| media(e, true))?;
+    Ok(Reply::none())
+}
+
+/// The checks both service actions make: reserved CDB fields zero, no parameter list
+/// (neither BLOCK ERASE nor EXIT FAILURE MODE takes one), a writable medium.
+fn check_sanitize_cdb(c: &Ctx<'_>) -> Result<(), Sense> {
     let cdb = c.cmd.cdb;
     // Byte 1 bit 6 is reserved in SBC-3 (ZNR, later, is for zoned devices only).
     if cdb[1] & 0x40 != 0 {
@@ -264,16 +275,10 @@ pub(crate) fn sanitize(c: &Ctx<'_>) -> CmdResult {
     if cdb[2..7].iter().any(|&b| b != 0) {
         return Err(field(2, None));
     }
-    // BLOCK ERASE takes no parameter list.
     if be(cdb, 7, 2).unwrap_or(0) != 0 {
         return Err(field(7, None));
     }
-    writable(c)?;
-    let _g = c.lun.media_exclusive();
-    let blocks = c.lun.blocks();
-    c.lun.store.unmap(0, blocks).map_err(|e| media(e, true))?;
-    c.lun.store.flush().map_err(|e| media(e, true))?;
-    Ok(Reply::none())
+    writable(c)
 }
 
 /// SANITIZE (48h), EXIT FAILURE MODE (SBC-3 5.30): ends the failure mode a failed
@@ -282,17 +287,7 @@ pub(crate) fn sanitize(c: &Ctx<'_>) -> CmdResult {
 /// is no failure mode to exit and the command completes at once. Like BLOCK ERASE it takes
 /// no parameter list.
 pub(crate) fn sanitize_exit_failure_mode(c: &Ctx<'_>) -> CmdResult {
-    let cdb = c.cmd.cdb;
-    if cdb[1] & 0x40 != 0 {
-        return Err(field(1, Some(6)));
-    }
-    if cdb[2..7].iter().any(|&b| b != 0) {
-        return Err(field(2, None));
-    }
-    if be(cdb, 7, 2).unwrap_or(0) != 0 {
-        return Err(field(7, None));
-    }
-    writable(c)?;
+    check_sanitize_cdb(c)?;
     Ok(Reply::none())
 }
 
