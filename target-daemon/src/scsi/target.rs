@@ -469,17 +469,21 @@ impl ScsiTarget {
     }
 
     /// Whether the command may run on the connection's async worker rather than a
-    /// blocking thread: a plain WRITE of at most `INLINE_BYTES_MAX` to a LUN whose writes
-    /// are copies into the write cache (see [`crate::media::cache::run_inline`]).
+    /// blocking thread, on a LUN whose writes are copies into the write cache (see
+    /// [`crate::media::cache::run_inline`]): a plain WRITE of at most `INLINE_BYTES_MAX`,
+    /// or a SYNCHRONIZE CACHE, which there only notes the commit to wait for (the wait
+    /// itself is asynchronous). A database's write-then-flush pays a thread handoff per
+    /// command otherwise, which at queue depth 1 is most of what ftss adds to the commit.
     pub fn runs_inline(&self, lun: u64, cdb: &[u8], data_len: usize) -> bool {
         const INLINE_BYTES_MAX: usize = 128 << 10;
-        let write = matches!(
-            cdb.first(),
-            Some(&(op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16))
-        );
-        write
-            && data_len <= INLINE_BYTES_MAX
-            && self.lun(lun).is_some_and(|l| l.store.writes_in_memory())
+        let inline = match cdb.first() {
+            Some(&(op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16)) => {
+                data_len <= INLINE_BYTES_MAX
+            }
+            Some(&(op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16)) => data_len == 0,
+            _ => false,
+        };
+        inline && self.lun(lun).is_some_and(|l| l.store.writes_in_memory())
     }
 
     /// The outcome of a command whose writes did not commit (see

@@ -98,6 +98,9 @@ pub fn defer_commits<R>(f: impl FnOnce() -> R) -> (R, PendingCommits) {
 /// [`defer_commits`] scope is active and the caller must wait itself.
 pub(super) fn defer(cache: &Arc<WriteCache>, seq: u64) -> bool {
     DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+        // Already durable (a SYNCHRONIZE CACHE after committed writes, the common case on
+        // a nonvolatile LUN): nothing to wait for, so the command completes at once.
+        Some(_) if *cache.durable_tx.borrow() >= seq => true,
         Some(waits) => {
             match waits.iter_mut().find(|(c, _)| Arc::ptr_eq(c, cache)) {
                 Some(w) => w.1 = w.1.max(seq),
