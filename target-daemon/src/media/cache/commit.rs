@@ -246,6 +246,7 @@ impl WriteCache {
         assert_eq!(seq, g.appended_seq + 1, "sequence numbers have no gap");
         let kind = match op {
             Op::Discard { .. } => KIND_DISCARD,
+            Op::Jump { .. } => KIND_JUMP,
             _ => KIND_BLOCKS,
         };
         let hdr = self.header(kind, seq, volume, lba, data);
@@ -254,9 +255,14 @@ impl WriteCache {
         self.map
             .put_parts(self.phys(pos) as usize, &[&hdr, data])
             .map_err(MediaError::Io)?;
-        g.next_seq += 1;
+        // A jump's queue entry stands for every number it skips (see `Op::Jump`).
+        let last = match op {
+            Op::Jump { to } => to - 1,
+            _ => seq,
+        };
+        g.next_seq = last + 1;
         g.head = pos + len;
-        g.appended_seq = seq;
+        g.appended_seq = last;
         match op {
             Op::Discard { blocks } => {
                 Self::unindex(&mut g, volume, lba, blocks);
@@ -267,7 +273,8 @@ impl WriteCache {
                     blocks,
                 });
             }
-            _ => {
+            Op::Jump { .. } | Op::Wrap => {}
+            Op::Blocks { .. } => {
                 for (k, _) in data.chunks(bs as usize).enumerate() {
                     g.index.insert(
                         (volume, lba + k as u64),
@@ -277,7 +284,7 @@ impl WriteCache {
             }
         }
         g.queue.push_back(Pending {
-            seq,
+            seq: last,
             pos,
             end: pos + len,
             volume,
@@ -286,7 +293,7 @@ impl WriteCache {
         });
         drop(g);
         self.records.fetch_add(1, Ordering::Relaxed);
-        Ok(seq)
+        Ok(last)
     }
 
     /// Fault injection for tests: after `after` more successful appends, the next

@@ -127,7 +127,7 @@ impl WriteCache {
                     }
                     discards.push((p.volume, p.lba, blocks));
                 }
-                Op::Wrap => {}
+                Op::Wrap | Op::Jump { .. } => {}
             }
         }
         let mut touched = Vec::new();

@@ -33,6 +33,11 @@ const KIND_WRAP: u16 = 3;
 /// count (u64 little endian). Through the journal, so it is ordered with the writes
 /// around it and as durable as they are.
 const KIND_DISCARD: u16 = 4;
+/// Sequence jump, written by recovery where the log ended: the payload is the sequence
+/// number of the record that follows it (u64 little endian). Recovery leaves the records
+/// it found in the ring, so it cannot restart numbering with a new superblock; this record
+/// carries the restart instead (see `recover`).
+const KIND_JUMP: u16 = 5;
 /// Blocks of checksums GET LBA STATUS reads from the mirrors at first, and at most, at a
 /// time: it starts small, since a short extent ends the answer, and doubles.
 const PROVISIONING_CHUNK_FIRST: u64 = 1 << 10;
@@ -107,6 +112,9 @@ enum Op {
     Discard { blocks: u64 },
     /// Nothing: the rest of the ring's lap is unused.
     Wrap,
+    /// Nothing: a sequence jump; the next record is numbered `to`. Its queue entry
+    /// carries `to - 1`, so the tail after it is recorded with the number that follows.
+    Jump { to: u64 },
 }
 
 #[derive(Clone, Copy)]

@@ -185,14 +185,26 @@ fn stale_records_past_a_hole_are_never_replayed_after_a_second_crash() {
     let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen again");
     assert_eq!(c.stats().recovered_records, 2, "only the two new records");
     let mut b = vec![0u8; 512];
-    vols[&0].read(5, &mut b).expect("mirror");
-    assert_eq!(
-        b,
-        block(900),
-        "the acknowledged write wins over a stale record"
-    );
-    vols[&0].read(6, &mut b).expect("mirror");
-    assert!(b.iter().all(|&x| x == 0), "a stale record is never applied");
+    // Through the cache at once (recovery leaves the records in the ring), then on the
+    // mirrors once destage has moved them.
+    for drained in [false, true] {
+        let read = |lba, b: &mut Vec<u8>| match drained {
+            false => c.read(0, lba, b).expect("read"),
+            true => vols[&0].read(lba, b).expect("mirror"),
+        };
+        read(5, &mut b);
+        assert_eq!(
+            b,
+            block(900),
+            "the acknowledged write wins over a stale record (drained: {drained})"
+        );
+        read(6, &mut b);
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "a stale record is never applied (drained: {drained})"
+        );
+        assert!(c.drain(Duration::from_secs(10)), "destage finishes");
+    }
     c.shutdown();
     let _ = std::fs::remove_dir_all(d);
 }
@@ -228,15 +240,26 @@ fn committed_records_are_replayed_and_a_torn_tail_is_dropped() {
     let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen recovers");
     assert_eq!(c.stats().recovered_records, 100, "torn tail record dropped");
     let mut b = vec![0u8; 512];
-    for i in 0..100u64 {
-        vols[&0].read(i, &mut b).expect("mirror");
-        assert_eq!(b, block(1000 + i), "record {i} replayed to the mirrors");
+    for drained in [false, true] {
+        let read = |lba, b: &mut Vec<u8>| match drained {
+            false => c.read(0, lba, b).expect("read"),
+            true => vols[&0].read(lba, b).expect("mirror"),
+        };
+        for i in 0..100u64 {
+            read(i, &mut b);
+            assert_eq!(
+                b,
+                block(1000 + i),
+                "record {i} recovered (drained: {drained})"
+            );
+        }
+        read(100, &mut b);
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "the torn record was never applied (drained: {drained})"
+        );
+        assert!(c.drain(Duration::from_secs(10)), "destage finishes");
     }
-    vols[&0].read(100, &mut b).expect("mirror");
-    assert!(
-        b.iter().all(|&x| x == 0),
-        "the torn record was never applied"
-    );
     c.shutdown();
     let _ = std::fs::remove_dir_all(d);
 }
@@ -387,5 +410,147 @@ fn deferred_writes_are_committed_by_async_waiters_and_survive_a_reopen() {
         }
     }
     c.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// A ring full to the last record leaves no room for the jump recovery writes after the
+/// log: recovery then destages the records first. A crash right after that recovery (the
+/// jump committed, nothing new) and another recovery lose nothing, and a write after it
+/// survives a third.
+#[test]
+fn recovery_of_a_brim_full_ring_destages_first_and_survives_more_crashes() {
+    let (d, vols) = setup("brim", 1);
+    let path = d.join("wc");
+    let size = RING_START + (1 << 20);
+    let (mut n, mut discards) = (0u64, 0u64);
+    {
+        let c = WriteCache::open(&path, size, vols).expect("open");
+        c.shutdown();
+        // No destage thread any more: an append that does not fit is refused at once.
+        while c.append(0, n % 4000, &block(5000 + n)).is_ok() {
+            n += 1;
+        }
+        // Then 64-byte discard records (of a block never written) to the last byte.
+        while c.append_discard(0, 4095, 1).is_ok() {
+            discards += 1;
+        }
+        c.wait_durable(c.appended_seq()).expect("commit");
+        let s = c.stats();
+        assert!(
+            s.ring_bytes - s.dirty_bytes < ALIGN,
+            "the ring is full: {} of {} bytes",
+            s.dirty_bytes,
+            s.ring_bytes
+        );
+    }
+    let newest = |lba: u64| {
+        (0..n)
+            .rev()
+            .find(|i| i % 4000 == lba)
+            .map(|i| block(5000 + i))
+    };
+    // Each reopen is a crash of the one before: nothing is shut down or drained.
+    let reopen = || {
+        let vols = open_volumes(&d);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("cache file");
+        let map = crate::media::disk::MmapRegion::new(&f, false).expect("map");
+        let c = WriteCache::open_region_without_destage(Box::new(map), false, "wc", vols.clone())
+            .expect("recovers");
+        (c, vols)
+    };
+    let check = |c: &WriteCache, vols: &HashMap<u32, Arc<MirrorSet>>, what: &str| {
+        let mut b = vec![0u8; 512];
+        for lba in (0..n.min(4000)).step_by(37) {
+            let want = newest(lba).expect("written");
+            c.read(0, lba, &mut b).expect("read");
+            assert_eq!(b, want, "lba {lba} {what}");
+            vols[&0].read(lba, &mut b).expect("mirror");
+            assert_eq!(b, want, "lba {lba} on the mirrors {what}");
+        }
+    };
+
+    let (c, vols) = reopen();
+    assert_eq!(
+        c.stats().recovered_records,
+        n + discards,
+        "every record recovered"
+    );
+    // The jump needed room, so recovery moved everything to the mirrors first.
+    assert_eq!(c.stats().dirty_bytes, ALIGN, "only the jump record is left");
+    check(&c, &vols, "after the first recovery");
+    drop((c, vols));
+
+    let (c, vols) = reopen();
+    assert_eq!(c.stats().recovered_records, 0, "nothing new since the jump");
+    check(&c, &vols, "after the second recovery");
+    let s = c
+        .append(0, 4000 - 1, &block(77))
+        .expect("append after recovery");
+    c.wait_durable(s).expect("commit");
+    drop((c, vols));
+
+    let (c, _vols) = reopen();
+    assert_eq!(
+        c.stats().recovered_records,
+        1,
+        "the write after the second recovery"
+    );
+    let mut b = vec![0u8; 512];
+    c.read(0, 4000 - 1, &mut b).expect("read");
+    assert_eq!(b, block(77), "the acknowledged write survives");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// The jump recovery writes after the log takes the place of the first missing record.
+/// When that record was a 64-byte one (a discard), the stale record after it starts
+/// exactly where the jump ends: only the jump's gap in numbering keeps a second recovery
+/// from taking it for the jump's successor. (Fails with a jump of one.)
+#[test]
+fn stale_records_right_after_the_jump_are_never_replayed() {
+    let (d, vols) = setup("jump", 1);
+    let path = d.join("wc");
+    {
+        let c = WriteCache::open(&path, 4 << 20, vols).expect("open");
+        c.shutdown();
+        let s = c.append(0, 1, &block(1)).expect("append");
+        c.wait_durable(s).expect("commit");
+        // A discard (64 bytes) and two writes reach the disk; the discard's bytes do not.
+        let s = c.append_discard(0, 3, 1).expect("discard");
+        c.wait_durable(s).expect("commit");
+        for lba in [5u64, 6] {
+            let s = c.append(0, lba, &block(100 + lba)).expect("append");
+            c.wait_durable(s).expect("commit");
+        }
+        let hole = lock(&c.inner).expect("not poisoned").queue[1].pos;
+        c.put(c.phys(hole) + HDR_LEN, &[0x55]).expect("put");
+        c.map.flush_range(0, c.map.size()).expect("flush");
+    }
+    for round in 0..2 {
+        let vols = open_volumes(&d);
+        let c = WriteCache::open(&path, 4 << 20, vols).expect("reopen");
+        c.shutdown();
+        // The write before the hole stays in the ring (nothing destaged it), so both
+        // recoveries find it, and then the jump.
+        assert_eq!(
+            c.stats().recovered_records,
+            1,
+            "only the write before the hole (round {round})"
+        );
+        let mut b = vec![0u8; 512];
+        c.read(0, 1, &mut b).expect("read");
+        assert_eq!(b, block(1), "the committed write (round {round})");
+        for lba in [5u64, 6] {
+            c.read(0, lba, &mut b).expect("read");
+            assert!(
+                b.iter().all(|&x| x == 0),
+                "stale record for lba {lba} applied (round {round})"
+            );
+        }
+        // Crash: no drain, no new writes; the next round recovers again.
+    }
     let _ = std::fs::remove_dir_all(d);
 }
