@@ -377,8 +377,8 @@ fn submit_error(e: SubmitError) -> Error {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves a machine behind whose every step is
-        // complete, still usable.
+        // A panic under the lock is a bug in the machine; failing every later request on
+        // a poisoned lock would turn one bad command into a dead session.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
