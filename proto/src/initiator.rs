@@ -389,8 +389,9 @@ impl Initiator {
         Ok(itt)
     }
 
-    /// Sends one Text Request (RFC 7143 11.10). A continuation keeps the ITT of the
-    /// negotiation (`itt`) and quotes the target's TTT.
+    /// Sends one Text Request (RFC 7143 11.10) of at most the target's
+    /// MaxRecvDataSegmentLength (longer text goes in parts with `continue_` set). A
+    /// continuation keeps the ITT of the negotiation (`itt`) and quotes the target's TTT.
     pub fn submit_text(
         &mut self,
         itt: Option<Itt>,
@@ -399,6 +400,12 @@ impl Initiator {
         continue_: bool,
     ) -> Result<Itt, SubmitError> {
         self.check_open()?;
+        if data.len() > self.send_segment() {
+            return Err(SubmitError::Invalid(format!(
+                "{} bytes of text above the target's MaxRecvDataSegmentLength: split them",
+                data.len()
+            )));
+        }
         let itt = match itt {
             Some(i) if i.0 == RESERVED_TAG || self.tasks.contains_key(&i.0) => {
                 return Err(SubmitError::TagInUse(i.0))
@@ -1467,6 +1474,29 @@ mod tests {
         assert_eq!(m.closed(), Some(&ConnError::LoggedOut));
         let ev = events(&mut m);
         assert!(matches!(done(&ev[0]), (i, Ok(Outcome::Logout(_))) if i == itt));
+    }
+
+    #[test]
+    fn text_above_the_targets_segment_is_refused() {
+        let mut m = machine(8);
+        let r = m.submit_text(
+            None,
+            Ttt(RESERVED_TAG),
+            Bytes::from(vec![b'a'; 1025]),
+            false,
+        );
+        assert!(matches!(r, Err(SubmitError::Invalid(_))));
+        let itt = m
+            .submit_text(None, Ttt(RESERVED_TAG), Bytes::from(vec![b'a'; 1024]), true)
+            .expect("one segment");
+        assert!(
+            matches!(&sent(&mut m)[0], Pdu::TextRequest(t) if t.itt == itt && t.continue_ && !t.final_)
+        );
+        assert_eq!(
+            m.submit_text(Some(itt), Ttt(5), Bytes::new(), false),
+            Err(SubmitError::TagInUse(itt.0)),
+            "one request at a time per negotiation"
+        );
     }
 
     #[test]
