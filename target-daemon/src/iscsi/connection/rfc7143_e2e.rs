@@ -486,3 +486,74 @@ fn logout_end_to_end() {
     assert_eq!(pair.ini().closed(), Some(&ConnError::LoggedOut));
     assert!(pair.ini().submit_scsi(tur()).is_err());
 }
+
+/// 11.10, 11.11: text longer than the target's MaxRecvDataSegmentLength goes in parts
+/// (C=1), each acknowledged by an empty Text Response; an answer longer than the
+/// initiator's comes in parts too (C=1 with a TTT), each pulled with an empty Text
+/// Request quoting that TTT. All of it under one ITT, each request taking a CmdSN.
+#[test]
+fn long_text_both_ways_goes_in_parts() {
+    let mut pair = Pair::with_initiator(limits());
+    let mut keys = Vec::new();
+    for i in 0..100 {
+        keys.extend_from_slice(format!("X-org.ftss.unknown-{i:03}=yes").as_bytes());
+        keys.push(0);
+    }
+    let mut chunks: Vec<Bytes> = ftss_proto::text::split(&keys, TARGET_RECV_SEGMENT as usize)
+        .into_iter()
+        .map(Bytes::copy_from_slice)
+        .collect();
+    assert!(chunks.len() > 2);
+    chunks.reverse();
+    let (mut itt, mut ttt) = (None, Ttt(RESERVED_TAG));
+    let mut answer = Vec::new();
+    let mut requests = 0;
+    loop {
+        let data = chunks.pop().unwrap_or_default();
+        let more = !chunks.is_empty();
+        let i = pair
+            .ini()
+            .submit_text(itt, ttt, data, more)
+            .expect("one segment of text");
+        requests += 1;
+        assert!(
+            itt.is_none() || itt == Some(i),
+            "the negotiation keeps its ITT"
+        );
+        itt = Some(i);
+        pair.drive();
+        let done = completions(pair.events());
+        let [(_, Ok(Outcome::Text(r)))] = &done[..] else {
+            panic!("expected one Text Response, got {done:?}")
+        };
+        if more {
+            assert!(
+                r.data.is_empty() && !r.final_,
+                "a part of ours is acknowledged: {r:?}"
+            );
+        }
+        answer.extend_from_slice(&r.data);
+        ttt = r.ttt;
+        if !more && r.final_ {
+            assert_eq!(r.ttt, Ttt(RESERVED_TAG));
+            break;
+        }
+    }
+    let answer = String::from_utf8(answer).expect("text");
+    assert_eq!(answer.matches("NotUnderstood").count(), 100, "{answer}");
+    let sent: Vec<(Itt, u32, usize)> = pair
+        .sent_to_target
+        .iter()
+        .filter_map(|p| match p {
+            Pdu::TextRequest(t) => Some((t.itt, t.cmd_sn.0, t.data.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), requests);
+    assert!(sent.len() > 4, "parts both ways: {sent:?}");
+    assert!(sent
+        .iter()
+        .all(|r| Some(r.0) == itt && r.2 <= TARGET_RECV_SEGMENT as usize));
+    let sns: Vec<u32> = sent.iter().map(|r| r.1).collect();
+    assert_eq!(sns, (F..F + requests as u32).collect::<Vec<_>>());
+}
