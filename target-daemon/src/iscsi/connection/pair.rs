@@ -156,7 +156,17 @@ impl Pair {
     /// negotiated them) and the target's MaxRecvDataSegmentLength
     /// [`TARGET_RECV_SEGMENT`].
     pub(super) fn with_initiator(xfer: XferLimits) -> Self {
-        let mut pair = Self::build(xfer, false, TARGET_RECV_SEGMENT);
+        Self::initiator_pair(xfer, false)
+    }
+
+    /// [`Self::with_initiator`] with [`limits`] and CRC32C header and data digests both
+    /// ways.
+    pub(super) fn with_initiator_digests() -> Self {
+        Self::initiator_pair(limits(), true)
+    }
+
+    fn initiator_pair(xfer: XferLimits, digests: bool) -> Self {
+        let mut pair = Self::build(xfer, digests, TARGET_RECV_SEGMENT);
         let login = LoginOutcome {
             params: Params {
                 immediate_data: xfer.immediate_data,
@@ -165,6 +175,8 @@ impl Pair {
                 max_burst_length: xfer.burst_max,
                 max_outstanding_r2t: xfer.outstanding_r2t_max,
                 peer_max_recv_data_segment_length: TARGET_RECV_SEGMENT,
+                header_digest: digests,
+                data_digest: digests,
                 ..Params::default()
             },
             tsih: 1,
