@@ -184,9 +184,14 @@ struct Scsi {
 #[derive(Debug)]
 enum Kind {
     Scsi(Box<Scsi>),
-    Ping { deadline: Instant },
+    /// No deadline when the timeout reaches past what `Instant` can hold.
+    Ping {
+        deadline: Option<Instant>,
+    },
     Text,
-    TaskMgmt { rtt: Option<u32> },
+    TaskMgmt {
+        rtt: Option<u32>,
+    },
     Logout,
 }
 
@@ -384,7 +389,7 @@ impl Initiator {
             exp_stat_sn: self.exp_stat_sn,
             data,
         });
-        let deadline = now + self.ping_timeout;
+        let deadline = now.checked_add(self.ping_timeout);
         self.start(itt, Kind::Ping { deadline }, true, pdu);
         Ok(itt)
     }
@@ -583,7 +588,7 @@ impl Initiator {
         self.tasks
             .values()
             .filter_map(|t| match t.kind {
-                Kind::Ping { deadline } => Some(deadline),
+                Kind::Ping { deadline } => deadline,
                 _ => None,
             })
             .min()
