@@ -161,7 +161,7 @@ fn cmd_sn_window_holds_commands_beyond_max_cmd_sn() {
     assert_eq!(pair.ini().cmd_sn(), CmdSn(F + n));
 }
 
-/// 13.13, 13.14 (with 11.7.4, 11.8): ImmediateData=Yes and InitialR2T=No: the command
+/// 13.10, 13.11, 13.14 (with 11.7, 11.8): ImmediateData=Yes and InitialR2T=No: the command
 /// carries one segment of immediate data, unsolicited Data-Out (reserved TTT) fills up
 /// to FirstBurstLength, and the target's R2Ts ask only for the rest; the data lands on
 /// the LUN intact.
@@ -185,7 +185,7 @@ fn immediate_and_unsolicited_data_up_to_first_burst() {
     assert_eq!(scsi_done(&mut pair, back).data_in, pattern(0, 6144));
 }
 
-/// 11.7.4, 11.8, 13.2 (with 12.13): InitialR2T=Yes, ImmediateData=No: nothing goes
+/// 11.7, 11.8, 13.12, 13.13: InitialR2T=Yes, ImmediateData=No: nothing goes
 /// unasked; every R2T asks for at most MaxBurstLength, and each answer is one Data-Out
 /// sequence with its DataSN from 0, segments of at most the target's
 /// MaxRecvDataSegmentLength, consecutive offsets and F on its last PDU.
@@ -230,7 +230,7 @@ fn r2t_answered_with_data_out_within_max_burst_and_segment() {
     assert_eq!(scsi_done(&mut pair, back).data_in, pattern(0, 10240));
 }
 
-/// 11.7.4, 11.7.5, 11.4.8: a read comes back as Data-In with DataSN counting from 0,
+/// 11.7, 11.4: a read comes back as Data-In with DataSN counting from 0,
 /// consecutive offsets and the status on the last one (S bit) instead of a SCSI
 /// Response; the initiator reassembles it and acknowledges the status's StatSN.
 #[test]
@@ -270,7 +270,7 @@ fn data_in_reassembled_by_data_sn_with_status_on_the_s_bit() {
     assert_eq!(c.exp_stat_sn, last_stat_sn.next());
 }
 
-/// 11.4.7.2, 11.4.8: a command the target fails returns CHECK CONDITION with sense
+/// 11.4: a command the target fails returns CHECK CONDITION with sense
 /// data through the initiator; a short read reports its underflow residual.
 #[test]
 fn check_condition_sense_and_residual_reach_the_initiator() {
@@ -558,7 +558,7 @@ fn long_text_both_ways_goes_in_parts() {
     assert_eq!(sns, (F..F + requests as u32).collect::<Vec<_>>());
 }
 
-/// 13.1, 11.2.4 (with 7.8): with HeaderDigest and DataDigest CRC32C both ways, every PDU
+/// 13.1, 11.2 (with 7.8): with HeaderDigest and DataDigest CRC32C both ways, every PDU
 /// either side frames carries digests the other side checks: a write answered by R2Ts,
 /// a read back in Data-In and a ping all go through, and neither side saw an error.
 #[test]
