@@ -11,8 +11,9 @@
 //! also `SgTransport`: SG_IO on a LUN the kernel's initiator logged in to), and
 //! [`Receiver`] turns RECEIVE and ACK into an exactly-once stream of records.
 //!
-//! Wire formats, negotiation and CHAP come from `ftss_proto`; this crate only owns the
-//! socket, the tasks and the bookkeeping. Error recovery level is 0: any connection-level
+//! Wire formats, negotiation, CHAP and the connection's protocol state
+//! (`ftss_proto::initiator`: CmdSN window, data transfer, pings) come from `ftss_proto`;
+//! this crate only owns the socket, the tasks, the clock and the callers. Error recovery level is 0: any connection-level
 //! fault ends the session and every waiting request gets [`Error::ConnectionClosed`].
 //!
 //! ```no_run

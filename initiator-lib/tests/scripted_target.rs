@@ -348,3 +348,51 @@ async fn continuations_window_and_separate_status() {
     assert_eq!(r.status, 0);
     assert_eq!(target.await.expect("script ran"), data.to_vec());
 }
+
+/// RFC 7143 11.19 on the shell: a ping the target never echoes fails with a timeout
+/// after the session's timeout and closes the connection (the machine times it out;
+/// the shell only runs its timer), so waiting requests and new ones fail at once.
+#[tokio::test]
+async fn unanswered_ping_times_out_and_closes() {
+    let (l, addr) = listen().await;
+    let target = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let cmd_sn = p.login().await;
+        p.send(Pdu::NopIn(NopIn {
+            lun: Lun(0),
+            itt: Itt(RESERVED_TAG),
+            ttt: Ttt(RESERVED_TAG),
+            stat_sn: StatSn(p.stat_sn),
+            exp_cmd_sn: cmd_sn,
+            max_cmd_sn: cmd_sn.add(8),
+            data: Bytes::new(),
+        }))
+        .await;
+        let Pdu::NopOut(n) = p.recv().await else {
+            panic!("expected the ping");
+        };
+        assert!(n.immediate && n.itt.0 != RESERVED_TAG);
+        // Never answered: the initiator gives up and half-closes its side.
+        let mut rest = Vec::new();
+        p.s.read_to_end(&mut rest).await.expect("read to EOF");
+        rest.len()
+    });
+    let mut c = SessionConfig::new(&long_name(), Some("iqn.scripted"));
+    c.timeout = Duration::from_millis(1500);
+    let s = Session::connect(addr, c).await.expect("login");
+    let started = std::time::Instant::now();
+    let r = s.nop_ping().await;
+    assert!(matches!(r, Err(ftss_initiator::Error::Timeout)), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert!(s.is_closed());
+    let r = s.execute(0, &[0; 6], None, 0).await;
+    assert!(
+        matches!(r, Err(ftss_initiator::Error::ConnectionClosed)),
+        "{r:?}"
+    );
+    assert_eq!(
+        target.await.expect("script ran"),
+        0,
+        "nothing after the ping"
+    );
+}

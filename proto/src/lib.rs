@@ -16,6 +16,7 @@ pub mod cmdsn;
 pub mod digest;
 pub mod entropy;
 pub mod frame;
+pub mod initiator;
 pub mod login;
 pub mod negotiate;
 pub mod pdu;

@@ -13,6 +13,8 @@ pub(crate) mod machine;
 mod pair;
 #[cfg(test)]
 mod rfc7143;
+#[cfg(test)]
+mod rfc7143_e2e;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1180,10 +1180,13 @@ impl Machine {
         // Continuation of our own long answer: the initiator asks for the next part.
         if t.ttt.0 != RESERVED_TAG {
             match self.text.outgoing.take() {
-                Some((ttt, rest)) if ttt == t.ttt.0 => {
+                Some((ttt, rest)) if ttt == t.ttt.0 && !rest.is_empty() => {
                     self.send_text_part(t.itt, t.lun, ttt, rest, seg);
                     return;
                 }
+                // The TTT of our empty acknowledgement of a C=1 part: this is the next
+                // part of the initiator's text, not a pull of ours.
+                Some((ttt, _)) if ttt == t.ttt.0 => {}
                 _ => {
                     // An unknown TTT resets the negotiation (RFC 7143 11.10.4).
                     self.text = TextState::default();

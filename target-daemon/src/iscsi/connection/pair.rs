@@ -1,6 +1,7 @@
 //! A test harness in the manner of quinn-proto's `Pair` for the full feature phase: the
-//! target's connection [`Machine`] and a scripted initiator joined by byte pipes and a
-//! virtual clock. Every PDU is encoded, cut by the one frame decoder and decoded again on
+//! target's connection [`Machine`] and either a scripted initiator (hand-built PDUs, for
+//! malformed input) or the initiator's own machine ([`Initiator`], see
+//! [`Pair::with_initiator`]), joined by byte pipes and a virtual clock. Every PDU is encoded, cut by the one frame decoder and decoded again on
 //! the other side, as on a socket; commands the machine hands out run on a real
 //! [`ScsiTarget`] over a LUN in memory, at once or when the test says (so a test can
 //! abort a command while it "executes"). No socket, no thread and no sleep is involved.
@@ -11,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ftss_proto::frame::{FrameDecoder, FrameError};
+use ftss_proto::initiator::{Event, Initiator};
+use ftss_proto::login::LoginOutcome;
+use ftss_proto::negotiate::Params;
 use ftss_proto::pdu::{
     DataOut, Framing, Itt, LogoutRequest, Lun, NopOut, Pdu, ScsiCommand, TaskMgmtRequest,
     TmfFunction, Ttt, RESERVED_TAG,
@@ -37,6 +41,12 @@ pub(super) const NOP_INTERVAL_S: u32 = 5;
 pub(super) const NOP_TIMEOUT_S: u32 = 10;
 /// The CmdSN window the target offers.
 pub(super) const CMD_WINDOW: u32 = 8;
+/// How long the initiator machine waits for the echo of its ping, in seconds: longer
+/// than the target's interval plus timeout, so a test can tell which side gave up first.
+pub(super) const PING_TIMEOUT_S: u64 = 20;
+/// The target's MaxRecvDataSegmentLength in a two-machine Pair: small, so the
+/// initiator's Data-Out is cut by it and not only by MaxBurstLength.
+pub(super) const TARGET_RECV_SEGMENT: u32 = 1024;
 /// Steps [`Pair::drive`] takes before it calls the exchange a livelock.
 const DRIVE_STEPS_MAX: usize = 10_000;
 
@@ -122,6 +132,12 @@ pub(super) struct Pair {
     reader_stopped: bool,
     /// The next ITT [`Self::itt`] gives out.
     next_itt: u32,
+    /// The initiator's machine, when the Pair runs one instead of a script.
+    initiator: Option<Initiator>,
+    /// Every PDU the target was sent, decoded again: what the initiator put on the wire.
+    pub(super) sent_to_target: Vec<Pdu>,
+    /// The link is down: bytes either way are lost (a peer that went silent).
+    pub(super) link_down: bool,
 }
 
 impl Pair {
@@ -132,15 +148,71 @@ impl Pair {
 
     /// A normal session with the given data movement limits.
     pub(super) fn with(xfer: XferLimits) -> Self {
-        Self::build(xfer, false)
+        Self::build(xfer, false, 8192)
+    }
+
+    /// A normal session with `xfer` and the initiator's own machine on the other side,
+    /// its operational parameters those the target runs with (as a login would have
+    /// negotiated them) and the target's MaxRecvDataSegmentLength
+    /// [`TARGET_RECV_SEGMENT`].
+    pub(super) fn with_initiator(xfer: XferLimits) -> Self {
+        Self::initiator_pair(xfer, false)
+    }
+
+    /// [`Self::with_initiator`] with [`limits`] and CRC32C header and data digests both
+    /// ways.
+    pub(super) fn with_initiator_digests() -> Self {
+        Self::initiator_pair(limits(), true)
+    }
+
+    fn initiator_pair(xfer: XferLimits, digests: bool) -> Self {
+        let mut pair = Self::build(xfer, digests, TARGET_RECV_SEGMENT);
+        let login = LoginOutcome {
+            params: Params {
+                immediate_data: xfer.immediate_data,
+                initial_r2t: xfer.initial_r2t,
+                first_burst_length: xfer.first_burst,
+                max_burst_length: xfer.burst_max,
+                max_outstanding_r2t: xfer.outstanding_r2t_max,
+                peer_max_recv_data_segment_length: TARGET_RECV_SEGMENT,
+                header_digest: digests,
+                data_digest: digests,
+                ..Params::default()
+            },
+            tsih: 1,
+            cmd_sn: CmdSn(FIRST_CMD_SN),
+            exp_cmd_sn: CmdSn(FIRST_CMD_SN),
+            max_cmd_sn: CmdSn(FIRST_CMD_SN + CMD_WINDOW - 1),
+            exp_stat_sn: StatSn(1),
+        };
+        let framing = *pair.to_initiator.framing();
+        pair.initiator = Some(Initiator::new(
+            &login,
+            framing,
+            Duration::from_secs(PING_TIMEOUT_S),
+        ));
+        pair
+    }
+
+    /// The initiator's machine of a Pair made by [`Self::with_initiator`].
+    pub(super) fn ini(&mut self) -> &mut Initiator {
+        self.initiator
+            .as_mut()
+            .expect("the test made the Pair with_initiator")
+    }
+
+    /// Everything the initiator's machine reported since the last look.
+    pub(super) fn events(&mut self) -> Vec<Event> {
+        let i = self.ini();
+        std::iter::from_fn(|| i.poll_event()).collect()
     }
 
     /// A normal session with [`limits`] and CRC32C header and data digests both ways.
     pub(super) fn with_digests() -> Self {
-        Self::build(limits(), true)
+        Self::build(limits(), true, 8192)
     }
 
-    fn build(xfer: XferLimits, digests: bool) -> Self {
+    fn build(xfer: XferLimits, digests: bool, recv_segment: u32) -> Self {
         let mut config = Config::default_config();
         for t in &mut config.targets {
             t.iqn = TARGET.to_owned();
@@ -195,7 +267,7 @@ impl Pair {
         let framing = Framing {
             header_digest: digests,
             data_digest: digests,
-            max_recv_data_segment: 8192,
+            max_recv_data_segment: recv_segment,
         };
         let params = ConnParams { framing, xfer };
         let now = Instant::now();
@@ -217,6 +289,9 @@ impl Pair {
             parks: Vec::new(),
             reader_stopped: false,
             next_itt: 1,
+            initiator: None,
+            sent_to_target: Vec::new(),
+            link_down: false,
         };
         // A fresh nexus meets a power-on unit attention first; the tests start past it,
         // as an initiator does after its first TEST UNIT READY.
@@ -259,13 +334,24 @@ impl Pair {
     /// Sends raw bytes (a malformed PDU, several PDUs at once), and lets the target
     /// answer.
     pub(super) fn send_bytes(&mut self, bytes: &[u8]) {
-        if self.reader_stopped {
+        self.feed_target(bytes);
+        self.drive();
+    }
+
+    /// Hands the target bytes from the initiator and lets it read every whole frame.
+    fn feed_target(&mut self, bytes: &[u8]) {
+        if self.reader_stopped || self.link_down {
             return;
         }
         self.to_target.feed(bytes);
         loop {
             match self.to_target.next_frame() {
-                Ok(Some(f)) => self.m.handle_frame(&f, self.now),
+                Ok(Some(f)) => {
+                    if let Ok(p) = f.decode() {
+                        self.sent_to_target.push(p);
+                    }
+                    self.m.handle_frame(&f, self.now);
+                }
                 Ok(None) => break,
                 Err(e) => {
                     // As the shell's reader: only an oversized segment leaves framing
@@ -279,26 +365,42 @@ impl Pair {
                 }
             }
         }
-        self.drive();
     }
 
-    /// Moves the clock by `d`, firing the machine's timer whenever it is due on the way.
+    /// Moves the clock by `d`, firing each machine's timer whenever it is due on the way.
     pub(super) fn advance(&mut self, d: Duration) {
         let end = self.now + d;
-        loop {
-            let t = self.m.poll_timeout();
-            if t > end || self.m.is_closed() {
+        while let Some(t) = self.next_timer() {
+            if t > end {
                 break;
             }
             self.now = self.now.max(t);
-            self.m.handle_timeout(self.now);
+            if !self.m.is_closed() && self.m.poll_timeout() <= self.now {
+                self.m.handle_timeout(self.now);
+            }
+            let now = self.now;
+            if let Some(i) = self.initiator.as_mut() {
+                if i.poll_timeout().is_some_and(|w| w <= now) {
+                    i.handle_timeout(now);
+                }
+            }
             self.drive();
-            if self.m.poll_timeout() == t {
-                // The timer did not move (the connection closed): stop here.
+            if self.next_timer() == Some(t) {
+                // No timer moved (a connection closed): stop here.
                 break;
             }
         }
         self.now = end;
+    }
+
+    /// The earliest timer of either machine still running.
+    fn next_timer(&self) -> Option<Instant> {
+        let target = (!self.m.is_closed()).then(|| self.m.poll_timeout());
+        let initiator = self.initiator.as_ref().and_then(Initiator::poll_timeout);
+        match (target, initiator) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs what the machine polls out until it has nothing more: commands (when
@@ -329,16 +431,29 @@ impl Pair {
         }
         let mut out = BytesMut::new();
         let hooks = self.m.poll_transmit(&mut out);
-        if !out.is_empty() {
+        if !out.is_empty() && !self.link_down {
             progress = true;
             self.to_initiator.feed(&out);
             while let Ok(Some(f)) = self.to_initiator.next_frame() {
                 let p = f.decode().expect("the target sends only PDUs that decode");
                 self.received.push_back(p);
+                if let Some(i) = self.initiator.as_mut() {
+                    // An error closes the initiator's side; a test sees it in its events.
+                    let _ = i.handle_frame(&f, self.now);
+                }
             }
         }
         for (hook, bytes) in hooks {
             hook.sent(bytes);
+        }
+        let mut out = BytesMut::new();
+        if self
+            .initiator
+            .as_mut()
+            .is_some_and(|i| i.poll_transmit(&mut out))
+        {
+            progress = true;
+            self.feed_target(&out);
         }
         progress
     }
