@@ -303,7 +303,7 @@ fn data_out_out_of_sequence_is_rejected() {
     assert_eq!(response(pair.recv()).status, 0);
 }
 
-/// 13.13, 13.14: immediate data plus unsolicited Data-Out (TTT reserved) up to
+/// 13.10, 13.11, 13.14: immediate data plus unsolicited Data-Out (TTT reserved) up to
 /// FirstBurstLength, F on the last; the target's R2Ts ask only for what lies beyond
 /// FirstBurstLength (at once: that part will never come unasked).
 #[test]
@@ -338,7 +338,7 @@ fn immediate_data_beyond_first_burst_is_rejected() {
     assert_eq!(response(pair.recv()).status, 0);
 }
 
-/// 11.7, 13.2: Data-In segments are at most MaxRecvDataSegmentLength, a burst ends with
+/// 11.7, 13.12, 13.13: Data-In segments are at most MaxRecvDataSegmentLength, a burst ends with
 /// F at MaxBurstLength, DataSN and offsets count up across bursts, and GOOD status rides
 /// on the last Data-In (phase collapse) with no SCSI Response.
 #[test]
