@@ -4,34 +4,25 @@
 use super::MirrorSet;
 
 pub(super) const MAGIC: &[u8; 8] = b"FTSSMIR1";
-
 /// Version 2 added the metadata area at the end of the file.
 pub(super) const VERSION: u32 = 2;
-
 pub(super) const HEADER_LEN: u64 = 4096;
-
 /// Bytes of the header that the crc covers.
 pub(super) const HEADER_BODY: usize = 8 + 4 + 4 + 16 + 4 + 8 + 8;
 
 /// Each of the two metadata slots (A and B) takes this many bytes.
 pub(super) const META_SLOT: u64 = 64 << 10;
-
 /// The metadata area starts on this boundary, so neither slot shares a sector or a page
 /// with the crc area or with the other slot: a torn write of one slot cannot touch the
 /// other.
 pub(super) const META_ALIGN: u64 = 4096;
-
 pub(super) const META_MAGIC: &[u8; 8] = b"FTSSMETA";
-
 pub(super) const META_VERSION: u32 = 1;
-
 /// Record header: magic, version u32, payload length u32, generation u64, crc32c u32,
 /// reserved u32.
 pub(super) const META_HEAD: usize = 8 + 4 + 4 + 8 + 4 + 4;
-
 /// Bytes of the record header the crc covers (everything before the crc field).
 pub(super) const META_CRC_AT: usize = 8 + 4 + 4 + 8;
-
 /// Largest payload [`MirrorSet::write_meta`] takes.
 pub const META_MAX: usize = META_SLOT as usize - META_HEAD;
 

@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Mutex, RwLock};
 
@@ -67,30 +67,7 @@ impl MirrorSet {
         let mut files = Vec::new();
         let mut headers = Vec::new();
         for (p, f) in disks {
-            let p = &p;
-            let len = f.size()?;
-            if len == 0 {
-                headers.push(None);
-            } else if len < HEADER_LEN {
-                return Err(MediaError::Failed(format!(
-                    "{}: not an ftss mirror file ({len} bytes, no header)",
-                    p.display()
-                )));
-            } else {
-                let mut h = vec![0u8; HEADER_LEN as usize];
-                f.read_at(&mut h, 0)?;
-                let hd = parse_header(&h)
-                    .map_err(|why| MediaError::Failed(format!("{}: {why}", p.display())))?;
-                if hd.block_size != block_size || hd.blocks != blocks {
-                    return Err(MediaError::Failed(format!(
-                        "{}: mirror holds {} blocks of {} bytes, the configuration says {blocks} of {block_size}",
-                        p.display(),
-                        hd.blocks,
-                        hd.block_size
-                    )));
-                }
-                headers.push(Some(hd));
-            }
+            headers.push(read_header(&p, f.as_ref(), blocks, block_size)?);
             files.push(f);
         }
         let existing: Vec<&Header> = headers.iter().flatten().collect();
@@ -106,36 +83,16 @@ impl MirrorSet {
             )));
         }
         let epoch = existing.iter().map(|h| h.epoch).max().unwrap_or(1);
-        let fresh_set = existing.is_empty();
+        let fresh = New {
+            set_id,
+            block_size,
+            blocks,
+            file_len,
+            epoch: existing.is_empty().then_some(epoch),
+        };
         let mut mirrors = Vec::new();
         for (i, (f, h)) in files.into_iter().zip(&headers).enumerate() {
-            let len = f.size()?;
-            let state = match h {
-                Some(_) if len != file_len => MirrorState::Failed(format!(
-                    "holds {len} bytes, a mirror of this set holds {file_len}: truncated?"
-                )),
-                Some(h) if h.epoch == epoch => MirrorState::Healthy,
-                Some(h) => MirrorState::Failed(format!("stale: epoch {} < {epoch}", h.epoch)),
-                None => {
-                    f.set_size(file_len)?;
-                    f.write_at(
-                        &header(
-                            &set_id,
-                            i as u32,
-                            block_size,
-                            blocks,
-                            if fresh_set { epoch } else { 0 },
-                        ),
-                        0,
-                    )?;
-                    f.sync()?;
-                    if fresh_set {
-                        MirrorState::Healthy
-                    } else {
-                        MirrorState::Failed("new mirror: needs a rebuild".into())
-                    }
-                }
-            };
+            let state = initial_state(f.as_ref(), h.as_ref(), i, epoch, &fresh)?;
             if let MirrorState::Failed(why) = &state {
                 warn!("mirror {}: {why}", paths[i].display());
             }
@@ -165,4 +122,87 @@ impl MirrorSet {
         set.load_meta();
         Ok(set)
     }
+}
+
+/// The header of the file at `p`, `None` if the file is empty (a new mirror), or why it
+/// is not a mirror of this geometry.
+fn read_header(
+    p: &Path,
+    f: &dyn Disk,
+    blocks: u64,
+    block_size: u32,
+) -> Result<Option<Header>, MediaError> {
+    let len = f.size()?;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len < HEADER_LEN {
+        return Err(MediaError::Failed(format!(
+            "{}: not an ftss mirror file ({len} bytes, no header)",
+            p.display()
+        )));
+    }
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    f.read_at(&mut h, 0)?;
+    let hd =
+        parse_header(&h).map_err(|why| MediaError::Failed(format!("{}: {why}", p.display())))?;
+    if hd.block_size != block_size || hd.blocks != blocks {
+        return Err(MediaError::Failed(format!(
+            "{}: mirror holds {} blocks of {} bytes, the configuration says {blocks} of {block_size}",
+            p.display(),
+            hd.blocks,
+            hd.block_size
+        )));
+    }
+    Ok(Some(hd))
+}
+
+/// What a file without a header is made into.
+struct New {
+    set_id: [u8; 16],
+    block_size: u32,
+    blocks: u64,
+    file_len: u64,
+    /// The epoch when the whole set is new (its files start healthy), `None` when the set
+    /// has data (a new file starts failed, at epoch 0, until rebuilt).
+    epoch: Option<u64>,
+}
+
+/// The state mirror `i` starts in: healthy only if whole and at the set's `epoch`. A file
+/// without a header (`h`) gets one here.
+fn initial_state(
+    f: &dyn Disk,
+    h: Option<&Header>,
+    i: usize,
+    epoch: u64,
+    new: &New,
+) -> Result<MirrorState, MediaError> {
+    let len = f.size()?;
+    let file_len = new.file_len;
+    Ok(match h {
+        Some(_) if len != file_len => MirrorState::Failed(format!(
+            "holds {len} bytes, a mirror of this set holds {file_len}: truncated?"
+        )),
+        Some(h) if h.epoch == epoch => MirrorState::Healthy,
+        Some(h) => MirrorState::Failed(format!("stale: epoch {} < {epoch}", h.epoch)),
+        None => {
+            f.set_size(file_len)?;
+            f.write_at(
+                &header(
+                    &new.set_id,
+                    i as u32,
+                    new.block_size,
+                    new.blocks,
+                    new.epoch.unwrap_or(0),
+                ),
+                0,
+            )?;
+            f.sync()?;
+            if new.epoch.is_some() {
+                MirrorState::Healthy
+            } else {
+                MirrorState::Failed("new mirror: needs a rebuild".into())
+            }
+        }
+    })
 }

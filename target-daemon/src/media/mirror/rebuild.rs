@@ -159,7 +159,6 @@ impl MirrorSet {
         let mut crcs = Vec::new();
         let started = Instant::now();
         let mut lba = 0;
-        let m = &self.mirrors[target];
         while lba < self.blocks {
             let n = chunk.min(self.blocks - lba);
             let b = &mut buf[..(n * bs) as usize];
@@ -187,6 +186,13 @@ impl MirrorSet {
                 }
             }
         }
+        self.finish_rebuild(target)
+    }
+
+    /// Copies the metadata area onto mirror `target` and makes it current (its header at
+    /// the set's epoch) and healthy.
+    fn finish_rebuild(&self, target: usize) -> Result<(), MediaError> {
+        let m = &self.mirrors[target];
         // The metadata area last, under the record lock so a concurrent write_meta
         // (which skips a mirror being rebuilt) either lands before this copy or after
         // the mirror is healthy again. The current record goes into its slot, the other
