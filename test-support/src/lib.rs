@@ -2,7 +2,7 @@
 //! file keeps only what it is about.
 //!
 //! `daemon.rs` starts a daemon: in-process ([`Daemon`], from a configuration text or the
-//! standard one-LUN configuration of [`daemon`]) or the real binary ([`start_binary`]),
+//! standard one-LUN configuration of [`daemon()`]) or the real binary ([`start_binary`]),
 //! on free loopback ports with its data in a [`temp_dir`]. `raw.rs` is a PDU-level client
 //! ([`Raw`]) for protocol tests that break the rules on purpose and see exactly what the
 //! target sends back. `wire.rs` reads whole PDUs off a stream with `ftss_proto`'s frame

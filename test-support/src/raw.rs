@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::wire::read_frame;
 
-/// The target [`crate::daemon`] serves and [`Raw::login`] logs in to.
+/// The target [`crate::daemon_with`] serves and [`Raw::login`] logs in to.
 pub const TARGET: &str = "iqn.2026-11.org.ftss:test";
 /// The initiator name [`Raw`] logs in with.
 pub const INITIATOR: &str = "iqn.2026-11.org.ftss:init1";
