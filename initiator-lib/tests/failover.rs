@@ -8,13 +8,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ftss_initiator::multipath::MultipathTransport;
 use ftss_initiator::{OutPacket, Outcome, PacketClient, Receiver, SessionConfig};
-use ftss_target::config::Config;
-use ftss_target::startup::Server;
+use ftss_test_support::{temp_dir, Daemon};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -79,15 +78,7 @@ fn ip(s: &str) -> IpAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_survives_cut_connections_exactly_once_and_in_order() {
-    let dir = std::env::temp_dir().join(format!(
-        "ftss-failover-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir("failover");
     let text = format!(
         r#"
 [server]
@@ -106,10 +97,8 @@ size = "256MiB"
 "#,
         dir.display()
     );
-    let server = Server::start(Config::parse(&text).expect("config"))
-        .await
-        .expect("daemon");
-    let portals = server.local_addrs().to_vec();
+    let mut d = Daemon::start(dir, &text).await;
+    let portals = d.server().local_addrs().to_vec();
     let proxies = [
         Proxy::start(portals[0]).await,
         Proxy::start(portals[1]).await,
@@ -220,6 +209,7 @@ size = "256MiB"
         tx_t.failovers.load(Ordering::Relaxed) + rx_t.failovers.load(Ordering::Relaxed) > 0,
         "and some commands were hit by them"
     );
-    server.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(server) = d.server.take() {
+        server.shutdown().await;
+    }
 }

@@ -2,8 +2,7 @@
 //! acknowledge and replay through the vendor commands.
 //! The nodes are not in the configuration: they register their addresses at run time.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,34 +11,13 @@ use ftss_initiator::{
     Error, IscsiTransport, OutPacket, Outcome, PacketClient, Receiver, RouteState, Session,
     SessionConfig,
 };
-use ftss_target::config::Config;
-use ftss_target::startup::Server;
+use ftss_test_support::{temp_dir, Daemon};
 
 const TARGET: &str = "iqn.2026-11.org.ftss:packets";
 const WAIT: Duration = Duration::from_secs(5);
 
-struct Daemon {
-    _server: Server,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 async fn daemon(tag: &str) -> Daemon {
-    let dir = std::env::temp_dir().join(format!(
-        "ftss-packets-{tag}-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = temp_dir(tag);
     let text = format!(
         r#"
 [server]
@@ -63,14 +41,7 @@ retain_s = 3600
 "#,
         dir.display()
     );
-    let config = Config::parse(&text).expect("test config");
-    let server = Server::start(config).await.expect("daemon starts");
-    let addr = server.local_addrs()[0];
-    Daemon {
-        _server: server,
-        addr,
-        dir,
-    }
+    Daemon::start(dir, &text).await
 }
 
 fn ip(s: &str) -> IpAddr {

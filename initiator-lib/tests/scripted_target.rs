@@ -8,39 +8,41 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ftss_initiator::{Session, SessionConfig};
+use ftss_proto::frame::FrameDecoder;
 use ftss_proto::pdu::*;
 use ftss_proto::serial::{CmdSn, DataSn, R2tSn, StatSn};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ftss_test_support::read_frame;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 struct Peer {
     s: TcpStream,
     framing: Framing,
+    dec: FrameDecoder,
     stat_sn: u32,
 }
 
 impl Peer {
     async fn accept(l: &TcpListener) -> Peer {
         let (s, _) = l.accept().await.expect("accept");
+        let framing = Framing {
+            max_recv_data_segment: DATA_SEGMENT_LEN_MAX,
+            ..Framing::default()
+        };
         Peer {
             s,
-            framing: Framing {
-                max_recv_data_segment: DATA_SEGMENT_LEN_MAX,
-                ..Framing::default()
-            },
+            framing,
+            dec: FrameDecoder::new(framing),
             stat_sn: 100,
         }
     }
 
     async fn recv(&mut self) -> Pdu {
-        let mut b = vec![0u8; BHS_LEN];
-        self.s.read_exact(&mut b).await.expect("header");
-        let len = self.framing.frame_len(&b).expect("frame length");
-        b.resize(len, 0);
-        self.s.read_exact(&mut b[BHS_LEN..]).await.expect("rest");
-        Pdu::decode(&b, &self.framing)
+        read_frame(&mut self.s, &mut self.dec)
+            .await
+            .expect("a whole PDU")
+            .decode()
             .expect("initiator PDUs decode")
-            .0
     }
 
     async fn send(&mut self, p: Pdu) {

@@ -1,42 +1,19 @@
 //! The initiator against an in-process ftss target on a loopback port.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use ftss_initiator::{ChapCredentials, Digest, Error, MutualChap, Session, SessionConfig};
-use ftss_target::config::Config;
-use ftss_target::startup::Server;
+use ftss_test_support::{temp_dir, Daemon};
 
 const TARGET: &str = "iqn.2026-11.org.ftss:itest";
 const INITIATOR: &str = "iqn.2026-11.org.ftss:initiator";
 const LUN_BYTES: u64 = 64 << 20;
 
-struct Daemon {
-    _server: Server,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// `server_extra` goes into `[server]`, `target_extra` after the `[[target]]` header.
 async fn daemon(tag: &str, server_extra: &str, target_extra: &str) -> Daemon {
-    let dir = std::env::temp_dir().join(format!(
-        "ftss-initiator-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = temp_dir(tag);
     let text = format!(
         r#"
 [server]
@@ -53,14 +30,7 @@ size = "{LUN_BYTES}"
 "#,
         dir.display()
     );
-    let config = Config::parse(&text).expect("test config");
-    let server = Server::start(config).await.expect("daemon starts");
-    let addr = server.local_addrs()[0];
-    Daemon {
-        _server: server,
-        addr,
-        dir,
-    }
+    Daemon::start(dir, &text).await
 }
 
 fn config() -> SessionConfig {

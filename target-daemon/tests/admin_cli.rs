@@ -1,13 +1,11 @@
 //! `ftss-target admin` through the real binary: the listings a script reads (`--json`)
 //! and the ones a person reads, while an initiator is logged in.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{free_port, start_binary, temp_dir};
 use ftss_initiator::{Session, SessionConfig};
+use ftss_test_support::{free_port, start_binary, temp_dir};
 
 const TARGET: &str = "iqn.2026-12.org.ftss:admin";
 const INITIATOR: &str = "iqn.2026-12.org.ftss:admin-init";
@@ -72,7 +70,7 @@ fn listings_show_the_live_session_in_text_and_json() {
     let dir = temp_dir("admin-cli");
     let port = free_port();
     let config = write_config(&dir, port);
-    let mut child = start_binary(&config, port);
+    let mut child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &config, port);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let session = rt.block_on(async {
@@ -176,7 +174,7 @@ fn a_lun_added_at_run_time_is_served_grown_kept_across_a_restart_and_removed() {
                 .expect("login")
         })
     };
-    let mut child = start_binary(&config, port);
+    let mut child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &config, port);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let s = login();
         assert_eq!(
@@ -229,7 +227,7 @@ fn a_lun_added_at_run_time_is_served_grown_kept_across_a_restart_and_removed() {
         assert!(!std::fs::read_to_string(&config)
             .expect("config")
             .contains("lun = 7"));
-        child = start_binary(&config, port);
+        child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &config, port);
         let s = login();
         assert_eq!(
             rt.block_on(s.report_luns()).expect("REPORT LUNS"),
@@ -256,7 +254,7 @@ fn a_lun_added_at_run_time_is_served_grown_kept_across_a_restart_and_removed() {
         rt.block_on(s.logout()).expect("logout");
         let _ = child.kill();
         let _ = child.wait();
-        child = start_binary(&config, port);
+        child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &config, port);
         let s = login();
         assert_eq!(
             rt.block_on(s.report_luns()).expect("REPORT LUNS"),

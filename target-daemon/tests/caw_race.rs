@@ -6,8 +6,6 @@
 //! A longer storm then runs VMware-ATS-like traffic from two initiators with many
 //! commands in flight: heartbeats, a shared on-disk lock, and plain data I/O.
 
-mod common;
-
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -36,9 +34,12 @@ fn caw_cdb() -> Vec<u8> {
 }
 
 async fn login(addr: std::net::SocketAddr, name: &str) -> Session {
-    let s = Session::connect(addr, SessionConfig::new(name, Some(common::TARGET)))
-        .await
-        .expect("login");
+    let s = Session::connect(
+        addr,
+        SessionConfig::new(name, Some(ftss_test_support::TARGET)),
+    )
+    .await
+    .expect("login");
     // The first command reports the power-on unit attention.
     let _ = s
         .execute(0, &[0u8; 6], None, 0)
@@ -49,7 +50,7 @@ async fn login(addr: std::net::SocketAddr, name: &str) -> Session {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_initiators_race_compare_and_write_and_exactly_one_wins_each_round() {
-    let d = common::daemon("caw-race").await;
+    let d = ftss_test_support::daemon("caw-race").await;
     let a = login(d.addr, "iqn.2026-11.org.ftss:race-a").await;
     let b = login(d.addr, "iqn.2026-11.org.ftss:race-b").await;
     let mut write = vec![0x2a, 0, 0, 0, 0, LBA as u8, 0, 0, 1, 0];
@@ -357,7 +358,7 @@ async fn ats_worker(s: Arc<Session>, owner: u64, slot: u64) -> WorkerEnd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ats_heartbeat_and_lock_storm_from_two_initiators() {
     let started = std::time::Instant::now();
-    let d = common::daemon("caw-storm").await;
+    let d = ftss_test_support::daemon("caw-storm").await;
     let hosts = [
         Arc::new(login(d.addr, "iqn.2026-11.org.ftss:esx-a").await),
         Arc::new(login(d.addr, "iqn.2026-11.org.ftss:esx-b").await),

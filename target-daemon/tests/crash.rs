@@ -2,14 +2,12 @@
 //! in nonvolatile mode (write cache + mirror set), the daemon killed with SIGKILL at random
 //! points 50 times and restarted; every write that got GOOD must read back.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use ftss_proto::pdu::Pdu;
+use ftss_test_support::*;
 
 const BLOCKS: u32 = 4096;
 const KILLS: u32 = 50;
@@ -73,7 +71,7 @@ async fn acknowledged_writes_survive_sigkill() {
     let (mut checked, mut lost, mut total_acks) = (0u64, 0u64, 0u64);
     // Round KILLS only verifies what the last round acknowledged.
     for round in 0..=KILLS {
-        let mut daemon = start_binary(&config, port);
+        let mut daemon = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &config, port);
         let mut c = login(port).await;
         // Verify everything acknowledged before the last kill.
         let cmd = c.command(

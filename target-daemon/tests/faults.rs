@@ -3,8 +3,6 @@
 //! read an initiator gets is checked against what it last wrote; afterwards the admin
 //! interface rebuilds the failed mirror and a scrub finds 0 mismatches.
 
-mod common;
-
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -221,7 +219,7 @@ fn flip_bytes(path: &PathBuf, written: &HashMap<u64, u64>, n: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_faults_while_io_runs_then_rebuild_and_a_clean_scrub() {
-    let dir = common::temp_dir("faults");
+    let dir = ftss_test_support::temp_dir("faults");
     let a = dir.join("a.mirror");
     let b = dir.join("b.mirror");
     let server = Server::start(config(&dir)).await.expect("daemon");

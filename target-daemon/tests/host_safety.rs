@@ -3,15 +3,13 @@
 //! plain-file LUNs) and its admin socket are 0600, and the admin socket answers only root
 //! and the daemon's own user, whatever the socket's file permissions say.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::*;
+use ftss_test_support::*;
 
 /// A user that is neither root nor the daemon's (the tests run as root).
 const NOBODY: u32 = 65534;
@@ -55,7 +53,7 @@ fn start(dir: &Path) -> Daemon {
         ),
     )
     .expect("config");
-    let child = start_binary(&config, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &config, port);
     let socket = data.join("ftss-admin.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {

@@ -2,24 +2,22 @@
 //! leave LUN I/O and other nodes' packets prompt; an abort ends one at once; a response
 //! cut short by the transport skips no record.
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{read10, write10, Raw};
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::pdu::{Itt, Lun, Pdu, TaskMgmtRequest, TmfFunction};
 use ftss_proto::serial::DataSn;
 use ftss_proto::vendor::{
     NodeAddr, Outcome, ReceiveCdb, RecordList, SendCdb, SendList, SendRecord, SendStatus,
 };
+use ftss_test_support::{read10, write10, Raw};
 
-/// The raw client of `common` logs in to this name.
-const TARGET: &str = common::TARGET;
+/// The raw client of `ftss_test_support` logs in to this name.
+const TARGET: &str = ftss_test_support::TARGET;
 /// Sessions holding long polls, and the polls over all of them.
 const POLL_SESSIONS: usize = 16;
 const POLLS: usize = 1000;
@@ -35,7 +33,7 @@ fn init(n: usize) -> String {
     format!("iqn.2026-11.org.ftss:lp{n}")
 }
 
-/// Nodes 1..=18: 1-16 poll, 17 sends, 18 receives. `common::INITIATOR` is node 19.
+/// Nodes 1..=18: 1-16 poll, 17 sends, 18 receives. `ftss_test_support::INITIATOR` is node 19.
 fn config_text(dir: &Path, portal: &str) -> String {
     config_sized(dir, portal, "16MiB")
 }
@@ -70,7 +68,7 @@ size = "{packets_size}"
     }
     t.push_str(&format!(
         "[[node]]\ninitiator = \"{}\"\naddresses = [\"10.0.1.19\"]\n",
-        common::INITIATOR
+        ftss_test_support::INITIATOR
     ));
     t
 }
@@ -132,17 +130,20 @@ async fn prompt<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_long_polls_leave_lun_io_and_packets_prompt() {
-    let dir = common::temp_dir("longpoll-load");
-    let port = common::free_port();
+    let dir = ftss_test_support::temp_dir("longpoll-load");
+    let port = ftss_test_support::free_port();
     let cfg = dir.join("ftss.toml");
     std::fs::write(&cfg, config_text(&dir, &format!("127.0.0.1:{port}"))).expect("config");
-    let mut child = common::start_binary(&cfg, port);
+    let mut child = ftss_test_support::start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
 
     let sender = login(addr, 17).await;
     let dest = login(addr, 18).await;
     // Takes the power-on unit attention, so the LUN I/O below answers GOOD.
-    let tur = sender.execute(0, &common::TUR, None, 0).await.expect("TUR");
+    let tur = sender
+        .execute(0, &ftss_test_support::TUR, None, 0)
+        .await
+        .expect("TUR");
     assert!(tur.status == 0 || tur.status == 2);
 
     let mut pollers = Vec::new();
@@ -249,7 +250,7 @@ async fn tmf_response(c: &mut Raw) -> u8 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_task_and_lun_reset_end_a_parked_receive_at_once() {
-    let dir = common::temp_dir("longpoll-abort");
+    let dir = ftss_test_support::temp_dir("longpoll-abort");
     let config =
         ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
     let server = ftss_target::startup::Server::start(config)
@@ -278,7 +279,7 @@ async fn abort_task_and_lun_reset_end_a_parked_receive_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_cut_by_its_expected_length_skips_no_record() {
-    let dir = common::temp_dir("longpoll-edtl");
+    let dir = ftss_test_support::temp_dir("longpoll-edtl");
     let config =
         ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
     let server = ftss_target::startup::Server::start(config)
@@ -318,7 +319,7 @@ async fn a_receive_cut_by_its_expected_length_skips_no_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_whose_data_in_is_not_transferred_is_delivered_again() {
-    let dir = common::temp_dir("longpoll-unsent");
+    let dir = ftss_test_support::temp_dir("longpoll-unsent");
     let config =
         ftss_target::config::Config::parse(&config_text(&dir, "127.0.0.1:0")).expect("config");
     let server = ftss_target::startup::Server::start(config)
@@ -355,7 +356,7 @@ async fn a_receive_whose_data_in_is_not_transferred_is_delivered_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_response_is_capped_whatever_its_allocation_length() {
-    let dir = common::temp_dir("longpoll-cap");
+    let dir = ftss_test_support::temp_dir("longpoll-cap");
     // 128 MiB of queue: the default per-node quota (a quarter) holds the 18 MB below.
     let config = ftss_target::config::Config::parse(&config_sized(&dir, "127.0.0.1:0", "128MiB"))
         .expect("config");

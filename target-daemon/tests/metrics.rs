@@ -3,8 +3,6 @@
 //! (initiator-lib): counters move by what was done, bytes match, histograms are
 //! consistent, and the endpoint survives odd requests.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -14,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{free_port, start_binary};
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::vendor::{NodeAddr, SendCdb, SendList, SendRecord, SendStatus};
 use ftss_target::config::Config;
+use ftss_test_support::{free_port, start_binary};
 
 const TARGET: &str = "iqn.2026-11.org.ftss:metrics";
 const BS: u32 = 512;
@@ -271,10 +269,10 @@ async fn scrape_async(addr: SocketAddr) -> Scrape {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrapes_during_io_show_counters_bytes_and_consistent_histograms() {
-    let dir = common::temp_dir("metrics");
+    let dir = ftss_test_support::temp_dir("metrics");
     let (port, mport) = (free_port(), free_port());
     let cfg = write_config(&dir, port, mport);
-    let mut child = start_binary(&cfg, port);
+    let mut child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let maddr = SocketAddr::from(([127, 0, 0, 1], mport));
     wait_for(maddr);
 
@@ -462,7 +460,7 @@ async fn scrapes_during_io_show_counters_bytes_and_consistent_histograms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_clients_are_bounded_and_timed_out() {
-    let d = common::daemon_with("metrics-idle", "metrics = \"127.0.0.1:0\"").await;
+    let d = ftss_test_support::daemon_with("metrics-idle", "metrics = \"127.0.0.1:0\"").await;
     let addr = d
         .server
         .as_ref()
@@ -523,7 +521,7 @@ async fn idle_clients_are_bounded_and_timed_out() {
 
 #[tokio::test]
 async fn without_the_key_there_is_no_endpoint_and_a_bad_address_names_it() {
-    let d = common::daemon("metrics-off").await;
+    let d = ftss_test_support::daemon("metrics-off").await;
     assert_eq!(
         d.server.as_ref().and_then(|s| s.metrics_addr()),
         None,
@@ -584,7 +582,7 @@ async fn an_external_interface_shows_its_health_role_counters_and_backlog() {
     }
     let name = format!("ftsst{}", std::process::id());
     let link = OwnLink(name.clone());
-    let dir = common::temp_dir("metrics-ext");
+    let dir = ftss_test_support::temp_dir("metrics-ext");
     let (port, mport) = (free_port(), free_port());
     let cfg = write_config(&dir, port, mport);
     // No address (no route is added to the host) and no probe; a probe interval far
@@ -595,7 +593,7 @@ async fn an_external_interface_shows_its_health_role_counters_and_backlog() {
     ));
     std::fs::write(&cfg, text).expect("config");
     // Declared after `link`: dropped before it, so the interface goes with the daemon.
-    let child = Running(start_binary(&cfg, port));
+    let child = Running(start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port));
     let maddr = SocketAddr::from(([127, 0, 0, 1], mport));
     wait_for(maddr);
     let ifl = [("interface", name.as_str())];

@@ -5,19 +5,17 @@
 //! was stored twice (a packet seen again after a restart carries the same sequence
 //! number: it is a redelivery of an unacknowledged packet, not a duplicate).
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, start_binary};
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::vendor::{
     AckCdb, NodeAddr, Outcome, ReceiveCdb, RecordList, SendCdb, SendList, SendRecord, SendStatus,
 };
+use ftss_test_support::{free_port, start_binary};
 
 const TARGET: &str = "iqn.2026-11.org.ftss:pcrash";
 const KILLS: u32 = 12;
@@ -100,7 +98,7 @@ addresses = ["10.0.0.2"]
     )
     .expect("config");
     let book = Arc::new(Mutex::new(Book::default()));
-    let mut child = start_binary(&cfg, port);
+    let mut child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let next_id = Arc::new(Mutex::new(1u64));
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     for round in 0..=KILLS {
@@ -215,7 +213,7 @@ addresses = ["10.0.0.2"]
             // SIGKILL mid-stream, then restart.
             let _ = child.kill();
             let _ = child.wait();
-            child = start_binary(&cfg, port);
+            child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -8,20 +8,18 @@
 //! - one node that never acknowledges fills only its own quota: another pair of nodes
 //!   keeps exchanging packets meanwhile.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, start_binary};
 use ftss_initiator::{Session, SessionConfig};
 use ftss_proto::sense::Sense;
 use ftss_proto::vendor::{
     AckCdb, AddressList, NodeAddr, NodeCdb, Outcome, ReceiveCdb, RecordList, SendCdb, SendList,
     SendRecord, SendStatus,
 };
+use ftss_test_support::{free_port, start_binary};
 
 const TARGET: &str = "iqn.2026-11.org.ftss:guarantee";
 const SENDER: &str = "iqn.2026-11.org.ftss:sender";
@@ -175,7 +173,7 @@ async fn packets_delivered_after_a_failed_send_survive_kill_9() {
         "size = \"64MiB\"",
         &nodes,
     );
-    let child = start_binary(&cfg, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let x = connect(port, X).await;
     let s = connect(port, SENDER).await;
     let to = ip(10, 0, 0, 2);
@@ -196,7 +194,7 @@ async fn packets_delivered_after_a_failed_send_survive_kill_9() {
     }
     drop((x, s));
     kill(child);
-    let child = start_binary(&cfg, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let x = connect(port, X).await;
     let mut got = drain(&x).await;
     got.sort_unstable();
@@ -228,7 +226,7 @@ async fn another_initiator_never_gets_a_nodes_addresses_or_packets() {
         "size = \"64MiB\"",
         &nodes,
     );
-    let child = start_binary(&cfg, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let a1 = ip(10, 9, 0, 1);
     let a2 = ip(10, 9, 0, 2);
     let x = connect(port, X).await;
@@ -260,7 +258,7 @@ async fn another_initiator_never_gets_a_nodes_addresses_or_packets() {
     drop((x, y, s));
     // After a restart the ownership is still there.
     kill(child);
-    let child = start_binary(&cfg, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let y = connect(port, Y).await;
     let (st, sense) = register(&y, &[a1]).await;
     assert_eq!(
@@ -310,7 +308,7 @@ async fn a_node_that_never_acknowledges_fills_only_its_own_quota() {
         "size = \"8MiB\"\nnode_quota_records = 2000",
         &nodes,
     );
-    let child = start_binary(&cfg, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let s = connect(port, SENDER).await;
     let _stuck = connect(port, X).await;
     let y = connect(port, Y).await;
@@ -363,7 +361,7 @@ async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packe
         "[[node]]\ninitiator = \"{SENDER}\"\naddresses = [\"10.0.0.1\"]\n[[node]]\ninitiator = \"{X}\"\naddresses = [\"10.0.0.2\"]\n"
     );
     let cfg = write_config(&dir, port, "", "size = \"8MiB\"", &nodes);
-    let child = start_binary(&cfg, port);
+    let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let x = connect(port, X).await;
     let s = connect(port, SENDER).await;
     let to = ip(10, 0, 0, 2);

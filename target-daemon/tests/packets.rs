@@ -2,8 +2,6 @@
 //! in-process daemon; every flow of the packet issue is checked from status, sense and the
 //! records the destination receives.
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
@@ -169,7 +167,7 @@ fn rec(dest: NodeAddr, id: u64, payload: &[u8]) -> SendRecord {
 }
 
 async fn daemon(tag: &str, extra: &str) -> (Server, SocketAddr, std::path::PathBuf) {
-    let dir = common::temp_dir(tag);
+    let dir = ftss_test_support::temp_dir(tag);
     let server = Server::start(config(&dir, extra)).await.expect("daemon");
     let addr = server.local_addrs()[0];
     (server, addr, dir)
@@ -414,7 +412,7 @@ async fn a_destination_down_too_long_earns_the_sender_a_notice() {
 
 #[tokio::test]
 async fn after_a_restart_unacknowledged_packets_are_delivered_again_once() {
-    let dir = common::temp_dir("pk-restart");
+    let dir = ftss_test_support::temp_dir("pk-restart");
     let server = Server::start(config(&dir, "")).await.expect("daemon");
     let addr = server.local_addrs()[0];
     let n1 = Node::login(addr, &init(1)).await;
@@ -517,7 +515,7 @@ async fn external_port_accepts_outgoing_uses_the_alternate_path_and_delivers_inc
 
 #[tokio::test]
 async fn a_full_queue_answers_task_set_full_and_takes_packets_again_after_acks() {
-    let dir = common::temp_dir("pk-full");
+    let dir = ftss_test_support::temp_dir("pk-full");
     let mut cfg = config(&dir, "");
     if let Some(p) = cfg.packets.as_mut() {
         p.size = "1MiB".into();

@@ -3,8 +3,6 @@
 //! check that every record reads back at once and reaches both mirrors by destage. Prints how long recovery took
 //! (the figure issue 3 asks for; `cargo test --release -- --nocapture` for a fair number).
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +26,7 @@ fn data(i: u64) -> Vec<u8> {
 
 #[test]
 fn a_full_256mib_cache_recovers_every_record() {
-    let dir = common::temp_dir("recovery");
+    let dir = ftss_test_support::temp_dir("recovery");
     let paths = [dir.join("a.mirror"), dir.join("b.mirror")];
     let open = || {
         let m = Arc::new(MirrorSet::open(&paths, BLOCKS, BS).expect("mirrors"));

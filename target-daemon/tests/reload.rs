@@ -2,15 +2,13 @@
 //! govern the logins that follow, while the sessions already logged in go on; a file
 //! that does not validate changes nothing and the log names the key at fault.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, read10, temp_dir};
 use ftss_initiator::{ChapCredentials, Session, SessionConfig};
+use ftss_test_support::{free_port, read10, temp_dir};
 
 const TARGET: &str = "iqn.2026-12.org.ftss:reload";
 const X: &str = "iqn.2026-12.org.ftss:x";

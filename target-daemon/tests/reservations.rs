@@ -5,12 +5,9 @@
 //! its session logs out, and PREEMPT AND ABORT ending a preempted node's queued write
 //! where plain PREEMPT does not.
 
-mod common;
-
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{daemon, Daemon, Raw, TARGET, TUR};
 use ftss_initiator::{ScsiResult, Session, SessionConfig};
 use ftss_proto::pdu::{DataOut, Itt, Lun, Pdu, R2t};
 use ftss_proto::sense::Sense;
@@ -18,6 +15,7 @@ use ftss_proto::serial::DataSn;
 use ftss_target::config::Config;
 use ftss_target::media::mirror::{MirrorSet, MirrorState};
 use ftss_target::startup::Server;
+use ftss_test_support::{daemon, Daemon, Raw, TARGET, TUR};
 
 const NODE_A: &str = "iqn.2026-11.org.ftss:cluster-node-a";
 const NODE_B: &str = "iqn.2026-11.org.ftss:cluster-node-b";
@@ -115,7 +113,7 @@ async fn read1(s: &Session) -> u8 {
 }
 
 async fn read1_on(s: &Session, lun: u16) -> u8 {
-    run_on(s, lun, &common::read10(0, 1), None, 512)
+    run_on(s, lun, &ftss_test_support::read10(0, 1), None, 512)
         .await
         .status
 }
@@ -125,9 +123,15 @@ async fn write1(s: &Session) -> u8 {
 }
 
 async fn write1_on(s: &Session, lun: u16) -> u8 {
-    run_on(s, lun, &common::write10(0, 1), Some(vec![0x5a; 512]), 0)
-        .await
-        .status
+    run_on(
+        s,
+        lun,
+        &ftss_test_support::write10(0, 1),
+        Some(vec![0x5a; 512]),
+        0,
+    )
+    .await
+    .status
 }
 
 #[tokio::test]
@@ -299,7 +303,7 @@ async fn aptpl_reservation_survives_restart() {
     let mut d = Daemon {
         server: None,
         addr: ([127, 0, 0, 1], 0).into(),
-        dir: common::temp_dir("pr-aptpl"),
+        dir: ftss_test_support::temp_dir("pr-aptpl"),
     };
     start(&mut d).await;
     let isid = [0x40, 0, 0, 0, 0xa0, 9];
@@ -549,7 +553,7 @@ async fn raw_prout(c: &mut Raw, sa: u8, ty: u8, key: u64, sa_key: u64) -> u8 {
 const LBA: u32 = 40;
 
 async fn read_block(s: &Session) -> Vec<u8> {
-    let r = run(s, &common::read10(LBA, 1), None, 512).await;
+    let r = run(s, &ftss_test_support::read10(LBA, 1), None, 512).await;
     assert_eq!(r.status, GOOD, "read: {:?}", sense(&r));
     r.data_in.to_vec()
 }
@@ -559,7 +563,13 @@ async fn read_block(s: &Session) -> Vec<u8> {
 async fn two_nodes_b_reserved(d: &Daemon, tag: u8) -> (Session, Raw, u64, u64) {
     let (ka, kb) = (0xa1a1_0000_0000_00a1u64, 0xb2b2_0000_0000_00b2);
     let a = login(d.addr, NODE_A, [0x40, 0, 0, 0, 0xa0, tag]).await;
-    let w = run(&a, &common::write10(LBA, 1), Some(vec![0x11; 512]), 0).await;
+    let w = run(
+        &a,
+        &ftss_test_support::write10(LBA, 1),
+        Some(vec![0x11; 512]),
+        0,
+    )
+    .await;
     assert_eq!(w.status, GOOD, "initial write: {:?}", sense(&w));
     let mut b = raw_login(d.addr, [0x40, 0, 0, 0, 0xb0, tag]).await;
     assert_eq!(prout(&a, REGISTER_AND_IGNORE, 0, 0, ka, false).await, GOOD);
@@ -574,7 +584,7 @@ async fn preempt_and_abort_ends_the_preempted_nodes_queued_write() {
     let d = daemon("pr-abort").await;
     let (a, mut b, ka, kb) = two_nodes_b_reserved(&d, 4).await;
     // B's write waits for its data when A preempts B's key and aborts B's tasks.
-    let (itt, r2t) = raw_start_write(&mut b, &common::write10(LBA, 1), 512).await;
+    let (itt, r2t) = raw_start_write(&mut b, &ftss_test_support::write10(LBA, 1), 512).await;
     assert_eq!(
         prout(&a, PREEMPT_AND_ABORT, WE, ka, kb, false).await,
         GOOD,
@@ -609,7 +619,7 @@ async fn preempt_and_abort_ends_the_preempted_nodes_queued_write() {
         "REGISTRATIONS PREEMPTED"
     );
     // B is fenced: unregistered under A's Write Exclusive.
-    let (status, _) = raw_write(&mut b, &common::write10(LBA, 1), &[0x77; 512]).await;
+    let (status, _) = raw_write(&mut b, &ftss_test_support::write10(LBA, 1), &[0x77; 512]).await;
     assert_eq!(status, CONFLICT);
     assert_eq!(
         read_block(&a).await,
@@ -629,7 +639,7 @@ async fn preempt_and_abort_ends_the_preempted_nodes_queued_write() {
 async fn plain_preempt_leaves_the_queued_write_to_the_new_reservation() {
     let d = daemon("pr-preempt").await;
     let (a, mut b, ka, kb) = two_nodes_b_reserved(&d, 5).await;
-    let (itt, r2t) = raw_start_write(&mut b, &common::write10(LBA, 1), 512).await;
+    let (itt, r2t) = raw_start_write(&mut b, &ftss_test_support::write10(LBA, 1), 512).await;
     assert_eq!(prout(&a, PREEMPT, WE, ka, kb, false).await, GOOD);
     assert_eq!(reservation(&prin(&a, 1).await), Some((ka, WE)));
     raw_data_out(&mut b, &r2t, &[0x99; 512]).await;

@@ -5,14 +5,12 @@
 //! CmdSN window, NOP-Out with the reserved ITT): on the connection machine, where "no
 //! answer" is exact rather than a wait (`src/iscsi/connection/rfc7143.rs`).
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use ftss_proto::pdu::*;
 use ftss_proto::serial::{CmdSn, DataSn};
+use ftss_test_support::*;
 
 /// Clears the power-on unit attention every new nexus starts with.
 async fn clear_ua(c: &mut Raw) {

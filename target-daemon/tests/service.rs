@@ -3,8 +3,6 @@
 //! destages the write cache before exit 0, and JSON log lines. A bound datagram socket
 //! stands in for systemd's notification socket.
 
-mod common;
-
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -13,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, temp_dir, write10};
 use ftss_initiator::{Session, SessionConfig};
+use ftss_test_support::{free_port, temp_dir, write10};
 
 const TARGET: &str = "iqn.2026-12.org.ftss:service";
 
@@ -245,7 +243,7 @@ fn sigterm_finishes_the_commands_and_leaves_nothing_in_the_write_cache() {
             let mut r = s
                 .execute(
                     0,
-                    &common::read10(lba, CHUNK_BLOCKS),
+                    &ftss_test_support::read10(lba, CHUNK_BLOCKS),
                     None,
                     u32::from(CHUNK_BLOCKS) * 512,
                 )
@@ -255,7 +253,7 @@ fn sigterm_finishes_the_commands_and_leaves_nothing_in_the_write_cache() {
                 r = s
                     .execute(
                         0,
-                        &common::read10(lba, CHUNK_BLOCKS),
+                        &ftss_test_support::read10(lba, CHUNK_BLOCKS),
                         None,
                         u32::from(CHUNK_BLOCKS) * 512,
                     )

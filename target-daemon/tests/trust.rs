@@ -4,20 +4,16 @@
 //! nodes; target resets only from the initiators the configuration names; an initiator
 //! with per-node CHAP credentials cannot be impersonated without its secret.
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use common::{kv, Raw, INITIATOR, TARGET};
 use ftss_initiator::{ChapCredentials, Error, Session, SessionConfig};
 use ftss_proto::pdu::{Itt, LoginRequest, Lun, Pdu, Stage, TaskMgmtRequest, TmfFunction};
 use ftss_proto::serial::{CmdSn, DataSn, StatSn};
 use ftss_proto::vendor::{NodeAddr, NodeCdb, NodeInfo, ReceiveCdb, RecordList, RouteList};
-use ftss_target::config::Config;
-use ftss_target::startup::Server;
+use ftss_test_support::{kv, Raw, INITIATOR, TARGET};
 
 const NODE1: &str = "iqn.2026-11.org.ftss:trust-node1";
 const NODE2: &str = "iqn.2026-11.org.ftss:trust-node2";
@@ -30,8 +26,8 @@ fn ip(x: u8) -> NodeAddr {
 
 /// A daemon with packets, two configured nodes (node 1 with CHAP credentials), `extra`
 /// appended to `[packets]` and `target_extra` to the `[[target]]` table.
-async fn daemon(tag: &str, extra: &str, target_extra: &str) -> common::Daemon {
-    let dir = common::temp_dir(tag);
+async fn daemon(tag: &str, extra: &str, target_extra: &str) -> ftss_test_support::Daemon {
+    let dir = ftss_test_support::temp_dir(tag);
     let text = format!(
         r#"
 [server]
@@ -62,15 +58,7 @@ addresses = ["10.0.0.2"]
 "#,
         dir.display()
     );
-    let server = Server::start(Config::parse(&text).expect("config"))
-        .await
-        .expect("daemon");
-    let addr = server.local_addrs()[0];
-    common::Daemon {
-        server: Some(server),
-        addr,
-        dir,
-    }
+    ftss_test_support::Daemon::start(dir, &text).await
 }
 
 fn node1_config(secret: Option<&str>) -> SessionConfig {
@@ -258,7 +246,7 @@ async fn tmf(c: &mut Raw, function: TmfFunction) -> u8 {
 
 /// TEST UNIT READY's status.
 async fn tur(c: &mut Raw) -> u8 {
-    let cmd = c.command(&common::TUR, 0, false, false, Bytes::new());
+    let cmd = c.command(&ftss_test_support::TUR, 0, false, false, Bytes::new());
     c.run(cmd).await.0
 }
 

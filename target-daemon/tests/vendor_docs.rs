@@ -5,8 +5,6 @@
 //! says; data-in must match it byte for byte, except for what a live run cannot
 //! reproduce (the timestamps, and the records a time-based replay finds).
 
-mod common;
-
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -109,7 +107,7 @@ fn zero_timestamps(mut l: RecordList) -> RecordList {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sg_raw_example_of_the_docs_runs_against_the_daemon() {
-    let dir = common::temp_dir("vendor-docs");
+    let dir = ftss_test_support::temp_dir("vendor-docs");
     let text = format!(
         r#"
 [server]

@@ -1,12 +1,10 @@
 //! The per-connection write-buffer budget (64 MiB) is held by a write from when its buffer
 //! is granted until the write completes, not given back when it starts executing.
 
-mod common;
-
 use bytes::Bytes;
-use common::{temp_dir, write10, Raw};
 use ftss_proto::pdu::{DataOut, Pdu};
 use ftss_proto::serial::DataSn;
+use ftss_test_support::{temp_dir, write10, Raw};
 
 const WRITE_BYTES: u32 = 16 << 20;
 
@@ -27,7 +25,7 @@ path = "lun0.img"
 size = "128MiB"
 "#,
         dir.display(),
-        common::TARGET
+        ftss_test_support::TARGET
     );
     let config = ftss_target::config::Config::parse(&text).expect("config");
     let server = ftss_target::startup::Server::start(config)
@@ -37,7 +35,7 @@ size = "128MiB"
     let mut c = Raw::connect(addr).await;
     c.login().await;
     // Takes the power-on unit attention.
-    let tur = c.command(&common::TUR, 0, false, false, Bytes::new());
+    let tur = c.command(&ftss_test_support::TUR, 0, false, false, Bytes::new());
     let _ = c.run(tur).await;
 
     // Five 16 MiB writes: the budget grants four, the fifth waits for room.

@@ -6,6 +6,8 @@
 pub mod cache;
 pub mod disk;
 pub mod file;
+#[cfg(test)]
+pub(crate) mod mem;
 pub mod mirror;
 
 use std::io;

@@ -293,52 +293,14 @@ pub(crate) fn sanitize_exit_failure_mode(c: &Ctx<'_>) -> CmdResult {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use super::*;
     use crate::media::file::FileStore;
-    use crate::media::{BlockStore, CacheMode, MediaError};
+    use crate::media::mem::MemStore;
+    use crate::media::{BlockStore, CacheMode};
     use crate::scsi::TargetIdentity;
     use crate::scsi::{ItNexus, LunSpec, ScsiCommand, ScsiOutcome, ScsiTarget, TaskAttr};
-
-    /// A fully provisioned store in memory: unmapping falls back to the trait's zeros.
-    struct MemStore(Mutex<Vec<u8>>);
-
-    impl BlockStore for MemStore {
-        fn block_size(&self) -> u32 {
-            512
-        }
-        fn num_blocks(&self) -> u64 {
-            self.0.lock().map(|v| v.len() as u64 / 512).unwrap_or(0)
-        }
-        fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
-            let v = self
-                .0
-                .lock()
-                .map_err(|_| MediaError::Failed("poisoned".into()))?;
-            let off = lba as usize * 512;
-            buf.copy_from_slice(&v[off..off + buf.len()]);
-            Ok(())
-        }
-        fn write_blocks(&self, lba: u64, data: &[u8], _fua: bool) -> Result<(), MediaError> {
-            let mut v = self
-                .0
-                .lock()
-                .map_err(|_| MediaError::Failed("poisoned".into()))?;
-            let off = lba as usize * 512;
-            v[off..off + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&self) -> Result<(), MediaError> {
-            Ok(())
-        }
-        fn cache_mode(&self) -> CacheMode {
-            CacheMode::WriteThrough
-        }
-        fn health(&self) -> Result<(), MediaError> {
-            Ok(())
-        }
-    }
 
     fn target(store: Arc<dyn BlockStore>) -> (ScsiTarget, ItNexus) {
         let t = ScsiTarget::new(
@@ -560,7 +522,7 @@ mod tests {
 
     #[test]
     fn a_fully_provisioned_store_unmaps_by_writing_zeros_and_says_so() {
-        let store = Arc::new(MemStore(Mutex::new(vec![0xaa; 64 * 512])));
+        let store = Arc::new(MemStore::new(vec![0xaa; 64 * 512]));
         let (t, n) = target(store.clone());
         // READ CAPACITY(16): no LBPME, LBPRZ still set.
         let mut rc16 = vec![0x9e, 0x10];

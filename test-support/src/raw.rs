@@ -1,91 +1,43 @@
-//! A raw PDU-level iSCSI client and an in-process daemon, for protocol tests that need to
-//! break the rules on purpose (out-of-window CmdSN, SNACK, odd Data-Out) and see exactly
-//! what the target sends back.
-#![allow(dead_code, unreachable_pub)]
+//! A raw PDU-level iSCSI client, for protocol tests that need to break the rules on
+//! purpose (out-of-window CmdSN, SNACK, odd Data-Out) and see exactly what the target
+//! sends back.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use ftss_proto::frame::FrameDecoder;
 use ftss_proto::pdu::*;
 use ftss_proto::serial::{CmdSn, DataSn, StatSn};
-use ftss_target::config::Config;
-use ftss_target::startup::Server;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::wire::read_frame;
+
+/// The target [`crate::daemon_with`] serves and [`Raw::login`] logs in to.
 pub const TARGET: &str = "iqn.2026-11.org.ftss:test";
+/// The initiator name [`Raw`] logs in with.
 pub const INITIATOR: &str = "iqn.2026-11.org.ftss:init1";
 
-/// A daemon on a free loopback port with one 16 MiB LUN in a temp dir.
-pub struct Daemon {
-    pub server: Option<Server>,
-    pub addr: SocketAddr,
-    pub dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "ftss-test-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-pub async fn daemon_with(tag: &str, extra: &str) -> Daemon {
-    let dir = temp_dir(tag);
-    let text = format!(
-        r#"
-[server]
-portals = ["127.0.0.1:0"]
-data_dir = "{}"
-nop_interval_s = 60
-{extra}
-[[target]]
-iqn = "{TARGET}"
-[[target.lun]]
-lun = 0
-path = "lun0.img"
-size = "16MiB"
-"#,
-        dir.display()
-    );
-    let config = Config::parse(&text).expect("test config");
-    let server = Server::start(config).await.expect("daemon starts");
-    let addr = server.local_addrs()[0];
-    Daemon {
-        server: Some(server),
-        addr,
-        dir,
-    }
-}
-
-pub async fn daemon(tag: &str) -> Daemon {
-    daemon_with(tag, "").await
-}
-
-/// A raw connection.
+/// A raw connection: the test decides every field of every PDU; the client only keeps
+/// the sequence numbers a well-behaved initiator would.
 pub struct Raw {
+    /// The socket, for tests that write bytes no PDU encodes to.
     pub s: TcpStream,
+    /// Digests and segment limit PDUs are sent and received under.
     pub framing: Framing,
+    /// CmdSN of the next command.
     pub cmd_sn: CmdSn,
+    /// The StatSN after the last one received.
     pub exp_stat_sn: StatSn,
+    /// ITT of the next task.
     pub next_itt: u32,
+    /// The highest MaxCmdSN received.
     pub max_cmd_sn: CmdSn,
+    dec: FrameDecoder,
 }
 
+/// `key=value` pairs as a login or text data segment.
 pub fn kv(pairs: &[(&str, &str)]) -> Bytes {
     let mut v = Vec::new();
     for (k, val) in pairs {
@@ -97,6 +49,7 @@ pub fn kv(pairs: &[(&str, &str)]) -> Bytes {
     Bytes::from(v)
 }
 
+/// The `key=value` pairs of a login or text data segment.
 pub fn parse_kv(data: &[u8]) -> Vec<(String, String)> {
     data.split(|&b| b == 0)
         .filter(|s| !s.is_empty())
@@ -108,22 +61,26 @@ pub fn parse_kv(data: &[u8]) -> Vec<(String, String)> {
 }
 
 impl Raw {
+    /// Connects to `addr` (no login yet).
     pub async fn connect(addr: SocketAddr) -> Raw {
         let s = TcpStream::connect(addr).await.expect("connect");
         s.set_nodelay(true).expect("nodelay");
+        let framing = Framing {
+            max_recv_data_segment: DATA_SEGMENT_LEN_MAX,
+            ..Framing::default()
+        };
         Raw {
             s,
-            framing: Framing {
-                max_recv_data_segment: DATA_SEGMENT_LEN_MAX,
-                ..Framing::default()
-            },
+            framing,
             cmd_sn: CmdSn(1),
             exp_stat_sn: StatSn(0),
             next_itt: 1,
             max_cmd_sn: CmdSn(1),
+            dec: FrameDecoder::new(framing),
         }
     }
 
+    /// Sends `p` under [`Raw::framing`].
     pub async fn send(&mut self, p: &Pdu) {
         let mut out = BytesMut::new();
         p.encode(&mut out, &self.framing);
@@ -138,6 +95,7 @@ impl Raw {
             .flatten()
     }
 
+    /// Next PDU; panics after 10 s or on EOF.
     pub async fn recv(&mut self) -> Pdu {
         self.recv_within(Duration::from_secs(10))
             .await
@@ -145,12 +103,10 @@ impl Raw {
     }
 
     async fn recv_inner(&mut self) -> Option<Pdu> {
-        let mut bhs = vec![0u8; BHS_LEN];
-        self.s.read_exact(&mut bhs).await.ok()?;
-        let len = self.framing.frame_len(&bhs).ok()?;
-        bhs.resize(len, 0);
-        self.s.read_exact(&mut bhs[BHS_LEN..]).await.ok()?;
-        let (p, _) = Pdu::decode(&bhs, &self.framing).expect("target PDUs decode");
+        // Tests change `framing` directly (digests after login).
+        self.dec.set_framing(self.framing);
+        let frame = read_frame(&mut self.s, &mut self.dec).await?;
+        let p = frame.decode().expect("target PDUs decode");
         match &p {
             Pdu::ScsiResponse(r) => self.seen(r.stat_sn, r.max_cmd_sn),
             Pdu::DataIn(d) if d.status.is_some() => self.seen(d.stat_sn, d.max_cmd_sn),
@@ -171,6 +127,7 @@ impl Raw {
         }
     }
 
+    /// A fresh ITT.
     pub fn itt(&mut self) -> Itt {
         let i = self.next_itt;
         self.next_itt += 1;
@@ -222,6 +179,7 @@ impl Raw {
         (r, answers)
     }
 
+    /// [`Raw::login_with`] the test ISID, CmdSN 1 and no extra keys; asserts success.
     pub async fn login(&mut self) -> LoginResponse {
         let (r, _) = self.login_with([0x40, 0, 0, 0, 0, 1], 1, &[]).await;
         assert_eq!((r.status_class, r.status_detail), (0, 0), "login accepted");
@@ -229,6 +187,7 @@ impl Raw {
         r
     }
 
+    /// A SCSI command to LUN 0 with the next ITT and CmdSN (which it takes).
     pub fn command(
         &mut self,
         cdb: &[u8],
@@ -280,6 +239,7 @@ impl Raw {
         }
     }
 
+    /// An immediate NOP-Out ping with `data`; returns the NOP-In answer.
     pub async fn nop(&mut self, data: &[u8]) -> NopIn {
         let itt = self.itt();
         let p = Pdu::NopOut(NopOut {
@@ -299,44 +259,24 @@ impl Raw {
     }
 }
 
+/// READ (10) of `blocks` at `lba`.
 pub fn read10(lba: u32, blocks: u16) -> [u8; 10] {
     let l = lba.to_be_bytes();
     let b = blocks.to_be_bytes();
     [0x28, 0, l[0], l[1], l[2], l[3], 0, b[0], b[1], 0]
 }
 
+/// WRITE (10) of `blocks` at `lba`.
 pub fn write10(lba: u32, blocks: u16) -> [u8; 10] {
     let mut c = read10(lba, blocks);
     c[0] = 0x2a;
     c
 }
 
+/// TEST UNIT READY.
 pub const TUR: [u8; 6] = [0; 6];
 
+/// The first DataSN of a sequence.
 pub fn data_sn0() -> DataSn {
     DataSn(0)
-}
-
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// Starts the real `ftss-target` binary with `config` and waits for its portal.
-pub fn start_binary(config: &std::path::Path, port: u16) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ftss-target"))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start ftss-target");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
