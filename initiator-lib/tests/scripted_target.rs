@@ -12,7 +12,7 @@ use ftss_proto::frame::FrameDecoder;
 use ftss_proto::pdu::*;
 use ftss_proto::serial::{CmdSn, DataSn, R2tSn, StatSn};
 use ftss_test_support::read_frame;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 struct Peer {

@@ -7,7 +7,7 @@
 //! abort a command while it "executes"). No socket, no thread and no sleep is involved.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -26,7 +26,7 @@ use super::ConnParams;
 use crate::config::Config;
 use crate::iscsi::session::{SessionCtx, SessionKind, Shared, TargetEntry};
 use crate::iscsi::transfer::XferLimits;
-use crate::media::{BlockStore, CacheMode, MediaError};
+use crate::media::mem::MemStore;
 use crate::scsi::target::{LunSpec, ScsiTarget, TargetIdentity};
 use crate::scsi::{ItNexus, ScsiCommand as ExecCmd, ScsiOutcome};
 
@@ -49,51 +49,6 @@ pub(super) const PING_TIMEOUT_S: u64 = 20;
 pub(super) const TARGET_RECV_SEGMENT: u32 = 1024;
 /// Steps [`Pair::drive`] takes before it calls the exchange a livelock.
 const DRIVE_STEPS_MAX: usize = 10_000;
-
-/// LUN 0: 512-byte blocks in memory.
-struct MemStore(Mutex<Vec<u8>>);
-
-impl BlockStore for MemStore {
-    fn block_size(&self) -> u32 {
-        512
-    }
-    fn num_blocks(&self) -> u64 {
-        LUN_BLOCKS
-    }
-    fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
-        let v = self
-            .0
-            .lock()
-            .map_err(|_| MediaError::Failed("poisoned".into()))?;
-        let off = usize::try_from(lba * 512).map_err(|_| MediaError::Failed("lba".into()))?;
-        let src = v
-            .get(off..off + buf.len())
-            .ok_or_else(|| MediaError::Failed("past the end".into()))?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-    fn write_blocks(&self, lba: u64, data: &[u8], _fua: bool) -> Result<(), MediaError> {
-        let mut v = self
-            .0
-            .lock()
-            .map_err(|_| MediaError::Failed("poisoned".into()))?;
-        let off = usize::try_from(lba * 512).map_err(|_| MediaError::Failed("lba".into()))?;
-        let dst = v
-            .get_mut(off..off + data.len())
-            .ok_or_else(|| MediaError::Failed("past the end".into()))?;
-        dst.copy_from_slice(data);
-        Ok(())
-    }
-    fn flush(&self) -> Result<(), MediaError> {
-        Ok(())
-    }
-    fn cache_mode(&self) -> CacheMode {
-        CacheMode::WriteThrough
-    }
-    fn health(&self) -> Result<(), MediaError> {
-        Ok(())
-    }
-}
 
 /// The limits of most tests: small enough that a few KiB cross every boundary.
 pub(super) fn limits() -> XferLimits {
@@ -226,7 +181,7 @@ impl Pair {
                 },
                 vec![LunSpec {
                     lun: 0,
-                    store: Arc::new(MemStore(Mutex::new(vec![0; LUN_BLOCKS as usize * 512]))),
+                    store: Arc::new(MemStore::new(vec![0; LUN_BLOCKS as usize * 512])),
                     read_only: false,
                     removable: false,
                     initiators: None,
