@@ -116,6 +116,12 @@ pub struct PacketsConfig {
     /// Packet ids remembered per daemon for duplicate suppression (most recent first).
     #[serde(default = "default_dedup_window")]
     pub dedup_window: usize,
+    /// Seconds a packet id is still recognized as a retry after its packet was
+    /// acknowledged and released: a sender that lost the SEND's answer, failed over to
+    /// another path and sends again within this time is answered with the original's
+    /// outcome instead of delivering the packet twice.
+    #[serde(default = "default_dedup_hold")]
+    pub dedup_hold_s: u64,
     /// Unacknowledged payload bytes one destination node may hold, with a unit; default
     /// a quarter of `size`. A node at its quota gets no more packets (senders see
     /// DESTINATION QUEUE FULL) while every other node's traffic goes on.
@@ -365,6 +371,9 @@ fn default_delivery_timeout() -> u64 {
 }
 fn default_dedup_window() -> usize {
     1 << 20
+}
+fn default_dedup_hold() -> u64 {
+    60
 }
 
 /// `[media]`: the write cache in front of every mirrored LUN.

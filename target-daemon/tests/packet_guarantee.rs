@@ -347,12 +347,11 @@ async fn a_node_that_never_acknowledges_fills_only_its_own_quota() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The documented duplicates rule is "while stored": once the destination acknowledged
-/// a packet and the log released it (with `retain_s = 0`, at the next housekeeping tick,
-/// within about a second), its id may be used again and the new packet is stored and
-/// delivered, never answered GOOD and dropped (the `sg_raw` examples reuse ids 1, 2, 3).
-/// Until the release a resent id is taken for a retry: that is what keeps a retry after
-/// a crash from being delivered twice (tests/packet_crash.rs).
+/// The documented duplicates rule: an id is a retry while its packet is stored and for
+/// `dedup_hold_s` after the log released it (with `retain_s = 0`, at the next
+/// housekeeping tick after the acknowledgement). After that its id may be used again and
+/// the new packet is stored and delivered, never answered GOOD and dropped (running the
+/// `sg_raw` examples again reuses ids 1, 2, 3). Here the hold is one second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packet() {
     let dir = fresh_dir("reuse");
@@ -360,7 +359,13 @@ async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packe
     let nodes = format!(
         "[[node]]\ninitiator = \"{SENDER}\"\naddresses = [\"10.0.0.1\"]\n[[node]]\ninitiator = \"{X}\"\naddresses = [\"10.0.0.2\"]\n"
     );
-    let cfg = write_config(&dir, port, "", "size = \"8MiB\"", &nodes);
+    let cfg = write_config(
+        &dir,
+        port,
+        "",
+        "size = \"8MiB\"\ndedup_hold_s = 1",
+        &nodes,
+    );
     let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let x = connect(port, X).await;
     let s = connect(port, SENDER).await;
@@ -387,8 +392,9 @@ async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packe
             vec![1, 2, 3],
             "round {round}: ids 1..3 sent again after their release must arrive again"
         );
-        // Housekeeping runs every second and releases what was acknowledged.
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        // Housekeeping runs every second: one tick releases what was acknowledged, a
+        // tick at least the hold (1 s) later frees the ids.
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
     }
     drop((x, s));
     kill(child);

@@ -32,6 +32,7 @@ pub(super) fn start_agent(
         QueueOptions {
             retain: Duration::from_secs(p.retain_s),
             dedup_window: p.dedup_window,
+            dedup_hold: Duration::from_secs(p.dedup_hold_s),
             node_quota_bytes: resolved.node_quota_bytes,
             node_quota_records: p.node_quota_records,
             ..QueueOptions::default()

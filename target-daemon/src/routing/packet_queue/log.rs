@@ -127,9 +127,20 @@ impl PacketQueue {
                 g.tail_seq = tail_seq0;
                 return Err(e);
             }
+            // A sender that lost the SEND's answer may still be failing over to send
+            // it again: the ids stay retries for `dedup_hold` after the release.
             for (key, seq) in released {
-                Self::forget(g, key, seq);
+                g.released.push_back((key, seq, now));
             }
+        }
+        let hold_ms = u64::try_from(self.dedup_hold.as_millis()).unwrap_or(u64::MAX);
+        while let Some(&(key, seq, at)) = g.released.front() {
+            // Bounded by the window as the entries themselves are, not only by time.
+            if now.saturating_sub(at) < hold_ms && g.released.len() <= self.dedup_window {
+                break;
+            }
+            g.released.pop_front();
+            Self::forget(g, key, seq);
         }
         if self.cap - (g.head - g.tail) < need {
             return Err(QueueError::Full);

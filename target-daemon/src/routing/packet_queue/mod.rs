@@ -178,12 +178,16 @@ struct Inner {
     frontier: u64,
     nodes: HashMap<NodeAddr, NodeQ>,
     /// (sender, packet id) of stored packets -> (outcome, sequence number). An entry
-    /// goes when the tail releases its record, so an id is a duplicate exactly while
-    /// its packet is stored (and among the last `dedup_window` stored).
+    /// goes `dedup_hold` after the tail released its record, so an id is a duplicate
+    /// while its packet is stored and for that long after (and while among the last
+    /// `dedup_window` stored).
     dedup: HashMap<(NodeAddr, u64), (Outcome, u64)>,
     /// Insertion order with the sequence number inserted, so evicting an old entry
     /// never removes a newer packet that reused the id.
     dedup_order: VecDeque<((NodeAddr, u64), u64)>,
+    /// Entries of released records still held, oldest release first: (key, sequence
+    /// number, release time in ms).
+    released: VecDeque<((NodeAddr, u64), u64, u64)>,
 }
 
 /// Per-node figures for QUEUE STATS.
@@ -210,6 +214,9 @@ pub struct QueueOptions {
     pub retain: Duration,
     /// (sender, packet id) pairs remembered for duplicate suppression.
     pub dedup_window: usize,
+    /// How long a released packet's id is still taken for a retry (within
+    /// `dedup_window`). Zero: an id is free as soon as its record is released.
+    pub dedup_hold: Duration,
     /// Unacknowledged packets indexed in memory per node.
     pub index_max: usize,
     /// Unacknowledged payload bytes one destination node may hold; `None`: a quarter
@@ -227,6 +234,7 @@ impl Default for QueueOptions {
         QueueOptions {
             retain: Duration::ZERO,
             dedup_window: 1 << 20,
+            dedup_hold: Duration::ZERO,
             index_max: INDEX_MAX,
             node_quota_bytes: None,
             node_quota_records: None,
@@ -242,6 +250,7 @@ pub struct PacketQueue {
     cap: u64,
     retain: Duration,
     dedup_window: usize,
+    dedup_hold: Duration,
     index_max: usize,
     quota_bytes: u64,
     quota_records: u64,
@@ -290,6 +299,7 @@ impl PacketQueue {
         let QueueOptions {
             retain,
             dedup_window,
+            dedup_hold,
             index_max,
             node_quota_bytes,
             node_quota_records,
@@ -306,6 +316,7 @@ impl PacketQueue {
             cap,
             retain,
             dedup_window,
+            dedup_hold,
             index_max: index_max.max(2),
             quota_bytes: node_quota_bytes.unwrap_or(cap / 4),
             quota_records: node_quota_records.unwrap_or(cap / 4 / bs).max(1),
@@ -318,6 +329,7 @@ impl PacketQueue {
                 nodes: HashMap::new(),
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
+                released: VecDeque::new(),
             }),
             wake: Wake::default(),
             sparse: Mutex::new(SparseIndex::new((blocks - 1) * bs, bs)),
