@@ -34,6 +34,10 @@ mirrors = ["lun-a.mirror", "lun-b.mirror"]
 size = "16MiB"
 [packets]
 size = "$qsize"
+# One destination takes the whole backlog: its default quota (a quarter of the queue)
+# would refuse most of it, and the figure would be of a smaller backlog.
+node_quota_bytes = "$qsize"
+node_quota_records = $PACKETS
 CONF
 RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-backlog-ftss.log" "$port"
 pid=${CI_PIDS[-1]}
@@ -72,6 +76,10 @@ while [ "$sent" -lt "$PACKETS" ]; do
   echo "$sent queued: daemon RSS $(rss)  ($out)"
   echo "$sent queued,$(rss_csv)" >>"$csv"
 done | tee "$CI_OUT/bench-backlog.txt"
+# Every packet must be queued, or the memory figure is of a smaller backlog.
+queued=$($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | awk '/queued records/ {print $3}')
+echo "queued records of the away node: $queued" | tee -a "$CI_OUT/bench-backlog.txt"
+[ "$queued" = "$PACKETS" ] || { echo "only $queued of $PACKETS packets queued" >&2; exit 1; }
 figs="$CI_OUT/bench-backlog.figures"
 : >"$figs"
 figure "$figs" packets "$PACKETS"
