@@ -409,20 +409,7 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
             println!("state {s:?}");
             Ok(())
         }
-        Cmd::Whoami => {
-            let info = client.query().await?;
-            let addrs: Vec<IpAddr> = info.addrs.iter().map(|a| a.ip()).collect();
-            if cli.json {
-                let state = match info.state {
-                    NodeState::Available => "available",
-                    NodeState::Maintenance => "maintenance",
-                };
-                println!("{}", json!({ "state": state, "addresses": addrs }));
-            } else {
-                println!("state {:?}, addresses {}", info.state, join(&addrs));
-            }
-            Ok(())
-        }
+        Cmd::Whoami => whoami(&client, cli.json).await,
         Cmd::Send {
             dest,
             payload,
@@ -430,25 +417,15 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
             broadcast,
             id,
         } => {
-            let payload = match (payload, file) {
-                (_, Some(f)) => read_payload(f)?,
-                (Some(p), None) => Bytes::from(p.clone().into_bytes()),
-                (None, None) => bail!("give a PAYLOAD or --file"),
-            };
-            let mut p = if *broadcast {
-                OutPacket::broadcast(payload)
-            } else {
-                OutPacket::to(*dest, payload)
-            };
-            p.packet_id = *id;
-            let mut packets = [p];
-            client.assign_ids(&mut packets);
-            let outcome = client.send(&packets).await?;
-            let id = packets[0].packet_id.unwrap_or_default();
-            for o in outcome {
-                println!("packet {id}: {}", describe(o));
-            }
-            Ok(())
+            send(
+                &client,
+                *dest,
+                payload.as_deref(),
+                file.as_deref(),
+                *broadcast,
+                *id,
+            )
+            .await
         }
         Cmd::Recv {
             wait,
@@ -471,90 +448,9 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
             .await
         }
         Cmd::Echo { count } => echo(&client, *count).await,
-        Cmd::Replay { from_seq, since_ms } => {
-            let from = match (from_seq, since_ms) {
-                (Some(s), _) => ReplayFrom::Seq(*s),
-                (None, Some(t)) => ReplayFrom::Time(*t),
-                (None, None) => bail!("give --from-seq or --since-ms"),
-            };
-            let records = client.replay(from).await?;
-            for d in &records {
-                print_record(d);
-            }
-            eprintln!("{} records", records.len());
-            Ok(())
-        }
-        Cmd::Nodes => {
-            let t = client.routing_table().await?;
-            let state_name = |s: RouteState| match s {
-                RouteState::Available => "available",
-                RouteState::Maintenance => "maintenance",
-                RouteState::Down => "down",
-            };
-            if cli.json {
-                let entries: Vec<serde_json::Value> = t
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        json!({
-                            "address": e.addr.ip(),
-                            "node": e.node_id,
-                            "state": state_name(e.state),
-                            "local": e.local,
-                            "external": e.external,
-                        })
-                    })
-                    .collect();
-                println!("{}", json!({ "total": t.total, "entries": entries }));
-                return Ok(());
-            }
-            println!("{:<40} {:>7} {:<12} flags", "address", "node", "state");
-            for e in &t.entries {
-                let state = state_name(e.state);
-                let mut flags = Vec::new();
-                if e.local {
-                    flags.push("local");
-                }
-                if e.external {
-                    flags.push("external");
-                }
-                println!(
-                    "{:<40} {:>7} {:<12} {}",
-                    e.addr.ip(),
-                    e.node_id,
-                    state,
-                    flags.join(",")
-                );
-            }
-            if t.entries.len() < usize::from(t.total) {
-                eprintln!("{} of {} entries", t.entries.len(), t.total);
-            }
-            Ok(())
-        }
-        Cmd::Stats => {
-            let s = client.queue_stats().await?;
-            if cli.json {
-                println!(
-                    "{}",
-                    json!({
-                        "queued_records": s.queued_records,
-                        "queued_bytes": s.queued_bytes,
-                        "first_unacked_seq": s.first_unacked,
-                        "last_delivered_seq": s.last_delivered,
-                        "last_assigned_seq": s.last_assigned,
-                        "capacity_bytes": s.capacity_bytes,
-                    })
-                );
-                return Ok(());
-            }
-            println!("queued records      {}", s.queued_records);
-            println!("queued bytes        {}", s.queued_bytes);
-            println!("first unacked seq   {}", s.first_unacked);
-            println!("last delivered seq  {}", s.last_delivered);
-            println!("last assigned seq   {}", s.last_assigned);
-            println!("capacity bytes      {}", s.capacity_bytes);
-            Ok(())
-        }
+        Cmd::Replay { from_seq, since_ms } => replay(&client, *from_seq, *since_ms).await,
+        Cmd::Nodes => nodes(&client, cli.json).await,
+        Cmd::Stats => stats(&client, cli.json).await,
         Cmd::Bench {
             dest,
             size,
@@ -573,40 +469,185 @@ async fn run(cli: &Cli, transport: AnyTransport) -> Result<()> {
             count,
             size,
         } => {
-            let portal = resolve(first_portal(cli)).await?;
-            let mut peer_cli_initiator = session_config(cli, None)?;
-            peer_cli_initiator.initiator_name = peer_initiator.clone();
-            let target = match &cli.target {
-                Some(t) => t.clone(),
-                None => discover(cli, portal)
-                    .await?
-                    .into_iter()
-                    .next()
-                    .map(|(name, _)| name)
-                    .context("no targets")?,
-            };
-            peer_cli_initiator.target_name = Some(target);
-            let peer = Arc::new(
-                Session::connect(portal, peer_cli_initiator)
-                    .await
-                    .context("receiver login")?,
-            );
-            let receiver = Arc::new(
-                PacketClient::new(AnyTransport::Iscsi(IscsiTransport::new(
-                    Arc::clone(&peer),
-                    cli.lun,
-                )))
-                .with_max_wait(wait_cap),
-            );
+            let receiver = receiver_session(cli, peer_initiator, wait_cap).await?;
             receiver
+                .1
                 .register(&[*dest])
                 .await
                 .context("receiver register")?;
-            let r = latency(&client, &receiver, *dest, *rate, *count, *size).await;
-            let _ = peer.logout().await;
+            let r = latency(&client, &receiver.1, *dest, *rate, *count, *size).await;
+            let _ = receiver.0.logout().await;
             r
         }
     }
+}
+
+async fn whoami(client: &PacketClient<AnyTransport>, json_out: bool) -> Result<()> {
+    let info = client.query().await?;
+    let addrs: Vec<IpAddr> = info.addrs.iter().map(|a| a.ip()).collect();
+    if json_out {
+        let state = match info.state {
+            NodeState::Available => "available",
+            NodeState::Maintenance => "maintenance",
+        };
+        println!("{}", json!({ "state": state, "addresses": addrs }));
+    } else {
+        println!("state {:?}, addresses {}", info.state, join(&addrs));
+    }
+    Ok(())
+}
+
+async fn send(
+    client: &PacketClient<AnyTransport>,
+    dest: IpAddr,
+    payload: Option<&str>,
+    file: Option<&std::path::Path>,
+    broadcast: bool,
+    id: Option<u64>,
+) -> Result<()> {
+    let payload = match (payload, file) {
+        (_, Some(f)) => read_payload(f)?,
+        (Some(p), None) => Bytes::from(p.to_owned().into_bytes()),
+        (None, None) => bail!("give a PAYLOAD or --file"),
+    };
+    let mut p = if broadcast {
+        OutPacket::broadcast(payload)
+    } else {
+        OutPacket::to(dest, payload)
+    };
+    p.packet_id = id;
+    let mut packets = [p];
+    client.assign_ids(&mut packets);
+    let outcome = client.send(&packets).await?;
+    let id = packets[0].packet_id.unwrap_or_default();
+    for o in outcome {
+        println!("packet {id}: {}", describe(o));
+    }
+    Ok(())
+}
+
+async fn replay(
+    client: &PacketClient<AnyTransport>,
+    from_seq: Option<u64>,
+    since_ms: Option<u64>,
+) -> Result<()> {
+    let from = match (from_seq, since_ms) {
+        (Some(s), _) => ReplayFrom::Seq(s),
+        (None, Some(t)) => ReplayFrom::Time(t),
+        (None, None) => bail!("give --from-seq or --since-ms"),
+    };
+    let records = client.replay(from).await?;
+    for d in &records {
+        print_record(d);
+    }
+    eprintln!("{} records", records.len());
+    Ok(())
+}
+
+async fn nodes(client: &PacketClient<AnyTransport>, json_out: bool) -> Result<()> {
+    let t = client.routing_table().await?;
+    let state_name = |s: RouteState| match s {
+        RouteState::Available => "available",
+        RouteState::Maintenance => "maintenance",
+        RouteState::Down => "down",
+    };
+    if json_out {
+        let entries: Vec<serde_json::Value> = t
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "address": e.addr.ip(),
+                    "node": e.node_id,
+                    "state": state_name(e.state),
+                    "local": e.local,
+                    "external": e.external,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "total": t.total, "entries": entries }));
+        return Ok(());
+    }
+    println!("{:<40} {:>7} {:<12} flags", "address", "node", "state");
+    for e in &t.entries {
+        let state = state_name(e.state);
+        let mut flags = Vec::new();
+        if e.local {
+            flags.push("local");
+        }
+        if e.external {
+            flags.push("external");
+        }
+        println!(
+            "{:<40} {:>7} {:<12} {}",
+            e.addr.ip(),
+            e.node_id,
+            state,
+            flags.join(",")
+        );
+    }
+    if t.entries.len() < usize::from(t.total) {
+        eprintln!("{} of {} entries", t.entries.len(), t.total);
+    }
+    Ok(())
+}
+
+async fn stats(client: &PacketClient<AnyTransport>, json_out: bool) -> Result<()> {
+    let s = client.queue_stats().await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "queued_records": s.queued_records,
+                "queued_bytes": s.queued_bytes,
+                "first_unacked_seq": s.first_unacked,
+                "last_delivered_seq": s.last_delivered,
+                "last_assigned_seq": s.last_assigned,
+                "capacity_bytes": s.capacity_bytes,
+            })
+        );
+        return Ok(());
+    }
+    println!("queued records      {}", s.queued_records);
+    println!("queued bytes        {}", s.queued_bytes);
+    println!("first unacked seq   {}", s.first_unacked);
+    println!("last delivered seq  {}", s.last_delivered);
+    println!("last assigned seq   {}", s.last_assigned);
+    println!("capacity bytes      {}", s.capacity_bytes);
+    Ok(())
+}
+
+/// The receiving node of `ftss latency`: its own session (as `peer_initiator`) to the
+/// same target, and a packet client on it.
+async fn receiver_session(
+    cli: &Cli,
+    peer_initiator: &str,
+    wait_cap: Duration,
+) -> Result<(Arc<Session>, Arc<PacketClient<AnyTransport>>)> {
+    let portal = resolve(first_portal(cli)).await?;
+    let mut peer_cfg = session_config(cli, None)?;
+    peer_cfg.initiator_name = peer_initiator.to_owned();
+    let target = match &cli.target {
+        Some(t) => t.clone(),
+        None => discover(cli, portal)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(name, _)| name)
+            .context("no targets")?,
+    };
+    peer_cfg.target_name = Some(target);
+    let peer = Arc::new(
+        Session::connect(portal, peer_cfg)
+            .await
+            .context("receiver login")?,
+    );
+    let receiver = PacketClient::new(AnyTransport::Iscsi(IscsiTransport::new(
+        Arc::clone(&peer),
+        cli.lun,
+    )))
+    .with_max_wait(wait_cap);
+    Ok((peer, Arc::new(receiver)))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -725,7 +766,7 @@ fn join(addrs: &[IpAddr]) -> String {
         .join(" ")
 }
 
-fn read_payload(f: &PathBuf) -> Result<Bytes> {
+fn read_payload(f: &std::path::Path) -> Result<Bytes> {
     let data = if f.as_os_str() == "-" {
         let mut v = Vec::new();
         std::io::stdin().read_to_end(&mut v).context("stdin")?;
