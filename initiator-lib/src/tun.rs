@@ -252,28 +252,7 @@ where
     C: Fn() -> F,
     F: Future<Output = Result<T, Error>>,
 {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(4096);
-    let reader = Arc::clone(&tun);
-    std::thread::Builder::new()
-        .name("ftss-tun-read".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; MTU_MAX];
-            loop {
-                match reader.read_packet(&mut buf) {
-                    Ok(n) if n > 0 => {
-                        if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn!("TUN read failed: {e}");
-                        return;
-                    }
-                }
-            }
-        })
-        .map_err(Error::Io)?;
+    let mut rx = spawn_reader(Arc::clone(&tun))?;
     let mut client: Option<Arc<PacketClient<T>>> = None;
     // Highest sequence number written to the TUN device, across sessions.
     let handed = Arc::new(AtomicU64::new(0));
@@ -313,53 +292,16 @@ where
         let recv_stats = Arc::clone(&stats);
         let recv_handed = Arc::clone(&handed);
         let table_client = Arc::clone(&recv_client);
-        let mut receiver = Receiver::new(recv_client)
+        let receiver = Receiver::new(recv_client)
             .starting_after(handed.load(Ordering::Relaxed))
             .with_wait(Duration::from_secs(2));
-        let mut recv_task = tokio::spawn(async move {
-            let mut nodes = NodeMap::default();
-            let mut nodes_read: Option<Instant> = None;
-            loop {
-                let r = receiver.poll().await;
-                recv_handed.fetch_max(receiver.last_seq(), Ordering::Relaxed);
-                match r {
-                    Ok(records) => {
-                        for d in records {
-                            if d.failure_notice().is_some() {
-                                continue;
-                            }
-                            let mut ok = check_inbound(d.source, &nodes, &d.payload);
-                            if matches!(ok, Err(SourceError::NotStamped { .. }))
-                                && nodes_read.is_none_or(|t| t.elapsed() >= TABLE_REFRESH_MIN)
-                            {
-                                // Perhaps another address of the sender that registered
-                                // after our last look: read the table again, then decide.
-                                nodes_read = Some(Instant::now());
-                                match table_client.routing_table().await {
-                                    Ok(t) => nodes = NodeMap::from_table(&t),
-                                    Err(e) => debug!("routing table: {e}"),
-                                }
-                                ok = check_inbound(d.source, &nodes, &d.payload);
-                            }
-                            if let Err(e) = ok {
-                                debug!(seq = d.seq, "packet from the target dropped: {e}");
-                                recv_stats.dropped_source_in.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            if let Err(e) = recv_tun.write_packet(&d.payload) {
-                                debug!("TUN write: {e}");
-                            }
-                            recv_stats.received.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) if e.is_connection_error() => return,
-                    Err(e) => {
-                        warn!("receive: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        let mut recv_task = tokio::spawn(receive_loop(
+            receiver,
+            table_client,
+            recv_tun,
+            recv_stats,
+            recv_handed,
+        ));
         // Send side: whatever the reader has queued goes out as one SEND.
         let mut recv_ended = false;
         let broken = loop {
@@ -380,23 +322,7 @@ where
                         recv_task.abort();
                         return Ok(());
                     };
-                    let mut raw = vec![first];
-                    while raw.len() < BATCH_MAX {
-                        match rx.try_recv() {
-                            Ok(p) => raw.push(p),
-                            Err(_) => break,
-                        }
-                    }
-                    raw.into_iter()
-                        .filter_map(|p| match check_outbound(&addrs, &p) {
-                            Ok(d) => Some(OutPacket::to(d, p)),
-                            Err(e) => {
-                                debug!("packet to the target dropped: {e}");
-                                stats.dropped_source_out.fetch_add(1, Ordering::Relaxed);
-                                None
-                            }
-                        })
-                        .collect()
+                    outbound_batch(first, &mut rx, &addrs, &stats)
                 }
             };
             if batch.is_empty() {
@@ -404,18 +330,7 @@ where
             }
             c.assign_ids(&mut batch);
             match c.send(&batch).await {
-                Ok(outcomes) => {
-                    let refused = outcomes
-                        .iter()
-                        .filter(|o| {
-                            !matches!(o, crate::Outcome::Delivered | crate::Outcome::Accepted)
-                        })
-                        .count() as u64;
-                    stats.refused.fetch_add(refused, Ordering::Relaxed);
-                    stats
-                        .sent
-                        .fetch_add(batch.len() as u64 - refused, Ordering::Relaxed);
-                }
+                Ok(outcomes) => count_sent(&stats, &outcomes),
                 Err(Error::Busy) => {
                     unanswered = Some(batch);
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -436,6 +351,128 @@ where
             let _ = recv_task.await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts the thread that reads IP packets off the TUN device (a blocking read) and
+/// queues them for the send side; it ends when the device fails or the queue is gone.
+fn spawn_reader(tun: Arc<Tun>) -> Result<mpsc::Receiver<Bytes>, Error> {
+    let (tx, rx) = mpsc::channel::<Bytes>(4096);
+    std::thread::Builder::new()
+        .name("ftss-tun-read".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MTU_MAX];
+            loop {
+                match tun.read_packet(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!("TUN read failed: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(Error::Io)?;
+    Ok(rx)
+}
+
+/// `first` and whatever else the reader has queued (up to `BATCH_MAX`), as packets to
+/// send: those whose IP source is not one of this node's `addrs` are dropped (a node
+/// sends only as itself).
+fn outbound_batch(
+    first: Bytes,
+    rx: &mut mpsc::Receiver<Bytes>,
+    addrs: &[IpAddr],
+    stats: &BridgeStats,
+) -> Vec<OutPacket> {
+    let mut raw = vec![first];
+    while raw.len() < BATCH_MAX {
+        match rx.try_recv() {
+            Ok(p) => raw.push(p),
+            Err(_) => break,
+        }
+    }
+    raw.into_iter()
+        .filter_map(|p| match check_outbound(addrs, &p) {
+            Ok(d) => Some(OutPacket::to(d, p)),
+            Err(e) => {
+                debug!("packet to the target dropped: {e}");
+                stats.dropped_source_out.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        })
+        .collect()
+}
+
+/// Counts a SEND's outcomes: delivered or accepted packets as sent, the rest as refused.
+fn count_sent(stats: &BridgeStats, outcomes: &[crate::Outcome]) {
+    let refused = outcomes
+        .iter()
+        .filter(|o| !matches!(o, crate::Outcome::Delivered | crate::Outcome::Accepted))
+        .count() as u64;
+    stats.refused.fetch_add(refused, Ordering::Relaxed);
+    stats
+        .sent
+        .fetch_add(outcomes.len() as u64 - refused, Ordering::Relaxed);
+}
+
+/// The receive side of one session: polls the target and writes each packet whose IP
+/// source matches its stamped sender to the TUN device, until the session is gone.
+/// `handed` keeps the highest sequence number written, so the next session starts
+/// after it.
+async fn receive_loop<T: Transport + 'static>(
+    mut receiver: Receiver<T>,
+    table_client: Arc<PacketClient<T>>,
+    tun: Arc<Tun>,
+    stats: Arc<BridgeStats>,
+    handed: Arc<AtomicU64>,
+) {
+    let mut nodes = NodeMap::default();
+    let mut nodes_read: Option<Instant> = None;
+    loop {
+        let r = receiver.poll().await;
+        handed.fetch_max(receiver.last_seq(), Ordering::Relaxed);
+        match r {
+            Ok(records) => {
+                for d in records {
+                    if d.failure_notice().is_some() {
+                        continue;
+                    }
+                    let mut ok = check_inbound(d.source, &nodes, &d.payload);
+                    if matches!(ok, Err(SourceError::NotStamped { .. }))
+                        && nodes_read.is_none_or(|t| t.elapsed() >= TABLE_REFRESH_MIN)
+                    {
+                        // Perhaps another address of the sender that registered after our
+                        // last look: read the table again, then decide.
+                        nodes_read = Some(Instant::now());
+                        match table_client.routing_table().await {
+                            Ok(t) => nodes = NodeMap::from_table(&t),
+                            Err(e) => debug!("routing table: {e}"),
+                        }
+                        ok = check_inbound(d.source, &nodes, &d.payload);
+                    }
+                    if let Err(e) = ok {
+                        debug!(seq = d.seq, "packet from the target dropped: {e}");
+                        stats.dropped_source_in.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if let Err(e) = tun.write_packet(&d.payload) {
+                        debug!("TUN write: {e}");
+                    }
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.is_connection_error() => return,
+            Err(e) => {
+                warn!("receive: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
