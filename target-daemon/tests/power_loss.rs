@@ -223,9 +223,8 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
     let t_writes = t0.elapsed();
     let appended = cache.stats().records;
     let snapshot = fs.snapshot();
+    // Joins the destage thread: nothing of this machine runs when the next one "boots".
     cache.shutdown();
-    // Let the destage thread see the stop flag before the next machine "boots".
-    thread::sleep(Duration::from_millis(20));
     drop(vol);
     drop(cache);
     drop(set);
@@ -237,9 +236,7 @@ fn run(seed: u64, mode: CacheMode) -> u64 {
         if let Ok((c, _)) = try_open(&fs, false) {
             c.shutdown();
         }
-        let s = fs.snapshot();
-        thread::sleep(Duration::from_millis(20));
-        s
+        fs.snapshot()
     } else {
         snapshot
     };

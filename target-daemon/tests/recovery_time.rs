@@ -36,7 +36,6 @@ fn a_full_256mib_cache_recovers_every_record() {
     let cache = WriteCache::open(&dir.join("cache"), CACHE, vols).expect("cache");
     // No destage: every record stays in the ring, as after a crash under heavy load.
     cache.shutdown();
-    std::thread::sleep(Duration::from_millis(150));
     let mut n = 0u64;
     // Fill to the brim: 95% of the ring (a record never straddles the end).
     while (n + 1) * (REC_BLOCKS * u64::from(BS) + 64) < (CACHE - 8192) / 100 * 95 {

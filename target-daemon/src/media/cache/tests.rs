@@ -151,7 +151,6 @@ fn stale_records_past_a_hole_are_never_replayed_after_a_second_crash() {
     {
         let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("open");
         c.shutdown();
-        std::thread::sleep(Duration::from_millis(100));
         // Five records reach the disk, but the first one's bytes do not (a hole).
         for (i, lba) in [0u64, 1, 2, 5, 6].iter().enumerate() {
             let s = c.append(0, *lba, &block(100 + i as u64)).expect("append");
@@ -173,7 +172,6 @@ fn stale_records_past_a_hole_are_never_replayed_after_a_second_crash() {
         let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("reopen");
         assert_eq!(c.stats().recovered_records, 0, "nothing before the hole");
         c.shutdown();
-        std::thread::sleep(Duration::from_millis(100));
         // The same shapes again, at the same places: acknowledged new data for lba 5.
         let s = c.append(0, 5, &block(900)).expect("append");
         c.wait_durable(s).expect("commit");
@@ -217,7 +215,6 @@ fn committed_records_are_replayed_and_a_torn_tail_is_dropped() {
         let c = WriteCache::open(&path, 4 << 20, vols.clone()).expect("open");
         // Stop destage first, so the records stay only in the cache.
         c.shutdown();
-        std::thread::sleep(Duration::from_millis(100));
         for i in 0..100u64 {
             let s = c.append(0, i, &block(1000 + i)).expect("append");
             c.wait_durable(s).expect("commit");

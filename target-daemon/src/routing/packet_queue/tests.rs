@@ -41,7 +41,6 @@ impl Rig {
         let (dir, blocks) = (self.dir.clone(), self.blocks);
         self.cache.shutdown();
         drop(self);
-        std::thread::sleep(Duration::from_millis(50));
         Rig::open(dir, blocks, opts)
     }
 }
