@@ -409,29 +409,49 @@ impl<T: Transport> Core<T> {
 }
 
 impl<T: Transport + 'static> Core<T> {
-    /// Queues one caller's packets (at most one SEND's worth) for the next SEND and waits
-    /// for their outcomes. Starts a SEND task when fewer than the maximum run; otherwise
-    /// a running one takes the packets with the others queued when its SEND is answered.
+    /// Sends one caller's packets (at most one SEND's worth) and waits for their
+    /// outcomes. With a SEND slot free and nobody waiting, they go at once as a SEND of
+    /// their own; otherwise they queue, and a SEND task takes them with the others queued
+    /// (starting one when fewer than the maximum run).
     async fn submit(self: &Arc<Self>, records: Vec<SendRecord>) -> Result<Vec<Outcome>, Error> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let len = records.iter().map(SendRecord::encoded_len).sum();
-        let start = {
+        let path = {
             let mut q = self.queue();
-            q.waiting.push_back(Queued {
-                records,
-                len,
-                reply,
-            });
-            let start = q.tasks < q.max_tasks;
-            if start {
+            let free = q.tasks < q.max_tasks;
+            if free {
                 q.tasks += 1;
             }
-            start
+            if free && q.waiting.is_empty() {
+                Path::Alone(records)
+            } else {
+                q.waiting.push_back(Queued {
+                    records,
+                    len,
+                    reply,
+                });
+                if free {
+                    Path::Task
+                } else {
+                    Path::Queued
+                }
+            }
         };
-        if start {
-            // No delay and no batching window: a lone caller's SEND goes out now; callers
-            // that come while it is in flight make up the next one.
-            tokio::spawn(Arc::clone(self).flush());
+        match path {
+            Path::Alone(records) => {
+                // On the caller's own task, not a SEND task: a lone sender pays no hop
+                // to another task and back (its latency is the SEND's). Its SEND carries
+                // only its packets, so dropping this future loses no one else's answer;
+                // the slot hands the queue to a SEND task when it ends, however it ends.
+                let _slot = Slot {
+                    core: Arc::clone(self),
+                };
+                return self.send_batch(records).await;
+            }
+            // No delay and no batching window: callers that come while SENDs are in
+            // flight make up the next one.
+            Path::Task => drop(tokio::spawn(Arc::clone(self).flush())),
+            Path::Queued => {}
         }
         // The sender is dropped unanswered only if the SEND task died (a panic, or the
         // runtime shutting down) with the packets taken: they may or may not have been
@@ -440,12 +460,17 @@ impl<T: Transport + 'static> Core<T> {
     }
 
     /// A SEND task: sends what is queued, answers its callers, and goes on until the
-    /// queue is empty.
-    async fn flush(self: Arc<Self>) {
+    /// queue is empty. Its slot (counted in `tasks` by whoever made it) is guarded from
+    /// here on, before the task first runs: a task dropped unpolled gives it back too.
+    fn flush(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let mut guard = TaskGuard {
             core: Arc::clone(&self),
             done: false,
         };
+        async move { self.flush_loop(&mut guard).await }
+    }
+
+    async fn flush_loop(&self, guard: &mut TaskGuard<T>) {
         loop {
             let batch = {
                 let mut q = self.queue();
@@ -467,6 +492,45 @@ impl<T: Transport + 'static> Core<T> {
             }
             let result = self.send_batch(records).await;
             answer(replies, result);
+        }
+    }
+}
+
+/// How [`Core::submit`] sends a caller's packets.
+enum Path {
+    /// In a SEND of their own, from the caller's task.
+    Alone(Vec<SendRecord>),
+    /// Queued, with a new SEND task started.
+    Task,
+    /// Queued for a SEND task already running.
+    Queued,
+}
+
+/// The SEND slot of a caller sending alone ([`Path::Alone`]). When its SEND ends (or the
+/// caller goes away), callers that queued meanwhile would wait for a SEND task that may
+/// not exist (they queued because the slots were taken): a new one takes over the slot.
+struct Slot<T: Transport + 'static> {
+    core: Arc<Core<T>>,
+}
+
+impl<T: Transport + 'static> Drop for Slot<T> {
+    fn drop(&mut self) {
+        {
+            let mut q = self.core.queue();
+            if q.waiting.is_empty() {
+                q.tasks = q.tasks.saturating_sub(1);
+                return;
+            }
+        }
+        // The slot stays counted: it is the new task's. Spawned without the queue's lock:
+        // a runtime shutting down drops the task at once, and its guard takes the lock.
+        let task = Arc::clone(&self.core).flush();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(task)),
+            // Dropped outside a runtime: no task can send them. Dropping the task's
+            // guard gives the slot back and, if it was the last, fails the waiting
+            // callers rather than leave them waiting forever.
+            Err(_) => drop(task),
         }
     }
 }
@@ -2072,7 +2136,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn callers_gone_while_in_flight_do_not_stop_or_disturb_the_send() {
+    async fn callers_gone_while_in_flight_do_not_stop_or_disturb_the_others() {
         let log = log();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let c = gated(
@@ -2092,8 +2156,8 @@ mod tests {
             ],
             &gate,
         );
-        // The caller whose call started the SEND task goes away with its SEND in flight:
-        // the task goes on and sends the callers queued behind it.
+        // A lone caller's SEND runs on its own task and goes with it; the callers queued
+        // behind it are handed to a SEND task, which sends them at once.
         let a = caller(&c, &[1], 0).await;
         until(|| calls(&log).len() == 1).await;
         let b = caller(&c, &[10], 1).await;
@@ -2101,25 +2165,47 @@ mod tests {
         let d = caller(&c, &[30], 3).await;
         a.abort();
         assert!(a.await.unwrap_err().is_cancelled());
-        gate.add_permits(1);
         until(|| calls(&log).len() == 2).await;
-        // A caller in the middle of the second SEND goes away before its answer.
+        assert_eq!(sent(&calls(&log)[1]).1, vec![10, 20, 30]);
+        // A caller in the middle of that SEND goes away before its answer.
         gone.abort();
         assert!(gone.await.unwrap_err().is_cancelled());
         gate.add_permits(2);
         assert_eq!(b.await.unwrap().unwrap(), vec![Outcome::DestinationDown]);
-        assert_eq!(
-            d.await.unwrap().unwrap(),
-            vec![Outcome::UnknownDestination]
-        );
-        assert_eq!(sent(&calls(&log)[1]).1, vec![10, 20, 30]);
-        // Nothing is stuck: the next caller starts a SEND of its own.
+        assert_eq!(d.await.unwrap().unwrap(), vec![Outcome::UnknownDestination]);
+        // Nothing is stuck: the next caller has a SEND of its own.
         gate.add_permits(1);
         assert_eq!(
             caller(&c, &[40], 0).await.await.unwrap().unwrap(),
             vec![Outcome::Delivered]
         );
+        assert_eq!(sent(&calls(&log)[3]).1, vec![40]);
         assert_eq!(c.core.queue().tasks, 0);
+    }
+
+    #[test]
+    fn a_slot_dropped_outside_a_runtime_fails_the_waiting_callers() {
+        let c = client(&log(), vec![]);
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        {
+            let mut q = c.core.queue();
+            q.tasks = 1;
+            q.waiting.push_back(Queued {
+                records: Vec::new(),
+                len: 0,
+                reply,
+            });
+        }
+        drop(Slot {
+            core: Arc::clone(&c.core),
+        });
+        // The reply was dropped unanswered: the caller gets a connection error.
+        assert!(matches!(
+            answer.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ));
+        let tasks = c.core.queue().tasks;
+        assert_eq!((tasks, waiting(&c)), (0, 0));
     }
 
     #[tokio::test]
@@ -2160,10 +2246,7 @@ mod tests {
             small.await.unwrap().unwrap(),
             vec![Outcome::UnknownDestination]
         );
-        let rest: Vec<u64> = calls(&log)[2..]
-            .iter()
-            .flat_map(|c| sent(c).1)
-            .collect();
+        let rest: Vec<u64> = calls(&log)[2..].iter().flat_map(|c| sent(c).1).collect();
         let mut expected = vec![5];
         expected.extend(&big[1024..]);
         assert_eq!(rest, expected);
