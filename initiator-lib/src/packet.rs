@@ -6,6 +6,17 @@
 //! loop on top that hands each record to the application once and acknowledges it after
 //! the application has taken it.
 //!
+//! # Coalescing
+//!
+//! Concurrent [`PacketClient::send`] calls share SENDs: at most
+//! [`DEFAULT_SENDS_IN_FLIGHT`] SENDs of a client are in flight at once, the packets of
+//! callers that come meanwhile queue, and the next SEND carries all of them (up to 1024
+//! packets or 16 MiB). The target stores each SEND with one group-committed msync, so 32
+//! tasks each sending one packet at a time cost a few SENDs in flight of ~8 packets rather
+//! than 32 one-packet SENDs. There is no timer: a call that finds a slot free and nobody
+//! queued is sent at once, as before. Each caller gets its own packets' outcomes; a SEND
+//! refused or lost is every one of its callers' error.
+//!
 //! # Retrying a SEND
 //!
 //! A SEND whose connection fails may or may not have been stored. The target stores a
