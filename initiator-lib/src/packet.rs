@@ -191,8 +191,8 @@ enum Sent {
 
 /// SEND commands one client keeps in flight at once by default. Concurrent
 /// [`PacketClient::send`] calls beyond it wait in a queue, and the next SEND takes all of
-/// them: at 32 callers this makes ~8 packets per SEND instead of 32 one-packet SENDs that
-/// the target commits one by one. More than one in flight keeps the target busy while a
+/// them: 32 callers sending one packet at a time make ~6 packets per SEND (`ftss bench`)
+/// instead of 32 one-packet SENDs. More than one in flight keeps the target busy while a
 /// SEND's answer travels back and the next list is built; a few are enough for that.
 pub const DEFAULT_SENDS_IN_FLIGHT: usize = 4;
 
@@ -219,9 +219,10 @@ struct Queued {
 /// Packets of concurrent callers waiting for a SEND, and the SEND tasks running.
 struct SendQueue {
     waiting: std::collections::VecDeque<Queued>,
-    /// SEND tasks running ([`Core::flush`]); each sends until `waiting` is empty.
+    /// SEND slots taken: SEND tasks running ([`Core::flush`], each sends until `waiting`
+    /// is empty) and callers sending alone ([`Slot`]).
     tasks: usize,
-    /// Most SEND tasks at once (so most SENDs in flight).
+    /// Most slots at once, so most SENDs in flight.
     max_tasks: usize,
 }
 
@@ -425,8 +426,6 @@ impl<T: Transport + 'static> Core<T> {
     /// their own; otherwise they queue, and a SEND task takes them with the others queued
     /// (starting one when fewer than the maximum run).
     async fn submit(self: &Arc<Self>, records: Vec<SendRecord>) -> Result<Vec<Outcome>, Error> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let len = records.iter().map(SendRecord::encoded_len).sum();
         let path = {
             let mut q = self.queue();
             let free = q.tasks < q.max_tasks;
@@ -436,15 +435,17 @@ impl<T: Transport + 'static> Core<T> {
             if free && q.waiting.is_empty() {
                 Path::Alone(records)
             } else {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let len = records.iter().map(SendRecord::encoded_len).sum();
                 q.waiting.push_back(Queued {
                     records,
                     len,
                     reply,
                 });
                 if free {
-                    Path::Task
+                    Path::Task(answer)
                 } else {
-                    Path::Queued
+                    Path::Queued(answer)
                 }
             }
         };
@@ -461,13 +462,12 @@ impl<T: Transport + 'static> Core<T> {
             }
             // No delay and no batching window: callers that come while SENDs are in
             // flight make up the next one.
-            Path::Task => drop(tokio::spawn(Arc::clone(self).flush())),
-            Path::Queued => {}
+            Path::Task(answer) => {
+                drop(tokio::spawn(Arc::clone(self).flush()));
+                wait_answer(answer).await
+            }
+            Path::Queued(answer) => wait_answer(answer).await,
         }
-        // The sender is dropped unanswered only if the SEND task died (a panic, or the
-        // runtime shutting down) with the packets taken: they may or may not have been
-        // sent, which is what a connection error means to the caller (retry, same ids).
-        answer.await.unwrap_or(Err(Error::ConnectionClosed))
     }
 
     /// A SEND task: sends what is queued, answers its callers, and goes on until the
@@ -511,10 +511,19 @@ impl<T: Transport + 'static> Core<T> {
 enum Path {
     /// In a SEND of their own, from the caller's task.
     Alone(Vec<SendRecord>),
-    /// Queued, with a new SEND task started.
-    Task,
-    /// Queued for a SEND task already running.
-    Queued,
+    /// Queued, with a new SEND task started; the answer comes here.
+    Task(Answer),
+    /// Queued for a SEND task already running; the answer comes here.
+    Queued(Answer),
+}
+
+type Answer = tokio::sync::oneshot::Receiver<Result<Vec<Outcome>, Error>>;
+
+async fn wait_answer(answer: Answer) -> Result<Vec<Outcome>, Error> {
+    // The sender is dropped unanswered only if the SEND task died (a panic, or the
+    // runtime shutting down) with the packets taken: they may or may not have been sent,
+    // which is what a connection error means to the caller (retry with the same ids).
+    answer.await.unwrap_or(Err(Error::ConnectionClosed))
 }
 
 /// The SEND slot of a caller sending alone ([`Path::Alone`]). When its SEND ends (or the
