@@ -426,6 +426,11 @@ impl<T: Transport + 'static> Core<T> {
     /// their own; otherwise they queue, and a SEND task takes them with the others queued
     /// (starting one when fewer than the maximum run).
     async fn submit(self: &Arc<Self>, records: Vec<SendRecord>) -> Result<Vec<Outcome>, Error> {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No tokio runtime to run SEND tasks on (another executor): send alone, as
+            // before coalescing, rather than panic in spawn.
+            return self.send_batch(records).await;
+        };
         let path = {
             let mut q = self.queue();
             let free = q.tasks < q.max_tasks;
@@ -463,7 +468,7 @@ impl<T: Transport + 'static> Core<T> {
             // No delay and no batching window: callers that come while SENDs are in
             // flight make up the next one.
             Path::Task(answer) => {
-                drop(tokio::spawn(Arc::clone(self).flush()));
+                drop(rt.spawn(Arc::clone(self).flush()));
                 wait_answer(answer).await
             }
             Path::Queued(answer) => wait_answer(answer).await,
@@ -723,10 +728,11 @@ impl<T: Transport + 'static> PacketClient<T> {
     /// Concurrent calls on one client are coalesced: while the maximum of SENDs is in
     /// flight ([`PacketClient::with_sends_in_flight`]), the packets of every caller that
     /// comes wait, and the next SEND carries all of them (up to one SEND's worth). A call
-    /// with nothing in flight is sent at once; nothing waits for a timer. The SEND runs in
-    /// a task of its own (so this needs a tokio runtime): dropping this future before its
+    /// that finds a SEND slot free and nobody queued is sent at once; nothing waits for a
+    /// timer. A shared SEND runs in a task of its own: dropping this future before its
     /// packets were taken sends nothing of them, dropping it later leaves their outcome
-    /// unknown but does not disturb the other callers in that SEND.
+    /// unknown but does not disturb the other callers in that SEND. (Outside a tokio
+    /// runtime every call sends alone.)
     ///
     /// Errors: [`Error::Busy`] when the media is full (nothing of that SEND stored),
     /// [`Error::ScsiStatus`] for any other refusal (nothing stored), connection errors
@@ -2295,6 +2301,34 @@ mod tests {
         }
         fourth.await.unwrap().unwrap();
         assert_eq!(c.send_stats().sends, 4);
+    }
+
+    #[test]
+    fn sends_outside_a_tokio_runtime_go_alone() {
+        use std::task::{Context, Poll, Waker};
+        let log = log();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        // One SEND slot: inside tokio the second call would queue for a SEND task.
+        let c = gated(&log, vec![good(vec![]), good(vec![])], &gate);
+        let (p1, p2) = (
+            [OutPacket::to(ip(2), &b"a"[..])],
+            [OutPacket::to(ip(2), &b"b"[..])],
+        );
+        let mut first = std::pin::pin!(c.send(&p1));
+        let mut second = std::pin::pin!(c.send(&p2));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        // No runtime to spawn on: the second went out as a SEND of its own, not queued.
+        assert_eq!(calls(&log).len(), 2);
+        assert_eq!(waiting(&c), 0);
+        gate.add_permits(2);
+        for f in [first, second] {
+            match f.poll(&mut cx) {
+                Poll::Ready(r) => assert_eq!(r.unwrap(), vec![Outcome::Delivered]),
+                Poll::Pending => panic!("answered SEND still pending"),
+            }
+        }
     }
 
     #[test]
