@@ -119,6 +119,48 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same error for another caller: one coalesced SEND's failure is the failure of
+    /// every caller whose packets it carried. `std::io::Error` is not `Clone`, so an I/O
+    /// error is rebuilt from its kind and text (it stays a connection error); the rest
+    /// are copies. No wildcard arm: a new variant must decide here how it is shared.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
+            Error::Decode(e) => Error::Decode(e.clone()),
+            Error::Text(e) => Error::Text(e.clone()),
+            Error::Negotiation(e) => Error::Negotiation(e.clone()),
+            Error::LoginRejected { class, detail } => Error::LoginRejected {
+                class: *class,
+                detail: *detail,
+            },
+            Error::Auth(s) => Error::Auth(s.clone()),
+            Error::Protocol(s) => Error::Protocol(s.clone()),
+            Error::Rejected { reason } => Error::Rejected { reason: *reason },
+            Error::TargetFailure { response } => Error::TargetFailure {
+                response: *response,
+            },
+            Error::ScsiStatus { status, sense } => Error::ScsiStatus {
+                status: *status,
+                sense: *sense,
+            },
+            Error::ConnectionClosed => Error::ConnectionClosed,
+            Error::Timeout => Error::Timeout,
+            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+            Error::Busy => Error::Busy,
+            Error::Vendor(e) => Error::Vendor(e.clone()),
+            Error::Passthrough {
+                host_status,
+                driver_status,
+            } => Error::Passthrough {
+                host_status: *host_status,
+                driver_status: *driver_status,
+            },
+            Error::NoDevice(s) => Error::NoDevice(s.clone()),
+        }
+    }
+}
+
 impl From<ftss_proto::chap::ChapError> for Error {
     fn from(e: ftss_proto::chap::ChapError) -> Self {
         Error::Auth(e.to_string())

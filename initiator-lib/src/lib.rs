@@ -52,7 +52,7 @@ mod wire;
 
 pub use config::{ChapCredentials, Digest, MutualChap, SessionConfig};
 pub use error::Error;
-pub use packet::{Delivered, Destination, OutPacket, PacketClient, Receiver};
+pub use packet::{Delivered, Destination, OutPacket, PacketClient, Receiver, SendStats};
 pub use scsi::{Capacity, Inquiry, ScsiResult};
 pub use session::Session;
 #[cfg(target_os = "linux")]

@@ -17,6 +17,12 @@ const TARGET: &str = "iqn.2026-11.org.ftss:packets";
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn daemon(tag: &str) -> Daemon {
+    daemon_with(tag, 16, "").await
+}
+
+/// A daemon with a packet queue of `packets_mib` MiB and `packets_extra` added to its
+/// `[packets]` table.
+async fn daemon_with(tag: &str, packets_mib: u32, packets_extra: &str) -> Daemon {
     let dir = temp_dir(tag);
     let text = format!(
         r#"
@@ -36,8 +42,9 @@ path = "lun0.img"
 size = "16MiB"
 
 [packets]
-size = "16MiB"
+size = "{packets_mib}MiB"
 retain_s = 3600
+{packets_extra}
 "#,
         dir.display()
     );
@@ -295,4 +302,192 @@ async fn receiver_hands_records_once_across_a_new_session() {
     rx.ack().await.expect("ack");
     let stats = n2.client.queue_stats().await.expect("stats");
     assert_eq!(stats.queued_records, 0);
+}
+
+/// Receives until `n` records came or `wait` ran out.
+async fn receive_all(
+    c: &PacketClient<IscsiTransport>,
+    n: usize,
+    wait: Duration,
+) -> Vec<ftss_initiator::Delivered> {
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let got = c.receive(0, Some(left.min(WAIT))).await.expect("receive");
+        if let Some(last) = got.last() {
+            c.ack_upto(last.seq).await.expect("ack");
+        }
+        out.extend(got);
+    }
+    out
+}
+
+const SENDERS: usize = 32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_are_coalesced_and_keep_their_order() {
+    const EACH: usize = 40;
+    let d = daemon("coalesce").await;
+    let n1 = node(&d, "1", "10.0.0.1").await;
+    let n2 = node(&d, "2", "10.0.0.2").await;
+    let before = n1.client.send_stats();
+    let mut tasks = Vec::new();
+    for t in 0..SENDERS {
+        let c = Arc::clone(&n1.client);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                // One packet at a time, each sent once the one before it was answered.
+                let mut p = [OutPacket::to(ip("10.0.0.2"), format!("{t}:{i}"))];
+                c.assign_ids(&mut p);
+                let out = c.send(&p).await.expect("send");
+                assert_eq!(out, [Outcome::Delivered], "sender {t} packet {i}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let total = SENDERS * EACH;
+    let stats = n1.client.send_stats();
+    let (sends, packets) = (stats.sends - before.sends, stats.packets - before.packets);
+    assert_eq!(packets, total as u64, "{stats:?}");
+    // 4 SENDs in flight for 32 senders: about 8 packets per SEND; 3 allows for a slow,
+    // shared machine scheduling the senders late.
+    assert!(sends * 3 <= packets, "{sends} SENDs for {packets} packets");
+    assert_eq!(stats.send_results, 0, "every packet was delivered");
+
+    // Every packet arrived once, and each sender's in the order it sent them.
+    let got = receive_all(&n2.client, total, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), total);
+    let mut next = vec![0usize; SENDERS];
+    for r in &got {
+        let text = std::str::from_utf8(&r.payload).expect("text payload");
+        let (t, i) = text.split_once(':').expect("t:i");
+        let (t, i): (usize, usize) = (t.parse().expect("t"), i.parse().expect("i"));
+        assert_eq!(i, next[t], "sender {t}: packet {i} came after {}", next[t]);
+        next[t] += 1;
+    }
+    assert!(next.iter().all(|&n| n == EACH), "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_outcomes_of_coalesced_sends_reach_the_right_callers() {
+    const CALLS: usize = 10;
+    let d = daemon("coalesce-mixed").await;
+    let n1 = node(&d, "1", "10.0.0.1").await;
+    let n2 = node(&d, "2", "10.0.0.2").await;
+    // Packet j of call i of sender t goes nowhere when 3 divides t + i + j: SENDs of
+    // several callers mix known and unknown destinations differently in every call.
+    let known = |t: usize, i: usize, j: usize| !(t + i + j).is_multiple_of(3);
+    let mut tasks = Vec::new();
+    for t in 0..SENDERS {
+        let c = Arc::clone(&n1.client);
+        tasks.push(tokio::spawn(async move {
+            let mut delivered = 0;
+            for i in 0..CALLS {
+                let packets: Vec<_> = (0..3)
+                    .map(|j| {
+                        let to = if known(t, i, j) {
+                            "10.0.0.2"
+                        } else {
+                            "10.0.0.99"
+                        };
+                        OutPacket::to(ip(to), format!("{t}:{i}:{j}"))
+                    })
+                    .collect();
+                let out = c.send(&packets).await.expect("send");
+                let want: Vec<_> = (0..3)
+                    .map(|j| {
+                        if known(t, i, j) {
+                            Outcome::Delivered
+                        } else {
+                            Outcome::UnknownDestination
+                        }
+                    })
+                    .collect();
+                assert_eq!(out, want, "sender {t} call {i}");
+                delivered += want.iter().filter(|o| **o == Outcome::Delivered).count();
+            }
+            delivered
+        }));
+    }
+    let mut delivered = 0;
+    for t in tasks {
+        delivered += t.await.expect("sender");
+    }
+    let stats = n1.client.send_stats();
+    assert!(stats.send_results > 0, "{stats:?}");
+    assert!(
+        stats.sends < (SENDERS * CALLS) as u64,
+        "no SEND carried two callers: {stats:?}"
+    );
+    // Exactly the packets reported delivered arrived (a repeated SEND stores nothing
+    // twice), each with the payload its sender gave it.
+    let got = receive_all(&n2.client, delivered, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), delivered);
+    for r in &got {
+        let text = std::str::from_utf8(&r.payload).expect("text payload");
+        let f: Vec<usize> = text.split(':').map(|x| x.parse().expect("n")).collect();
+        assert!(known(f[0], f[1], f[2]), "{text} was for nobody");
+    }
+    let more = n2
+        .client
+        .receive(0, Some(Duration::from_millis(200)))
+        .await
+        .expect("receive");
+    assert!(more.is_empty(), "{more:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_refused_for_busy_reaches_every_coalesced_caller() {
+    // The node's quota as large as the queue: the media fills before the quota does.
+    let d = daemon_with(
+        "coalesce-busy",
+        4,
+        "node_quota_bytes = \"4MiB\"\nnode_quota_records = 100000",
+    )
+    .await;
+    let n1 = node(&d, "1", "10.0.0.1").await;
+    let _n2 = node(&d, "2", "10.0.0.2").await;
+    let big = Bytes::from(vec![7u8; 60_000]);
+    // Fill the queue for a node that never takes its packets.
+    let mut stored = 0;
+    loop {
+        match n1.client.send_one(ip("10.0.0.2"), big.clone(), false).await {
+            Ok(o) => {
+                assert_eq!(o, Outcome::Delivered);
+                stored += 1;
+                assert!(stored < 200, "a 4 MiB queue took {stored} packets of 60 KB");
+            }
+            Err(Error::Busy) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let before = n1.client.send_stats();
+    let gate = Arc::new(tokio::sync::Barrier::new(SENDERS));
+    let mut tasks = Vec::new();
+    for t in 0..SENDERS {
+        let (c, gate, big) = (Arc::clone(&n1.client), Arc::clone(&gate), big.clone());
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let p = [
+                OutPacket::to(ip("10.0.0.2"), big),
+                OutPacket::to(ip("10.0.0.99"), format!("{t}")),
+            ];
+            c.send(&p).await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.expect("sender");
+        assert!(matches!(r, Err(Error::Busy)), "{r:?}");
+    }
+    let sends = n1.client.send_stats().sends - before.sends;
+    assert!(
+        sends < SENDERS as u64,
+        "{sends} SENDs for {SENDERS} callers"
+    );
 }

@@ -162,7 +162,8 @@ enum Cmd {
     Nodes,
     /// This node's receive queue statistics.
     Stats,
-    /// Send packets as fast as K concurrent SENDs on one session allow.
+    /// Send packets as fast as K concurrent senders on one session allow (the client
+    /// coalesces their packets into shared SENDs, a few in flight).
     Bench {
         /// Destination address.
         dest: IpAddr,
@@ -172,10 +173,10 @@ enum Cmd {
         /// Packets to send.
         #[arg(long, default_value_t = 10_000)]
         count: u64,
-        /// SENDs in flight at once.
+        /// Concurrent senders, each with one send in flight.
         #[arg(long, default_value_t = 8)]
         inflight: usize,
-        /// Packets per SEND.
+        /// Packets per send call.
         #[arg(long, default_value_t = 1)]
         batch: usize,
     },
@@ -992,6 +993,7 @@ async fn bench(
 ) -> Result<()> {
     let payload = Bytes::from((0..size).map(|i| i as u8).collect::<Vec<_>>());
     let next = Arc::new(AtomicU64::new(0));
+    let sent_before = client.send_stats();
     let start = Instant::now();
     let mut tasks = Vec::new();
     let batch = batch.max(1) as u64;
@@ -1034,8 +1036,10 @@ async fn bench(
         lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
     let n = lat.len() as f64;
+    let sent = client.send_stats();
+    let sends = sent.sends - sent_before.sends;
     println!(
-        "{} packets of {size} bytes in {:.3} s, {inflight} SENDs of {batch} in flight: {:.0} packets/s, {:.1} MB/s",
+        "{} packets of {size} bytes in {:.3} s, {inflight} sends of {batch} in flight: {:.0} packets/s, {:.1} MB/s",
         lat.len(),
         elapsed.as_secs_f64(),
         n / elapsed.as_secs_f64(),
@@ -1046,6 +1050,12 @@ async fn bench(
         pct(0.5),
         pct(0.99),
         pct(1.0)
+    );
+    // How far the client coalesced the senders' packets into shared SENDs.
+    println!(
+        "{sends} SEND commands, {:.1} packets per SEND, {} SEND RESULTS",
+        (sent.packets - sent_before.packets) as f64 / sends.max(1) as f64,
+        sent.send_results - sent_before.send_results
     );
     if not_delivered > 0 {
         println!("{not_delivered} packets not delivered (see `ftss send` for the outcome)");
