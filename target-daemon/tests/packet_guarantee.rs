@@ -359,13 +359,7 @@ async fn a_packet_id_used_again_after_its_packet_was_acknowledged_is_a_new_packe
     let nodes = format!(
         "[[node]]\ninitiator = \"{SENDER}\"\naddresses = [\"10.0.0.1\"]\n[[node]]\ninitiator = \"{X}\"\naddresses = [\"10.0.0.2\"]\n"
     );
-    let cfg = write_config(
-        &dir,
-        port,
-        "",
-        "size = \"8MiB\"\ndedup_hold_s = 1",
-        &nodes,
-    );
+    let cfg = write_config(&dir, port, "", "size = \"8MiB\"\ndedup_hold_s = 1", &nodes);
     let child = start_binary(env!("CARGO_BIN_EXE_ftss-target"), &cfg, port);
     let x = connect(port, X).await;
     let s = connect(port, SENDER).await;
