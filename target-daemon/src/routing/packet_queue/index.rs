@@ -1,6 +1,6 @@
 //! What the queue remembers in memory: each node's bounded index of unacknowledged
-//! packets (refilled from the log as it drains), the sparse index REPLAY starts from, the
-//! duplicate window, and the per-node wake-ups of parked RECEIVEs.
+//! packets (refilled from the log as it drains), the sparse index REPLAY starts from, what
+//! the duplicate index (`dedup.rs`) is told, and the per-node wake-ups of parked RECEIVEs.
 
 use super::*;
 

@@ -19,7 +19,7 @@
 //!
 //! This file holds the queue's types, state and opening; by concept: `record.rs` (the
 //! record codec), `index.rs` (what is kept in memory: node indexes, the sparse REPLAY
-//! index, wake-ups), `log.rs` (recovery, appending, making room, retention) and
+//! index, wake-ups), `dedup.rs` (the duplicate index, as runs of ids), `log.rs` (recovery, appending, making room, retention) and
 //! `delivery.rs` (RECEIVE and REPLAY). The byte layout is in docs/design.md.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
