@@ -1,6 +1,6 @@
 //! What the queue remembers in memory: each node's bounded index of unacknowledged
-//! packets (refilled from the log as it drains), the sparse index REPLAY starts from, the
-//! duplicate window, and the per-node wake-ups of parked RECEIVEs.
+//! packets (refilled from the log as it drains), the sparse index REPLAY starts from, what
+//! the duplicate index (`dedup.rs`) is told, and the per-node wake-ups of parked RECEIVEs.
 
 use super::*;
 
@@ -138,38 +138,16 @@ impl PacketQueue {
             } else {
                 Outcome::Delivered
             };
-            let key = (p.sender, p.packet_id);
             // The copies of one broadcast share their key and are stored one after the
             // other: the entry follows the last copy, so it lasts until the tail has
             // released every copy (it releases in log order), and a retry waits for all.
-            let entry = match g.dedup.entry(key) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert((outcome, p.seq));
-                    true
-                }
-                std::collections::hash_map::Entry::Occupied(mut o)
-                    if p.flags & flags::BROADCAST != 0 && o.get().1 < p.seq =>
-                {
-                    o.get_mut().1 = p.seq;
-                    true
-                }
-                std::collections::hash_map::Entry::Occupied(_) => false,
-            };
-            if entry {
-                g.dedup_order.push_back((key, p.seq));
-                while g.dedup_order.len() > self.dedup_window {
-                    if let Some((old, seq)) = g.dedup_order.pop_front() {
-                        Self::forget(g, old, seq);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Drops the duplicate entry of `key` if it is still the one of packet `seq`.
-    pub(super) fn forget(g: &mut Inner, key: (NodeAddr, u64), seq: u64) {
-        if g.dedup.get(&key).is_some_and(|&(_, s)| s == seq) {
-            g.dedup.remove(&key);
+            g.dedup.note_stored(
+                p.sender,
+                p.packet_id,
+                outcome,
+                p.seq,
+                p.flags & flags::BROADCAST != 0,
+            );
         }
     }
 
@@ -285,11 +263,7 @@ impl PacketQueue {
     /// stored.
     pub fn duplicate(&self, sender: NodeAddr, packet_id: u64) -> Option<(Outcome, u64)> {
         // A poisoned state knows no duplicates; the store that follows fails anyway.
-        lock(&self.inner)
-            .ok()?
-            .dedup
-            .get(&(sender, packet_id))
-            .copied()
+        lock(&self.inner).ok()?.dedup.get(sender, packet_id)
     }
 
     /// Decides, under the lock, which packets of a batch are not to be stored: retries
@@ -302,8 +276,8 @@ impl PacketQueue {
                     return None;
                 }
                 g.dedup
-                    .get(&(p.sender, p.packet_id))
-                    .map(|&(o, seq)| StoreResult::Duplicate(seq, o))
+                    .get(p.sender, p.packet_id)
+                    .map(|(o, seq)| StoreResult::Duplicate(seq, o))
             })
             .collect();
         // Quota: what the batch adds per node on top of what each node holds. Notices

@@ -85,7 +85,7 @@ impl PacketQueue {
         let now = self.clock.now_ms();
         let retain_ms = self.retain.as_millis() as u64;
         let (tail0, tail_seq0) = (g.tail, g.tail_seq);
-        let mut released: Vec<((NodeAddr, u64), u64)> = Vec::new();
+        let mut released: Vec<u64> = Vec::new();
         let mut moved = false;
         loop {
             let used = g.head - g.tail;
@@ -111,7 +111,7 @@ impl PacketQueue {
                     if !acked || !(short || expired) {
                         break;
                     }
-                    released.push(((p.sender, p.packet_id), p.seq));
+                    released.push(p.seq);
                     self.rec_len(h.body_len)
                 }
             };
@@ -129,19 +129,13 @@ impl PacketQueue {
             }
             // A sender that lost the SEND's answer may still be failing over to send
             // it again: the ids stay retries for `dedup_hold` after the release.
-            for (key, seq) in released {
-                g.released.push_back((key, seq, now));
+            for seq in released {
+                g.dedup.note_released(seq, now);
             }
         }
         let hold_ms = u64::try_from(self.dedup_hold.as_millis()).unwrap_or(u64::MAX);
-        while let Some(&(key, seq, at)) = g.released.front() {
-            // Bounded by the window as the entries themselves are, not only by time.
-            if now.saturating_sub(at) < hold_ms && g.released.len() <= self.dedup_window {
-                break;
-            }
-            g.released.pop_front();
-            Self::forget(g, key, seq);
-        }
+        // Bounded by the window as the entries themselves are, not only by time.
+        g.dedup.expire(now, hold_ms);
         if self.cap - (g.head - g.tail) < need {
             return Err(QueueError::Full);
         }

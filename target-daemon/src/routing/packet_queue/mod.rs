@@ -19,7 +19,7 @@
 //!
 //! This file holds the queue's types, state and opening; by concept: `record.rs` (the
 //! record codec), `index.rs` (what is kept in memory: node indexes, the sparse REPLAY
-//! index, wake-ups), `log.rs` (recovery, appending, making room, retention) and
+//! index, wake-ups), `dedup.rs` (the duplicate index, as runs of ids), `log.rs` (recovery, appending, making room, retention) and
 //! `delivery.rs` (RECEIVE and REPLAY). The byte layout is in docs/design.md.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -177,17 +177,10 @@ struct Inner {
     /// Every record up to this sequence number is durable (deliverable).
     frontier: u64,
     nodes: HashMap<NodeAddr, NodeQ>,
-    /// (sender, packet id) of stored packets -> (outcome, sequence number). An entry
-    /// goes `dedup_hold` after the tail released its record, so an id is a duplicate
-    /// while its packet is stored and for that long after (and while among the last
-    /// `dedup_window` stored).
-    dedup: HashMap<(NodeAddr, u64), (Outcome, u64)>,
-    /// Insertion order with the sequence number inserted, so evicting an old entry
-    /// never removes a newer packet that reused the id.
-    dedup_order: VecDeque<((NodeAddr, u64), u64)>,
-    /// Entries of released records still held, oldest release first: (key, sequence
-    /// number, release time in ms).
-    released: VecDeque<((NodeAddr, u64), u64, u64)>,
+    /// (sender, packet id) of stored packets -> (outcome, sequence number). An id is a
+    /// duplicate while its packet is stored and for `dedup_hold` after the tail released
+    /// its record (and while among the last `dedup_window` stored).
+    dedup: DedupIndex,
 }
 
 /// Per-node figures for QUEUE STATS.
@@ -249,7 +242,6 @@ pub struct PacketQueue {
     bs: u64,
     cap: u64,
     retain: Duration,
-    dedup_window: usize,
     dedup_hold: Duration,
     index_max: usize,
     quota_bytes: u64,
@@ -315,7 +307,6 @@ impl PacketQueue {
             bs,
             cap,
             retain,
-            dedup_window,
             dedup_hold,
             index_max: index_max.max(2),
             quota_bytes: node_quota_bytes.unwrap_or(cap / 4),
@@ -327,9 +318,7 @@ impl PacketQueue {
                 tail_seq: 1,
                 frontier: 0,
                 nodes: HashMap::new(),
-                dedup: HashMap::new(),
-                dedup_order: VecDeque::new(),
-                released: VecDeque::new(),
+                dedup: DedupIndex::new(dedup_window),
             }),
             wake: Wake::default(),
             sparse: Mutex::new(SparseIndex::new((blocks - 1) * bs, bs)),
@@ -395,11 +384,13 @@ impl PacketQueue {
     }
 }
 
+mod dedup;
 mod delivery;
 mod index;
 mod log;
 mod record;
 
+use dedup::DedupIndex;
 use index::*;
 use record::*;
 

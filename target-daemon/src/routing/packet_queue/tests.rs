@@ -566,3 +566,59 @@ fn a_released_id_stays_a_retry_for_the_hold_then_is_free() {
     cache.shutdown();
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// After a crash the duplicate runs are rebuilt from the log: the stored ids of two
+/// senders' interleaved batches answer with their sequence numbers as before, ids whose
+/// records were released are free, and the batches are a run each again.
+#[test]
+fn duplicate_runs_are_rebuilt_from_the_log_after_a_crash() {
+    let d = dir("dedup-crash");
+    let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+    let from = |sender: NodeAddr, ids: std::ops::Range<u64>| -> Vec<NewPacket> {
+        ids.map(|id| NewPacket {
+            sender,
+            ..pkt(a(2), id, 10)
+        })
+        .collect()
+    };
+    for b in 0..3u64 {
+        r.q.store(&from(a(1), 1000 + b * 5..1005 + b * 5))
+            .expect("store");
+        r.q.store(&from(a(5), 1000 + b * 5..1005 + b * 5))
+            .expect("store");
+    }
+    let before: Vec<_> = (1000..1015)
+        .map(|id| (r.q.duplicate(a(1), id), r.q.duplicate(a(5), id)))
+        .collect();
+    assert!(before.iter().all(|(x, y)| x.is_some() && y.is_some()));
+    // The first SEND of each sender is received, acknowledged and released.
+    let (got, _) = take(&r.q, a(2), 10);
+    r.q.ack(a(2), got[9].seq, &[]).expect("ack");
+    r.q.expire().expect("expire");
+    assert_eq!(r.q.duplicate(a(1), 1002), None, "released");
+    assert_eq!(r.q.duplicate(a(1), 1007), before[7].0, "still stored");
+    let r = r.crash_and_reopen(QueueOptions::default());
+    for (k, id) in (1000..1015u64).enumerate() {
+        let want = if k < 5 { (None, None) } else { before[k] };
+        assert_eq!(
+            (r.q.duplicate(a(1), id), r.q.duplicate(a(5), id)),
+            want,
+            "id {id}"
+        );
+    }
+    {
+        let g = r.q.inner.lock().expect("state");
+        g.dedup.check();
+        assert_eq!(g.dedup.counts(), (4, 4, 0, 20), "a run per SEND");
+    }
+    // A retry of a middle id is answered with the original; a released id is new.
+    let again = r.q.store(&from(a(1), 1002..1003)).expect("reuse");
+    assert!(matches!(again.as_slice(), [StoreResult::Stored(_)]));
+    let retry = r.q.store(&from(a(5), 1011..1012)).expect("retry");
+    let Some((o, seq)) = before[11].1 else {
+        panic!("indexed before the crash");
+    };
+    assert_eq!(retry, vec![StoreResult::Duplicate(seq, o)]);
+    r.cache.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
