@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use ftss_initiator::{ChapCredentials, Error, Session, SessionConfig};
-use ftss_proto::pdu::{Itt, LoginRequest, Lun, Pdu, Stage, TaskMgmtRequest, TmfFunction};
-use ftss_proto::serial::{CmdSn, DataSn, StatSn};
+use ftss_proto::pdu::{Itt, Lun, Pdu, TaskMgmtRequest, TmfFunction};
+use ftss_proto::serial::{CmdSn, DataSn};
 use ftss_proto::vendor::{NodeAddr, NodeCdb, NodeInfo, ReceiveCdb, RecordList, RouteList};
-use ftss_test_support::{kv, Raw, INITIATOR, TARGET};
+use ftss_test_support::{Raw, INITIATOR, TARGET};
 
 const NODE1: &str = "iqn.2026-11.org.ftss:trust-node1";
 const NODE2: &str = "iqn.2026-11.org.ftss:trust-node2";
@@ -193,32 +193,9 @@ async fn routing_table_only_for_registered_nodes() {
 
 /// A one-PDU login of `name` straight to the full feature phase.
 async fn raw_login(c: &mut Raw, name: &str, isid: [u8; 6]) {
-    let req = Pdu::LoginRequest(LoginRequest {
-        transit: true,
-        continue_: false,
-        csg: Stage::Operational,
-        nsg: Stage::FullFeature,
-        version_max: 0,
-        version_min: 0,
-        isid,
-        tsih: 0,
-        itt: Itt(0),
-        cid: 1,
-        cmd_sn: c.cmd_sn,
-        exp_stat_sn: StatSn(0),
-        data: kv(&[
-            ("InitiatorName", name),
-            ("TargetName", TARGET),
-            ("SessionType", "Normal"),
-        ]),
-    });
-    c.send(&req).await;
-    let Pdu::LoginResponse(r) = c.recv().await else {
-        panic!("expected a login response");
-    };
+    let cmd_sn = c.cmd_sn.0;
+    let (r, _) = c.login_with(isid, cmd_sn, &[("InitiatorName", name)]).await;
     assert_eq!((r.status_class, r.status_detail), (0, 0), "{name} logs in");
-    c.exp_stat_sn = r.stat_sn.next();
-    c.max_cmd_sn = r.max_cmd_sn;
 }
 
 async fn tmf(c: &mut Raw, function: TmfFunction) -> u8 {

@@ -135,18 +135,23 @@ impl Raw {
     }
 
     /// A one-PDU login straight to the full feature phase (no security stage), with the
-    /// given extra operational keys. Returns the final response and the answer keys.
+    /// given extra operational keys; a key of `keys` replaces the default of the same name
+    /// (`InitiatorName` to log in as another initiator). Returns the final response and the
+    /// answer keys.
     pub async fn login_with(
         &mut self,
         isid: [u8; 6],
         cmd_sn: u32,
         keys: &[(&str, &str)],
     ) -> (LoginResponse, Vec<(String, String)>) {
-        let mut all = vec![
+        let mut all: Vec<(&str, &str)> = [
             ("InitiatorName", INITIATOR),
             ("TargetName", TARGET),
             ("SessionType", "Normal"),
-        ];
+        ]
+        .into_iter()
+        .filter(|(d, _)| !keys.iter().any(|(k, _)| k == d))
+        .collect();
         all.extend_from_slice(keys);
         self.cmd_sn = CmdSn(cmd_sn);
         let req = Pdu::LoginRequest(LoginRequest {
