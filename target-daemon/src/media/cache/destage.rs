@@ -1,6 +1,7 @@
 //! Destage: committed records copied to their volume's mirrors in the background, the
 //! mirrors synced, then the tail moved past them in a new superblock.
 
+use super::destage_plan::{self, Extent};
 use super::*;
 
 impl WriteCache {
@@ -99,39 +100,37 @@ impl WriteCache {
     pub(super) fn destage(&self, batch: &[Pending]) -> Result<(), MediaError> {
         // Coalesce: the newest copy of each block wins, and contiguous blocks go to the
         // mirrors as one write. Sequential and rewritten workloads then cost a few large
-        // pwrites per batch instead of two per block per mirror. A discard drops the
-        // older copies it covers, so every copy left is newer than every discard of its
-        // block in the batch: applying the discards first, then the writes, gives the
-        // log's order.
-        let mut newest: BTreeMap<(u32, u64), u64> = BTreeMap::new();
-        let mut discards: Vec<(u32, u64, u64)> = Vec::new();
-        for p in batch {
-            let Some(m) = self.volumes.get(&p.volume) else {
-                continue; // wrap markers and records of volumes no longer configured
-            };
-            let bs = u64::from(m.block_size());
-            match p.op {
-                Op::Blocks { len } => {
-                    for k in 0..u64::from(len) / bs {
-                        newest.insert((p.volume, p.lba + k), p.pos + HDR_LEN + k * bs);
-                    }
+        // pwrites per batch instead of two per block per mirror (see `destage_plan`).
+        let extents: Vec<Extent> = batch
+            .iter()
+            .filter_map(|p| {
+                // Wrap markers and records of volumes no longer configured write nothing.
+                let bs = u64::from(self.volumes.get(&p.volume)?.block_size());
+                match p.op {
+                    Op::Blocks { len } => Some(Extent {
+                        volume: p.volume,
+                        lba: p.lba,
+                        blocks: u64::from(len) / bs,
+                        data: Some(p.pos + HDR_LEN),
+                    }),
+                    Op::Discard { blocks } => Some(Extent {
+                        volume: p.volume,
+                        lba: p.lba,
+                        blocks,
+                        data: None,
+                    }),
+                    Op::Wrap | Op::Jump { .. } => None,
                 }
-                Op::Discard { blocks } => {
-                    let end = p.lba.saturating_add(blocks);
-                    let gone: Vec<(u32, u64)> = newest
-                        .range((p.volume, p.lba)..(p.volume, end))
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for k in gone {
-                        newest.remove(&k);
-                    }
-                    discards.push((p.volume, p.lba, blocks));
-                }
-                Op::Wrap | Op::Jump { .. } => {}
-            }
-        }
+            })
+            .collect();
+        let block_size = |v: u32| {
+            self.volumes
+                .get(&v)
+                .map_or(512, |m| u64::from(m.block_size()))
+        };
+        let plan = destage_plan::plan(&extents, block_size);
         let mut touched = Vec::new();
-        for &(v, lba, blocks) in &discards {
+        for &(v, lba, blocks) in &plan.discards {
             if let Some(m) = self.volumes.get(&v) {
                 m.deallocate(lba, blocks)?;
                 if !touched.contains(&v) {
@@ -139,35 +138,45 @@ impl WriteCache {
                 }
             }
         }
+        // One mirror write per run of contiguous blocks, at most DESTAGE_RUN_MAX bytes.
         let mut run: Vec<u8> = Vec::new();
-        let mut run_start: Option<(u32, u64)> = None;
-        let mut blocks = newest.iter().peekable();
-        while let Some((&(volume, lba), &pos)) = blocks.next() {
-            let m = self
-                .volumes
-                .get(&volume)
-                .ok_or_else(|| MediaError::Failed(format!("no volume {volume}")))?;
-            let bs = m.block_size() as usize;
-            if run_start.is_none() {
-                run_start = Some((volume, lba));
-                run.clear();
-            }
-            let at = run.len();
-            run.resize(at + bs, 0);
-            self.get(self.phys(pos), &mut run[at..]);
-            let continues = blocks.peek().is_some_and(|(&(v, l), _)| {
-                v == volume && l == lba + 1 && run.len() < DESTAGE_RUN_MAX
-            });
-            if !continues {
-                if let Some((v, first)) = run_start.take() {
-                    m.write(first, &run)?;
+        let mut run_at: Option<(u32, u64)> = None;
+        let mut write_run = |run: &mut Vec<u8>, at: Option<(u32, u64)>| -> Result<(), MediaError> {
+            if let Some((v, first)) = at {
+                if let Some(m) = self.volumes.get(&v) {
+                    m.write(first, run)?;
                     self.destaged.fetch_add(run.len() as u64, Ordering::Relaxed);
                     if !touched.contains(&v) {
                         touched.push(v);
                     }
                 }
             }
+            run.clear();
+            Ok(())
+        };
+        for piece in &plan.pieces {
+            let bs = block_size(piece.volume);
+            let (mut lba, mut data, mut left) = (piece.lba, piece.data, piece.blocks);
+            while left > 0 {
+                let continues = run_at.is_some_and(|(v, first)| {
+                    v == piece.volume && first + run.len() as u64 / bs == lba
+                });
+                if !continues || run.len() as u64 + bs > DESTAGE_RUN_MAX as u64 {
+                    write_run(&mut run, run_at.take())?;
+                    run_at = Some((piece.volume, lba));
+                }
+                let room = (DESTAGE_RUN_MAX as u64 - run.len() as u64) / bs;
+                let n = left.min(room.max(1));
+                let at = run.len();
+                run.resize(at + (n * bs) as usize, 0);
+                // A record's data is contiguous in the ring (a record never wraps).
+                self.get(self.phys(data), &mut run[at..]);
+                lba += n;
+                data += n * bs;
+                left -= n;
+            }
         }
+        write_run(&mut run, run_at.take())?;
         for v in touched {
             if let Some(m) = self.volumes.get(&v) {
                 m.sync()?;
@@ -205,9 +214,13 @@ impl WriteCache {
                     continue;
                 };
                 for k in 0..u64::from(len) / bs {
-                    let key = (p.volume, p.lba + k);
-                    if g.index.get(&key).is_some_and(|&(s, _)| s == p.seq) {
-                        g.index.remove(&key);
+                    // One lookup: this runs for every destaged block.
+                    if let std::collections::hash_map::Entry::Occupied(e) =
+                        g.index.entry((p.volume, p.lba + k))
+                    {
+                        if e.get().0 == p.seq {
+                            e.remove();
+                        }
                     }
                 }
             }
