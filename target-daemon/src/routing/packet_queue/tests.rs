@@ -622,3 +622,44 @@ fn duplicate_runs_are_rebuilt_from_the_log_after_a_crash() {
     r.cache.shutdown();
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn expiry_releases_a_backlog_larger_than_one_chunk() {
+    // Judged a chunk per hold of the lock: every chunk must still be walked.
+    let d = dir("chunks");
+    let r = Rig::open(d.clone(), 4096, QueueOptions::default());
+    let n = 2 * RELEASE_CHUNK as u64 + 100;
+    for first in (1..=n).step_by(100) {
+        let batch: Vec<NewPacket> = (first..(first + 100).min(n + 1))
+            .map(|id| pkt(a(2), id, 10))
+            .collect();
+        r.q.store(&batch).expect("store");
+    }
+    let mut last = 0;
+    loop {
+        let (got, more) = take(&r.q, a(2), 500);
+        if let Some(p) = got.last() {
+            last = p.seq;
+            r.q.ack(a(2), last, &[]).expect("ack");
+        }
+        if !more && got.is_empty() {
+            break;
+        }
+    }
+    assert!(last > 0);
+    let before = r.q.used_bytes();
+    r.q.expire().expect("expire");
+    assert!(
+        r.q.used_bytes() < before / 100,
+        "{} of {before} bytes still used",
+        r.q.used_bytes()
+    );
+    assert_eq!(r.q.duplicate(a(1), 1), None);
+    assert_eq!(
+        r.q.duplicate(a(1), n),
+        None,
+        "the last chunk was released too"
+    );
+    r.cache.shutdown();
+    let _ = std::fs::remove_dir_all(d);
+}
