@@ -80,17 +80,10 @@ impl WriteCache {
                     g = ng;
                 }
                 let durable = g.durable_seq;
-                let mut bytes = 0u64;
                 g.queue
                     .iter()
                     .take_while(|p| p.seq <= durable)
                     .take(DESTAGE_BATCH_RECORDS_MAX)
-                    .take_while(|p| {
-                        // At least one record, however large.
-                        let first = bytes == 0;
-                        bytes += p.end - p.pos;
-                        first || bytes <= DESTAGE_BATCH_BYTES_MAX
-                    })
                     .copied()
                     .collect()
             };

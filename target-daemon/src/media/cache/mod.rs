@@ -48,11 +48,6 @@ const ALIGN: u64 = 64;
 const DESTAGE_INTERVAL: Duration = Duration::from_millis(100);
 /// Records destaged per batch (one mirror sync and one superblock write per batch).
 const DESTAGE_BATCH_RECORDS_MAX: usize = 16384;
-/// Bytes of records destaged per batch at most. Each batch ends in a mirror fdatasync,
-/// and the next commit msync pays for whatever the device still holds unflushed: on a
-/// virtual disk the host flushes all of it. Batches of 16384 packets (16 MiB and more)
-/// held commits for 25-50 ms right after a burst; bounded batches spread that cost.
-const DESTAGE_BATCH_BYTES_MAX: u64 = 4 << 20;
 /// Largest single write destage hands a mirror set when it coalesces contiguous blocks.
 const DESTAGE_RUN_MAX: usize = 1 << 20;
 /// Writers wait this long for ring space before the write is refused (BUSY upstream).
