@@ -34,7 +34,8 @@ pub(crate) use self::machine::Control;
 use self::machine::{Exec, Machine, ParkRequest};
 use super::session::{SessionCtx, SessionKind};
 use super::transfer::XferLimits;
-use crate::media::cache::{self, defer_commits, PendingCommits};
+use crate::media::cache::{defer_commits, PendingCommits};
+use crate::media::inline;
 use crate::scsi::{AbortWait, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter};
 use ftss_proto::sense::status::GOOD as STATUS_GOOD;
 
@@ -362,8 +363,9 @@ impl Shell {
                 attr,
                 resume_until,
             };
-            let inline =
-                cache::run_inline(|| defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived)));
+            let inline = inline::run_inline(|| {
+                defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived))
+            });
             if let Some((outcome, commits)) = inline {
                 // Ran to its end here: nothing of it is left for an abort to wait for.
                 drop(end);

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod disk;
 pub mod file;
+pub mod inline;
 #[cfg(test)]
 pub(crate) mod mem;
 pub mod mirror;
@@ -158,7 +159,7 @@ pub trait BlockStore: Send + Sync + 'static {
 
     /// Whether a write is only a copy into memory, with any wait for durability deferred
     /// (see [`cache::defer_commits`]) and no other blocking than a full cache, which
-    /// [`cache::run_inline`] turns into a refusal. Such writes may run on an async worker.
+    /// [`inline::run_inline`] turns into a refusal. Such writes may run on an async worker.
     fn writes_in_memory(&self) -> bool {
         false
     }

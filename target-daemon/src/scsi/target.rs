@@ -470,7 +470,7 @@ impl ScsiTarget {
 
     /// Whether the command may run on the connection's async worker rather than a
     /// blocking thread, on a LUN whose writes are copies into the write cache (see
-    /// [`crate::media::cache::run_inline`]): a plain WRITE of at most `INLINE_BYTES_MAX`,
+    /// [`crate::media::inline::run_inline`]): a plain WRITE of at most `INLINE_BYTES_MAX`,
     /// or a SYNCHRONIZE CACHE, which there only notes the commit to wait for (the wait
     /// itself is asynchronous). A database's write-then-flush pays a thread handoff per
     /// command otherwise, which at queue depth 1 is most of what ftss adds to the commit.

@@ -458,7 +458,7 @@ mod recovery;
 mod volume;
 
 use commit::defer;
-pub use commit::{defer_commits, run_inline, PendingCommits};
+pub use commit::{defer_commits, PendingCommits};
 pub use volume::CachedVolume;
 
 #[cfg(test)]
