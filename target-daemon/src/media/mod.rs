@@ -66,6 +66,11 @@ pub enum MediaError {
     /// The store cannot take the write now, but may later (BUSY / TASK SET FULL).
     #[error("store is full, try again")]
     Full,
+    /// Inside an [`inline::run_inline`] scope, the operation would have waited for the
+    /// device and gave up without an effect (see [`inline::refuse`]); the command runs
+    /// again on a blocking thread, so this never reaches an initiator.
+    #[error("would wait for the device: runs again on a blocking thread")]
+    WouldBlock,
     /// A mirror rebuild that may not start: the mirror needs none, it is the last healthy
     /// copy, there is no healthy copy to take the data from, or a rebuild is running.
     #[error("rebuild refused: {0}")]
