@@ -169,6 +169,13 @@ pub trait BlockStore: Send + Sync + 'static {
         false
     }
 
+    /// Whether a read never waits for the device inside an [`inline::run_inline`] scope:
+    /// it copies from memory (the write cache's ring, the page cache) or is refused. Such
+    /// reads may run on an async worker.
+    fn reads_in_memory(&self) -> bool {
+        false
+    }
+
     /// `Ok` while the store can serve I/O. A failed backing store makes TEST UNIT READY
     /// fail, which multipath checkers rely on.
     fn health(&self) -> Result<(), MediaError>;

@@ -464,6 +464,8 @@ pub use volume::CachedVolume;
 #[cfg(test)]
 mod discard_tests;
 #[cfg(test)]
+mod inline_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod volatile_tests;
