@@ -504,6 +504,18 @@ impl ScsiTarget {
         }
     }
 
+    /// Counts a command of `lun` that ran inline ([`Self::runs_inline`]): `served` when it
+    /// completed there, else refused and run again on a blocking thread. What the command
+    /// itself did is counted once, when its response goes out
+    /// ([`Self::record_completion`]).
+    pub fn record_inline(&self, lun: u64, cdb: &[u8], served: bool) {
+        let (Some(&opcode), Some(l)) = (cdb.first(), self.lun(lun)) else {
+            return;
+        };
+        l.metrics
+            .record_inline(crate::counters::OpKind::of(opcode), served);
+    }
+
     /// The outcome of a command whose writes did not commit (see
     /// [`crate::media::cache::defer_commits`]): it must not report GOOD.
     pub fn commit_failed(&self, lun: u64, e: crate::media::MediaError) -> ScsiOutcome {
