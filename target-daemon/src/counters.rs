@@ -166,10 +166,15 @@ struct KindMetrics {
 }
 
 /// Per-LUN command counters, kept in the LUN and bumped when a command's response is
-/// sent.
+/// sent; and how commands tried on the connection's async worker fared.
 #[derive(Debug, Default)]
 pub struct LunMetrics {
     kinds: [KindMetrics; OpKind::ALL.len()],
+    /// Commands of each kind that completed on the async worker.
+    inline_served: [AtomicU64; OpKind::ALL.len()],
+    /// Commands of each kind that would have waited there and ran again on a blocking
+    /// thread.
+    inline_refused: [AtomicU64; OpKind::ALL.len()],
 }
 
 impl LunMetrics {
@@ -194,6 +199,26 @@ impl LunMetrics {
     /// Latency histogram of `kind`.
     pub fn latency(&self, kind: OpKind) -> &Histogram {
         &self.kinds[kind.index()].latency
+    }
+
+    /// One command of `kind` tried on the async worker: `served` there, or refused.
+    pub fn record_inline(&self, kind: OpKind, served: bool) {
+        let c = if served {
+            &self.inline_served
+        } else {
+            &self.inline_refused
+        };
+        c[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Commands of `kind` served on the async worker so far.
+    pub fn inline_served(&self, kind: OpKind) -> u64 {
+        self.inline_served[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// Commands of `kind` refused on the async worker (run again blocking) so far.
+    pub fn inline_refused(&self, kind: OpKind) -> u64 {
+        self.inline_refused[kind.index()].load(Ordering::Relaxed)
     }
 }
 

@@ -183,6 +183,22 @@ impl DaemonCollector {
             MetricType::Counter,
             each(&|m, k| Value::Counter(m.bytes(k))),
         )?;
+        family(
+            enc,
+            "ftss_lun_inline_served",
+            "Commands per LUN and kind completed on the connection's async worker, without a thread handoff (READ, WRITE and SYNCHRONIZE CACHE on cached LUNs).",
+            None,
+            MetricType::Counter,
+            each(&|m, k| Value::Counter(m.inline_served(k))),
+        )?;
+        family(
+            enc,
+            "ftss_lun_inline_refused",
+            "Commands per LUN and kind tried on the async worker that would have waited there (data not in memory, ring full, lock held) and ran again on a blocking thread.",
+            None,
+            MetricType::Counter,
+            each(&|m, k| Value::Counter(m.inline_refused(k))),
+        )?;
         let mut h = enc.encode_descriptor(
             "ftss_lun_latency",
             "Time from a command's PDU to its response, write-cache commit included.",

@@ -34,7 +34,8 @@ pub(crate) use self::machine::Control;
 use self::machine::{Exec, Machine, ParkRequest};
 use super::session::{SessionCtx, SessionKind};
 use super::transfer::XferLimits;
-use crate::media::cache::{self, defer_commits, PendingCommits};
+use crate::media::cache::{defer_commits, PendingCommits};
+use crate::media::inline;
 use crate::scsi::{AbortWait, ScsiCommand as ExecCmd, ScsiOutcome, TaskAborter};
 use ftss_proto::sense::status::GOOD as STATUS_GOOD;
 
@@ -330,8 +331,9 @@ impl Shell {
         }
     }
 
-    /// Runs a command on the SCSI layer: inline when it cannot block (a cache hit), on a
-    /// blocking thread otherwise.
+    /// Runs a command on the SCSI layer: inline when it cannot block (a write into the
+    /// cache, a read from memory), on a blocking thread otherwise or when the inline try
+    /// would have blocked.
     fn execute(&mut self, e: Exec) {
         let ctx = self.m.ctx();
         let SessionKind::Normal(scsi) = &ctx.kind else {
@@ -362,8 +364,10 @@ impl Shell {
                 attr,
                 resume_until,
             };
-            let inline =
-                cache::run_inline(|| defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived)));
+            let inline = inline::run_inline(|| {
+                defer_commits(|| scsi.execute_arrived(&nexus, &cmd, arrived))
+            });
+            scsi.record_inline(lun, &cdb, inline.is_some());
             if let Some((outcome, commits)) = inline {
                 // Ran to its end here: nothing of it is left for an abort to wait for.
                 drop(end);

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod disk;
 pub mod file;
+pub mod inline;
 #[cfg(test)]
 pub(crate) mod mem;
 pub mod mirror;
@@ -65,6 +66,11 @@ pub enum MediaError {
     /// The store cannot take the write now, but may later (BUSY / TASK SET FULL).
     #[error("store is full, try again")]
     Full,
+    /// Inside an [`inline::run_inline`] scope, the operation would have waited for the
+    /// device and gave up without an effect (see [`inline::refuse`]); the command runs
+    /// again on a blocking thread, so this never reaches an initiator.
+    #[error("would wait for the device: runs again on a blocking thread")]
+    WouldBlock,
     /// A mirror rebuild that may not start: the mirror needs none, it is the last healthy
     /// copy, there is no healthy copy to take the data from, or a rebuild is running.
     #[error("rebuild refused: {0}")]
@@ -158,8 +164,15 @@ pub trait BlockStore: Send + Sync + 'static {
 
     /// Whether a write is only a copy into memory, with any wait for durability deferred
     /// (see [`cache::defer_commits`]) and no other blocking than a full cache, which
-    /// [`cache::run_inline`] turns into a refusal. Such writes may run on an async worker.
+    /// [`inline::run_inline`] turns into a refusal. Such writes may run on an async worker.
     fn writes_in_memory(&self) -> bool {
+        false
+    }
+
+    /// Whether a read never waits for the device inside an [`inline::run_inline`] scope:
+    /// it copies from memory (the write cache's ring, the page cache) or is refused. Such
+    /// reads may run on an async worker.
+    fn reads_in_memory(&self) -> bool {
         false
     }
 

@@ -8,6 +8,7 @@ use super::command::{field, media, CmdResult, Ctx, Reply};
 use super::lun::Lun;
 use super::spc::ready;
 use super::target::status;
+use crate::media::MediaError;
 
 /// Bytes of data-out the CDB calls for, for commands that carry data-out.
 pub(crate) fn data_out_len(lun: &Lun, cdb: &[u8]) -> Option<u32> {
@@ -75,7 +76,9 @@ pub(crate) fn read(c: &Ctx<'_>) -> CmdResult {
     let bs = c.lun.block_size() as usize;
     let mut buf = vec![0u8; r.blocks as usize * bs];
     if !buf.is_empty() {
-        let _media = c.lun.media_shared();
+        let Some(_media) = c.lun.media_shared_or_refuse() else {
+            return Err(media(MediaError::WouldBlock, false));
+        };
         c.lun
             .store
             .read_blocks(r.lba, &mut buf)
@@ -116,7 +119,9 @@ pub(crate) fn write(c: &Ctx<'_>) -> CmdResult {
     let len = r.blocks as usize * c.lun.block_size() as usize;
     let data = write_data(c, len);
     if !data.is_empty() {
-        let _media = c.lun.media_shared();
+        let Some(_media) = c.lun.media_shared_or_refuse() else {
+            return Err(media(MediaError::WouldBlock, true));
+        };
         c.lun
             .store
             .write_blocks(r.lba, data, r.fua())

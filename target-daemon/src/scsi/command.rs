@@ -75,7 +75,9 @@ pub(crate) fn media(e: MediaError, writing: bool) -> Sense {
     match e {
         MediaError::OutOfRange { .. } => common::LBA_OUT_OF_RANGE,
         MediaError::Failed(_) => common::LOGICAL_UNIT_FAILURE,
-        MediaError::Full => Sense::new(0x0b, 0x55, 0x03), // insufficient resources
+        // A refused inline try never reaches the initiator (its outcome is discarded and
+        // the command runs again); should one escape, the initiator retries.
+        MediaError::Full | MediaError::WouldBlock => Sense::new(0x0b, 0x55, 0x03), // insufficient resources
         _ if writing => common::WRITE_ERROR,
         _ => common::UNRECOVERED_READ_ERROR,
     }

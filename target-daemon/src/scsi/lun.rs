@@ -2,7 +2,7 @@
 //! keeps per LUN (mode parameters, medium presence, removal prevention).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use super::pr::Reservations;
 use super::target::LunSpec;
@@ -104,6 +104,19 @@ impl Lun {
         self.media
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`media_shared`](Self::media_shared) for a READ or WRITE, which may run inline
+    /// ([`crate::media::inline`]): there it does not wait behind a command holding the
+    /// lock exclusively (a COMPARE AND WRITE reading the mirrors) but refuses, and runs
+    /// again on a blocking thread. `None` when refused.
+    pub(crate) fn media_shared_or_refuse(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        match self.media.try_read() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) if crate::media::inline::refuse() => None,
+            Err(TryLockError::WouldBlock) => Some(self.media_shared()),
+        }
     }
 
     /// Exclusive media access, for a command that must read and write as one step.

@@ -124,6 +124,8 @@ pub(crate) mod block_io;
 pub(crate) mod command;
 pub(crate) mod commands;
 pub(crate) mod defect;
+#[cfg(test)]
+mod inline_tests;
 pub(crate) mod lun;
 pub(crate) mod medium;
 pub(crate) mod pr;

@@ -469,21 +469,51 @@ impl ScsiTarget {
     }
 
     /// Whether the command may run on the connection's async worker rather than a
-    /// blocking thread, on a LUN whose writes are copies into the write cache (see
-    /// [`crate::media::cache::run_inline`]): a plain WRITE of at most `INLINE_BYTES_MAX`,
-    /// or a SYNCHRONIZE CACHE, which there only notes the commit to wait for (the wait
-    /// itself is asynchronous). A database's write-then-flush pays a thread handoff per
-    /// command otherwise, which at queue depth 1 is most of what ftss adds to the commit.
+    /// blocking thread (see [`crate::media::inline::run_inline`]): on a LUN whose writes
+    /// are copies into the write cache, a plain WRITE of at most `INLINE_BYTES_MAX`, or a
+    /// SYNCHRONIZE CACHE, which there only notes the commit to wait for (the wait itself
+    /// is asynchronous); on a LUN whose reads come from memory or are refused, a READ of
+    /// at most `INLINE_BYTES_MAX`. A database's write-then-flush, or a small read from
+    /// memory, pays a thread handoff per command otherwise, which at queue depth 1 is most
+    /// of what ftss adds. Whatever would wait inside the command (a full ring, a block
+    /// not in the page cache, a lock held) refuses, and the command runs again on a
+    /// blocking thread. The bound keeps a large copy off the worker that serves the
+    /// connection's other commands.
     pub fn runs_inline(&self, lun: u64, cdb: &[u8], data_len: usize) -> bool {
-        const INLINE_BYTES_MAX: usize = 128 << 10;
-        let inline = match cdb.first() {
+        const INLINE_BYTES_MAX: u64 = 128 << 10;
+        match cdb.first() {
             Some(&(op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16)) => {
-                data_len <= INLINE_BYTES_MAX
+                data_len as u64 <= INLINE_BYTES_MAX
+                    && self.lun(lun).is_some_and(|l| l.store.writes_in_memory())
             }
-            Some(&(op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16)) => data_len == 0,
+            Some(&(op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16)) => {
+                data_len == 0 && self.lun(lun).is_some_and(|l| l.store.writes_in_memory())
+            }
+            Some(&(op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16)) => {
+                // A CDB that does not decode runs on the ordinary path, which answers it.
+                let Ok(r) = ftss_proto::cdb::block_range(cdb) else {
+                    return false;
+                };
+                data_len == 0
+                    && self.lun(lun).is_some_and(|l| {
+                        l.store.reads_in_memory()
+                            && u64::from(r.blocks) * u64::from(l.block_size()) <= INLINE_BYTES_MAX
+                    })
+            }
             _ => false,
+        }
+    }
+
+    /// Counts a command of `lun` that ran inline ([`Self::runs_inline`]): `served` when it
+    /// completed there, else refused and run again on a blocking thread. What the command
+    /// itself did is counted once, when its response goes out
+    /// ([`Self::record_completion`]).
+    pub fn record_inline(&self, lun: u64, cdb: &[u8], served: bool) {
+        let (Some(&opcode), Some(l)) = (cdb.first(), self.lun(lun)) else {
+            return;
         };
-        inline && self.lun(lun).is_some_and(|l| l.store.writes_in_memory())
+        l.metrics
+            .record_inline(crate::counters::OpKind::of(opcode), served);
     }
 
     /// The outcome of a command whose writes did not commit (see

@@ -3,6 +3,7 @@
 //! command's commit waits to the async side.
 
 use super::*;
+use crate::media::inline;
 
 /// Commits a command waits for: the newest record it appended, per cache.
 type Waits = Vec<(Arc<WriteCache>, u64)>;
@@ -12,44 +13,6 @@ thread_local! {
     /// must see committed before it may be acknowledged, newest per cache.
     static DEFERRED: std::cell::RefCell<Option<Waits>> =
         const { std::cell::RefCell::new(None) };
-}
-
-thread_local! {
-    /// Set by [`run_inline`]: `Some(false)` while a command runs on an async worker,
-    /// `Some(true)` once an append found the ring full and gave up instead of waiting.
-    static NO_WAIT: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` (one write command) on the calling async worker: an append that would have
-/// to wait for ring space fails instead, and then `None` says to discard the outcome and
-/// run the command again on a blocking thread. Only for commands whose single append is
-/// their first and only effect, so a refused one has changed nothing. A write that fits
-/// is a copy into the map; running it in place saves the thread handoff that otherwise
-/// dominates a small write's cost.
-pub fn run_inline<R>(f: impl FnOnce() -> R) -> Option<R> {
-    struct Scope(Option<bool>);
-    impl Drop for Scope {
-        fn drop(&mut self) {
-            NO_WAIT.with(|n| n.set(self.0));
-        }
-    }
-    let _scope = Scope(NO_WAIT.with(|n| n.replace(Some(false))));
-    let r = f();
-    match NO_WAIT.with(std::cell::Cell::get) {
-        Some(true) => None,
-        _ => Some(r),
-    }
-}
-
-/// In a [`run_inline`] scope: notes that the command would have blocked. `false` outside.
-pub(super) fn refuse_wait() -> bool {
-    NO_WAIT.with(|n| match n.get() {
-        Some(_) => {
-            n.set(Some(true));
-            true
-        }
-        None => false,
-    })
 }
 
 /// Commits that a command's writes still need before it may be acknowledged.
@@ -211,7 +174,10 @@ impl WriteCache {
             // full at once: waiting would only stall the one thread that could destage.
             // Asked only here, so the common append takes no extra lock.
             let no_destage = || lock_plain(&self.destage_thread).is_none();
-            if now >= deadline || self.stop.load(Ordering::Relaxed) || refuse_wait() || no_destage()
+            if now >= deadline
+                || self.stop.load(Ordering::Relaxed)
+                || inline::refuse()
+                || no_destage()
             {
                 if waited {
                     raise_max(&self.space_wait_max_us, started);

@@ -7,7 +7,7 @@ const BLOCKS: u64 = 256;
 
 /// The cache and a mirror set on a simulated file system, without the destage thread
 /// so each test decides when records reach the mirrors.
-fn media(fs: &SimFs, fresh: bool) -> (Arc<WriteCache>, Arc<MirrorSet>, CachedVolume) {
+pub(super) fn media(fs: &SimFs, fresh: bool) -> (Arc<WriteCache>, Arc<MirrorSet>, CachedVolume) {
     media_of(fs, fresh, BLOCKS)
 }
 

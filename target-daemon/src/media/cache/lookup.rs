@@ -32,7 +32,8 @@ impl WriteCache {
     }
 
     /// Reads blocks of `volume`: cached copies from the ring, blocks of pending discards
-    /// as zeros, the rest from the mirrors.
+    /// as zeros, the rest from the mirrors. In an inline scope the mirrors are read only
+    /// from the page cache ([`MirrorSet::read`]); their refusal changes nothing here.
     pub fn read(&self, volume: u32, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
         let m = self
             .volumes

@@ -510,11 +510,13 @@ mod recovery;
 mod volume;
 
 use commit::defer;
-pub use commit::{defer_commits, run_inline, PendingCommits};
+pub use commit::{defer_commits, PendingCommits};
 pub use volume::CachedVolume;
 
 #[cfg(test)]
 mod discard_tests;
+#[cfg(test)]
+mod inline_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::media::inline::run_inline;
 use std::path::PathBuf;
 
 fn setup(tag: &str, cache_mib: u64) -> (PathBuf, HashMap<u32, Arc<MirrorSet>>) {

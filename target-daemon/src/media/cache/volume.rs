@@ -99,6 +99,12 @@ impl BlockStore for CachedVolume {
         true
     }
 
+    /// Cached blocks are copied from the ring, blocks of pending discards are zeros, and
+    /// the mirror set reads the rest only from the page cache in an inline scope.
+    fn reads_in_memory(&self) -> bool {
+        true
+    }
+
     fn health(&self) -> Result<(), MediaError> {
         if self
             .mirrors

@@ -1,5 +1,6 @@
 //! The read and write path: every write to every mirror in service, reads from the
-//! first copy that verifies, and read-repair of the bad copies met on the way.
+//! first copy that verifies, and read-repair of the bad copies met on the way; and the
+//! read that must not wait, inside an inline scope ([`crate::media::inline`]).
 
 use std::sync::atomic::Ordering;
 
@@ -7,7 +8,7 @@ use tracing::warn;
 
 use super::format::DEALLOCATED;
 use super::MirrorSet;
-use crate::media::MediaError;
+use crate::media::{inline, MediaError};
 
 impl MirrorSet {
     pub(super) fn check_range(&self, lba: u64, len: usize) -> Result<u64, MediaError> {
@@ -78,13 +79,19 @@ impl MirrorSet {
         let mut raw = vec![0u8; n * 4];
         m.read_at(buf, self.data_off(lba))?;
         m.read_at(&mut raw, self.crc_off(lba))?;
+        Ok(self.verify(buf, &raw, crcs))
+    }
+
+    /// Puts the stored checksums `raw` (4 bytes a block) into `crcs`, one per block, and
+    /// returns the indexes of the blocks of `buf` that do not verify against them.
+    fn verify(&self, buf: &[u8], raw: &[u8], crcs: &mut Vec<u32>) -> Vec<usize> {
         crcs.clear();
         crcs.extend(
             raw.chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         );
         let bs = self.block_size as usize;
-        Ok((0..n)
+        (0..crcs.len())
             .filter(|&k| {
                 let b = &buf[k * bs..(k + 1) * bs];
                 if crcs[k] == DEALLOCATED {
@@ -93,12 +100,55 @@ impl MirrorSet {
                     crc32c::crc32c(b).max(1) != crcs[k]
                 }
             })
-            .collect())
+            .collect()
     }
 
-    /// Reads whole blocks from a mirror whose copy verifies, repairing bad copies.
+    /// Reads whole blocks from a mirror whose copy verifies, repairing bad copies. Inside
+    /// an inline scope it never waits: see [`read_nowait`](Self::read_nowait).
     pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        if inline::active() {
+            return self.read_nowait(lba, buf);
+        }
         self.read_verified(lba, buf, &mut Vec::new())
+    }
+
+    /// [`read`](Self::read) on an async worker: what the blocking read does when all goes
+    /// well (the first mirror's copy verifies, so nothing is repaired), provided that
+    /// copy and its checksums are already in the page cache. Everything else is refused
+    /// ([`inline::refuse`], [`MediaError::WouldBlock`]) rather than dealt with here: data
+    /// not in memory, a read error, a checksum mismatch, a mirror out of service or being
+    /// rebuilt. The command then runs again on a blocking thread, whose read fails a
+    /// mirror, logs, counts and repairs as it always does, once. So a refused read has no
+    /// effect of its own: no mirror failed, no repair, no counter, no log line.
+    ///
+    /// Only a set with every mirror healthy is tried. The blocking read would take the
+    /// same first copy in a degraded set too, but failures and rebuilds are rare, and
+    /// then the ordinary path, which knows how to handle them, serves every read.
+    fn read_nowait(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        let n = self.check_range(lba, buf.len())?;
+        let refuse = || {
+            inline::refuse();
+            Err(MediaError::WouldBlock)
+        };
+        // A rebuild puts its mirror in the Rebuilding state for its whole run, so this
+        // also refuses while one runs.
+        if !(0..self.mirrors.len()).all(|i| self.healthy(i)) {
+            return refuse();
+        }
+        let m = &self.mirrors[0];
+        let Ok(len) = usize::try_from(n * 4) else {
+            return refuse();
+        };
+        let mut raw = vec![0u8; len];
+        // Data, then checksums: the order of `read_from`. Any error is the blocking
+        // read's to meet and handle.
+        let cached = m
+            .read_at_nowait(buf, self.data_off(lba))
+            .and_then(|data| Ok(data && m.read_at_nowait(&mut raw, self.crc_off(lba))?));
+        if !matches!(cached, Ok(true)) || !self.verify(buf, &raw, &mut Vec::new()).is_empty() {
+            return refuse();
+        }
+        Ok(())
     }
 
     /// [`read`](Self::read), also giving the verified copy's checksums (0 for a

@@ -18,6 +18,8 @@ use super::disk::Disk;
 
 mod format;
 mod health;
+#[cfg(test)]
+mod inline_tests;
 mod io;
 mod meta;
 #[cfg(test)]
@@ -107,6 +109,10 @@ impl Mirror {
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         self.eio()?;
         self.file.read_at(buf, off)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> std::io::Result<bool> {
+        self.eio()?;
+        self.file.read_at_nowait(buf, off)
     }
     fn sync(&self) -> std::io::Result<()> {
         self.eio()?;
