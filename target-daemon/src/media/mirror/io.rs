@@ -95,7 +95,7 @@ impl MirrorSet {
             .filter(|&k| {
                 let b = &buf[k * bs..(k + 1) * bs];
                 if crcs[k] == DEALLOCATED {
-                    b.iter().any(|&x| x != 0)
+                    !all_zero(b)
                 } else {
                     crc32c::crc32c(b).max(1) != crcs[k]
                 }
@@ -317,4 +317,13 @@ impl MirrorSet {
         self.any_healthy()?;
         Err(MediaError::Failed("no mirror could be read".into()))
     }
+}
+
+/// Whether `b` holds only zeros. Compared a page at a time against zeros (memcmp, which
+/// is vectorized): a byte-at-a-time test cannot be, because it stops at the first
+/// nonzero byte, and it took 45% of the daemon's CPU time reading unwritten 128 KiB
+/// blocks (perf).
+pub(crate) fn all_zero(b: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }

@@ -298,3 +298,18 @@ fn repair_and_rebuild_keep_deallocated_blocks_deallocated() {
     );
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn all_zero_sees_a_single_nonzero_byte_anywhere() {
+    use super::io::all_zero;
+    assert!(all_zero(&[]));
+    for len in [1usize, 511, 512, 4095, 4096, 4097, 131_072] {
+        let mut b = vec![0u8; len];
+        assert!(all_zero(&b), "{len} zeros");
+        for at in [0, len / 2, len - 1] {
+            b[at] = 1;
+            assert!(!all_zero(&b), "byte {at} of {len}");
+            b[at] = 0;
+        }
+    }
+}
