@@ -58,14 +58,21 @@ redis_xadd() {
 num() { grep -oE "$1" | grep -oE '[0-9.]+' | head -1; }
 {
   echo "packet benchmark: 1 KiB guaranteed-delivery packets, loopback, $(nproc) cores"
+  latency() {
+    $F -a 10.0.0.3 --initiator iqn.2026-11.org.ftss:bench-lat latency 10.0.0.4 \
+      --peer-initiator iqn.2026-11.org.ftss:bench-lat-rx --rate 1000 --count "$LAT_COUNT" --size 1024
+  }
+  # Latency first, on a settled daemon, as redis's is measured; again right after the
+  # burst of the 32-in-flight test, while its packets are still being received,
+  # acknowledged, destaged and released.
+  echo "-- ftss: send-to-receive latency at 1000 packets/s"
+  latency | tee "$work/flat"
   echo "-- ftss: 1 SEND in flight"
   $tx bench 10.0.0.2 --size 1024 --count "$COUNT1" --inflight 1 | tee "$work/f1"
   echo "-- ftss: 32 SENDs in flight"
   $tx bench 10.0.0.2 --size 1024 --count "$COUNT32" --inflight 32 | tee "$work/f32"
-  echo "-- ftss: send-to-receive latency at 1000 packets/s"
-  $F -a 10.0.0.3 --initiator iqn.2026-11.org.ftss:bench-lat latency 10.0.0.4 \
-    --peer-initiator iqn.2026-11.org.ftss:bench-lat-rx --rate 1000 --count "$LAT_COUNT" --size 1024 |
-    tee "$work/flat"
+  echo "-- ftss: send-to-receive latency at 1000 packets/s, right after the 32-in-flight burst"
+  latency | tee "$work/flat-burst"
   read -r r1 r1p50 r1p99 < <(redis_xadd -c 1 -n "$COUNT1")
   echo "-- redis appendfsync always, XADD 1 KiB, 1 in flight: $r1 per second, p50 $r1p50 ms, p99 $r1p99 ms"
   read -r r32 _ _ < <(redis_xadd -c 1 -P 32 -n "$COUNT32")
@@ -77,7 +84,7 @@ num() { grep -oE "$1" | grep -oE '[0-9.]+' | head -1; }
   f1=$(grep -q "not delivered" "$work/f1" && echo n/a || num '[0-9.]+ packets/s' <"$work/f1")
   f32=$(grep -q "not delivered" "$work/f32" && echo n/a || num '[0-9.]+ packets/s' <"$work/f32")
   # ms from "p50 N us" (n/a when the line is missing).
-  lat() { { grep -oE "$1 [0-9]+ us" "$work/flat" || true; } | awk '{print $2 / 1000; n++} END {if (!n) print "n/a"}' | head -1; }
+  lat() { { grep -oE "$1 [0-9]+ us" "$work/${2:-flat}" || true; } | awk '{print $2 / 1000; n++} END {if (!n) print "n/a"}' | head -1; }
   figs="$CI_OUT/bench-packets.figures"
   : >"$figs"
   figure "$figs" ftss_1 "$f1"
@@ -86,6 +93,8 @@ num() { grep -oE "$1" | grep -oE '[0-9.]+' | head -1; }
   figure "$figs" redis_32 "$r32"
   figure "$figs" lat_p50_ms "$(lat p50)"
   figure "$figs" lat_p99_ms "$(lat p99)"
+  figure "$figs" lat_burst_p50_ms "$(lat p50 flat-burst)"
+  figure "$figs" lat_burst_p99_ms "$(lat p99 flat-burst)"
   figure "$figs" redis_p50_ms "$r1p50"
   figure "$figs" redis_p99_ms "$r1p99"
   printf '%-44s %10s %10s %6s\n' "1 KiB, durable before the ack" ftss redis ratio

@@ -175,6 +175,9 @@ row("send-to-receive p50 at 1000/s", "ms", num(pk, "lat_p50_ms"), "redis", num(p
     "max", 0.5)
 row("send-to-receive p99 at 1000/s", "ms", num(pk, "lat_p99_ms"), "redis", num(pk, "redis_p99_ms"),
     "max-peer")
+# The same right after 50,000 packets at 32 in flight (no goal: what a burst leaves behind).
+row("  p50 right after a burst", "ms", num(pk, "lat_burst_p50_ms"), "", None, "none")
+row("  p99 right after a burst", "ms", num(pk, "lat_burst_p99_ms"), "", None, "none")
 row("TUN ping p50", "ms", num(tun, "ftss_ping_p50_ms"), "veth", num(tun, "veth_ping_p50_ms"),
     "max", 0.5)
 row(f"TUN TCP {tun.get('mib', '?')} MiB", "MB/s", num(tun, "ftss_tcp_mbs"), "veth",
