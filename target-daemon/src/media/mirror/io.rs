@@ -104,7 +104,7 @@ impl MirrorSet {
     }
 
     /// Reads whole blocks from a mirror whose copy verifies, repairing bad copies. Inside
-    /// an inline scope it never waits: see [`read_nowait`](Self::read_nowait).
+    /// an inline scope it never waits: see `read_nowait`.
     pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), MediaError> {
         if inline::active() {
             return self.read_nowait(lba, buf);
