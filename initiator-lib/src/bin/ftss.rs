@@ -1085,15 +1085,13 @@ async fn latency(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
     let rx = {
-        // The library's receiver, as an application uses it: each poll acknowledges the
-        // previous batch beside its RECEIVE.
-        let mut receiver = Receiver::new(Arc::clone(receiver)).with_wait(Duration::from_secs(1));
-        let sent = Arc::clone(&sent);
+        let (receiver, sent) = (Arc::clone(receiver), Arc::clone(&sent));
         tokio::spawn(async move {
             let mut lat = Vec::with_capacity(count as usize);
+            let mut last = 0u64;
             let deadline = Instant::now() + Duration::from_secs(count / rate.max(1) + 30);
             while (lat.len() as u64) < count && Instant::now() < deadline {
-                let got = receiver.poll().await?;
+                let got = receiver.receive(0, Some(Duration::from_secs(1))).await?;
                 let now = Instant::now();
                 for d in &got {
                     let word = |k: usize| {
@@ -1104,6 +1102,7 @@ async fn latency(
                     };
                     let id = word(0);
                     if word(1) != run {
+                        last = last.max(d.seq);
                         continue;
                     }
                     if let Some(t) = sent
@@ -1113,10 +1112,12 @@ async fn latency(
                     {
                         lat.push(now.duration_since(*t));
                     }
+                    last = last.max(d.seq);
+                }
+                if last > 0 {
+                    receiver.ack_upto(last).await?;
                 }
             }
-            // What was taken last is acknowledged too, as the next poll would have.
-            receiver.ack().await?;
             Ok::<_, ftss_initiator::Error>(lat)
         })
     };

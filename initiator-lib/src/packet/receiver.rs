@@ -13,11 +13,6 @@ use super::*;
 /// exactly once within the process; persist [`Receiver::last_seq`] and resume with
 /// [`Receiver::starting_after`] to stretch that across restarts).
 ///
-/// That ACK goes out beside the next RECEIVE, not before it: the target's RECEIVE
-/// position is past the acknowledged records already, so the two commands do not depend
-/// on each other, and a record sent meanwhile does not wait for the ACK's commit and round
-/// trip before a RECEIVE is there to take it.
-///
 /// After a connection error the receive position on the target may have moved past a
 /// response that never arrived (a timed-out RECEIVE can still complete), so the next poll
 /// first reads the records up to the target's position again with REPLAY.
@@ -31,9 +26,6 @@ pub struct Receiver<T> {
     acked: u64,
     /// The last receive failed: catch up with REPLAY before the next RECEIVE.
     resync: bool,
-    /// New records that came with a failed ACK: the failure is reported first, and
-    /// these are the next poll's answer (the target has moved past them).
-    held: Vec<Delivered>,
 }
 
 impl<T: Transport> Receiver<T> {
@@ -47,7 +39,6 @@ impl<T: Transport> Receiver<T> {
             handed: 0,
             acked: 0,
             resync: false,
-            held: Vec::new(),
         }
     }
 
@@ -94,63 +85,25 @@ impl<T: Transport> Receiver<T> {
         Ok(())
     }
 
-    /// One round: acknowledges what was handed out before while it waits for records,
-    /// returns the new ones (possibly none when the wait ran out or only repeats came).
-    /// A failed ACK is reported even when records came with it; those are the next
-    /// poll's answer.
+    /// One round: acknowledges what was handed out before, waits for records, returns
+    /// the new ones (possibly none when the wait ran out or only repeats came).
     pub async fn poll(&mut self) -> Result<Vec<Delivered>, Error> {
-        if !self.held.is_empty() {
-            return Ok(std::mem::take(&mut self.held));
-        }
-        let ack_to = (self.handed > self.acked).then_some(self.handed);
-        let client = &self.client;
-        let ack = async {
-            match ack_to {
-                Some(seq) => client.ack_upto(seq).await,
-                None => Ok(()),
-            }
-        };
-        let receive = async {
-            if self.resync {
-                self.catch_up().await
-            } else {
-                client.receive(self.max_records, Some(self.wait)).await
-            }
-        };
-        let (acked, got) = tokio::join!(ack, receive);
-        let ack_error = match (acked, ack_to) {
-            (Ok(()), Some(seq)) => {
-                self.acked = self.acked.max(seq);
-                None
-            }
-            (Ok(()), None) => None,
-            (Err(e), _) => Some(e),
+        self.ack().await?;
+        let got = if self.resync {
+            self.catch_up().await
+        } else {
+            self.client.receive(self.max_records, Some(self.wait)).await
         };
         match got {
             Ok(records) => {
                 self.resync = false;
-                let fresh = self.take_new(records);
-                match ack_error {
-                    Some(e) => {
-                        self.held = fresh;
-                        Err(e)
-                    }
-                    None => Ok(fresh),
-                }
+                Ok(self.take_new(records))
             }
             Err(e) => {
-                // The RECEIVE may have completed on the target with its answer lost.
-                if e.is_connection_error()
-                    || ack_error.as_ref().is_some_and(Error::is_connection_error)
-                {
+                if e.is_connection_error() {
                     self.resync = true;
                 }
-                // The caller decides on reconnecting by the error it gets: a connection
-                // error of either command is the one to report.
-                Err(match ack_error {
-                    Some(a) if !e.is_connection_error() => a,
-                    _ => e,
-                })
+                Err(e)
             }
         }
     }

@@ -473,112 +473,43 @@ async fn receiver_hands_each_record_once_across_a_reconnect() {
     let log = log();
     let client = Arc::new(client(
         &log,
-        vec![
-            records(false, &[1, 2]),
-            Err(Error::ConnectionClosed), // ACK 2
-            Err(Error::ConnectionClosed), // RECEIVE beside it
-        ],
+        vec![records(false, &[1, 2]), Err(Error::ConnectionClosed)],
     ));
     let mut rx = Receiver::new(Arc::clone(&client)).with_wait(Duration::from_secs(1));
     assert_eq!(seqs(&rx.poll().await.unwrap()), vec![1, 2]);
-    // The ACK for 1-2 is lost with the connection, and so is the RECEIVE sent beside it.
+    // The ACK for 1-2 is lost with the connection.
     assert!(rx.poll().await.unwrap_err().is_connection_error());
     assert_eq!(rx.last_seq(), 2);
     // A new nexus starts at the first unacknowledged record: 1 and 2 come again.
-    let fresh_nexus = QueueStats {
-        queued_records: 3,
-        queued_bytes: 24,
-        first_unacked: 1,
-        last_delivered: 0,
-        last_assigned: 3,
-        capacity_bytes: 1 << 30,
-    };
     client.replace_transport(Mock::new(
         &log,
         vec![
-            good(vec![]),               // ACK 2 again
-            good(fresh_nexus.encode()), // nothing delivered on this nexus: no REPLAY
+            good(vec![]),
             records(false, &[1, 2, 3]),
-            good(vec![]), // ACK 3
+            good(vec![]),
             records(false, &[]),
         ],
     ));
-    assert!(rx.poll().await.unwrap().is_empty());
     assert_eq!(seqs(&rx.poll().await.unwrap()), vec![3]);
     assert!(rx.poll().await.unwrap().is_empty());
-    let calls = calls(&log);
-    let cdbs: Vec<u8> = calls.iter().map(|c| VendorCdb::encode(&c.cdb)[0]).collect();
+    let cdbs: Vec<u8> = calls(&log)
+        .iter()
+        .map(|c| VendorCdb::encode(&c.cdb)[0])
+        .collect();
     assert_eq!(
         cdbs,
         vec![
             op::RECEIVE,
             op::ACK,
-            op::RECEIVE,
             op::ACK,
-            op::NODE,
             op::RECEIVE,
             op::ACK,
             op::RECEIVE
         ]
     );
-    assert_eq!(calls[3].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
-    assert_eq!(calls[6].cdb, VendorCdb::Ack(AckCdb::UpTo(3)));
-}
-
-#[tokio::test]
-async fn receiver_acks_beside_the_next_receive() {
-    // Neither command completes until the test lets it: both must be in flight at once.
-    let log = log();
-    let gate = Arc::new(tokio::sync::Semaphore::new(1));
-    let mut m = Mock::new(
-        &log,
-        vec![records(false, &[1, 2]), good(vec![]), records(false, &[3])],
-    );
-    m.gate = Some(Arc::clone(&gate));
-    let mut rx = Receiver::new(Arc::new(PacketClient::new(m)));
-    assert_eq!(seqs(&rx.poll().await.unwrap()), vec![1, 2]);
-    let second = tokio::spawn(async move {
-        let got = rx.poll().await;
-        (rx, got)
-    });
-    until(|| calls(&log).len() == 3).await;
-    assert_eq!(gate.available_permits(), 0, "nothing completed yet");
-    gate.add_permits(2);
-    let (rx, got) = second.await.unwrap();
-    assert_eq!(seqs(&got.unwrap()), vec![3]);
-    assert_eq!(rx.last_seq(), 3);
     let calls = calls(&log);
-    assert_eq!(calls[1].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
-    assert!(matches!(calls[2].cdb, VendorCdb::Receive(_)));
-}
-
-#[tokio::test]
-async fn a_failed_ack_is_reported_and_the_records_beside_it_come_next() {
-    let log = log();
-    let client = Arc::new(client(
-        &log,
-        vec![
-            records(false, &[1]),
-            check(common::LOGICAL_UNIT_FAILURE),
-            records(false, &[2]),
-            good(vec![]), // ACK 2, which covers 1
-            records(false, &[]),
-        ],
-    ));
-    let mut rx = Receiver::new(client);
-    assert_eq!(seqs(&rx.poll().await.unwrap()), vec![1]);
-    let err = rx.poll().await.unwrap_err();
-    assert!(!err.is_connection_error(), "{err}");
-    // Record 2 came beside the failed ACK; the target's position is past it.
-    assert_eq!(seqs(&rx.poll().await.unwrap()), vec![2]);
-    assert_eq!(
-        calls(&log).len(),
-        3,
-        "held records are handed out without a command"
-    );
-    assert!(rx.poll().await.unwrap().is_empty());
-    let calls = calls(&log);
-    assert_eq!(calls[3].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
+    assert_eq!(calls[2].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
+    assert_eq!(calls[4].cdb, VendorCdb::Ack(AckCdb::UpTo(3)));
 }
 
 #[tokio::test]
