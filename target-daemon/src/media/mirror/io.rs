@@ -32,6 +32,20 @@ impl MirrorSet {
             let c = crc32c::crc32c(b).max(1);
             crcs.extend_from_slice(&c.to_le_bytes());
         }
+        self.on_writable("write", |m| {
+            m.write_at(data, self.data_off(lba))
+                .and_then(|()| m.write_at(&crcs, self.crc_off(lba)))
+        })
+    }
+
+    /// Runs `op` on every mirror that takes writes, under the shared I/O lock (a repair
+    /// holds it exclusively); a mirror whose `op` fails is taken out of service. Ok while
+    /// one mirror is still in service.
+    fn on_writable(
+        &self,
+        what: &str,
+        op: impl Fn(&super::Mirror) -> std::io::Result<()>,
+    ) -> Result<(), MediaError> {
         let _g = self
             .io
             .read()
@@ -40,12 +54,8 @@ impl MirrorSet {
             if !self.writable(i) {
                 continue;
             }
-            let m = &self.mirrors[i];
-            if let Err(e) = m
-                .write_at(data, self.data_off(lba))
-                .and_then(|()| m.write_at(&crcs, self.crc_off(lba)))
-            {
-                self.fail(i, format!("write error: {e}"));
+            if let Err(e) = op(&self.mirrors[i]) {
+                self.fail(i, format!("{what} error: {e}"));
             }
         }
         self.any_healthy()
@@ -269,25 +279,12 @@ impl MirrorSet {
         if blocks == 0 {
             return Ok(());
         }
-        let _g = self
-            .io
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for i in 0..self.mirrors.len() {
-            if !self.writable(i) {
-                continue;
-            }
-            let m = &self.mirrors[i];
-            // The checksums are zeroed by a punch as well: it zeroes exactly the byte range
-            // (freeing the whole pages inside it), which is what 0 = deallocated needs.
-            if let Err(e) = m
-                .punch(self.data_off(lba), blocks * bs)
+        // The checksums are zeroed by a punch as well: it zeroes exactly the byte range
+        // (freeing the whole pages inside it), which is what 0 = deallocated needs.
+        self.on_writable("deallocate", |m| {
+            m.punch(self.data_off(lba), blocks * bs)
                 .and_then(|()| m.punch(self.crc_off(lba), blocks * 4))
-            {
-                self.fail(i, format!("deallocate error: {e}"));
-            }
-        }
-        self.any_healthy()
+        })
     }
 
     /// The stored checksums of `blocks` blocks from `lba`, from the first healthy mirror
