@@ -6,8 +6,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
-use super::format::HEADER_LEN;
-use super::tests::{dir, pattern, set};
+use super::tests::{dir, flip_block3_byte, pattern, set};
 use super::{MirrorSet, MirrorState};
 use crate::media::disk::{drop_cached_pages, tries_until_refused};
 use crate::media::inline::run_inline;
@@ -157,22 +156,14 @@ fn a_checksum_mismatch_is_left_to_the_blocking_read_to_log_and_repair() {
     let (s, paths) = set(&d);
     s.write(0, &pattern(7)).expect("write");
     s.sync().expect("sync");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&paths[0])
-        .expect("open");
-    let off = HEADER_LEN + 3 * 512 + 17;
-    let mut one = [0u8; 1];
-    f.read_exact_at(&mut one, off).expect("read");
-    f.write_all_at(&[one[0] ^ 0x40], off).expect("flip");
+    let (f, off, was) = flip_block3_byte(&paths[0]);
     let before = effects(&s);
     let mut b = vec![0u8; 4096];
     assert!(quiet_inline(|| s.read(0, &mut b)).is_none(), "refused");
     assert_eq!(effects(&s), before, "no repair inline");
     let mut now = [0u8; 1];
     f.read_exact_at(&mut now, off).expect("read");
-    assert_eq!(now[0], one[0] ^ 0x40, "the bad copy is still there");
+    assert_eq!(now[0], was ^ 0x40, "the bad copy is still there");
     let (r, warnings) = warnings_in(|| s.read(0, &mut b));
     r.expect("blocking read repairs");
     assert!(

@@ -22,6 +22,21 @@ pub(super) fn set(d: &Path) -> (MirrorSet, Vec<PathBuf>) {
     (MirrorSet::open(&paths, 256, 512).expect("open"), paths)
 }
 
+/// Flips one bit of a byte inside block 3's data in the mirror file at `path`, behind the
+/// set's back; returns the file, the byte's offset and its value before.
+pub(super) fn flip_block3_byte(path: &Path) -> (std::fs::File, u64, u8) {
+    let f = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(path)
+        .expect("open");
+    let off = HEADER_LEN + 3 * 512 + 17;
+    let mut one = [0u8; 1];
+    f.read_exact_at(&mut one, off).expect("read");
+    f.write_all_at(&[one[0] ^ 0x40], off).expect("flip");
+    (f, off, one[0])
+}
+
 pub(super) fn pattern(seed: u8) -> Vec<u8> {
     (0..4096u32)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -52,15 +67,7 @@ fn flipped_byte_is_detected_and_repaired_from_the_good_copy() {
     s.write(0, &pattern(7)).expect("write");
     s.sync().expect("sync");
     // Flip one byte of block 3's data on mirror a.
-    let f = OpenOptions::new()
-        .write(true)
-        .read(true)
-        .open(&paths[0])
-        .expect("open");
-    let off = HEADER_LEN + 3 * 512 + 17;
-    let mut one = [0u8; 1];
-    f.read_exact_at(&mut one, off).expect("read");
-    f.write_all_at(&[one[0] ^ 0x40], off).expect("write");
+    flip_block3_byte(&paths[0]);
     let mut b = vec![0u8; 4096];
     s.read(0, &mut b).expect("read survives");
     assert_eq!(b, pattern(7));
