@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::media::CacheMode;
+use crate::media::{CacheMode, CacheWrites};
 use crate::routing::interfaces::{InterfaceSpec, InterfacesConfig};
 
 /// The configuration a bare `ftss-target` starts with.
@@ -390,9 +390,11 @@ pub struct MediaConfig {
     /// loss); "volatile": GOOD on reaching the cache, durable after SYNCHRONIZE CACHE/FUA.
     #[serde(default = "default_cache_mode")]
     pub cache: String,
-    /// How records enter the mapped cache file: "write" (`pwrite`, for ordinary file
-    /// systems; the default) or "map" (CPU stores through the map, for a DAX file on
-    /// persistent memory). Commits are the same msync either way.
+    /// How records enter the mapped cache file and how a commit makes them durable:
+    /// "direct" (stores into a private map, a commit is one `O_DIRECT` + `RWF_DSYNC`
+    /// write of their pages; the default), "write" (`pwrite` into the shared map, a
+    /// commit is `msync`) or "map" (CPU stores through the shared map, for a DAX file on
+    /// persistent memory; a commit is `msync`).
     #[serde(default = "default_cache_writes")]
     pub cache_writes: String,
     /// Bytes per second a mirror rebuild copies unless the admin command says otherwise,
@@ -423,7 +425,7 @@ fn default_cache_mode() -> String {
     "nonvolatile".into()
 }
 fn default_cache_writes() -> String {
-    "write".into()
+    "direct".into()
 }
 fn default_rebuild_rate() -> String {
     "64MiB".into()
@@ -955,13 +957,14 @@ impl MediaConfig {
                 ))
             }
         };
-        let map_writes = match m.cache_writes.as_str() {
-            "write" => false,
-            "map" => true,
+        let writes = match m.cache_writes.as_str() {
+            "direct" => CacheWrites::Direct,
+            "write" => CacheWrites::Write,
+            "map" => CacheWrites::Map,
             other => {
                 return Err(invalid(
                     "media.cache_writes",
-                    format!("{other:?}: want \"write\" or \"map\""),
+                    format!("{other:?}: want \"direct\", \"write\" or \"map\""),
                 ))
             }
         };
@@ -969,7 +972,7 @@ impl MediaConfig {
             cache_bytes,
             rebuild_bytes_per_s,
             mode,
-            map_writes,
+            writes,
         })
     }
 }
@@ -1097,8 +1100,8 @@ pub(crate) struct MediaSettings {
     pub(crate) rebuild_bytes_per_s: u64,
     /// `media.cache`.
     pub(crate) mode: CacheMode,
-    /// `media.cache_writes = "map"`.
-    pub(crate) map_writes: bool,
+    /// `media.cache_writes`.
+    pub(crate) writes: CacheWrites,
 }
 
 /// `[packets]`, parsed.

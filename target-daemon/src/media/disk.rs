@@ -1,6 +1,7 @@
 //! The two ways the media layer touches stable storage, as traits: a [`Disk`] (a file read
 //! and written with pread/pwrite and made durable with fdatasync; the mirrors) and a
-//! [`Region`] (a memory map made durable with msync; the write cache).
+//! [`Region`] (a memory map whose ranges are made durable by msync or, for
+//! [`DirectRegion`](super::direct::DirectRegion), a direct write; the write cache).
 //!
 //! Production uses files and memmap2. [`SimFs`] is the test double of the file system: it
 //! keeps what was synced apart from what was only written, and at a crash keeps the synced
@@ -151,7 +152,7 @@ pub trait Region: Send + Sync {
     }
     /// Copies bytes out at `off`.
     fn get(&self, off: usize, buf: &mut [u8]);
-    /// Makes the range durable (msync MS_SYNC).
+    /// Makes the range durable (msync MS_SYNC, or a direct write with RWF_DSYNC).
     fn flush_range(&self, off: usize, len: usize) -> io::Result<()>;
 }
 

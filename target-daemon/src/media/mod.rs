@@ -4,6 +4,7 @@
 //! nonvolatile write cache over a mirror set, or a test double can stand behind it.
 
 pub mod cache;
+pub mod direct;
 pub mod disk;
 pub mod file;
 pub mod inline;
@@ -23,6 +24,20 @@ pub(crate) fn volume_id(iqn: &str, lun: u16) -> u32 {
         });
     // u32::MAX marks wrap records.
     h.min(u32::MAX - 1)
+}
+
+/// How records get into the write cache's mapped file, and how a commit makes them
+/// durable (`media.cache_writes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheWrites {
+    /// `pwrite` into the shared map's page cache; a commit is `msync(MS_SYNC)`.
+    Write,
+    /// CPU stores through the shared map (a DAX file on persistent memory); a commit is
+    /// `msync(MS_SYNC)`.
+    Map,
+    /// Stores into a private map; a commit is one direct, data-synchronous write of the
+    /// pages that hold the records ([`direct::DirectRegion`]).
+    Direct,
 }
 
 /// How a store acknowledges writes; reported to initiators in the Caching mode page

@@ -148,7 +148,7 @@ fn open_cache(
         &path,
         config.media.cache_bytes,
         volumes.clone(),
-        config.media.map_writes,
+        config.media.writes,
     )
     .map(Some)
     .map_err(|source| StartupError::WriteCache { path, source })

@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use super::direct::DirectRegion;
 use super::disk::{MmapRegion, Region};
 use super::mirror::MirrorSet;
-use super::{BlockStore, CacheMode, MediaError, Provisioning};
+use super::{BlockStore, CacheMode, CacheWrites, MediaError, Provisioning};
 
 const SB_MAGIC: &[u8; 8] = b"FTSSWC01";
 const SB_LEN: u64 = 4096;
@@ -339,23 +340,24 @@ impl WriteCache {
     }
 
     /// Opens the cache file (creating it with `size` bytes), recovers committed records
-    /// into the mirror sets, and starts the destage thread. Records go in with `pwrite`
-    /// ([`Stores::Write`](super::disk::Stores)).
+    /// into the mirror sets, and starts the destage thread. Records are committed by
+    /// direct writes ([`CacheWrites::Direct`]).
     pub fn open(
         path: &Path,
         size: u64,
         volumes: HashMap<u32, Arc<MirrorSet>>,
     ) -> Result<Arc<Self>, MediaError> {
-        Self::open_with(path, size, volumes, false)
+        Self::open_with(path, size, volumes, CacheWrites::Direct)
     }
 
-    /// [`open`](Self::open), storing records through the map when `map_stores` is set
-    /// ([`Stores::Map`](super::disk::Stores), for DAX files).
+    /// [`open`](Self::open) with the given way of storing and committing records. Where
+    /// the file system takes no direct I/O, [`CacheWrites::Direct`] falls back to
+    /// [`CacheWrites::Write`] (logged).
     pub fn open_with(
         path: &Path,
         size: u64,
         volumes: HashMap<u32, Arc<MirrorSet>>,
-        map_stores: bool,
+        writes: CacheWrites,
     ) -> Result<Arc<Self>, MediaError> {
         if size < RING_START + (1 << 20) {
             return Err(MediaError::Failed(format!(
@@ -382,8 +384,21 @@ impl WriteCache {
         if fresh {
             preallocate(&f, size)?;
         }
-        let map = MmapRegion::new(&f, map_stores)?;
-        Self::open_region(Box::new(map), fresh, &path.display().to_string(), volumes)
+        let map: Box<dyn Region> = match writes {
+            CacheWrites::Direct => match DirectRegion::new(&f, path) {
+                Ok(r) => Box::new(r),
+                Err(e) => {
+                    warn!(
+                        "{}: no direct writes ({e}); commits use msync of a shared map",
+                        path.display()
+                    );
+                    Box::new(MmapRegion::new(&f, false)?)
+                }
+            },
+            CacheWrites::Write => Box::new(MmapRegion::new(&f, false)?),
+            CacheWrites::Map => Box::new(MmapRegion::new(&f, true)?),
+        };
+        Self::open_region(map, fresh, &path.display().to_string(), volumes)
     }
 
     /// [`open`](Self::open) over a region already sized (a mapped file or the test double);

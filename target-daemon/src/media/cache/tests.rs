@@ -26,16 +26,21 @@ fn block(tag: u64) -> Vec<u8> {
 
 #[test]
 fn writes_read_back_before_and_after_destage() {
-    for map_stores in [false, true] {
-        writes_read_back(map_stores);
+    for (writes, name) in [
+        (CacheWrites::Direct, "rw-direct"),
+        (CacheWrites::Write, "rw"),
+        (CacheWrites::Map, "rw-map"),
+    ] {
+        writes_read_back(writes, name);
     }
 }
 
-/// Both ways records enter the file (pwrite, stores through the map) are read back
-/// through the map, from the ring and after destage, and recovered after a reopen.
-fn writes_read_back(map_stores: bool) {
-    let (d, vols) = setup(if map_stores { "rw-map" } else { "rw" }, 2);
-    let c = WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), map_stores).expect("open");
+/// Every way records enter the file (stores into a private map committed by direct
+/// writes, pwrite, stores through the shared map) is read back through the map, from the
+/// ring and after destage, and recovered after a reopen.
+fn writes_read_back(writes: CacheWrites, name: &str) {
+    let (d, vols) = setup(name, 2);
+    let c = WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), writes).expect("open");
     let v = CachedVolume::new(
         Arc::clone(&c),
         Arc::clone(&vols[&0]),
@@ -61,8 +66,7 @@ fn writes_read_back(map_stores: bool) {
     drop(v);
     drop(c);
     let vols = open_volumes(&d);
-    let c =
-        WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), map_stores).expect("reopen");
+    let c = WriteCache::open_with(&d.join("wc"), 2 << 20, vols.clone(), writes).expect("reopen");
     for i in 0..16u64 {
         c.read(0, 100 + i, &mut b).expect("read");
         assert_eq!(b, block(1000 + i), "block {} after reopen", 100 + i);
