@@ -54,9 +54,11 @@ disk_part() {
   local d f="$CI_OUT/bench-disk.figures"
   d=$(mktemp -d)
   figure "$f" fdatasync_per_s "$(fdatasync_rate "$d" "$DISK_SYNCS")"
-  # The write cache commits with pwrite + msync; O_DIRECT|O_DSYNC is the device's best.
+  # The write cache commits with O_DIRECT|O_DSYNC (the default) or pwrite + msync.
   figure "$f" msync_per_s "$(durable_write_rate "$d" "$DISK_SYNCS" msync)"
   figure "$f" direct_dsync_per_s "$(durable_write_rate "$d" "$DISK_SYNCS" direct)"
+  # One commit on a quiet device: what each hop of a ping through ftss pays at least.
+  figure "$f" idle_direct_dsync_us "$(idle_durable_write_us "$d" 25 200)"
   figure "$f" seq_write_mbs "$(seq_write_mbs "$d" "$DISK_MIB")"
   figure "$f" seq_write_mib "$DISK_MIB"
   figure "$f" fs "$(df --output=source,fstype "$d" | tail -1 | tr -s ' ' /)"
@@ -232,8 +234,9 @@ for t in table:
 fs = num(disk, "fdatasync_per_s")
 sw = num(disk, "seq_write_mbs")
 print(f"disk of this run ({disk.get('fs', 'n/a')}): fdatasync {fmt(fs)}/s (4 KiB pwrite + fdatasync), "
-      f"pwrite + msync {fmt(num(disk, 'msync_per_s'))}/s (the write cache's commit), "
-      f"O_DIRECT|O_DSYNC {fmt(num(disk, 'direct_dsync_per_s'))}/s, "
+      f"pwrite + msync {fmt(num(disk, 'msync_per_s'))}/s, "
+      f"O_DIRECT|O_DSYNC {fmt(num(disk, 'direct_dsync_per_s'))}/s (the write cache's commit), "
+      f"one O_DIRECT|O_DSYNC write 200 ms after the last: p50 {fmt(num(disk, 'idle_direct_dsync_us'))} us, "
       f"sequential write {fmt(sw)} MB/s ({disk.get('seq_write_mib', '?')} MiB, dd conv=fdatasync)")
 print("peers: tgt = Debian tgt on the page cache (not durable), tgt-sync = --bsoflags sync; "
       "redis = appendfsync always, XADD 1 KiB (p50/p99 are its request latency); "

@@ -205,12 +205,12 @@ figure() {
 # durable_write_rate DIR N HOW: 4 KiB durable overwrites per second of a pre-written
 # 4 MiB file in DIR (no allocation or size change in the loop), over N writes, HOW being
 #   fdatasync  pwrite, then fdatasync
-#   msync      pwrite, then msync(MS_SYNC) of the page through a shared map: what the
-#              write cache does (it stores with pwrite, never through the map, so the
-#              msync needs no page-table write-protect of a dirty mapped page)
+#   msync      pwrite, then msync(MS_SYNC) of the page through a shared map: the write
+#              cache's commit with media.cache_writes = "write"
 #   dsync      pwritev2(RWF_DSYNC): one system call
 #   direct     O_DIRECT|O_DSYNC from an aligned buffer: no page cache at all, the fastest
-#              durable 4 KiB write this device takes
+#              durable 4 KiB write this device takes, and the write cache's commit (the
+#              default, media.cache_writes = "direct")
 durable_write_rate() {
   python3 - "$1" "$2" "$3" <<'PY'
 import mmap, os, sys, tempfile, time
@@ -233,6 +233,30 @@ t = time.time()
 for i in range(n):
     step(i)
 print(int(n / (time.time() - t)))
+os.unlink(p)
+PY
+}
+
+# idle_durable_write_us DIR N GAP_MS: median microseconds of one 4 KiB O_DIRECT|O_DSYNC
+# overwrite (the write cache's commit) when the writes come GAP_MS apart, over N writes:
+# the device's flush seen by a lone packet on a quiet machine (ping sends 5 a second), where
+# back-to-back writes keep it warm.
+idle_durable_write_us() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import mmap, os, sys, tempfile, time
+d, n, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) / 1000
+fd, p = tempfile.mkstemp(dir=d)
+os.pwrite(fd, bytes(4 << 20), 0); os.fsync(fd)
+dfd = os.open(p, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+buf = mmap.mmap(-1, 4096); buf.write(b"x" * 4096)
+lat = []
+for i in range(n):
+    time.sleep(gap)
+    t = time.perf_counter()
+    os.pwritev(dfd, [buf], (i % 1024) * 4096)
+    lat.append((time.perf_counter() - t) * 1e6)
+lat.sort()
+print(int(lat[len(lat) // 2]))
 os.unlink(p)
 PY
 }
