@@ -26,6 +26,7 @@ portals = ["127.0.0.1:$port"]
 data_dir = "$work"
 [media]
 cache_size = "${CACHE_MIB}MiB"
+${CACHE_WRITES:+cache_writes = \"$CACHE_WRITES\"}
 [[target]]
 iqn = "iqn.2026-11.org.ftss:backlog"
 [[target.lun]]
@@ -42,19 +43,27 @@ CONF
 RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-backlog-ftss.log" "$port"
 pid=${CI_PIDS[-1]}
 F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
-# Resident memory, split into anonymous (heap: indexes, dedup window) and file-backed
-# (the mapped write cache, at most media.cache_size).
-# rss_csv: "total,anonymous,mapped" MiB, for the CSV.
+# Resident memory, split into the write cache's map (the cache file mapped private: pages
+# read from the file, and the process's own copy of each page written since, at most
+# media.cache_size) and everything else (heap: indexes, dedup window; stacks; code).
+# rss_parts: "total cache other" in KiB.
+rss_parts() {
+  local t c
+  t=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+  c=$(awk -v f="$work/write-cache" '
+        /^[0-9a-f]+-[0-9a-f]+ / {m = ($NF == f)}
+        m && /^Rss:/ {s += $2}
+        END {print s + 0}' "/proc/$pid/smaps")
+  echo "$t $c $((t - c))"
+}
+# rss_csv: "total,other,cache map" MiB, for the CSV.
 rss_csv() {
-  awk '/^VmRSS/ {t = $2} /^RssAnon/ {a = $2} /^RssFile|^RssShmem/ {f += $2}
-       END {printf "%.0f,%.0f,%.0f", t / 1024, a / 1024, f / 1024}' "/proc/$pid/status"
+  rss_parts | awk '{printf "%.0f,%.0f,%.0f", $1 / 1024, $3 / 1024, $2 / 1024}'
 }
 csv="$CI_OUT/bench-backlog.csv"
-echo "test,daemon RSS MiB,anonymous MiB,mapped cache file MiB" >"$csv"
+echo "test,daemon RSS MiB,beside the cache MiB,write cache map MiB" >"$csv"
 rss() {
-  awk '/^VmRSS/ {t = $2} /^RssAnon/ {a = $2} /^RssFile|^RssShmem/ {f += $2}
-       END {printf "%.0f MiB (anonymous %.0f MiB, mapped cache file %.0f MiB)", t / 1024, a / 1024, f / 1024}' \
-    "/proc/$pid/status"
+  rss_parts | awk '{printf "%.0f MiB (write cache map %.0f MiB, beside it %.0f MiB)", $1 / 1024, $2 / 1024, $3 / 1024}'
 }
 # The destination: logged in (available), not receiving.
 $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away hold 86400 >/dev/null 2>&1 &
@@ -87,6 +96,7 @@ figure "$figs" queue_seconds $((SECONDS - t_start))
 figure "$figs" cache_mib "$CACHE_MIB"
 # The memory with the whole backlog queued (the last row; the daemon keeps running).
 figure "$figs" rss_mib "$(tail -1 "$csv" | grep "^$PACKETS queued," | cut -d, -f2)"
+# RSS beside the write cache's map (heap, stacks, code): what the packets cost.
 figure "$figs" anon_mib "$(tail -1 "$csv" | grep "^$PACKETS queued," | cut -d, -f3)"
 if [ "$DRAIN" = 0 ]; then
   python3 "$CI_ROOT/ci/chart.py" "$csv" "$CI_OUT/bench-backlog.svg" "Memory with a packet backlog"

@@ -186,7 +186,7 @@ row(f"TUN TCP {tun.get('mib', '?')} MiB", "MB/s", num(tun, "ftss_tcp_mbs"), "vet
     num(tun, "veth_tcp_mbs"), "min", 300)
 packets = mem.get("packets")
 label = f"RSS, {int(packets):,} packets queued" if packets and packets.isdigit() else "RSS, backlog"
-row(label, "MiB", num(mem, "rss_mib"), "anon", num(mem, "anon_mib"), "max",
+row(label, "MiB", num(mem, "rss_mib"), "non-cache", num(mem, "anon_mib"), "max",
     cache + 64 if cache is not None else None)
 row(f"recovery, full {rec.get('cache_mib', '?')} MiB cache", "ms", num(rec, "recovery_ms"),
     "wall", num(rec, "wall_ms"), "below", 500)
@@ -218,7 +218,7 @@ for label, unit, f, peer, pv, kind, goal in rows:
         g = f"{op} {goal:g} {unit}"
         met = None if f is None else {"max": f <= goal, "min": f >= goal, "below": f < goal}[kind]
     m = "-" if kind == "none" else ("n/a" if met is None else ("yes" if met else "no"))
-    r = "-" if not peer or peer in ("anon", "wall") else ("n/a" if ratio is None else f"{ratio:.2f}")
+    r = "-" if not peer or peer in ("non-cache", "wall") else ("n/a" if ratio is None else f"{ratio:.2f}")
     table.append((label, unit, fmt(f), peer, fmt(pv) if peer else "", r, g, m))
 
 print(f"ftss benchmark, {started}-{__import__('time').strftime('%H:%M:%S', __import__('time').gmtime())} UTC, "
