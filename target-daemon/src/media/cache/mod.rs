@@ -268,6 +268,33 @@ pub struct WriteCache {
     fault_flush: AtomicBool,
 }
 
+/// Warns when a direct-commit cache is large for this machine. Its written pages are the
+/// process's own (a private map), so after one lap of the ring the whole cache is resident
+/// and, unlike the page cache behind a shared map, the kernel cannot reclaim it: memory
+/// must be planned for `media.cache_size`, as for a hardware cache's RAM.
+fn warn_if_unreclaimable(path: &Path, size: u64) {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page <= 0 {
+        return;
+    }
+    let ram = pages as u64 * page as u64;
+    if size > ram / 2 {
+        warn!(
+            "{}: the write cache ({} MiB) will stay resident, and that is more than half of \
+             this machine's memory ({} MiB)",
+            path.display(),
+            size >> 20,
+            ram >> 20
+        );
+    }
+}
+
 /// Writes zeros over the whole file once. A sparse or fallocated journal would allocate
 /// or convert extents on first write, turning every commit's msync into a file-system
 /// metadata commit as well; after this, commits write data only.
@@ -386,7 +413,10 @@ impl WriteCache {
         }
         let map: Box<dyn Region> = match writes {
             CacheWrites::Direct => match DirectRegion::new(&f, path) {
-                Ok(r) => Box::new(r),
+                Ok(r) => {
+                    warn_if_unreclaimable(path, size);
+                    Box::new(r)
+                }
                 Err(e) => {
                     warn!(
                         "{}: no direct writes ({e}); commits use msync of a shared map",
