@@ -43,35 +43,62 @@ impl WriteCache {
                 last_report = Instant::now();
             }
             let batch: Vec<Pending> = {
-                // Destage in large batches: every mirror sync is a file-system commit
-                // that the writers' msyncs queue behind, so fewer, bigger ones keep
-                // commits fast. Go at once when the ring is half full.
+                // Destage in large batches: every mirror sync is a device flush that the
+                // writers' commits queue behind, so fewer, bigger ones keep commits fast.
+                // Go at once when the ring is half full or a drain waits; after
+                // DESTAGE_INTERVAL when there is a fair amount; a trickle waits for a
+                // quiet moment or DESTAGE_AGE_MAX.
                 let Ok(mut g) = lock(&self.inner) else {
                     error!("write cache state lost to a panic: destage stops");
                     return;
                 };
                 let started = Instant::now();
+                let mut next_commit = started + DESTAGE_INTERVAL;
+                let mut seen = g.appended_seq;
+                let mut quiet_since = started;
                 while !self.stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if g.appended_seq != seen {
+                        seen = g.appended_seq;
+                        quiet_since = now;
+                    }
                     let pending = !g.queue.is_empty();
-                    let due =
-                        (g.head - g.tail) * 2 >= self.ring || started.elapsed() >= DESTAGE_INTERVAL;
-                    if pending && due {
-                        if g.queue.front().is_some_and(|p| p.seq > g.durable_seq) {
-                            // Volatile mode: no writer waited for a commit, so destage
-                            // commits first (only committed records may reach the mirrors
-                            // and move the tail).
-                            let seq = g.appended_seq;
-                            drop(g);
-                            if let Err(e) = self.wait_commit(seq) {
-                                error!("commit before destage failed: {e}");
-                            }
-                            let Ok(ng) = lock(&self.inner) else {
-                                error!("write cache state lost to a panic: destage stops");
-                                return;
-                            };
-                            g = ng;
+                    let dirty = g.head - g.tail;
+                    let waited = now - started;
+                    let due = dirty * 2 >= self.ring
+                        || self.draining.load(Ordering::Relaxed) > 0
+                        || (waited >= DESTAGE_INTERVAL && dirty >= self.ring / DESTAGE_SMALL_DIV)
+                        || waited >= DESTAGE_AGE_MAX
+                        || now - quiet_since >= DESTAGE_QUIET;
+                    let uncommitted = g.queue.front().is_some_and(|p| p.seq > g.durable_seq);
+                    if pending && uncommitted && (due || now >= next_commit) {
+                        // Volatile mode: no writer waited for a commit, so destage commits
+                        // (only committed records may reach the mirrors and move the
+                        // tail), and does so every DESTAGE_INTERVAL even while the records
+                        // wait for destage: the longest a volatile write stays volatile.
+                        let seq = g.appended_seq;
+                        drop(g);
+                        if let Err(e) = self.wait_commit(seq) {
+                            error!("commit before destage failed: {e}");
                         }
+                        next_commit = Instant::now() + DESTAGE_INTERVAL;
+                        let Ok(ng) = lock(&self.inner) else {
+                            error!("write cache state lost to a panic: destage stops");
+                            return;
+                        };
+                        g = ng;
+                        if !due {
+                            continue;
+                        }
+                    }
+                    if pending && due {
                         break;
+                    }
+                    if now >= next_commit {
+                        // Nothing volatile was waiting at this tick: the next one counts
+                        // from here, so a write arriving now still waits at most the
+                        // interval and commits do not run at every wake-up.
+                        next_commit = now + DESTAGE_INTERVAL;
                     }
                     let Ok((ng, _)) = self.cond.wait_timeout(g, Duration::from_millis(10)) else {
                         error!("write cache state lost to a panic: destage stops");
@@ -236,6 +263,17 @@ impl WriteCache {
 
     /// Waits until everything appended has been destaged (for tests and shutdown).
     pub fn drain(&self, timeout: Duration) -> bool {
+        /// Counts this caller in [`WriteCache::draining`] while it waits, so destage goes
+        /// at once instead of waiting for a quiet moment or the age limit.
+        struct Draining<'a>(&'a AtomicU64);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.draining.fetch_add(1, Ordering::Relaxed);
+        let _draining = Draining(&self.draining);
+        self.cond.notify_all();
         let seq = self.appended_seq();
         if self.wait_commit(seq).is_err() {
             return false;
