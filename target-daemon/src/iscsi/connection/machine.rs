@@ -609,7 +609,7 @@ impl Machine {
                     &task,
                     STATUS_CHECK_CONDITION,
                     Some(sense),
-                    &[],
+                    Bytes::new(),
                     Residual::of(task.cmd.edtl, 0),
                     0,
                 );
@@ -768,7 +768,7 @@ impl Machine {
                 &task,
                 STATUS_CHECK_CONDITION,
                 Some(sense),
-                &[],
+                Bytes::new(),
                 Residual::of(task.cmd.edtl, 0),
                 0,
             );
@@ -874,7 +874,9 @@ impl Machine {
                 );
             }
             self.finish_request(c.immediate);
-            let data = &o.data_in[..send as usize];
+            // Owned from here: each Data-In takes a slice of it, not a copy.
+            let mut data = Bytes::from(o.data_in);
+            data.truncate(send as usize);
             self.respond_scsi(&task, o.status, o.sense, data, residual, task.r2ts_sent);
             if let Some(hook) = o.on_sent {
                 self.sent.push((hook, send as usize));
@@ -896,7 +898,7 @@ impl Machine {
             task,
             STATUS_TASK_ABORTED,
             None,
-            &[],
+            Bytes::new(),
             residual,
             task.r2ts_sent,
         );
@@ -968,7 +970,7 @@ impl Machine {
         task: &Task,
         status: u8,
         sense: Option<Vec<u8>>,
-        data: &[u8],
+        data: Bytes,
         residual: Residual,
         r2ts: u32,
     ) {
@@ -1001,9 +1003,7 @@ impl Machine {
                 max_cmd_sn: self.window.max_cmd_sn(),
                 data_sn: piece.data_sn,
                 buffer_offset: piece.offset,
-                data: Bytes::copy_from_slice(
-                    &data[piece.offset as usize..(piece.offset + piece.len) as usize],
-                ),
+                data: data.slice(piece.offset as usize..(piece.offset + piece.len) as usize),
             });
             self.queue(&p);
         }
