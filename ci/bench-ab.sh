@@ -61,7 +61,7 @@ for r in $(seq 1 "$ROUNDS"); do
       # queue), and the receiver takes them all before the next test: a receiver behind
       # would turn SENDs into refusals, answered at once.
       n=$([ "$k" = 1 ] && echo "${P1:-6000}" || echo "${P32:-30000}")
-      $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:ab-rx recv --wait 20 --count "$n" >/dev/null 2>&1 &
+      $F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:ab-rx recv --quiet --wait 20 --count "$n" >/dev/null 2>&1 &
       rx=$!
       sleep 0.5
       out=$($tx bench 10.0.0.2 --size 1024 --count "$n" --inflight "$k")

@@ -104,7 +104,7 @@ if [ "$DRAIN" = 0 ]; then
 fi
 echo "stats of the away node: $($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | tr '\n' ' ')"
 t0=$(date +%s.%N)
-$F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away recv --wait 5 --count "$PACKETS" >/dev/null
+$F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away recv --quiet --wait 5 --count "$PACKETS" >/dev/null
 t1=$(date +%s.%N)
 left=$($F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:away stats | awk '/queued records/ {print $3}')
 echo "drained $PACKETS packets in $(python3 -c "print(round($t1 - $t0, 1))") s; left queued: $left; daemon RSS $(rss)" | tee -a "$CI_OUT/bench-backlog.txt"

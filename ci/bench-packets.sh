@@ -30,7 +30,7 @@ ftss_default_config "$port" "$work/ftss" >"$work/ftss.toml"
 RUST_LOG=warn ftss_start "$work/ftss.toml" "$CI_OUT/bench-packets-ftss.log" "$port"
 F="$CI_ROOT/target/release/ftss --portal 127.0.0.1:$port"
 # The destination node takes and acknowledges everything.
-$F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:bench-rx recv --wait 25 --count 1000000000 >/dev/null 2>&1 &
+$F -a 10.0.0.2 --initiator iqn.2026-11.org.ftss:bench-rx recv --quiet --wait 25 --count 1000000000 >/dev/null 2>&1 &
 CI_PIDS+=($!)
 tx="$F -a 10.0.0.1 --initiator iqn.2026-11.org.ftss:bench-tx"
 # ROUTING TABLE answers registered nodes only: the sender asks.
