@@ -90,7 +90,7 @@ import re
 a, b = (dict(re.findall(r'(\w+)=(\d+)', x)) for x in (a, b))
 d = lambda k: int(b[k]) - int(a[k])
 r, n, us = d('records'), d('commit_flushes'), d('commit_flush_us')
-print(f'{r} records in {n} commit msyncs ({r / max(n, 1):.1f} per msync), msync avg {us // max(n, 1)} us')")
+print(f'{r} records in {n} commits ({r / max(n, 1):.1f} per commit), commit avg {us // max(n, 1)} us')")
 echo "   $ns writes ($((ns * 4096 >> 20)) MiB) in ${secs:-n/a} s: $sustained IOPS; longest commit wait $wait_ms ms, longest ring-space wait $space_ms ms ($((SECONDS - t0)) s)"
 echo "   $commits"
 figure "$figs" runs "$RUNS"

@@ -4,7 +4,7 @@
 //! Two kinds of figures:
 //! - counters and latency histograms the hot paths bump as they go: per LUN and kind of
 //!   command ([`LunMetrics`], recorded where a command's response goes out), the write
-//!   cache's commit msyncs and destaged bytes, the routing agent's SEND outcomes. They
+//!   cache's commits and destaged bytes, the routing agent's SEND outcomes. They
 //!   are plain atomics with fixed buckets ([`Histogram`]): a command pays a few relaxed
 //!   adds and no allocation or lock;
 //! - gauges read at scrape time from the same sources as `admin status` and
@@ -250,7 +250,7 @@ impl DaemonCollector {
         )?;
         let mut h = enc.encode_descriptor(
             "ftss_cache_commit",
-            "Duration of each group-commit msync of the write cache.",
+            "Duration of each group commit of the write cache (its write and flush).",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;

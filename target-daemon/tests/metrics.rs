@@ -372,7 +372,7 @@ async fn scrapes_during_io_show_counters_bytes_and_consistent_histograms() {
             "{k}: one latency per command"
         );
     }
-    // Nonvolatile cache: every acknowledged write waited for a commit msync.
+    // Nonvolatile cache: every acknowledged write waited for a commit.
     assert!(after.get("ftss_cache_commit_seconds_count", &[]) > 0.0);
     assert!(after.get("ftss_cache_commit_seconds_sum", &[]) > 0.0);
     assert!(after.get("ftss_cache_records_total", &[]) >= WRITES as f64);

@@ -271,7 +271,7 @@ impl WriteCache {
     }
 
     /// Fault injection for tests: the next commit flush fails with EIO, as a failed
-    /// msync does (the cache then refuses every later commit).
+    /// commit write or msync does (the cache then refuses every later commit).
     pub fn inject_commit_failure(&self) {
         self.fault_flush.store(true, Ordering::Relaxed);
     }
@@ -323,10 +323,10 @@ impl WriteCache {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         let mut g = lock(&self.inner)?;
         if let Err(e) = r {
-            // An msync failure leaves the cache's contents unknown: stop taking writes
+            // A failed commit leaves the cache's contents unknown: stop taking writes
             // rather than acknowledge what may not be stored. The flight stays unfinished,
             // so the frontier never passes it.
-            error!("write cache msync failed: {e}");
+            error!("write cache commit failed: {e}");
             self.stop.store(true, Ordering::Relaxed);
             self.stop_commits.store(true, Ordering::Relaxed);
             self.cond.notify_all();
@@ -405,7 +405,7 @@ impl WriteCache {
     /// Waits until record `seq` is committed without holding a thread: the commands of a
     /// queue-deep initiator then cost one parked task each instead of one blocked thread
     /// each, and a finished flush wakes them with one notification instead of a
-    /// condition-variable stampede. The msync itself runs on a blocking thread.
+    /// condition-variable stampede. The commit itself runs on a blocking thread.
     pub async fn committed(self: &Arc<Self>, seq: u64) -> Result<(), MediaError> {
         let started = Instant::now();
         let mut rx = self.durable_tx.subscribe();

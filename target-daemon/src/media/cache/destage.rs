@@ -33,8 +33,8 @@ impl WriteCache {
                     let us = s.commit_flush_us / s.commit_flushes.max(1);
                     info!(
                         records = s.records,
-                        msyncs = s.commit_flushes,
-                        msync_us_avg = us,
+                        commits = s.commit_flushes,
+                        commit_us_avg = us,
                         dirty_bytes = s.dirty_bytes,
                         "write cache"
                     );

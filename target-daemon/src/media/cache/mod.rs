@@ -1,5 +1,6 @@
 //! The write cache: an mmap'd circular journal of records, committed in groups with one
-//! `msync` for many writers, destaged in the background to each volume's mirror set.
+//! direct write (or `msync`) for many writers, destaged in the background to each
+//! volume's mirror set.
 //! Formats, commit order and recovery: docs/design.md.
 //!
 //! This file holds the state and opening; each step has its own file: `format.rs` (the
@@ -66,7 +67,9 @@ const SPACE_WAIT: Duration = Duration::from_secs(30);
 /// Commit flushes allowed to run at once (see `wait_durable`). Measured on this
 /// project's test machine (ext4 on virtio): 4 concurrent msyncs gave 10.8K 4 KiB writes/s
 /// at queue depth 32 against 15.7K for 1, because concurrent flushes do not overlap on
-/// the device and only split the groups. Raise it for devices with parallel flushes.
+/// the device and only split the groups. Raise it for devices with parallel flushes. With
+/// direct commits ([`DirectRegion`]) consecutive groups usually share a page, and a commit
+/// waits for the one before it that holds the page, so more would gain little there.
 const FLUSHES_MAX: usize = 1;
 
 /// Hashing for the block index, keyed by (volume, lba). Every cached block is an entry,
@@ -140,13 +143,13 @@ fn raise_max(max: &AtomicU64, since: Instant) {
 /// Counters for status and benchmarks.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CacheStats {
-    /// msync calls made for group commits.
+    /// Group commits made (each one direct write, or one msync).
     pub commit_flushes: u64,
-    /// Microseconds those msyncs took in all: with `commit_flushes` and `records`, the
+    /// Microseconds those commits took in all: with `commit_flushes` and `records`, the
     /// cost of a commit on this device and how many records share one.
     pub commit_flush_us: u64,
     /// Longest one writer waited for its record to be committed, in microseconds: an
-    /// average hides the stall a sustained load meets behind a slow msync.
+    /// average hides the stall a sustained load meets behind a slow commit.
     pub commit_wait_max_us: u64,
     /// Longest one append waited for ring space (destage behind), in microseconds.
     pub space_wait_max_us: u64,
@@ -260,9 +263,9 @@ pub struct WriteCache {
     /// Set when a commit flush failed: no record may be called committed after that.
     stop_commits: AtomicBool,
     flushes: AtomicU64,
-    /// Microseconds spent in commit msyncs.
+    /// Microseconds spent in commits.
     flush_us: AtomicU64,
-    /// Each commit msync's duration, for the metrics endpoint.
+    /// Each commit's duration, for the metrics endpoint.
     commit_latency: crate::counters::Histogram,
     /// See [`CacheStats::commit_wait_max_us`] and [`CacheStats::space_wait_max_us`].
     commit_wait_max_us: AtomicU64,
@@ -308,7 +311,7 @@ fn warn_if_unreclaimable(path: &Path, size: u64) {
 }
 
 /// Writes zeros over the whole file once. A sparse or fallocated journal would allocate
-/// or convert extents on first write, turning every commit's msync into a file-system
+/// or convert extents on first write, turning every commit into a file-system
 /// metadata commit as well; after this, commits write data only.
 pub(crate) fn preallocate(f: &std::fs::File, size: u64) -> Result<(), MediaError> {
     use std::os::unix::fs::FileExt;
@@ -553,7 +556,7 @@ impl WriteCache {
         }
     }
 
-    /// Durations of the commit msyncs so far.
+    /// Durations of the commits so far.
     pub fn commit_latency(&self) -> &crate::counters::Histogram {
         &self.commit_latency
     }
