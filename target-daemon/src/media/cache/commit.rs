@@ -242,10 +242,8 @@ impl WriteCache {
             Op::Jump { .. } | Op::Wrap => {}
             Op::Blocks { .. } => {
                 for (k, _) in data.chunks(bs as usize).enumerate() {
-                    g.index.insert(
-                        (volume, lba + k as u64),
-                        (seq, pos + HDR_LEN + k as u64 * bs),
-                    );
+                    g.index
+                        .insert((volume, lba + k as u64), pos + HDR_LEN + k as u64 * bs);
                 }
             }
         }

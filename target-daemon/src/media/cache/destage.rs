@@ -245,7 +245,9 @@ impl WriteCache {
                     if let std::collections::hash_map::Entry::Occupied(e) =
                         g.index.entry((p.volume, p.lba + k))
                     {
-                        if e.get().0 == p.seq {
+                        // Still this record's copy (not a newer record's): its data
+                        // lies inside this record.
+                        if (p.pos..p.end).contains(e.get()) {
                             e.remove();
                         }
                     }

@@ -19,7 +19,7 @@ impl WriteCache {
             .collect();
         (lba..end)
             .map(|b| {
-                if let Some(&(_, pos)) = g.index.get(&(volume, b)) {
+                if let Some(&pos) = g.index.get(&(volume, b)) {
                     // Newer than any pending discard of the block (see `index`).
                     Source::Ring(pos)
                 } else if discarded.iter().any(|&(s, e)| (s..e).contains(&b)) {

@@ -237,10 +237,13 @@ struct Inner {
     /// Ids are positions in `inflight` offset by this (ids of popped flights are gone).
     inflight_base: u64,
     queue: VecDeque<Pending>,
-    /// Latest cached copy of each block: (volume, lba) -> (seq, log position of its data).
+    /// Latest cached copy of each block: (volume, lba) -> log position of its data.
     /// A discard removes the entries it covers, so an entry is always newer than every
-    /// pending discard of its block.
-    index: HashMap<(u32, u64), (u64, u64), BlockKeys>,
+    /// pending discard of its block. Log positions are never reused within a run, so the
+    /// position also says which record an entry belongs to (its `pos..end`), and the
+    /// record's sequence number need not be kept: every cached block is an entry, and at
+    /// 8 bytes less each a full 256 MiB ring of 512-byte blocks holds about 8 MiB less.
+    index: HashMap<(u32, u64), u64, BlockKeys>,
     /// Discard records not yet destaged, oldest first.
     discards: VecDeque<Discard>,
     sb_seq: u64,

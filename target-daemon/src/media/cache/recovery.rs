@@ -40,8 +40,7 @@ impl WriteCache {
                         .get(&volume)
                         .map_or(512, |m| u64::from(m.block_size()));
                     for k in 0..u64::from(len) / bs {
-                        g.index
-                            .insert((volume, lba + k), (seq, pos + HDR_LEN + k * bs));
+                        g.index.insert((volume, lba + k), pos + HDR_LEN + k * bs);
                     }
                     n += 1;
                 }
