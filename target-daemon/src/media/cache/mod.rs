@@ -404,6 +404,17 @@ impl WriteCache {
         volumes: HashMap<u32, Arc<MirrorSet>>,
         writes: CacheWrites,
     ) -> Result<Arc<Self>, MediaError> {
+        let (map, fresh) = Self::open_file(path, size, writes)?;
+        Self::open_region(map, fresh, &path.display().to_string(), volumes)
+    }
+
+    /// The cache file as a region: created with `size` zeroed bytes if missing (then
+    /// `fresh` is true), refused if it holds another size, and mapped for `writes`.
+    pub(crate) fn open_file(
+        path: &Path,
+        size: u64,
+        writes: CacheWrites,
+    ) -> Result<(Box<dyn Region>, bool), MediaError> {
         if size < RING_START + (1 << 20) {
             return Err(MediaError::Failed(format!(
                 "{}: the write cache needs at least 1 MiB",
@@ -446,7 +457,7 @@ impl WriteCache {
             CacheWrites::Write => Box::new(MmapRegion::new(&f, false)?),
             CacheWrites::Map => Box::new(MmapRegion::new(&f, true)?),
         };
-        Self::open_region(map, fresh, &path.display().to_string(), volumes)
+        Ok((map, fresh))
     }
 
     /// [`open`](Self::open) over a region already sized (a mapped file or the test double);

@@ -1,9 +1,17 @@
 use super::*;
 use crate::media::mirror::MirrorSet;
+use crate::media::CacheWrites;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 const VOL: u32 = 9;
+const CACHE_BYTES: u64 = 8192 + (2 << 20);
+
+/// The queue's mirror set under `dir`, as the cache's only volume.
+fn volumes(dir: &std::path::Path, blocks: u64) -> HashMap<u32, Arc<MirrorSet>> {
+    let set = MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors");
+    HashMap::from([(VOL, Arc::new(set))])
+}
 
 fn a(x: u8) -> NodeAddr {
     NodeAddr::from(Ipv4Addr::new(10, 0, 0, x))
@@ -18,50 +26,24 @@ struct Rig {
 
 impl Rig {
     fn open(dir: PathBuf, blocks: u64, opts: QueueOptions) -> Rig {
-        let set = Arc::new(
-            MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors"),
-        );
-        let cache = WriteCache::open(
-            &dir.join("cache"),
-            8192 + (2 << 20),
-            HashMap::from([(VOL, set)]),
-        )
-        .expect("cache");
-        let q = PacketQueue::open(Arc::clone(&cache), VOL, blocks, 512, opts).expect("queue");
-        Rig {
-            dir,
-            blocks,
-            cache,
-            q,
-        }
+        let cache = WriteCache::open(&dir.join("cache"), CACHE_BYTES, volumes(&dir, blocks))
+            .expect("cache");
+        Rig::with_cache(dir, blocks, cache, opts)
     }
 
     /// [`open`](Self::open) with no destage thread, so nothing commits unless a caller
     /// waits for it: what is only appended is lost at a crash, every time.
     fn open_without_destage(dir: PathBuf, blocks: u64, opts: QueueOptions) -> Rig {
-        let set = Arc::new(
-            MirrorSet::open(&[dir.join("a"), dir.join("b")], blocks, 512).expect("mirrors"),
-        );
-        let path = dir.join("cache");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .expect("cache file");
-        let fresh = f.metadata().expect("stat").len() == 0;
-        if fresh {
-            crate::media::cache::preallocate(&f, 8192 + (2 << 20)).expect("preallocate");
-        }
-        let region = crate::media::direct::DirectRegion::new(&f, &path).expect("region");
-        let cache = WriteCache::open_region_without_destage(
-            Box::new(region),
-            fresh,
-            "cache",
-            HashMap::from([(VOL, set)]),
-        )
-        .expect("cache");
+        let (region, fresh) =
+            WriteCache::open_file(&dir.join("cache"), CACHE_BYTES, CacheWrites::Direct)
+                .expect("cache file");
+        let cache =
+            WriteCache::open_region_without_destage(region, fresh, "cache", volumes(&dir, blocks))
+                .expect("cache");
+        Rig::with_cache(dir, blocks, cache, opts)
+    }
+
+    fn with_cache(dir: PathBuf, blocks: u64, cache: Arc<WriteCache>, opts: QueueOptions) -> Rig {
         let q = PacketQueue::open(Arc::clone(&cache), VOL, blocks, 512, opts).expect("queue");
         Rig {
             dir,
