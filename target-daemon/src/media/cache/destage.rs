@@ -4,6 +4,18 @@
 use super::destage_plan::{self, Extent};
 use super::*;
 
+/// Whether destage should run now, with `dirty` of the `ring`'s bytes waiting, `waited`
+/// since the last batch ended and `quiet` since the last append: at once when the ring is
+/// half full or a drain waits; after [`DESTAGE_INTERVAL`] when there is a fair amount; a
+/// trickle only after a quiet moment or [`DESTAGE_AGE_MAX`].
+fn destage_due(dirty: u64, ring: u64, waited: Duration, quiet: Duration, draining: bool) -> bool {
+    dirty * 2 >= ring
+        || draining
+        || (waited >= DESTAGE_INTERVAL && dirty >= ring / DESTAGE_SMALL_DIV)
+        || waited >= DESTAGE_AGE_MAX
+        || quiet >= DESTAGE_QUIET
+}
+
 impl WriteCache {
     /// Destages every committed record now, in the calling thread (what the destage
     /// thread does in batches); for caches opened without that thread.
@@ -63,13 +75,13 @@ impl WriteCache {
                         quiet_since = now;
                     }
                     let pending = !g.queue.is_empty();
-                    let dirty = g.head - g.tail;
-                    let waited = now - started;
-                    let due = dirty * 2 >= self.ring
-                        || self.draining.load(Ordering::Relaxed) > 0
-                        || (waited >= DESTAGE_INTERVAL && dirty >= self.ring / DESTAGE_SMALL_DIV)
-                        || waited >= DESTAGE_AGE_MAX
-                        || now - quiet_since >= DESTAGE_QUIET;
+                    let due = destage_due(
+                        g.head - g.tail,
+                        self.ring,
+                        now - started,
+                        now - quiet_since,
+                        self.draining.load(Ordering::Relaxed) > 0,
+                    );
                     let uncommitted = g.queue.front().is_some_and(|p| p.seq > g.durable_seq);
                     if pending && uncommitted && (due || now >= next_commit) {
                         // Volatile mode: no writer waited for a commit, so destage commits
@@ -319,5 +331,45 @@ impl WriteCache {
                 let _ = h.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::*;
+
+    const RING: u64 = 256 << 20;
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_trickle_waits_for_a_quiet_moment_or_the_age_limit() {
+        let small = RING / DESTAGE_SMALL_DIV - 1;
+        // Appends keep coming and the amount is small: not even the interval starts it.
+        assert!(!destage_due(small, RING, MS(500), MS(5), false));
+        assert!(!destage_due(
+            small,
+            RING,
+            DESTAGE_AGE_MAX - MS(1),
+            MS(19),
+            false
+        ));
+        // A quiet moment, or the age limit, does.
+        assert!(destage_due(small, RING, MS(30), DESTAGE_QUIET, false));
+        assert!(destage_due(small, RING, DESTAGE_AGE_MAX, MS(0), false));
+    }
+
+    #[test]
+    fn a_fair_amount_goes_at_the_interval_and_a_half_full_ring_or_a_drain_at_once() {
+        let fair = RING / DESTAGE_SMALL_DIV;
+        assert!(!destage_due(
+            fair,
+            RING,
+            DESTAGE_INTERVAL - MS(1),
+            MS(0),
+            false
+        ));
+        assert!(destage_due(fair, RING, DESTAGE_INTERVAL, MS(0), false));
+        assert!(destage_due(RING / 2, RING, MS(0), MS(0), false));
+        assert!(destage_due(1, RING, MS(0), MS(0), true));
     }
 }
