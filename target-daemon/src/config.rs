@@ -1217,6 +1217,29 @@ mod tests {
     }
 
     #[test]
+    fn cache_writes_defaults_to_direct_and_each_value_picks_its_path() {
+        let with = |media: &str| {
+            let text = format!(
+                "[server]\nportals=[\"127.0.0.1:3260\"]\n{media}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n"
+            );
+            Config::parse(&text)
+                .expect("valid")
+                .resolve()
+                .expect("valid")
+                .media
+                .writes
+        };
+        assert_eq!(with(""), CacheWrites::Direct);
+        for (value, want) in [
+            ("direct", CacheWrites::Direct),
+            ("write", CacheWrites::Write),
+            ("map", CacheWrites::Map),
+        ] {
+            assert_eq!(with(&format!("[media]\ncache_writes=\"{value}\"")), want);
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("256 MiB"), Ok(256 << 20));
