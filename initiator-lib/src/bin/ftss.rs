@@ -1104,10 +1104,12 @@ async fn latency(
         let (receiver, sent) = (Arc::clone(receiver), Arc::clone(&sent));
         tokio::spawn(async move {
             let mut lat = Vec::with_capacity(count as usize);
-            let mut last = 0u64;
+            // The library's receive loop, as an application would run it (its ACKs travel
+            // beside the next RECEIVE).
+            let mut rx = Receiver::new(receiver).with_wait(Duration::from_secs(1));
             let deadline = Instant::now() + Duration::from_secs(count / rate.max(1) + 30);
             while (lat.len() as u64) < count && Instant::now() < deadline {
-                let got = receiver.receive(0, Some(Duration::from_secs(1))).await?;
+                let got = rx.poll().await?;
                 let now = Instant::now();
                 for d in &got {
                     let word = |k: usize| {
@@ -1118,7 +1120,6 @@ async fn latency(
                     };
                     let id = word(0);
                     if word(1) != run {
-                        last = last.max(d.seq);
                         continue;
                     }
                     if let Some(t) = sent
@@ -1128,12 +1129,9 @@ async fn latency(
                     {
                         lat.push(now.duration_since(*t));
                     }
-                    last = last.max(d.seq);
-                }
-                if last > 0 {
-                    receiver.ack_upto(last).await?;
                 }
             }
+            rx.ack().await?;
             Ok::<_, ftss_initiator::Error>(lat)
         })
     };

@@ -1,5 +1,7 @@
 //! The receiving side of a node: [`Receiver`].
 
+use std::pin::Pin;
+
 use super::*;
 
 /// Long-polls a [`PacketClient`] and hands each record to the application once.
@@ -16,6 +18,10 @@ use super::*;
 /// After a connection error the receive position on the target may have moved past a
 /// response that never arrived (a timed-out RECEIVE can still complete), so the next poll
 /// first reads the records up to the target's position again with REPLAY.
+///
+/// The ACK of one batch goes out beside the next RECEIVE, not before it: the target makes
+/// an ACK durable before answering it, and a record arriving meanwhile would otherwise
+/// wait for that commit as well as its own.
 pub struct Receiver<T> {
     client: Arc<PacketClient<T>>,
     wait: Duration,
@@ -26,9 +32,17 @@ pub struct Receiver<T> {
     acked: u64,
     /// The last receive failed: catch up with REPLAY before the next RECEIVE.
     resync: bool,
+    /// The ACK on its way, with the sequence number it acknowledges up to.
+    ack_flying: Option<(u64, AckFuture)>,
+    /// An ACK refused for a reason other than the connection (which the RECEIVE beside it
+    /// reports too): the next poll returns it.
+    ack_failed: Option<Error>,
 }
 
-impl<T: Transport> Receiver<T> {
+/// An ACK command in flight, kept across polls.
+type AckFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+impl<T: Transport + 'static> Receiver<T> {
     /// A receiver on `client` that waits up to the client's maximum per poll.
     #[must_use]
     pub fn new(client: Arc<PacketClient<T>>) -> Self {
@@ -39,6 +53,8 @@ impl<T: Transport> Receiver<T> {
             handed: 0,
             acked: 0,
             resync: false,
+            ack_flying: None,
+            ack_failed: None,
         }
     }
 
@@ -76,8 +92,15 @@ impl<T: Transport> Receiver<T> {
         self.handed
     }
 
-    /// Acknowledges everything handed out so far, if not done yet.
+    /// Acknowledges everything handed out so far, if not done yet, and waits for it.
     pub async fn ack(&mut self) -> Result<(), Error> {
+        if let Some(e) = self.ack_failed.take() {
+            return Err(e);
+        }
+        if let Some((upto, f)) = self.ack_flying.take() {
+            f.await?;
+            self.acked = self.acked.max(upto);
+        }
         if self.handed > self.acked {
             self.client.ack_upto(self.handed).await?;
             self.acked = self.handed;
@@ -85,14 +108,49 @@ impl<T: Transport> Receiver<T> {
         Ok(())
     }
 
-    /// One round: acknowledges what was handed out before, waits for records, returns
-    /// the new ones (possibly none when the wait ran out or only repeats came).
+    /// One round: acknowledges what was handed out before (the ACK travels beside this
+    /// round's RECEIVE and may still be on its way when the round ends), waits for
+    /// records, returns the new ones (possibly none when the wait ran out or only repeats
+    /// came).
     pub async fn poll(&mut self) -> Result<Vec<Delivered>, Error> {
-        self.ack().await?;
-        let got = if self.resync {
-            self.catch_up().await
-        } else {
-            self.client.receive(self.max_records, Some(self.wait)).await
+        if let Some(e) = self.ack_failed.take() {
+            return Err(e);
+        }
+        if self.ack_flying.is_none() && self.handed > self.acked {
+            let (client, upto) = (Arc::clone(&self.client), self.handed);
+            let f: AckFuture = Box::pin(async move { client.ack_upto(upto).await });
+            self.ack_flying = Some((upto, f));
+        }
+        let client = Arc::clone(&self.client);
+        let (resync, handed, max_records, wait) =
+            (self.resync, self.handed, self.max_records, self.wait);
+        let receive = async move {
+            if resync {
+                catch_up(&client, handed).await
+            } else {
+                client.receive(max_records, Some(wait)).await
+            }
+        };
+        tokio::pin!(receive);
+        let got = loop {
+            let Some((upto, ack)) = self.ack_flying.as_mut() else {
+                break receive.await;
+            };
+            let upto = *upto;
+            // Biased: the ACK is sent first, so the target sees the two in that order.
+            tokio::select! {
+                biased;
+                r = ack => {
+                    self.ack_flying = None;
+                    match r {
+                        Ok(()) => self.acked = self.acked.max(upto),
+                        // The RECEIVE beside it fails too, or the next poll acks again.
+                        Err(e) if e.is_connection_error() => {}
+                        Err(e) => self.ack_failed = Some(e),
+                    }
+                }
+                r = &mut receive => break r,
+            }
         };
         match got {
             Ok(records) => {
@@ -118,25 +176,6 @@ impl<T: Transport> Receiver<T> {
         }
     }
 
-    /// The records after the last one handed out, up to the target's RECEIVE position.
-    async fn catch_up(&self) -> Result<Vec<Delivered>, Error> {
-        let upto = self.client.queue_stats().await?.last_delivered;
-        let mut out = Vec::new();
-        let mut next = self.handed.saturating_add(1);
-        while next <= upto {
-            let (page, more) = self.client.replay_page(ReplayFrom::Seq(next)).await?;
-            let Some(last) = page.last().map(|d| d.seq) else {
-                break;
-            };
-            out.extend(page.into_iter().filter(|d| d.seq <= upto));
-            if !more {
-                break;
-            }
-            next = last.saturating_add(1);
-        }
-        Ok(out)
-    }
-
     /// Drops records already handed out and remembers the rest.
     fn take_new(&mut self, records: Vec<Delivered>) -> Vec<Delivered> {
         let mut fresh = Vec::with_capacity(records.len());
@@ -151,4 +190,26 @@ impl<T: Transport> Receiver<T> {
         }
         fresh
     }
+}
+
+/// The records after `handed`, up to the target's RECEIVE position.
+async fn catch_up<T: Transport>(
+    client: &PacketClient<T>,
+    handed: u64,
+) -> Result<Vec<Delivered>, Error> {
+    let upto = client.queue_stats().await?.last_delivered;
+    let mut out = Vec::new();
+    let mut next = handed.saturating_add(1);
+    while next <= upto {
+        let (page, more) = client.replay_page(ReplayFrom::Seq(next)).await?;
+        let Some(last) = page.last().map(|d| d.seq) else {
+            break;
+        };
+        out.extend(page.into_iter().filter(|d| d.seq <= upto));
+        if !more {
+            break;
+        }
+        next = last.saturating_add(1);
+    }
+    Ok(out)
 }

@@ -27,6 +27,8 @@ struct Mock {
     /// When set, each command's answer waits for a permit: the test decides when a
     /// command in flight completes.
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// The same for ACK commands alone.
+    ack_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Mock {
@@ -35,6 +37,7 @@ impl Mock {
             log: Arc::clone(log),
             replies: Mutex::new(replies.into()),
             gate: None,
+            ack_gate: None,
         }
     }
 }
@@ -58,7 +61,10 @@ impl Transport for Mock {
             .unwrap()
             .pop_front()
             .unwrap_or_else(|| Err(Error::Protocol(format!("no reply scripted for {cdb:?}"))));
-        let gate = self.gate.clone();
+        let gate = match cdb {
+            VendorCdb::Ack(_) => self.ack_gate.clone().or_else(|| self.gate.clone()),
+            _ => self.gate.clone(),
+        };
         async move {
             if let Some(g) = gate {
                 g.acquire().await.unwrap().forget();
@@ -473,23 +479,39 @@ async fn receiver_hands_each_record_once_across_a_reconnect() {
     let log = log();
     let client = Arc::new(client(
         &log,
-        vec![records(false, &[1, 2]), Err(Error::ConnectionClosed)],
+        vec![
+            records(false, &[1, 2]),
+            // The connection goes: the ACK for 1-2 and the RECEIVE beside it fail.
+            Err(Error::ConnectionClosed),
+            Err(Error::ConnectionClosed),
+        ],
     ));
     let mut rx = Receiver::new(Arc::clone(&client)).with_wait(Duration::from_secs(1));
     assert_eq!(seqs(&rx.poll().await.unwrap()), vec![1, 2]);
-    // The ACK for 1-2 is lost with the connection.
     assert!(rx.poll().await.unwrap_err().is_connection_error());
     assert_eq!(rx.last_seq(), 2);
-    // A new nexus starts at the first unacknowledged record: 1 and 2 come again.
+    let fresh_nexus = QueueStats {
+        queued_records: 3,
+        queued_bytes: 24,
+        first_unacked: 1,
+        last_delivered: 0,
+        last_assigned: 3,
+        capacity_bytes: 1 << 30,
+    };
     client.replace_transport(Mock::new(
         &log,
         vec![
-            good(vec![]),
+            good(vec![]), // ACK 2, again
+            good(fresh_nexus.encode()),
+            // The RECEIVE ran before the ACK on the target: 1 and 2 come again.
             records(false, &[1, 2, 3]),
             good(vec![]),
             records(false, &[]),
         ],
     ));
+    // The failed RECEIVE may have moved the target's position: the poll catches up first
+    // (nothing was delivered on the new nexus).
+    assert!(rx.poll().await.unwrap().is_empty());
     assert_eq!(seqs(&rx.poll().await.unwrap()), vec![3]);
     assert!(rx.poll().await.unwrap().is_empty());
     let cdbs: Vec<u8> = calls(&log)
@@ -501,15 +523,81 @@ async fn receiver_hands_each_record_once_across_a_reconnect() {
         vec![
             op::RECEIVE,
             op::ACK,
+            op::RECEIVE,
             op::ACK,
+            op::NODE,
             op::RECEIVE,
             op::ACK,
             op::RECEIVE
         ]
     );
     let calls = calls(&log);
-    assert_eq!(calls[2].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
-    assert_eq!(calls[4].cdb, VendorCdb::Ack(AckCdb::UpTo(3)));
+    assert_eq!(calls[3].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
+    assert_eq!(calls[6].cdb, VendorCdb::Ack(AckCdb::UpTo(3)));
+}
+
+#[tokio::test]
+async fn a_slow_ack_does_not_hold_back_the_records_behind_it() {
+    let log = log();
+    let mut m = Mock::new(
+        &log,
+        vec![
+            records(false, &[1, 2]),
+            good(vec![]), // ACK 2: answered only when the test says
+            records(false, &[3]),
+            records(false, &[]),
+            good(vec![]), // ACK 3
+            records(false, &[]),
+        ],
+    );
+    let ack_gate = Arc::new(tokio::sync::Semaphore::new(0));
+    m.ack_gate = Some(Arc::clone(&ack_gate));
+    let mut rx = Receiver::new(Arc::new(PacketClient::new(m)));
+    assert_eq!(seqs(&rx.poll().await.unwrap()), vec![1, 2]);
+    // The ACK of 1-2 hangs; the RECEIVE sent beside it brings 3 all the same.
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.poll())
+        .await
+        .expect("the poll must not wait for the ACK");
+    assert_eq!(seqs(&got.unwrap()), vec![3]);
+    // Still one ACK in flight: the next poll sends no second one until it is answered.
+    ack_gate.add_permits(2);
+    assert!(rx.poll().await.unwrap().is_empty());
+    assert!(rx.poll().await.unwrap().is_empty());
+    let calls = calls(&log);
+    let cdbs: Vec<&VendorCdb> = calls.iter().map(|c| &c.cdb).collect();
+    assert_eq!(cdbs.len(), 6);
+    assert!(matches!(cdbs[0], VendorCdb::Receive(_)));
+    assert_eq!(*cdbs[1], VendorCdb::Ack(AckCdb::UpTo(2)), "sent first");
+    assert!(matches!(cdbs[2], VendorCdb::Receive(_)));
+    assert!(matches!(cdbs[3], VendorCdb::Receive(_)));
+    assert_eq!(*cdbs[4], VendorCdb::Ack(AckCdb::UpTo(3)));
+    assert!(matches!(cdbs[5], VendorCdb::Receive(_)));
+}
+
+#[tokio::test]
+async fn a_refused_ack_reaches_the_application_after_the_records_beside_it() {
+    let log = log();
+    let client = Arc::new(client(
+        &log,
+        vec![
+            records(false, &[1]),
+            check(Sense::new(key::ILLEGAL_REQUEST, 0x24, 0)), // ACK 1
+            records(false, &[2]),
+            good(vec![]), // ACK 2
+            records(false, &[]),
+        ],
+    ));
+    let mut rx = Receiver::new(client);
+    assert_eq!(seqs(&rx.poll().await.unwrap()), vec![1]);
+    // The RECEIVE beside the refused ACK brought 2: handed out, not lost.
+    assert_eq!(seqs(&rx.poll().await.unwrap()), vec![2]);
+    let e = rx.poll().await.unwrap_err();
+    assert!(!e.is_connection_error(), "{e}");
+    // Then the ACK goes again, covering both.
+    assert!(rx.poll().await.unwrap().is_empty());
+    let calls = calls(&log);
+    assert_eq!(calls.len(), 5, "the failed poll sent nothing");
+    assert_eq!(calls[3].cdb, VendorCdb::Ack(AckCdb::UpTo(2)));
 }
 
 #[tokio::test]
