@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ftss_proto::vendor::NodeAddr;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// How long a failed gateway is passed over.
 const HOLD_DOWN: Duration = Duration::from_secs(5);
@@ -76,8 +76,10 @@ impl DropReason {
 pub struct ExternalStats {
     /// Datagrams sent out.
     pub sent: u64,
-    /// Packets no gateway took.
+    /// Packets no gateway took (those too big included).
     pub failed: u64,
+    /// Packets too big for one datagram: refused without holding any gateway down.
+    pub too_big: u64,
     /// Datagrams received from outside and delivered to a node.
     pub received: u64,
     /// Datagrams dropped: malformed.
@@ -105,9 +107,10 @@ impl std::fmt::Display for ExternalStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "external sent={} failed={} received={} dropped_malformed={} dropped_unknown_peer={} dropped_spoofed_source={} dropped_undeliverable={}",
+            "external sent={} failed={} too_big={} received={} dropped_malformed={} dropped_unknown_peer={} dropped_spoofed_source={} dropped_undeliverable={}",
             self.sent,
             self.failed,
+            self.too_big,
             self.received,
             self.dropped_malformed,
             self.dropped_unknown_peer,
@@ -141,6 +144,8 @@ pub struct ExternalPort {
     pub sent: AtomicU64,
     /// Packets no gateway took.
     pub failed: AtomicU64,
+    /// Packets too big for one datagram.
+    pub too_big: AtomicU64,
     /// Datagrams received from outside and delivered to a node.
     pub received: AtomicU64,
     drops: [DropCounter; DropReason::ALL.len()],
@@ -190,6 +195,7 @@ impl ExternalPort {
             peers: peers.iter().copied().map(canonical).collect(),
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            too_big: AtomicU64::new(0),
             received: AtomicU64::new(0),
             drops: Default::default(),
         })
@@ -220,6 +226,7 @@ impl ExternalPort {
         ExternalStats {
             sent: self.sent.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            too_big: self.too_big.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
             dropped_malformed: d(DropReason::Malformed),
             dropped_unknown_peer: d(DropReason::UnknownPeer),
@@ -254,6 +261,13 @@ impl ExternalPort {
                     g.failed_until = None;
                     self.sent.fetch_add(1, Ordering::Relaxed);
                     return true;
+                }
+                // The datagram's fault, not the gateway's: it is as big for every one of
+                // them, and holding them down would stop every node's packets out.
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    debug!(bytes = d.len(), "packet too big for one datagram: {e}");
+                    self.too_big.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
                 Err(e) => {
                     warn!(gateway = %g.addr, "external gateway failed, trying the next: {e}");
@@ -296,6 +310,32 @@ impl ExternalPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packet_too_big_for_a_datagram_holds_no_gateway_down() {
+        let gw = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        gw.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let port = ExternalPort::open(
+            "127.0.0.1:0".parse().expect("addr"),
+            &[gw.local_addr().expect("addr")],
+        )
+        .expect("open");
+        let (dest, source) = (NodeAddr([1; 16]), NodeAddr([2; 16]));
+        // Payloads up to PAYLOAD_MAX are valid packets, but IPv4 UDP carries at most
+        // 65,507 bytes: with the 32-byte header, this one cannot go out.
+        assert!(!port.send(dest, source, &vec![7u8; ftss_proto::vendor::PAYLOAD_MAX]));
+        assert!(
+            port.send(dest, source, b"small"),
+            "the gateway is still in use"
+        );
+        let mut buf = vec![0u8; DATAGRAM_MAX];
+        let n = gw.recv(&mut buf).expect("the small packet arrives");
+        assert_eq!(&buf[32..n], b"small");
+        let st = port.stats();
+        assert_eq!((st.sent, st.failed, st.too_big), (1, 1, 1));
+        assert!(st.to_string().contains("too_big=1"));
+    }
 
     #[test]
     fn only_configured_peers_get_in_and_drops_are_counted_by_reason() {
