@@ -164,10 +164,13 @@ fn main() -> anyhow::Result<()> {
         println!("configuration OK");
         return Ok(());
     }
+    let workers = config.server.workers();
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    tracing::info!(worker_threads = workers, "runtime started");
     let grace = std::time::Duration::from_secs(u64::from(config.server.shutdown_timeout_s));
     let notifier = ftss_target::service::Notifier::from_env()
         .context("NOTIFY_SOCKET")?
