@@ -351,9 +351,6 @@ impl Pdu {
 
     /// Encodes the PDU as one frame (BHS, AHS, digests, data, padding) onto `out`.
     pub fn encode(&self, out: &mut BytesMut, framing: &Framing) {
-        let start = out.len();
-        let mut bhs = [0u8; BHS_LEN];
-        let mut ahs = BytesMut::new();
         let scsi_sense;
         let data: &[u8] = match self {
             Pdu::ScsiResponse(p) if !p.sense.is_empty() => {
@@ -369,28 +366,60 @@ impl Pdu {
             }
             other => other.data(),
         };
+        let dsl = self.encode_header(out, framing, data.len());
+        let data = &data[..dsl];
+        if !data.is_empty() {
+            out.reserve(data.len() + 7);
+            out.put_slice(data);
+            encode_data_tail(data, framing, out);
+        }
+    }
+
+    /// [`encode`](Self::encode) for a Data-In PDU without copying its data: the header
+    /// (BHS, AHS, header digest) goes onto `out` and the data segment comes back, to be
+    /// sent after it and followed by what [`encode_data_tail`] appends (padding, data
+    /// digest). The three in that order are the bytes `encode` writes. `None` (and
+    /// nothing written) for any other PDU or an empty segment.
+    pub fn encode_split(&self, out: &mut BytesMut, framing: &Framing) -> Option<Bytes> {
+        let Pdu::DataIn(p) = self else {
+            return None;
+        };
+        if p.data.is_empty() {
+            return None;
+        }
+        let dsl = self.encode_header(out, framing, p.data.len());
+        Some(p.data.slice(..dsl))
+    }
+
+    /// Writes the header of a PDU whose data segment has `data_len` bytes; returns the
+    /// segment's length as encoded (capped at the field's maximum).
+    fn encode_header(&self, out: &mut BytesMut, framing: &Framing, data_len: usize) -> usize {
+        let start = out.len();
+        let mut bhs = [0u8; BHS_LEN];
+        let mut ahs = BytesMut::new();
         encode_bhs(self, &mut bhs, &mut ahs);
         bhs[0] |= self.opcode();
         debug_assert!(ahs.len().is_multiple_of(4) && ahs.len() / 4 <= 255);
         bhs[4] = (ahs.len() / 4) as u8;
-        let dsl = data.len().min(DATA_SEGMENT_LEN_MAX as usize) as u32;
+        let dsl = data_len.min(DATA_SEGMENT_LEN_MAX as usize) as u32;
         bhs[5..8].copy_from_slice(&dsl.to_be_bytes()[1..]);
-        out.reserve(BHS_LEN + ahs.len() + 8 + data.len() + 3);
+        out.reserve(BHS_LEN + ahs.len() + 4);
         out.put_slice(&bhs);
         out.put_slice(&ahs);
         if framing.header_digest {
             let c = digest::crc32c(&out[start..]);
             out.put_u32_le(c);
         }
-        if !data.is_empty() {
-            let data = &data[..dsl as usize];
-            let pad = digest::pad_len(data.len());
-            out.put_slice(data);
-            out.put_bytes(0, pad);
-            if framing.data_digest {
-                out.put_u32_le(digest::data_digest(data));
-            }
-        }
+        dsl as usize
+    }
+}
+
+/// What follows a data segment on the wire: its padding to a multiple of 4 bytes and,
+/// when negotiated, its data digest (over the segment without the padding).
+pub fn encode_data_tail(data: &[u8], framing: &Framing, out: &mut BytesMut) {
+    out.put_bytes(0, digest::pad_len(data.len()));
+    if framing.data_digest {
+        out.put_u32_le(digest::data_digest(data));
     }
 }
 

@@ -358,3 +358,54 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+    /// The split encoding (header, the data itself, padding and digest) is byte for byte
+    /// the whole one, for every data length and digest choice; other PDUs do not split.
+    #[test]
+    fn a_split_data_in_is_the_whole_encoding_in_three_pieces(
+        len in 1usize..9000,
+        offset in 0usize..8,
+        hd in any::<bool>(),
+        dd in any::<bool>(),
+    ) {
+        let f = Framing { header_digest: hd, data_digest: dd, max_recv_data_segment: 8192 };
+        // A slice of a larger buffer, as a read's data is.
+        let buf: Vec<u8> = (0..len + 8).map(|i| (i * 7 + 3) as u8).collect();
+        let pdu = Pdu::DataIn(DataIn {
+            final_: true,
+            ack: false,
+            residual: Residual::default(),
+            status: Some(0),
+            lun: Lun(0),
+            itt: Itt(9),
+            ttt: Ttt(RESERVED_TAG),
+            stat_sn: StatSn(4),
+            exp_cmd_sn: CmdSn(5),
+            max_cmd_sn: CmdSn(6),
+            data_sn: DataSn(0),
+            buffer_offset: 0,
+            data: Bytes::from(buf).slice(offset..offset + len),
+        });
+        let mut whole = BytesMut::from(&b"before"[..]);
+        pdu.encode(&mut whole, &f);
+        let mut split = BytesMut::from(&b"before"[..]);
+        let data = pdu.encode_split(&mut split, &f).expect("a Data-In with data splits");
+        split.extend_from_slice(&data);
+        encode_data_tail(&data, &f, &mut split);
+        prop_assert_eq!(&whole[..], &split[..]);
+        let nop = Pdu::NopIn(NopIn {
+            itt: Itt(1),
+            ttt: Ttt(RESERVED_TAG),
+            lun: Lun(0),
+            stat_sn: StatSn(1),
+            exp_cmd_sn: CmdSn(1),
+            max_cmd_sn: CmdSn(1),
+            data: Bytes::from_static(b"ping"),
+        });
+        let mut out = BytesMut::new();
+        prop_assert!(nop.encode_split(&mut out, &f).is_none());
+        prop_assert!(out.is_empty(), "nothing written for a PDU that does not split");
+    }
+}

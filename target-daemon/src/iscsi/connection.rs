@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes};
 use ftss_proto::frame::{Frame, FrameDecoder, FrameError};
 use ftss_proto::pdu::Framing;
 use ftss_proto::serial::{CmdSn, StatSn};
@@ -126,7 +126,7 @@ pub(crate) async fn run(
         done_tx,
         resume_tx,
         waits: HashMap::new(),
-        out: BytesMut::with_capacity(64 << 10),
+        out: Vec::new(),
     };
     shell
         .event_loop(
@@ -233,6 +233,47 @@ fn complete(
     });
 }
 
+/// Most pieces handed to one `writev` (the kernel's IOV_MAX is 1024).
+const WRITE_PIECES_MAX: usize = 64;
+
+/// Writes `pieces` in order, as few vectored writes as the socket allows, and empties
+/// the list; what a short write left is sent by the next round.
+async fn write_pieces<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    pieces: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < pieces.len() {
+        let n = {
+            let slices: Vec<std::io::IoSlice<'_>> = pieces[first..]
+                .iter()
+                .take(WRITE_PIECES_MAX)
+                .map(|p| std::io::IoSlice::new(p))
+                .collect();
+            wr.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 && first < pieces.len() {
+            let p = &mut pieces[first];
+            if left >= p.len() {
+                left -= p.len();
+                first += 1;
+            } else {
+                p.advance(left);
+                left = 0;
+            }
+        }
+        while pieces.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+    }
+    pieces.clear();
+    Ok(())
+}
+
 /// The machine and the I/O around it.
 struct Shell {
     m: Machine,
@@ -240,7 +281,8 @@ struct Shell {
     resume_tx: mpsc::UnboundedSender<Resume>,
     /// The waits of parked commands by ITT, with the generation each is for.
     waits: HashMap<u32, (u64, ParkedWait)>,
-    out: BytesMut,
+    /// Polled PDUs, written in order with one vectored write where the socket takes it.
+    out: Vec<Bytes>,
 }
 
 impl Shell {
@@ -282,7 +324,7 @@ impl Shell {
             self.run_polled();
             let hooks = self.m.poll_transmit(&mut self.out);
             if !self.out.is_empty() {
-                if let Err(e) = wr.write_all(&self.out).await {
+                if let Err(e) = write_pieces(&mut wr, &mut self.out).await {
                     debug!("write failed: {e}");
                     // Their data never left: the hooks hear 0 bytes as they drop.
                     break;
@@ -460,5 +502,103 @@ impl Shell {
             drop(self.m.poll_transmit(&mut self.out));
             self.out.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes at most `step` bytes per write, vectored or not.
+    struct Trickle {
+        got: Vec<u8>,
+        step: usize,
+        writes: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.got.extend_from_slice(&buf[..n]);
+            self.writes += 1;
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.step - n);
+                self.got.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.step {
+                    break;
+                }
+            }
+            self.writes += 1;
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pieces_arrive_whole_and_in_order_through_short_writes() {
+        let sizes = [48usize, 0, 4096, 3, 0, 0, 130_000, 1, 48, 65_536];
+        let pieces: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![i as u8 + 1; n]))
+            .collect();
+        let want: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        for step in [1, 7, 4096, 1 << 20] {
+            let mut w = Trickle {
+                got: Vec::new(),
+                step,
+                writes: 0,
+            };
+            let mut p = pieces.clone();
+            write_pieces(&mut w, &mut p).await.expect("write");
+            assert!(p.is_empty(), "the list is emptied");
+            assert_eq!(w.got, want, "step {step}");
+            if step == 1 << 20 {
+                assert_eq!(
+                    w.writes, 1,
+                    "one vectored write when the socket takes it all"
+                );
+            }
+        }
+        // A socket that takes nothing is an error, not a spin.
+        let mut w = Trickle {
+            got: Vec::new(),
+            step: 0,
+            writes: 0,
+        };
+        let mut p = pieces.clone();
+        let e = write_pieces(&mut w, &mut p).await.expect_err("write zero");
+        assert_eq!(e.kind(), std::io::ErrorKind::WriteZero);
     }
 }

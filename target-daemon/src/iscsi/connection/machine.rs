@@ -160,7 +160,9 @@ pub(crate) struct Machine {
     parked: VecDeque<u32>,
     tmfs: Vec<PendingTmf>,
     text: TextState,
-    /// Encoded PDUs not yet polled.
+    /// Encoded PDUs not yet polled, in order: `chunks`, then `out`. A large Data-In's data
+    /// is a chunk of its own (the read's buffer, not a copy of it).
+    chunks: Vec<Bytes>,
     out: BytesMut,
     /// Data-in hooks of responses queued in `out`, with the bytes of data-in each carries:
     /// handed out with `out`, told once it is written, dropped (0 bytes) if it never is.
@@ -222,6 +224,7 @@ impl Machine {
             parked: VecDeque::new(),
             tmfs: Vec::new(),
             text: TextState::default(),
+            chunks: Vec::new(),
             out: BytesMut::with_capacity(64 << 10),
             sent: Vec::new(),
             execs: VecDeque::new(),
@@ -318,17 +321,14 @@ impl Machine {
         }
     }
 
-    /// Appends the PDUs queued since the last call to `buf`; returns the data-in hooks of
-    /// the responses among them, to be told once `buf` is written (dropping them tells 0
-    /// bytes).
+    /// Appends the PDUs queued since the last call to `buf`, as pieces to be written in
+    /// order (a vectored write); returns the data-in hooks of the responses among them, to
+    /// be told once `buf` is written (dropping them tells 0 bytes).
     #[must_use]
-    pub(crate) fn poll_transmit(&mut self, buf: &mut BytesMut) -> Vec<(DataInSent, usize)> {
-        if buf.is_empty() {
-            // Hand over the buffer itself rather than copying it.
-            std::mem::swap(buf, &mut self.out);
-        } else {
-            buf.extend_from_slice(&self.out);
-            self.out.clear();
+    pub(crate) fn poll_transmit(&mut self, buf: &mut Vec<Bytes>) -> Vec<(DataInSent, usize)> {
+        buf.append(&mut self.chunks);
+        if !self.out.is_empty() {
+            buf.push(self.out.split().freeze());
         }
         std::mem::take(&mut self.sent)
     }
@@ -375,6 +375,7 @@ impl Machine {
     /// [`Self::running_tasks`] to reach zero, still feeding done and control.
     pub(crate) fn close_and_drain(&mut self) {
         self.close = true;
+        self.chunks.clear();
         self.out.clear();
         self.sent.clear();
         self.execs.clear();
@@ -397,6 +398,18 @@ impl Machine {
     }
 
     fn queue(&mut self, p: &Pdu) {
+        // Below this a copy costs less than one more piece in the write.
+        const SPLIT_MIN: usize = 2048;
+        if let Pdu::DataIn(d) = p {
+            if d.data.len() >= SPLIT_MIN {
+                if let Some(data) = p.encode_split(&mut self.out, &self.out_framing) {
+                    self.chunks.push(self.out.split().freeze());
+                    pdu::encode_data_tail(&data, &self.out_framing, &mut self.out);
+                    self.chunks.push(data);
+                    return;
+                }
+            }
+        }
         p.encode(&mut self.out, &self.out_framing);
     }
 

@@ -384,8 +384,9 @@ impl Pair {
             progress = true;
             self.parks.push(p);
         }
-        let mut out = BytesMut::new();
-        let hooks = self.m.poll_transmit(&mut out);
+        let mut pieces = Vec::new();
+        let hooks = self.m.poll_transmit(&mut pieces);
+        let out: BytesMut = pieces.iter().flat_map(|p| p.iter().copied()).collect();
         if !out.is_empty() && !self.link_down {
             progress = true;
             self.to_initiator.feed(&out);
