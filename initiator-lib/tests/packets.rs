@@ -271,6 +271,38 @@ async fn replay_after_ack_reads_the_records_again() {
 }
 
 #[tokio::test]
+async fn acks_sent_beside_the_next_receive_all_reach_the_target() {
+    let d = daemon("pipelined-acks").await;
+    let n1 = node(&d, "1", "10.0.0.1").await;
+    let n2 = node(&d, "2", "10.0.0.2").await;
+    for i in 0..20u8 {
+        n1.client
+            .send_one(ip("10.0.0.2"), vec![i; 100], false)
+            .await
+            .expect("send");
+    }
+    // One record per poll: every poll after the first sends an ACK beside its RECEIVE.
+    let mut rx = Receiver::new(Arc::clone(&n2.client))
+        .with_wait(Duration::from_millis(200))
+        .with_max_records(1);
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        got.extend(rx.poll().await.expect("poll"));
+    }
+    let payloads: Vec<u8> = got.iter().map(|d| d.payload[0]).collect();
+    assert_eq!(
+        payloads,
+        (0..20).collect::<Vec<u8>>(),
+        "once each, in order"
+    );
+    // A poll that finds nothing still carries the last ACK; it ends after the wait.
+    assert!(rx.poll().await.expect("poll").is_empty());
+    let stats = n2.client.queue_stats().await.expect("stats");
+    assert_eq!(stats.queued_records, 0, "{stats:?}");
+    assert_eq!(stats.first_unacked, 0, "{stats:?}");
+}
+
+#[tokio::test]
 
 async fn receiver_hands_records_once_across_a_new_session() {
     let d = daemon("reconnect").await;

@@ -116,11 +116,6 @@ impl<T: Transport + 'static> Receiver<T> {
         if let Some(e) = self.ack_failed.take() {
             return Err(e);
         }
-        if self.ack_flying.is_none() && self.handed > self.acked {
-            let (client, upto) = (Arc::clone(&self.client), self.handed);
-            let f: AckFuture = Box::pin(async move { client.ack_upto(upto).await });
-            self.ack_flying = Some((upto, f));
-        }
         let client = Arc::clone(&self.client);
         let (resync, handed, max_records, wait) =
             (self.resync, self.handed, self.max_records, self.wait);
@@ -132,7 +127,20 @@ impl<T: Transport + 'static> Receiver<T> {
             }
         };
         tokio::pin!(receive);
+        // The connection failed under an ACK: the RECEIVE reports it; no new ACK now.
+        let mut ack_broke = false;
         let got = loop {
+            // One ACK at a time; when one ends while the RECEIVE still waits, the next
+            // covers what was handed out since, so a quiet spell leaves nothing unacked.
+            if self.ack_flying.is_none()
+                && self.ack_failed.is_none()
+                && !ack_broke
+                && self.handed > self.acked
+            {
+                let (client, upto) = (Arc::clone(&self.client), self.handed);
+                let f: AckFuture = Box::pin(async move { client.ack_upto(upto).await });
+                self.ack_flying = Some((upto, f));
+            }
             let Some((upto, ack)) = self.ack_flying.as_mut() else {
                 break receive.await;
             };
@@ -145,7 +153,7 @@ impl<T: Transport + 'static> Receiver<T> {
                     match r {
                         Ok(()) => self.acked = self.acked.max(upto),
                         // The RECEIVE beside it fails too, or the next poll acks again.
-                        Err(e) if e.is_connection_error() => {}
+                        Err(e) if e.is_connection_error() => ack_broke = true,
                         Err(e) => self.ack_failed = Some(e),
                     }
                 }
