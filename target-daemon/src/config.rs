@@ -488,7 +488,7 @@ impl ServerConfig {
     pub fn workers(&self) -> usize {
         match self.worker_threads {
             Some(n) => n as usize,
-            None => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            None => default_workers(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
 
@@ -500,6 +500,11 @@ impl ServerConfig {
             self.data_dir.join(&self.admin_socket)
         }
     }
+}
+
+/// Half of `cores`, at least one (see [`ServerConfig::workers`]).
+fn default_workers(cores: usize) -> usize {
+    (cores / 2).max(1)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -1223,6 +1228,14 @@ mod tests {
         assert_eq!(format!("{packaged:?}"), format!("{default:?}"));
     }
 
+    /// A minimal configuration with `line` added to its `[server]` section (or a section
+    /// of its own, when `line` starts one).
+    fn with_server_line(line: &str) -> String {
+        format!(
+            "[server]\nportals=[\"127.0.0.1:3260\"]\n{line}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n"
+        )
+    }
+
     fn err(text: &str) -> String {
         Config::parse(text)
             .expect_err("config must be refused")
@@ -1241,10 +1254,7 @@ mod tests {
     #[test]
     fn cache_writes_defaults_to_direct_and_each_value_picks_its_path() {
         let with = |media: &str| {
-            let text = format!(
-                "[server]\nportals=[\"127.0.0.1:3260\"]\n{media}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n"
-            );
-            Config::parse(&text)
+            Config::parse(&with_server_line(media))
                 .expect("valid")
                 .resolve()
                 .expect("valid")
@@ -1263,16 +1273,16 @@ mod tests {
 
     #[test]
     fn worker_threads_default_to_half_the_cores_and_a_bad_count_names_its_key() {
-        let with = |line: &str| {
-            format!("[server]\nportals=[\"127.0.0.1:3260\"]\n{line}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n")
-        };
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let auto = Config::parse(&with("")).expect("valid");
-        assert_eq!(auto.server.workers(), (cores / 2).max(1));
-        let set = Config::parse(&with("worker_threads = 3")).expect("valid");
+        for (cores, want) in [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8)] {
+            assert_eq!(default_workers(cores), want, "{cores} cores");
+        }
+        let auto = Config::parse(&with_server_line("")).expect("valid");
+        assert_eq!(auto.server.worker_threads, None);
+        assert!(auto.server.workers() >= 1);
+        let set = Config::parse(&with_server_line("worker_threads = 3")).expect("valid");
         assert_eq!(set.server.workers(), 3);
         for bad in ["worker_threads = 0", "worker_threads = 1025"] {
-            let e = err(&with(bad));
+            let e = err(&with_server_line(bad));
             assert!(e.contains("server.worker_threads"), "{bad}: {e}");
         }
     }
@@ -1288,9 +1298,7 @@ mod tests {
 
     #[test]
     fn metrics_endpoint_is_off_unless_set_and_a_bad_address_names_its_key() {
-        let with = |line: &str| {
-            format!("[server]\nportals=[\"127.0.0.1:3260\"]\n{line}\n[[target]]\niqn=\"iqn.2026-11.x:t\"\n")
-        };
+        let with = with_server_line;
         let off = Config::parse(&with("")).expect("valid");
         assert_eq!(off.resolve().expect("valid").metrics, None);
         let on = Config::parse(&with("metrics=\"127.0.0.1:9470\"")).expect("valid");
