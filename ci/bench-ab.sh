@@ -48,7 +48,11 @@ for r in $(seq 1 "$ROUNDS"); do
     u="iscsi://127.0.0.1:${port[$v]}/$T/0"
     for t in "${tests[@]}"; do
       IFS='|' read -r key label count depth size extra <<<"$t"
+      # Both daemons start each test with an empty write cache, as in ci/bench-io.sh:
+      # destage left over from one test must not land in the next, or on the other build.
       sync
+      wait_cache_clean "$work/before.toml"
+      wait_cache_clean "$work/after.toml"
       # shellcheck disable=SC2086 # extra holds several arguments
       s=$(qemu_bench "$u" "$count" "$depth" "$size" $extra)
       if [ "$size" = 131072 ]; then val=$(mbs "$s" "$count" "$size"); else val=$(rate "$s" "$count"); fi
