@@ -101,20 +101,6 @@ impl WriteCache {
         self.append_record(volume, lba, Op::Discard { blocks }, &blocks.to_le_bytes())
     }
 
-    /// Drops the index entries of `blocks` blocks from `lba` of `volume` (a discard
-    /// supersedes them), walking whichever is smaller: the range or the index.
-    pub(super) fn unindex(g: &mut Inner, volume: u32, lba: u64, blocks: u64) {
-        let end = lba.saturating_add(blocks);
-        if blocks < g.index.len() as u64 {
-            for b in lba..end {
-                g.index.remove(&(volume, b));
-            }
-        } else {
-            g.index
-                .retain(|&(v, b), _| !(v == volume && (lba..end).contains(&b)));
-        }
-    }
-
     /// Appends one record of kind `op` with `payload`, waiting for ring space.
     pub(super) fn append_record(
         &self,
@@ -231,7 +217,7 @@ impl WriteCache {
         g.appended_seq = last;
         match op {
             Op::Discard { blocks } => {
-                Self::unindex(&mut g, volume, lba, blocks);
+                g.index.remove(volume, lba, blocks, bs);
                 g.discards.push_back(Discard {
                     seq,
                     volume,
@@ -241,10 +227,8 @@ impl WriteCache {
             }
             Op::Jump { .. } | Op::Wrap => {}
             Op::Blocks { .. } => {
-                for (k, _) in data.chunks(bs as usize).enumerate() {
-                    g.index
-                        .insert((volume, lba + k as u64), pos + HDR_LEN + k as u64 * bs);
-                }
+                let blocks = (data.len() as u64).div_ceil(bs);
+                g.index.insert(volume, lba, blocks, pos + HDR_LEN, bs);
             }
         }
         g.queue.push_back(Pending {

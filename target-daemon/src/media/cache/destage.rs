@@ -252,18 +252,9 @@ impl WriteCache {
                 let Op::Blocks { len } = p.op else {
                     continue;
                 };
-                for k in 0..u64::from(len) / bs {
-                    // One lookup: this runs for every destaged block.
-                    if let std::collections::hash_map::Entry::Occupied(e) =
-                        g.index.entry((p.volume, p.lba + k))
-                    {
-                        // Still this record's copy (not a newer record's): its data
-                        // lies inside this record.
-                        if (p.pos..p.end).contains(e.get()) {
-                            e.remove();
-                        }
-                    }
-                }
+                // Blocks a newer record holds keep that record's entries.
+                g.index
+                    .release(p.volume, p.lba, u64::from(len) / bs, p.pos..p.end);
             }
         }
         // The mirrors hold these discards now; reads may go there.

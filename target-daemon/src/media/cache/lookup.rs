@@ -9,7 +9,7 @@ impl WriteCache {
     /// so a block that neither covers is already on the mirrors. Callers look at the
     /// mirrors only after this, never before: the other order could miss a block whose
     /// destage finished in between.
-    pub(super) fn sources(g: &Inner, volume: u32, lba: u64, n: u64) -> Vec<Source> {
+    pub(super) fn sources(g: &Inner, volume: u32, lba: u64, n: u64, bs: u64) -> Vec<Source> {
         let end = lba.saturating_add(n);
         let discarded: Vec<(u64, u64)> = g
             .discards
@@ -17,18 +17,22 @@ impl WriteCache {
             .filter(|d| d.volume == volume && d.lba < end && lba < d.lba + d.blocks)
             .map(|d| (d.lba, d.lba + d.blocks))
             .collect();
-        (lba..end)
+        let mut sources: Vec<Source> = (lba..end)
             .map(|b| {
-                if let Some(&pos) = g.index.get(&(volume, b)) {
-                    // Newer than any pending discard of the block (see `index`).
-                    Source::Ring(pos)
-                } else if discarded.iter().any(|&(s, e)| (s..e).contains(&b)) {
+                if discarded.iter().any(|&(s, e)| (s..e).contains(&b)) {
                     Source::Discarded
                 } else {
                     Source::Mirrors
                 }
             })
-            .collect()
+            .collect();
+        // An index entry is newer than any pending discard of its block (see `index`).
+        g.index.runs(volume, lba, n, bs, |first, count, pos| {
+            for k in 0..count {
+                sources[(first - lba + k) as usize] = Source::Ring(pos + k * bs);
+            }
+        });
+        sources
     }
 
     /// Reads blocks of `volume`: cached copies from the ring, blocks of pending discards
@@ -43,7 +47,7 @@ impl WriteCache {
         let n = buf.len() / bs;
         let sources = {
             let g = lock(&self.inner)?;
-            let sources = Self::sources(&g, volume, lba, n as u64);
+            let sources = Self::sources(&g, volume, lba, n as u64, bs as u64);
             // Copied under the lock: destage may release the space once it lets go.
             for (k, src) in sources.iter().enumerate() {
                 let b = &mut buf[k * bs..(k + 1) * bs];
@@ -99,7 +103,8 @@ impl WriteCache {
         while at < end {
             let n = (end - at).min(chunk);
             chunk = (chunk * 2).min(PROVISIONING_CHUNK_MAX);
-            let sources = Self::sources(&*lock(&self.inner)?, volume, at, n);
+            let bs = u64::from(m.block_size());
+            let sources = Self::sources(&*lock(&self.inner)?, volume, at, n, bs);
             let crcs = m.checksums(at, n)?;
             for (src, crc) in sources.iter().zip(crcs) {
                 let s = match src {

@@ -72,57 +72,6 @@ const SPACE_WAIT: Duration = Duration::from_secs(30);
 /// waits for the one before it that holds the page, so more would gain little there.
 const FLUSHES_MAX: usize = 1;
 
-/// Hashing for the block index, keyed by (volume, lba). Every cached block is an entry,
-/// so a 128 KiB write of 512-byte blocks inserts 256 of them: with std's SipHash the
-/// hashing alone was about 3% of the daemon's CPU time in that test (perf). This is a
-/// multiply-xorshift mix with a per-process random seed, so an initiator that picks its
-/// LBAs still cannot aim them at one bucket chain without knowing the seed.
-#[derive(Clone)]
-struct BlockKeys(u64);
-
-impl BlockKeys {
-    fn new() -> Self {
-        use std::hash::BuildHasher;
-        BlockKeys(std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) | 1)
-    }
-}
-
-impl std::hash::BuildHasher for BlockKeys {
-    type Hasher = BlockKeyHasher;
-    fn build_hasher(&self) -> BlockKeyHasher {
-        BlockKeyHasher(self.0)
-    }
-}
-
-/// See [`BlockKeys`].
-struct BlockKeyHasher(u64);
-
-impl std::hash::Hasher for BlockKeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(29);
-    }
-    fn finish(&self) -> u64 {
-        // splitmix64's finalizer: every input bit reaches the top bits, which hashbrown
-        // uses for its control bytes, and the low bits, which pick the bucket.
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 fn lock_plain<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -237,13 +186,10 @@ struct Inner {
     /// Ids are positions in `inflight` offset by this (ids of popped flights are gone).
     inflight_base: u64,
     queue: VecDeque<Pending>,
-    /// Latest cached copy of each block: (volume, lba) -> log position of its data.
-    /// A discard removes the entries it covers, so an entry is always newer than every
-    /// pending discard of its block. Log positions are never reused within a run, so the
-    /// position also says which record an entry belongs to (its `pos..end`), and the
-    /// record's sequence number need not be kept: every cached block is an entry, and at
-    /// 8 bytes less each a full 256 MiB ring of 512-byte blocks holds about 8 MiB less.
-    index: HashMap<(u32, u64), u64, BlockKeys>,
+    /// Latest cached copy of each block, as extents of back-to-back blocks in one
+    /// record. A discard removes the entries it covers, so an entry is always newer than
+    /// every pending discard of its block.
+    index: BlockIndex,
     /// Discard records not yet destaged, oldest first.
     discards: VecDeque<Discard>,
     sb_seq: u64,
@@ -508,7 +454,7 @@ impl WriteCache {
                 inflight: VecDeque::new(),
                 inflight_base: 0,
                 queue: VecDeque::new(),
-                index: HashMap::with_hasher(BlockKeys::new()),
+                index: BlockIndex::default(),
                 discards: VecDeque::new(),
                 sb_seq: 0,
             }),
@@ -580,12 +526,14 @@ mod commit;
 mod destage;
 mod destage_plan;
 mod format;
+mod index;
 mod lookup;
 mod recovery;
 mod volume;
 
 use commit::defer;
 pub use commit::{defer_commits, PendingCommits};
+use index::BlockIndex;
 pub use volume::CachedVolume;
 
 #[cfg(test)]

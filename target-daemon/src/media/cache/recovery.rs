@@ -39,13 +39,16 @@ impl WriteCache {
                         .volumes
                         .get(&volume)
                         .map_or(512, |m| u64::from(m.block_size()));
-                    for k in 0..u64::from(len) / bs {
-                        g.index.insert((volume, lba + k), pos + HDR_LEN + k * bs);
-                    }
+                    g.index
+                        .insert(volume, lba, u64::from(len) / bs, pos + HDR_LEN, bs);
                     n += 1;
                 }
                 Op::Discard { blocks } => {
-                    Self::unindex(&mut g, volume, lba, blocks);
+                    let bs = self
+                        .volumes
+                        .get(&volume)
+                        .map_or(512, |m| u64::from(m.block_size()));
+                    g.index.remove(volume, lba, blocks, bs);
                     g.discards.push_back(Discard {
                         seq,
                         volume,
