@@ -46,20 +46,31 @@ const PROVISIONING_CHUNK_FIRST: u64 = 1 << 10;
 const PROVISIONING_CHUNK_MAX: u64 = 1 << 16;
 const HDR_LEN: u64 = 48;
 const ALIGN: u64 = 64;
-/// How long committed records wait in the ring before destage when there are enough of
-/// them ([`DESTAGE_SMALL_DIV`]); also the longest a volatile write waits for its commit.
+/// The longest a volatile write waits for its commit: destage commits volatile records
+/// at this interval even while they wait for destage.
 const DESTAGE_INTERVAL: Duration = Duration::from_millis(100);
-/// A ring holding less than 1/this of its size is destaged only after [`DESTAGE_AGE_MAX`]
-/// or a quiet moment ([`DESTAGE_QUIET`]): a trickle (packets at 1,000/s are about 1 MB/s)
-/// destaged every 100 ms put two mirror syncs and a superblock write in front of the
-/// writers' commits ten times a second, which showed in their 99th percentile.
-const DESTAGE_SMALL_DIV: u64 = 64;
-/// The longest a small amount waits in the ring for destage.
+/// The longest committed records wait in the ring for destage while appends keep coming
+/// and the ring is under [`DESTAGE_DUE_DIV`] full.
 const DESTAGE_AGE_MAX: Duration = Duration::from_secs(1);
 /// No append for this long: the device is free, so destage whatever is there.
 const DESTAGE_QUIET: Duration = Duration::from_millis(20);
 /// Records destaged per batch (one mirror sync and one superblock write per batch).
 const DESTAGE_BATCH_RECORDS_MAX: usize = 16384;
+/// Destage starts at once when 1/this of the ring waits, writers still appending; below
+/// it, only after [`DESTAGE_AGE_MAX`] or [`DESTAGE_QUIET`]. The ring is there to take a
+/// burst while destage's mirror writes and syncs stay off the device the writers' commits
+/// use (docs/bench/diary.md: +14-21% on a 195 MiB burst of 4 KiB writes, the same
+/// sustained rate and commit waits).
+const DESTAGE_DUE_DIV: u64 = 2;
+/// Records waiting that start destage at once, however few bytes they hold: each costs
+/// memory until destage (its queue entry and at least one index extent), so for small
+/// records the count, not the bytes, bounds it. Two full batches.
+const DESTAGE_RECORDS_DUE: usize = 2 * DESTAGE_BATCH_RECORDS_MAX;
+/// A destage batch covers at most 1/this of the ring (and at least one record). Ring
+/// space comes back only when a batch's mirror syncs and superblock are done, and
+/// destage under load starts with the ring half full: a batch of all that was there
+/// (64 MiB of 4 KiB writes) held writers waiting for space for up to a second.
+const DESTAGE_BATCH_DIV: u64 = 16;
 /// Largest single write destage hands a mirror set when it coalesces contiguous blocks.
 const DESTAGE_RUN_MAX: usize = 1 << 20;
 /// Writers wait this long for ring space before the write is refused (BUSY upstream).
