@@ -120,6 +120,14 @@ impl WriteCache {
             .volumes
             .get(&volume)
             .map_or(512, |m| u64::from(m.block_size()));
+        // The index, destage and recovery all count a record's payload in whole blocks: a
+        // partial last block would be indexed but never destaged.
+        if matches!(op, Op::Blocks { .. }) && !(data.len() as u64).is_multiple_of(bs) {
+            return Err(MediaError::Failed(format!(
+                "a write of {} bytes is not a whole number of {bs}-byte blocks",
+                data.len()
+            )));
+        }
         let started = Instant::now();
         let deadline = started + SPACE_WAIT;
         let mut waited = false;
@@ -227,8 +235,8 @@ impl WriteCache {
             }
             Op::Jump { .. } | Op::Wrap => {}
             Op::Blocks { .. } => {
-                let blocks = (data.len() as u64).div_ceil(bs);
-                g.index.insert(volume, lba, blocks, pos + HDR_LEN, bs);
+                g.index
+                    .insert(volume, lba, data.len() as u64 / bs, pos + HDR_LEN, bs);
             }
         }
         g.queue.push_back(Pending {

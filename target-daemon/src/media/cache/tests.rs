@@ -565,3 +565,21 @@ fn stale_records_right_after_the_jump_are_never_replayed() {
     }
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn an_append_of_a_partial_block_is_refused_and_leaves_nothing_behind() {
+    let (d, vols) = setup("partial", 2);
+    let c = WriteCache::open_with(&d.join("wc"), 2 << 20, vols, CacheWrites::Direct).expect("open");
+    let before = c.appended_seq();
+    let e = c
+        .append(0, 3, &[7u8; 700])
+        .expect_err("700 bytes of 512-byte blocks");
+    assert!(e.to_string().contains("whole number"), "{e}");
+    assert_eq!(c.appended_seq(), before, "no record");
+    // Whole blocks still go, and read back.
+    c.append(0, 3, &block(3)).expect("one block");
+    let mut b = vec![0u8; 512];
+    c.read(0, 3, &mut b).expect("read");
+    assert_eq!(b, block(3));
+    let _ = std::fs::remove_dir_all(d);
+}
