@@ -18,8 +18,7 @@ declare -A port bin=([before]=$A [after]=$B)
 for v in before after; do
   p=$(free_port)
   port[$v]=$p
-  "${bin[$v]}" --print-default-config |
-    sed -e "s|^portals = .*|portals = [\"127.0.0.1:$p\"]|" -e "s|^data_dir = .*|data_dir = \"$work/$v\"|" >"$work/$v.toml"
+  ftss_default_config "$p" "$work/$v" "${bin[$v]}" >"$work/$v.toml"
   RUST_LOG=warn "${bin[$v]}" --config "$work/$v.toml" >"$CI_OUT/bench-ab-$v.log" 2>&1 &
   CI_PIDS+=($!)
   wait_port "$p"
@@ -32,7 +31,7 @@ for v in before after; do
     sleep 0.1
   done
 done
-T=$("$B" --print-default-config | sed -n 's/^iqn = "\(.*\)"$/\1/p' | head -1)
+T=$(ftss_default_iqn "$B")
 rate() { [ -n "$1" ] && python3 -c "print(int($2 / $1))" || echo n/a; }
 mbs() { [ -n "$1" ] && python3 -c "print(round($2 * $3 / $1 / 1e6))" || echo n/a; }
 declare -A got

@@ -19,12 +19,11 @@ for r in $(seq 1 "$ROUNDS"); do
   for v in before after; do
     p=$(free_port)
     rm -rf "$work/data"
-    "${bin[$v]}" --print-default-config |
-      sed -e "s|^portals = .*|portals = [\"127.0.0.1:$p\"]|" -e "s|^data_dir = .*|data_dir = \"$work/data\"|" >"$work/c.toml"
+    ftss_default_config "$p" "$work/data" "${bin[$v]}" >"$work/c.toml"
     RUST_LOG=warn "${bin[$v]}" --config "$work/c.toml" >"$CI_OUT/bench-destage-ab-$v.log" 2>&1 &
     pid=$!
     wait_port "$p"
-    T=$("${bin[$v]}" --print-default-config | sed -n 's/^iqn = "\(.*\)"$/\1/p' | head -1)
+    T=$(ftss_default_iqn "${bin[$v]}")
     u="iscsi://127.0.0.1:$p/$T/0"
     ring=$(kv "$(cache_status "$work/c.toml")" ring_bytes)
     n=$((4 * ring / 4096))

@@ -146,17 +146,18 @@ s = socket.create_connection((sys.argv[1], 5001), timeout=120); s.sendall(d); s.
 s.recv(1); print(round(len(d) / (time.time() - t) / 1e6, 1))' "$2" "$3"
 }
 
-# ftss_default_config PORT DATA_DIR: the embedded default configuration (a mirrored 1 GiB
-# LUN behind the nonvolatile write cache, the packet queue on mirrors) with only its
-# portal and data directory moved, so benchmarks measure what `ftss-target` alone serves.
+# ftss_default_config PORT DATA_DIR [BINARY]: the embedded default configuration (a
+# mirrored 1 GiB LUN behind the nonvolatile write cache, the packet queue on mirrors) of
+# BINARY (default: this tree's release build) with only its portal and data directory
+# moved, so benchmarks measure what `ftss-target` alone serves.
 ftss_default_config() {
-  "$CI_ROOT/target/release/ftss-target" --print-default-config |
+  "${3:-$CI_ROOT/target/release/ftss-target}" --print-default-config |
     sed -e "s|^portals = .*|portals = [\"127.0.0.1:$1\"]|" -e "s|^data_dir = .*|data_dir = \"$2\"|"
 }
 
-# ftss_default_iqn: the target name of the embedded default configuration.
+# ftss_default_iqn [BINARY]: the target name of the embedded default configuration.
 ftss_default_iqn() {
-  "$CI_ROOT/target/release/ftss-target" --print-default-config | sed -n 's/^iqn = "\(.*\)"$/\1/p' | head -1
+  "${1:-$CI_ROOT/target/release/ftss-target}" --print-default-config | sed -n 's/^iqn = "\(.*\)"$/\1/p' | head -1
 }
 
 # cache_status CONFIG: the "cache ..." line of the daemon's admin status (key=value pairs).
