@@ -245,12 +245,13 @@ async fn write_pieces<W: tokio::io::AsyncWrite + Unpin>(
     let mut first = 0;
     while first < pieces.len() {
         let n = {
-            let slices: Vec<std::io::IoSlice<'_>> = pieces[first..]
-                .iter()
-                .take(WRITE_PIECES_MAX)
-                .map(|p| std::io::IoSlice::new(p))
-                .collect();
-            wr.write_vectored(&slices).await?
+            // On the stack: this runs for every batch of PDUs a connection sends.
+            let mut slices = [std::io::IoSlice::new(&[]); WRITE_PIECES_MAX];
+            let k = (pieces.len() - first).min(WRITE_PIECES_MAX);
+            for (s, p) in slices.iter_mut().zip(&pieces[first..first + k]) {
+                *s = std::io::IoSlice::new(p);
+            }
+            wr.write_vectored(&slices[..k]).await?
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

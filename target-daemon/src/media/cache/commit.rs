@@ -116,10 +116,7 @@ impl WriteCache {
                 "write larger than half the write cache".into(),
             ));
         }
-        let bs = self
-            .volumes
-            .get(&volume)
-            .map_or(512, |m| u64::from(m.block_size()));
+        let bs = self.block_size_of(volume);
         // The index, destage and recovery all count a record's payload in whole blocks: a
         // partial last block would be indexed but never destaged.
         if matches!(op, Op::Blocks { .. }) && !(data.len() as u64).is_multiple_of(bs) {

@@ -183,12 +183,7 @@ impl WriteCache {
                 }
             })
             .collect();
-        let block_size = |v: u32| {
-            self.volumes
-                .get(&v)
-                .map_or(512, |m| u64::from(m.block_size()))
-        };
-        let plan = destage_plan::plan(&extents, block_size);
+        let plan = destage_plan::plan(&extents, |v| self.block_size_of(v));
         let mut touched = Vec::new();
         for &(v, lba, blocks) in &plan.discards {
             if let Some(m) = self.volumes.get(&v) {
@@ -215,7 +210,7 @@ impl WriteCache {
             Ok(())
         };
         for piece in &plan.pieces {
-            let bs = block_size(piece.volume);
+            let bs = self.block_size_of(piece.volume);
             let (mut lba, mut data, mut left) = (piece.lba, piece.data, piece.blocks);
             while left > 0 {
                 let continues = run_at.is_some_and(|(v, first)| {
@@ -266,13 +261,10 @@ impl WriteCache {
         g.tail = new_tail;
         while g.queue.front().is_some_and(|p| p.seq <= last) {
             if let Some(p) = g.queue.pop_front() {
-                let bs = self
-                    .volumes
-                    .get(&p.volume)
-                    .map_or(512, |m| u64::from(m.block_size()));
                 let Op::Blocks { len } = p.op else {
                     continue;
                 };
+                let bs = self.block_size_of(p.volume);
                 // Blocks a newer record holds keep that record's entries.
                 g.index
                     .release(p.volume, p.lba, u64::from(len) / bs, p.pos..p.end);

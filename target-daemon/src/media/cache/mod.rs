@@ -310,6 +310,14 @@ fn lock_to_report(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl WriteCache {
+    /// The block size of `volume`; 512 for records of no known volume (wrap, jump), which
+    /// hold no blocks.
+    fn block_size_of(&self, volume: u32) -> u64 {
+        self.volumes
+            .get(&volume)
+            .map_or(512, |m| u64::from(m.block_size()))
+    }
+
     fn phys(&self, pos: u64) -> u64 {
         RING_START + pos % self.ring
     }

@@ -35,20 +35,14 @@ impl WriteCache {
             let f = self.found(name, pos, seq, kind, volume, lba, &payload)?;
             match f.op {
                 Op::Blocks { len } => {
-                    let bs = self
-                        .volumes
-                        .get(&volume)
-                        .map_or(512, |m| u64::from(m.block_size()));
+                    let bs = self.block_size_of(volume);
                     g.index
                         .insert(volume, lba, u64::from(len) / bs, pos + HDR_LEN, bs);
                     n += 1;
                 }
                 Op::Discard { blocks } => {
-                    let bs = self
-                        .volumes
-                        .get(&volume)
-                        .map_or(512, |m| u64::from(m.block_size()));
-                    g.index.remove(volume, lba, blocks, bs);
+                    g.index
+                        .remove(volume, lba, blocks, self.block_size_of(volume));
                     g.discards.push_back(Discard {
                         seq,
                         volume,
